@@ -1,0 +1,73 @@
+"""Report stage: the terminal tables (rich) and the JSON report."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from rich.console import Console
+from rich.table import Table
+
+from .api import AnalysisReport, PruneResult
+
+
+def _short(items: list[str], n: int = 3) -> str:
+    return ", ".join(items[:n]) + (f" (+{len(items) - n})" if len(items) > n else "")
+
+
+def print_analysis(report: AnalysisReport, console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title="channel groups", show_lines=False)
+    for col in ("id", "producers", "consumers", "channels", "status"):
+        table.add_column(col)
+    for g in report.groups:
+        status = "excluded" if g.excluded else ("blocked" if g.blocked else "prunable")
+        if not g.blocked and not g.excluded and len(g.classes) <= 1:
+            status = "too small"
+        table.add_row(
+            str(g.id),
+            _short([p.name or p.op_type for p in g.producers]),
+            _short([c.name or c.op_type for c in g.consumers]),
+            str(g.n_channels),
+            status,
+        )
+    console.print(table)
+    d = report.to_dict()
+    console.print(
+        f"params {report.params:,} (prunable {d['prunable_params_share']:.1%}) · "
+        f"MACs {report.macs:,} (prunable {d['prunable_macs_share']:.1%}) · "
+        f"groups {len(report.groups)}, prunable {sum(g.prunable for g in report.groups)}"
+    )
+    for g in report.groups:
+        for reason in g.blocked:
+            console.print(f"[yellow]blocked[/] group {g.id} ({g.name}): {reason}")
+
+
+def print_result(result: PruneResult, console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title=f"onnxprune: {result.method}, ratio {result.ratio}")
+    for col in ("group", "producers", "kept / total"):
+        table.add_column(col)
+    for g in result.groups:
+        if g["blocked"] or g["excluded"]:
+            continue
+        table.add_row(str(g["id"]), _short(g["producers"], 2), f"{g['kept']} / {g['channels']}")
+    console.print(table)
+
+    def pct(a: int, b: int) -> str:
+        return f"{a:,} → {b:,} ({(1 - b / a) if a else 0:.1%} removed)"
+
+    console.print(f"params {pct(result.params_before, result.params_after)}")
+    console.print(f"MACs   {pct(result.macs_before, result.macs_after)}")
+    if result.file_size_after is not None:
+        console.print(f"file   {pct(result.file_size_before, result.file_size_after)} bytes")
+    for g in result.blocked:
+        console.print(f"[yellow]blocked[/] group {g['id']} ({_short(g['producers'], 2)}): {g['blocked'][0]}")
+    if result.output:
+        console.print(f"wrote {result.output} (checked: onnx full check, onnxruntime run, output shapes)")
+
+
+def write_json(data: dict, path: str | os.PathLike) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
