@@ -40,7 +40,7 @@ def cli() -> None:
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="leave groups whose producer matches (fnmatch)")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="write a JSON report here")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed for random scores and test inputs")
-@click.option("--quiet", is_flag=True, help="print nothing but errors")
+@click.option("--quiet", "-q", is_flag=True, help="print nothing but errors")
 def prune_cmd(input_model, output_model, method, ratio, global_, min_keep, round_to, exclude, report_path, seed, quiet):
     """Prune INPUT_MODEL and write the checked result to OUTPUT_MODEL."""
     _, result = api.prune(

@@ -29,11 +29,11 @@ def random_feed(session, seed: int = 0, batch: int = 2, free_dim: int = 64) -> d
             raise InputError(f"input '{inp.name}' has type {inp.type}, which onnxprune cannot feed")
         shape = [d if isinstance(d, int) and d > 0 else (batch if i == 0 else free_dim) for i, d in enumerate(inp.shape)]
         if np.issubdtype(dtype, np.floating):
-            feed[inp.name] = rng.standard_normal(shape).astype(dtype)
+            feed[inp.name] = np.asarray(rng.standard_normal(shape), dtype=dtype)
         elif dtype is np.bool_:
-            feed[inp.name] = rng.random(shape) < 0.5
+            feed[inp.name] = np.asarray(rng.random(shape) < 0.5)
         else:
-            feed[inp.name] = rng.integers(0, 2, size=shape).astype(dtype)
+            feed[inp.name] = np.asarray(rng.integers(0, 2, size=shape), dtype=dtype)
     return feed
 
 
