@@ -1,6 +1,8 @@
 """Score stage: one importance value per removable channel of each group.
 
-Data-free criteria live here; calibration-based ones join them as they arrive.  A
+Data-free criteria live here; calibration-based ones join them as they arrive.
+``l1``/``l2`` measure the producer's effective filter: an unfused BatchNormalization right
+after it is folded in, so a fused and an unfused export of one network score alike.  A
 score is computed per atom (one producer row) and summed over the atoms of a channel
 class, so a channel shared by a residual Add is judged by all the filters that make it.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
+import onnx_ir as ir
 
 from ._graph import const_array
 from .groups import Analysis, Group
@@ -18,10 +21,40 @@ from .layout import SliceParam
 METHODS = ("l1", "l2", "random")
 
 
+def _bn_scale(producer: ir.Node) -> np.ndarray | None:
+    """|gamma|/sqrt(var+eps) of a BatchNormalization that follows ``producer``.
+
+    The filter the network really applies is W·gamma/sqrt(var+eps); folding it in makes
+    l1/l2 give the same ranking whether or not the exporter fused BN into the Conv.
+    Looks through single-use elementwise activations (BN after ReLU).
+    """
+    value = producer.outputs[0]
+    for _ in range(3):
+        uses = list(value.uses())
+        if len(uses) != 1 or value.is_graph_output():
+            return None
+        node = uses[0].node
+        if node.op_type == "BatchNormalization" and uses[0].idx == 0:
+            gamma, var = const_array(node.inputs[1]), const_array(node.inputs[4])
+            if gamma is None or var is None:
+                return None
+            eps = node.attributes.get("epsilon")
+            eps = 1e-5 if eps is None else float(eps.value)
+            return np.abs(gamma.astype(np.float64)) / np.sqrt(var.astype(np.float64) + eps)
+        if node.op_type not in ("Relu", "LeakyRelu", "Clip", "HardSwish", "Sigmoid", "Tanh", "Identity"):
+            return None
+        value = node.outputs[0]
+    return None
+
+
 def _row_norms(edit: SliceParam, p: int) -> np.ndarray:
     w = np.asarray(const_array(edit.node.inputs[edit.index]), dtype=np.float64)
     w = np.moveaxis(w, edit.axis, 0).reshape(w.shape[edit.axis], -1)
-    return np.abs(w).sum(axis=1) if p == 1 else (w * w).sum(axis=1)
+    norms = np.abs(w).sum(axis=1) if p == 1 else (w * w).sum(axis=1)
+    scale = _bn_scale(edit.node)
+    if scale is not None and scale.shape == norms.shape:
+        norms = norms * (scale if p == 1 else scale * scale)
+    return norms
 
 
 def _norm_scores(analysis: Analysis, p: int) -> dict[int, float]:

@@ -1,0 +1,173 @@
+"""The CLI and the Python API: options, reports, determinism, the shipped sample models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import onnxprune
+from builders import G, params, run, save
+from onnxprune.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+CNN = ROOT / "models" / "mnist_cnn.onnx"
+LENET = ROOT / "models" / "lenet300.onnx"
+
+
+def _net() -> onnx.ModelProto:
+    g = G()
+    x = g.input("x", ["N", 3, 8, 8])
+    a = g.op("Relu", [g.bn(g.conv(x, 3, 16, name="stem"), 16)])
+    b = g.op("Relu", [g.conv(a, 16, 12, name="body")])
+    c = g.op("GlobalAveragePool", [g.conv(b, 12, 8, name="head")])
+    return g.model([g.gemm(g.op("Flatten", [c]), 8, 4, name="fc")])
+
+
+def test_prune_prints_what_was_removed(capsys, tmp_path):
+    src, out = save(_net(), tmp_path / "m.onnx"), tmp_path / "o.onnx"
+    assert main([str(src), str(out), "--ratio", "0.5"]) == 0
+    text = capsys.readouterr().out
+    assert "8 / 16" in text and "6 / 12" in text and "4 / 8" in text
+    assert "params" in text and "MACs" in text and "wrote" in text
+    assert params(out) < params(src)
+
+
+def test_report_json(tmp_path):
+    src, out, rep = save(_net(), tmp_path / "m.onnx"), tmp_path / "o.onnx", tmp_path / "r.json"
+    assert main([str(src), str(out), "--ratio", "0.25", "--report", str(rep), "-q"]) == 0
+    data = json.loads(rep.read_text())
+    assert data["params"]["after"] < data["params"]["before"]
+    assert data["macs"]["after"] < data["macs"]["before"]
+    assert data["file_size"]["after"] == out.stat().st_size
+    kept = {g["producers"][0]: (g["kept"], g["channels"]) for g in data["groups"]}
+    assert kept["Conv 'stem'"] == (12, 16)
+    fc = next(g for g in data["groups"] if g["producers"] == ["Gemm 'fc'"])
+    assert fc["blocked"] and "graph output" in fc["blocked"][0]
+    assert set(data["seconds"]) >= {"load", "groups", "score", "select", "rewrite", "verify"}
+
+
+def test_analyze_lists_groups_shares_and_blocked(capsys, tmp_path):
+    src = save(_net(), tmp_path / "m.onnx")
+    js = tmp_path / "a.json"
+    assert main(["analyze", str(src), "--json", str(js)]) == 0
+    text = capsys.readouterr().out
+    for name in ("stem", "body", "head", "fc"):
+        assert name in text
+    assert "blocked" in text and "graph output" in text
+    data = json.loads(js.read_text())
+    assert 0.9 < data["prunable_params_share"] <= 1.0 and data["prunable_macs_share"] > 0.9
+    assert [g["channels"] for g in data["groups"]] == [16, 12, 8, 4]
+
+
+@pytest.mark.parametrize("method", ["l1", "l2", "random"])
+def test_same_inputs_and_seed_give_identical_bytes(tmp_path, method):
+    src = save(_net(), tmp_path / "m.onnx")
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    for out in (a, b):
+        assert main([str(src), str(out), "--method", method, "--ratio", "0.4", "--seed", "7", "-q"]) == 0
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_random_seed_changes_the_choice(tmp_path):
+    src = save(_net(), tmp_path / "m.onnx")
+    outs = []
+    for seed in (1, 2):
+        model, _ = onnxprune.prune(src, method="random", ratio=0.5, seed=seed)
+        outs.append(model.graph.initializers[next(n for n in model.graph.initializers if "c" in n)].const_value.numpy())
+    assert not np.array_equal(outs[0], outs[1])
+
+
+def test_l1_removes_the_smallest_filters(tmp_path):
+    g = G()
+    x = g.input("x", ["N", 3, 6, 6])
+    w = g.w(6, 3, 3, 3)
+    w[[1, 4]] *= 1e-3  # the two weakest filters
+    a = g.op("Relu", [g.conv(x, 3, 6, name="c1", weight=w, bias=False)])
+    y = g.op("GlobalAveragePool", [g.conv(a, 6, 4, name="c2")])
+    src = save(g.model([y]), tmp_path / "m.onnx")
+    model, result = onnxprune.prune(src, method="l1", ratio=2 / 6)
+    kept = model.graph.initializers[model.graph.node(0).inputs[1].name].const_value.numpy()
+    assert kept.shape[0] == 4
+    np.testing.assert_array_equal(kept, w[[0, 2, 3, 5]])
+
+
+def test_api_without_output_writes_nothing(tmp_path):
+    src = save(_net(), tmp_path / "m.onnx")
+    model, result = onnxprune.prune(src, ratio=0.5)
+    assert result.output is None and result.params_after < result.params_before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_exclude_keeps_matching_groups_whole(tmp_path):
+    src = save(_net(), tmp_path / "m.onnx")
+    _, result = onnxprune.prune(src, ratio=0.5, exclude=["bo*"])
+    by = {g["producers"][0]: g for g in result.groups}
+    assert by["Conv 'body'"]["excluded"] and by["Conv 'body'"]["kept"] == 12
+    assert by["Conv 'stem'"]["kept"] == 8
+
+
+def test_min_keep_and_round_to(tmp_path):
+    src = save(_net(), tmp_path / "m.onnx")
+    _, result = onnxprune.prune(src, ratio=0.9, min_keep=5, round_to=4)
+    kept = {g["producers"][0]: g["kept"] for g in result.groups if not g["blocked"]}
+    # 16 → 2 by ratio, min-keep 5, rounded up to 8; 12 → 2 → 5 → 8; 8 → 1 → 5 → 8.
+    assert kept == {"Conv 'stem'": 8, "Conv 'body'": 8, "Conv 'head'": 8}
+
+
+def test_global_threshold_removes_unevenly(tmp_path):
+    g = G()
+    x = g.input("x", ["N", 3, 6, 6])
+    w1 = np.ones((8, 3, 3, 3), np.float32) * np.arange(1, 9, dtype=np.float32)[:, None, None, None]
+    w2 = np.ones((8, 8, 3, 3), np.float32)
+    w2[:2] *= 1e-3  # two clear outliers in c2; c1's norms are evenly spread
+    a = g.op("Relu", [g.conv(x, 3, 8, name="c1", weight=w1)])
+    b = g.op("Relu", [g.conv(a, 8, 8, name="c2", weight=w2)])
+    y = g.op("GlobalAveragePool", [g.conv(b, 8, 4, name="c3")])
+    src = save(g.model([y]), tmp_path / "m.onnx")
+    kept = lambda r: {g["producers"][0]: g["kept"] for g in r.groups if not g["blocked"]}  # noqa: E731
+    _, local = onnxprune.prune(src, ratio=0.125)
+    assert kept(local) == {"Conv 'c1'": 7, "Conv 'c2'": 7}
+    model, glob = onnxprune.prune(src, ratio=0.125, global_=True)
+    assert kept(glob) == {"Conv 'c1'": 8, "Conv 'c2'": 6}
+    c2 = next(n for n in model.graph if n.name == "c2")
+    np.testing.assert_array_equal(c2.inputs[1].const_value.numpy(), w2[2:])
+
+
+def test_ratio_zero_changes_nothing(tmp_path):
+    src, out = save(_net(), tmp_path / "m.onnx"), tmp_path / "o.onnx"
+    assert main([str(src), str(out), "--ratio", "0", "-q"]) == 0
+    feed = {"x": np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)}
+    np.testing.assert_array_equal(run(src, feed)[0], run(out, feed)[0])
+    assert params(out) == params(src)
+
+
+def test_console_script_runs(tmp_path):
+    src, out = save(_net(), tmp_path / "m.onnx"), tmp_path / "o.onnx"
+    exe = Path(sys.executable).with_name("onnxprune")
+    proc = subprocess.run([str(exe), str(src), str(out), "--ratio", "0.5"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    bad = subprocess.run([str(exe), str(src), str(src)], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("path", [CNN, LENET], ids=["mnist_cnn", "lenet300"])
+def test_sample_models_prune_and_keep_accuracy(tmp_path, path):
+    """The shipped models prune to valid smaller graphs.  Accuracy is only asserted at a
+    light ratio: data-free l1 without compensation collapses the CNN at 50% (see
+    docs/STATUS.md); that is what calibration and compensation are for."""
+    held = np.load(ROOT / "models" / "data" / "heldout.npz")
+    x, y = held["x"][:300], held["y"][:300]
+    acc = lambda p: float((run(p, {"input": x})[0].argmax(1) == y).mean())  # noqa: E731
+    out = tmp_path / "o.onnx"
+    _, result = onnxprune.prune(path, out, method="l1", ratio=0.5)
+    assert result.params_after < 0.5 * result.params_before
+    assert acc(out) > 0.1  # runs and predicts on real digits
+    _, light = onnxprune.prune(path, out, method="l1", ratio=0.1)
+    assert light.params_after < light.params_before
+    assert acc(path) > 0.95 and acc(out) > 0.9
