@@ -8,7 +8,7 @@ Produces (next to this script):
 * ``lenet300.onnx``   LeNet-300-100 MLP (Gemm/Relu only)
 * ``mnist_cnn.onnx``  small residual CNN with *unfused* BatchNormalization
 * ``data/calib/calib_000.npy`` ... ``calib_007.npy``  8 x float32 [32,1,28,28] from the train split
-* ``data/heldout.npz`` (``x`` float32 [1000,1,28,28], ``y`` int64 [1000])
+* ``data/eval/heldout.npz`` (key ``input``: float32 [1000,1,28,28]; a ``--eval`` folder)
 * ``data/heldout_labels.npy`` int64 [1000]
 * ``MANIFEST.json``
 
@@ -296,7 +296,9 @@ def main(argv=None) -> int:
           f"held-out per class {np.bincount(yho).tolist()}")
 
     # ---- data files
-    np.savez_compressed(data_dir / "heldout.npz", x=xho, y=yho)
+    (data_dir / "eval").mkdir(parents=True, exist_ok=True)
+    # Keyed by the models' input name, so data/eval is a ready-made `--eval` folder.
+    np.savez_compressed(data_dir / "eval" / "heldout.npz", input=xho)
     np.save(data_dir / "heldout_labels.npy", yho)
     # calibration batches: first 256 of a seeded permutation of the train split
     cperm = np.random.default_rng(SEED + 1).permutation(len(xtr))[:CALIB_BATCHES * CALIB_BATCH_SIZE]

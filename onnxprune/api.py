@@ -11,19 +11,25 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
+from . import _ort
 from ._graph import node_label
-from .count import count_macs, count_params, node_macs
-from .criteria import METHODS, score_groups
-from .errors import InputError, VerificationError
+from .calibrate import calibrate, providers_for
+from .compensate import COMPENSATIONS, apply_bias, bias_deltas
+from .consumers import consumer_views
+from .count import count_macs, count_params, estimate_after, node_macs
+from .criteria import DATA_DRIVEN, METHODS, score_groups
+from .data import InputSpec, Preprocess, batches, input_specs, source_items
+from .errors import GateError, InputError, VerificationError
 from .groups import Analysis, Group, analyze_groups
 from .load import check_output_path, load_model, save_model
-from .rewrite import apply_removal
-from .select import select
-from .verify import check_pruned, run_original
+from .rewrite import apply_removal, refresh_shapes
+from .select import select, select_for_target
+from .verify import Fidelity, check_pruned, measure_fidelity, median_latency, run_original
 
 
 @dataclass
@@ -63,6 +69,11 @@ class PruneResult:
     file_size_before: int | None = None
     file_size_after: int | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    compensation: str = "none"
+    calibration: dict | None = None
+    fidelity: dict | None = None
+    latency: dict | None = None
+    gate_forced: bool = False
 
     @property
     def blocked(self) -> list[dict]:
@@ -78,6 +89,10 @@ class PruneResult:
             "output": self.output,
             "groups": self.groups,
             "seconds": self.seconds,
+            "compensation": self.compensation,
+            "calibration": self.calibration,
+            "fidelity": self.fidelity,
+            "latency": self.latency,
         }
 
 
@@ -121,6 +136,31 @@ def _check_options(method: str, ratio: float, min_keep: int, round_to: int) -> N
         raise InputError(f"--round-to must be at least 1, got {round_to}")
 
 
+def _check_data_options(
+    method: str, calib, compensate: str, batch_size: int, max_samples, memory_budget_mb: float,
+    target_macs, target_params, eval_data, labels, max_error, min_agreement,
+) -> None:
+    if compensate not in COMPENSATIONS:
+        raise InputError(f"--compensate must be one of {', '.join(COMPENSATIONS)}, got '{compensate}'")
+    if method in DATA_DRIVEN and calib is None:
+        raise InputError(f"--method {method} scores channels from activations: give calibration data with --calib")
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+    if max_samples is not None and max_samples < 1:
+        raise InputError(f"--max-samples must be at least 1, got {max_samples}")
+    if memory_budget_mb <= 0:
+        raise InputError(f"--memory-budget must be positive, got {memory_budget_mb}")
+    if target_macs is not None and target_params is not None:
+        raise InputError("give --target-macs or --target-params, not both")
+    for name, t in (("--target-macs", target_macs), ("--target-params", target_params)):
+        if t is not None and not (0.0 < t <= 1.0):
+            raise InputError(f"{name} is the fraction to keep, in (0, 1]; got {t}")
+    if labels is not None and eval_data is None:
+        raise InputError("--labels needs --eval: labels must line up with the evaluation samples")
+    if (max_error is not None or min_agreement is not None) and calib is None and eval_data is None:
+        raise InputError("--max-error/--min-agreement need samples to check on: give --eval or --calib")
+
+
 def prune(
     model_path: str | os.PathLike,
     output_path: str | os.PathLike | None = None,
@@ -132,21 +172,47 @@ def prune(
     round_to: int = 1,
     exclude: tuple[str, ...] | list[str] = (),
     seed: int = 0,
+    calib: Any = None,
+    preprocess: Preprocess | None = None,
+    batch_size: int = 32,
+    max_samples: int | None = None,
+    memory_budget_mb: float = 1024,
+    device: str = "auto",
+    compensate: str = "bias",
+    target_macs: float | None = None,
+    target_params: float | None = None,
+    eval_data: Any = None,
+    labels: str | os.PathLike | np.ndarray | None = None,
+    max_error: float | None = None,
+    min_agreement: float | None = None,
+    force: bool = False,
+    eval_samples: int = 256,
+    progress: bool = False,
+    latency: bool = True,
 ) -> tuple[ir.Model, PruneResult]:
     """Prune the model at ``model_path``; write it to ``output_path`` when given.
 
-    Returns the pruned model and a :class:`PruneResult`.  The pruned graph is always
-    checked (onnx full check, onnxruntime run, output shapes equal to the original's)
-    before it is returned or written; a failure raises :class:`VerificationError`
-    naming the group whose rewrite broke it, and nothing is written.
+    ``calib`` (a folder of .npy/.npz/images, an onnxruntime ``CalibrationDataReader``, or
+    an iterable of ``{input_name: array}``) feeds the data-driven criteria and the bias
+    compensation.  Returns the pruned model and a :class:`PruneResult`.  The pruned graph
+    is always checked (onnx full check, onnxruntime run, output shapes equal to the
+    original's) before it is returned or written; a failure raises
+    :class:`VerificationError` naming the group whose rewrite broke it, and nothing is
+    written.  With ``max_error``/``min_agreement`` a fidelity violation raises
+    :class:`GateError` (exit 3) and nothing is written unless ``force``.
     """
     _check_options(method, ratio, min_keep, round_to)
+    _check_data_options(
+        method, calib, compensate, batch_size, max_samples, memory_budget_mb,
+        target_macs, target_params, eval_data, labels, max_error, min_agreement,
+    )
     times: dict[str, float] = {}
     t = time.perf_counter()
     if output_path is not None:
         check_output_path(model_path, output_path)
     model, external = load_model(model_path)
     feed, reference = run_original(model_path, seed)
+    providers = providers_for(device)
     times["load"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -158,20 +224,70 @@ def prune(
         raise InputError(f"nothing to prune: none of the {len(analysis.groups)} channel groups is prunable{why}")
     params_before, macs_before = count_params(model), count_macs(model)
 
+    stats, held, specs = None, [], None
+    if calib is not None:
+        t = time.perf_counter()
+        specs = input_specs(_ort.session(str(model_path), providers))
+        bs = _fixed_batch(specs, batch_size)
+        items = source_items(calib, specs, preprocess)()
+        views = consumer_views(analysis)
+        tensors = {v.tensor: (v.value, v.axis) for v in views}
+        stats, held = calibrate(
+            model, tensors, batches(items, specs, bs, max_samples),
+            batch_size=bs, providers=providers, memory_budget=int(memory_budget_mb * 2**20),
+            progress=progress, total=max_samples, hold_out=0 if eval_data is not None else eval_samples,
+        )
+        times["calibrate"] = time.perf_counter() - t
+
     t = time.perf_counter()
-    scores = score_groups(analysis, method, seed)
+    scores = score_groups(analysis, method, seed, stats)
     times["score"] = time.perf_counter() - t
     t = time.perf_counter()
-    removed = select(analysis.groups, scores, ratio, global_=global_, min_keep=min_keep, round_to=round_to)
+    target = target_macs if target_macs is not None else target_params
+    if target is not None:
+        pick = 1 if target_macs is not None else 0
+        base = macs_before if target_macs is not None else params_before
+
+        def kept_fraction(sel: dict[int, np.ndarray]) -> float:
+            return estimate_after(analysis, _flat(sel))[pick] / max(base, 1)
+
+        removed, ratio = select_for_target(analysis.groups, scores, kept_fraction, target, min_keep=min_keep, round_to=round_to)
+    else:
+        removed = select(analysis.groups, scores, ratio, global_=global_, min_keep=min_keep, round_to=round_to)
+    all_removed = _flat(removed)
     times["select"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    all_removed = np.concatenate([r for r in removed.values()] or [np.zeros(0, np.int64)])
+    deltas = bias_deltas(analysis, stats, all_removed) if stats is not None and compensate == "bias" else []
     apply_removal(analysis, all_removed)
     times["rewrite"] = time.perf_counter() - t
+    t = time.perf_counter()
+    if deltas:
+        apply_bias(analysis, deltas, all_removed)
+        refresh_shapes(model)
+    times["compensate"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    validate = lambda p: check_pruned(p, feed, reference)  # noqa: E731
+    label_array = None if labels is None else _load_labels(labels)
+    measured: dict[str, Any] = {}
+
+    def validate(path: Path) -> None:
+        check_pruned(path, feed, reference)
+        if eval_data is not None or held:
+            if eval_data is not None:
+                eval_iter = batches(source_items(eval_data, specs or input_specs(_ort.session(str(model_path))), preprocess)(),
+                                    specs or input_specs(_ort.session(str(model_path))), _fixed_batch(specs or [], batch_size))
+                source = "eval data"
+            else:
+                eval_iter, source = iter(held), "held-out calibration samples"
+            fid = measure_fidelity(model_path, path, eval_iter, label_array, providers)
+            fid.source = source
+            measured["fidelity"] = fid
+            measured["forced"] = _gate(fid, max_error, min_agreement, force)
+        if latency:
+            lat_feed = held[0] if held else feed
+            measured["latency"] = (median_latency(model_path, lat_feed), median_latency(path, lat_feed))
+
     try:
         if output_path is not None:
             save_model(model, output_path, external=external, validate=validate)
@@ -186,7 +302,11 @@ def prune(
     for g in analysis.groups:
         d = g.to_dict()
         d["kept"] = int(len(g.classes) - len(removed.get(g.id, ())) + (g.n_channels - len(g.classes)))
+        if g.id in scores:
+            d["dead"] = int(np.isneginf(scores[g.id]).sum())
         groups.append(d)
+    fid = measured.get("fidelity")
+    lat = measured.get("latency")
     result = PruneResult(
         method=method,
         ratio=ratio,
@@ -199,8 +319,60 @@ def prune(
         file_size_before=_size(model_path, external),
         file_size_after=_size(output_path, external) if output_path is not None else None,
         seconds={k: round(v, 4) for k, v in times.items()},
+        compensation=(compensate if stats is not None else "none") if compensate != "none" else "none",
+        calibration=None if stats is None else {
+            "samples": stats.samples, "seconds": round(stats.seconds, 4), "runs_per_batch": stats.runs_per_batch,
+            "tensors": len(stats.tensors), "held_out": sum(next(iter(b.values())).shape[0] for b in held),
+        },
+        fidelity=None if fid is None else fid.to_dict(),
+        latency=None if lat is None else {"before_s": lat[0], "after_s": lat[1], "speedup": lat[0] / lat[1] if lat[1] else None},
+        gate_forced=bool(measured.get("forced")),
     )
     return model, result
+
+
+def _flat(removed: dict[int, np.ndarray]) -> np.ndarray:
+    return np.concatenate([r for r in removed.values()] or [np.zeros(0, np.int64)]).astype(np.int64)
+
+
+def _fixed_batch(specs: list[InputSpec], batch_size: int) -> int:
+    """A model with a fixed batch dim gets batches of exactly that size."""
+    fixed = {s.dims[0] for s in specs if s.dims and s.dims[0] is not None}
+    return fixed.pop() if len(fixed) == 1 else batch_size
+
+
+def _load_labels(labels) -> np.ndarray:
+    if isinstance(labels, np.ndarray):
+        return labels.reshape(-1)
+    p = Path(labels)
+    if not p.is_file():
+        raise InputError(f"labels file not found: {p}")
+    try:
+        arr = np.load(p, allow_pickle=False)
+    except Exception as exc:
+        raise InputError(f"{p}: not a .npy array of labels") from exc
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise InputError(f"{p}: labels must be integers, found {arr.dtype}")
+    return arr.reshape(-1)
+
+
+def _gate(fid: Fidelity, max_error: float | None, min_agreement: float | None, force: bool) -> bool:
+    """Raise GateError on a violation unless ``force``; True when a violation was forced through."""
+    problems = []
+    if max_error is not None and fid.rel_l2 > max_error:
+        problems.append(f"relative L2 error {fid.rel_l2:.4g} > --max-error {max_error}")
+    if min_agreement is not None:
+        if fid.agreement is None:
+            problems.append("--min-agreement needs a classifier-shaped output [N, K]")
+        elif fid.agreement < min_agreement:
+            problems.append(f"top-1 agreement {fid.agreement:.4f} < --min-agreement {min_agreement}")
+    if problems and not force:
+        raise GateError(f"fidelity gate failed on {fid.samples} {fid.source}: {'; '.join(problems)}; nothing written (--force writes anyway)")
+    if problems:
+        import sys
+
+        print(f"warning: fidelity gate failed ({'; '.join(problems)}); written anyway because of --force", file=sys.stderr)
+    return bool(problems)
 
 
 def _size(path: str | os.PathLike, external: bool) -> int:

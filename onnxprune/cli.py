@@ -10,6 +10,7 @@ from rich.console import Console
 
 from . import api
 from .criteria import METHODS
+from .data import Preprocess
 from .errors import InputError, OnnxPruneError
 from .report import print_analysis, print_result, write_json
 
@@ -29,30 +30,80 @@ def cli() -> None:
     """Structured pruning of ONNX models: channels, neurons, really removed."""
 
 
+def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise InputError(f"{name} takes comma-separated numbers, got '{text}'") from None
+
+
 @cli.command("prune")
 @click.argument("input_model", type=click.Path(dir_okay=True, path_type=str))
 @click.argument("output_model", type=click.Path(path_type=str))
-@click.option("--method", type=click.Choice(METHODS), default="l1", show_default=True, help="importance criterion")
+@click.option("--method", type=click.Choice(METHODS), default=None, help="importance criterion [default: wanda with --calib, else l1]")
 @click.option("--ratio", type=float, default=0.5, show_default=True, help="share of each group's channels to remove")
 @click.option("--global", "global_", is_flag=True, help="one threshold over per-group standardised scores")
+@click.option("--target-macs", type=float, help="keep this fraction of MACs (bisection on a global threshold)")
+@click.option("--target-params", type=float, help="keep this fraction of params (bisection on a global threshold)")
 @click.option("--min-keep", type=int, default=1, show_default=True, help="channels every group keeps at least")
 @click.option("--round-to", type=int, default=1, show_default=True, help="round kept channel counts up to a multiple")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="leave groups whose producer matches (fnmatch)")
+@click.option("--calib", type=click.Path(path_type=str), help="calibration data: folder of .npy/.npz files or images")
+@click.option("--max-samples", type=int, help="use at most this many calibration samples")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="samples per onnxruntime run")
+@click.option("--memory-budget", "memory_budget", type=float, default=1024, show_default=True, help="MiB of exposed tensors per run")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--compensate", type=click.Choice(["none", "bias"]), default="bias", show_default=True, help="training-free compensation at each consumer")
+@click.option("--resize", type=int, help="images: resize the shorter side to this")
+@click.option("--crop", type=int, help="images: centre-crop to this square size")
+@click.option("--mean", "mean_", help="images: per-channel mean, e.g. 0.485,0.456,0.406")
+@click.option("--std", "std_", help="images: per-channel std, e.g. 0.229,0.224,0.225")
+@click.option("--scale", type=float, default=1 / 255, show_default=True, help="images: multiply pixels by this first")
+@click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW", show_default=True, help="images: tensor layout")
+@click.option("--channels", type=click.Choice(["RGB", "BGR"]), default="RGB", show_default=True, help="images: channel order")
+@click.option("--eval", "eval_data", type=click.Path(path_type=str), help="held-out data to verify on (else a slice of --calib)")
+@click.option("--labels", type=click.Path(dir_okay=False, path_type=str), help=".npy of integer labels for --eval, for accuracy")
+@click.option("--max-error", type=float, help="fail (exit 3, nothing written) above this relative L2 output error")
+@click.option("--min-agreement", type=float, help="fail (exit 3, nothing written) below this top-1 agreement")
+@click.option("--force", is_flag=True, help="write even when a --max-error/--min-agreement gate fails")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="write a JSON report here")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed for random scores and test inputs")
 @click.option("--quiet", "-q", is_flag=True, help="print nothing but errors")
-def prune_cmd(input_model, output_model, method, ratio, global_, min_keep, round_to, exclude, report_path, seed, quiet):
+def prune_cmd(input_model, output_model, method, ratio, global_, target_macs, target_params, min_keep, round_to,
+              exclude, calib, max_samples, batch_size, memory_budget, device, compensate, resize, crop, mean_, std_,
+              scale, layout, channels, eval_data, labels, max_error, min_agreement, force, report_path, seed, quiet):
     """Prune INPUT_MODEL and write the checked result to OUTPUT_MODEL."""
+    pre = Preprocess(
+        resize=resize, crop=crop, mean=_floats(mean_, "--mean") or (0.0, 0.0, 0.0),
+        std=_floats(std_, "--std") or (1.0, 1.0, 1.0), scale=scale, layout=layout, channels=channels,
+    )
     _, result = api.prune(
         input_model,
         output_model,
-        method=method,
+        method=method or ("wanda" if calib else "l1"),
         ratio=ratio,
         global_=global_,
         min_keep=min_keep,
         round_to=round_to,
         exclude=exclude,
         seed=seed,
+        calib=calib,
+        preprocess=pre,
+        batch_size=batch_size,
+        max_samples=max_samples,
+        memory_budget_mb=memory_budget,
+        device=device,
+        compensate=compensate,
+        target_macs=target_macs,
+        target_params=target_params,
+        eval_data=eval_data,
+        labels=labels,
+        max_error=max_error,
+        min_agreement=min_agreement,
+        force=force,
+        progress=not quiet,
     )
     if report_path:
         write_json(result.to_dict(), report_path)

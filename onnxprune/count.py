@@ -51,3 +51,39 @@ def node_macs(node: ir.Node) -> int:
 def count_macs(model: ir.Model) -> int:
     """MACs of the main graph's convolutions and matrix products."""
     return int(sum(node_macs(n) for n in model.graph))
+
+
+def estimate_after(analysis, removed) -> tuple[int, int]:
+    """Params and MACs after removing the classes in ``removed``, without rewriting.
+
+    Every sliced constant shrinks by the product of its axes' kept fractions; a
+    Conv/ConvTranspose/Gemm/MatMul's MACs are proportional to its weight's size, so they
+    shrink by the same factor as the weight.  Used to bisect budgets quickly.
+    """
+    from .layout import SliceParam
+    from .rewrite import keep_function
+
+    keep = keep_function(analysis, removed)
+    model = analysis.model
+    frac: dict[tuple[int, int], dict[int, float]] = {}
+    values: dict[tuple[int, int], ir.Value] = {}
+    nodes: dict[tuple[int, int], ir.Node] = {}
+    for e in analysis.edits:
+        if isinstance(e, SliceParam):
+            key = (id(e.node), e.index)
+            frac.setdefault(key, {})[e.axis] = float(keep(e.atoms).mean()) if len(e.atoms) else 1.0
+            values[key], nodes[key] = e.node.inputs[e.index], e.node
+    params = count_params(model)
+    macs = count_macs(model)
+    seen: set[int] = set()
+    for key, axes in frac.items():
+        f = math.prod(axes.values())
+        value = values[key]
+        if value is not None and id(value) not in seen:
+            seen.add(id(value))
+            size = math.prod(d if isinstance(d, int) else 1 for d in (value.shape or ()))
+            params -= int(round(size * (1 - f)))
+        node = nodes[key]
+        if key[1] == 1 and node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            macs -= int(round(node_macs(node) * (1 - f)))
+    return params, macs

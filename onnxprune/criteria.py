@@ -18,7 +18,9 @@ from ._graph import const_array
 from .groups import Analysis, Group
 from .layout import SliceParam
 
-METHODS = ("l1", "l2", "random")
+DATA_FREE = ("l1", "l2", "random")
+DATA_DRIVEN = ("wanda", "flap", "activation")
+METHODS = DATA_FREE + DATA_DRIVEN
 
 
 def _bn_scale(producer: ir.Node) -> np.ndarray | None:
@@ -69,11 +71,61 @@ def _norm_scores(analysis: Analysis, p: int) -> dict[int, float]:
     return total
 
 
-def score_groups(analysis: Analysis, method: str, seed: int = 0) -> dict[int, np.ndarray]:
-    """Group id -> score of each of its removable channels (same order as ``group.classes``)."""
+def _data_scores(analysis: Analysis, stats, method: str) -> tuple[dict[int, float], set[int]]:
+    """Class root -> score from calibration statistics at every consumer, and the dead classes.
+
+    ``activation``: mean |x_k| as the consumer sees it (averaged over a flattened block);
+    ``wanda``: Σ ‖W[:, k]‖₂·rms(x_k); ``flap``: Σ Var(x_k)·‖W[:, k]‖₂² (METHODS.md), summed
+    over the consumers that read the channel and over the features it flattens into.
+    A class is dead when every index of it was exactly 0 on every calibration sample.
+    """
+    from .consumers import consumer_views
+
+    n_atoms = len(analysis.roots)
+    total = np.zeros(n_atoms)
+    alive = np.zeros(n_atoms, dtype=bool)
+    measured = np.zeros(n_atoms, dtype=bool)
+    seen_tensors: set[str] = set()
+    for view in consumer_views(analysis):
+        st = stats.tensors.get(view.tensor)
+        if st is None:
+            continue
+        roots = analysis.roots[view.atoms]
+        if method == "activation":
+            if view.tensor in seen_tensors:
+                continue
+            counts = np.bincount(roots, minlength=n_atoms)
+            sums = np.bincount(roots, weights=st.mean_abs, minlength=n_atoms)
+            total += np.divide(sums, counts, out=np.zeros(n_atoms), where=counts > 0)
+        elif method == "wanda":
+            rms = np.sqrt(st.sumsq / max(st.n, 1))
+            total += np.bincount(roots, weights=np.sqrt(view.column_sq()) * rms, minlength=n_atoms)
+        else:  # flap
+            total += np.bincount(roots, weights=st.var * view.column_sq(), minlength=n_atoms)
+        seen_tensors.add(view.tensor)
+        measured[roots] = True
+        alive |= np.bincount(roots, weights=(~st.dead).astype(float), minlength=n_atoms) > 0
+    dead = {int(r) for r in np.flatnonzero(measured & ~alive)}
+    return {int(r): float(total[r]) for r in np.flatnonzero(measured)}, dead
+
+
+def score_groups(analysis: Analysis, method: str, seed: int = 0, stats=None) -> dict[int, np.ndarray]:
+    """Group id -> score of each of its removable channels (same order as ``group.classes``).
+
+    Data-driven methods need ``stats`` (from the calibrate stage).  Dead channels score
+    ``-inf`` so every selection removes them first.
+    """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     groups = [g for g in analysis.groups if g.prunable]
+    if method in DATA_DRIVEN:
+        if stats is None:
+            raise ValueError(f"method {method!r} needs calibration statistics")
+        totals, dead = _data_scores(analysis, stats, method)
+        return {
+            g.id: np.array([-np.inf if int(c) in dead else totals.get(int(c), 0.0) for c in g.classes])
+            for g in groups
+        }
     if method == "random":
         rng = np.random.default_rng(seed)
         return {g.id: rng.random(len(g.classes)) for g in groups}

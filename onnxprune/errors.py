@@ -23,3 +23,12 @@ class VerificationError(OnnxPruneError):
     """
 
     exit_code = 1
+
+
+class GateError(OnnxPruneError):
+    """The pruned model violates ``--max-error`` / ``--min-agreement``. Exit code 3.
+
+    The model is not written unless ``--force`` was given.
+    """
+
+    exit_code = 3

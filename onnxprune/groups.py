@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from ._graph import node_label, opset
-from .layout import FIXED, Edit, Layout, SliceParam, UnionFind
+from ._graph import node_label, opset, prepare_graph
+from .layout import FIXED, Edit, Layout, SliceBounds, SliceParam, SplitSizes, UnionFind
 from .ops import handler_for
 
 
@@ -30,6 +30,10 @@ class Group:
     n_channels: int  # removable + fixed
     blocked: list[str] = field(default_factory=list)
     excluded: bool = False
+    # Class roots of each sub-range read on its own (a Split output, a channel Slice):
+    # at least one of each must stay, or an empty tensor reaches its readers.  A chunk
+    # may span several groups (Concat then Slice), so roots of other groups can appear.
+    keep_any: list[np.ndarray] = field(default_factory=list)
 
     @property
     def prunable(self) -> bool:
@@ -116,6 +120,7 @@ def analyze_groups(model: ir.Model, exclude: list[str] | tuple[str, ...] = ()) -
     ``exclude`` holds fnmatch patterns matched against producer node names and their
     output names; matching groups are kept whole and reported as excluded.
     """
+    prepare_graph(model.graph)  # exporter idioms: Identity-shared constants, static shape reads
     ctx = _Context(model)
     graph = model.graph
     for node in graph:
@@ -169,6 +174,7 @@ def _build(model: ir.Model, ctx: _Context, exclude) -> Analysis:
     atom_ids = np.arange(1, len(roots), dtype=np.int64)
     atom_group = gid[owner[atom_ids]]
     groups: list[Group] = []
+    by_gid: dict[int, Group] = {}
     for new_id, g in enumerate(sorted(producers, key=lambda g: min(np.flatnonzero(gid == g)))):
         mine = roots[atom_ids[atom_group == g]]
         _, first = np.unique(mine, return_index=True)
@@ -187,4 +193,27 @@ def _build(model: ir.Model, ctx: _Context, exclude) -> Analysis:
         names = [n.name or "" for n in group.producers] + [o.name or "" for n in group.producers for o in n.outputs]
         group.excluded = any(fnmatch.fnmatchcase(n, pat) for pat in exclude for n in names)
         groups.append(group)
+        by_gid[g] = group
+    _attach_chunks(ctx, roots, gid, owner, by_gid)
     return Analysis(model=model, groups=groups, edits=ctx.edits, roots=roots, layouts=ctx.layouts)
+
+
+def _attach_chunks(ctx: _Context, roots: np.ndarray, gid: np.ndarray, owner: np.ndarray,
+                   by_gid: dict[int, Group]) -> None:
+    """Give every group the Split/Slice chunks its channels appear in (``Group.keep_any``)."""
+    chunks = []
+    for e in ctx.edits:
+        if isinstance(e, SplitSizes):
+            chunks.extend(e.chunks)
+        elif isinstance(e, SliceBounds):
+            chunks.append(e.atoms[e.start : e.end])
+    seen: set[tuple[int, ...]] = set()
+    for chunk in chunks:
+        classes = np.unique(roots[chunk])
+        key = tuple(classes.tolist())
+        # An empty chunk was empty already; one holding a fixed channel never empties.
+        if not len(classes) or roots[FIXED] in classes or key in seen:
+            continue
+        seen.add(key)
+        for g in sorted({int(gid[owner[a]]) for a in chunk.tolist()}):
+            by_gid[g].keep_any.append(classes)

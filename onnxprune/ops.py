@@ -154,7 +154,9 @@ class NormParams(Handler):
         if lay.axis != 1:
             ctx.block(lay.atoms, node, "normalises an axis other than the channel axis")
             return
-        if any(o.uses() for o in node.outputs[1:]):
+        # The running statistics are per-channel too: read by a node or returned as a graph
+        # output, they would change shape.
+        if any(o.uses() or o.is_graph_output() for o in node.outputs[1:]):
             ctx.block(lay.atoms, node, "training-mode outputs are used")
             return
         for i in range(1, len(node.inputs)):
@@ -179,6 +181,9 @@ class Conv(Handler):
             return
         if any(ctx.layout(v) is not None for v in node.inputs[1:] if v is not None):
             _block_all(node, ctx, "channels reach the weight input")
+            return
+        if len(node.inputs) > 2 and node.inputs[2] is not None and not is_const(node.inputs[2]):
+            _block_all(node, ctx, "bias is computed at run time")
             return
         if lay is not None and lay.axis != 1:
             ctx.block(lay.atoms, node, "channel axis is not axis 1")
@@ -226,6 +231,9 @@ class ConvTranspose(Handler):
             return
         if attr_int(node, "group", 1) != 1:
             _block_all(node, ctx, "grouped ConvTranspose is not supported")
+            return
+        if len(node.inputs) > 2 and node.inputs[2] is not None and not is_const(node.inputs[2]):
+            _block_all(node, ctx, "bias is computed at run time")
             return
         if lay is not None:
             if lay.axis != 1:
@@ -505,7 +513,7 @@ class Reshape(Handler):
         if ctx.layout(node.inputs[1]) is not None:
             _block_all(node, ctx, "channels reach the shape input")
             return
-        d_in, d_out = dims(node.inputs[0]), dims(node.outputs[0])
+        d_in, d_out = dims(node.inputs[0]), _reshape_out_dims(node)
         if d_in is None or d_out is None:
             ctx.block(lay.atoms, node, "shapes unknown after shape inference")
             return
@@ -562,6 +570,38 @@ class Reshape(Handler):
                 offset += n
         ctx.block(lay.atoms, node, "shape input is computed and its channel entry cannot be traced")
         return False
+
+
+def _reshape_out_dims(node: ir.Node) -> list[int | None] | None:
+    """Output dims of a Reshape, one unknown dim recovered from the element count.
+
+    ``x.view(x.size(0), -1)`` with a dynamic batch leaves the flattened size unknown to
+    onnx's inference (``[batch, unk]``); a symbolic dim named on both sides cancels, and a
+    single unknown left over is the quotient of the static products.
+    """
+    d_out = dims(node.outputs[0])
+    s_in, s_out = node.inputs[0].shape, node.outputs[0].shape
+    if d_out is None or s_in is None or s_out is None or None not in d_out:
+        return d_out
+    names_in = [getattr(x, "value", None) for x in s_in if not isinstance(x, int)]
+    left = []
+    for i, x in enumerate(s_out):
+        if isinstance(x, int):
+            continue
+        name = getattr(x, "value", None)
+        if name is not None and name in names_in:
+            names_in.remove(name)
+        else:
+            left.append(i)
+    if names_in or len(left) != 1:
+        return d_out
+    p_in = _prod([x for x in s_in if isinstance(x, int)])
+    p_out = _prod([x for x in s_out if isinstance(x, int)])
+    if not p_out or p_in % p_out:
+        return d_out
+    d_out = list(d_out)
+    d_out[left[0]] = p_in // p_out
+    return d_out
 
 
 def _leading_match(a: list[int | None], b: list[int | None]) -> bool:
@@ -698,18 +738,22 @@ class ShapeOf(Handler):
     def propagate(self, node: ir.Node, ctx: Ctx) -> None:
         lay = ctx.layout(node.inputs[0])
         r = rank(node.inputs[0])
-        start = _norm_axis(attr_int(node, "start", 0), r) if r is not None else None
-        if start is None:
+        if r is None:
             ctx.block(lay.atoms, node, "rank unknown after shape inference")
             return
-        pos = lay.axis - start
+        # Opset 15 start/end: negative values count from the back, then clamp to [0, r].
+        start, end = attr_int(node, "start", 0), attr_int(node, "end", r)
+        start = min(max(start + r if start < 0 else start, 0), r)
+        end = min(max(end + r if end < 0 else end, 0), r)
+        if not start <= lay.axis < end:
+            return  # the channel axis is not part of the result
+        pos, n = lay.axis - start, end - start
         for use in node.outputs[0].uses():
             user = use.node
             idx = const_array(user.inputs[1]) if user.op_type == "Gather" and use.idx == 0 else None
             if idx is None or attr_int(user, "axis", 0) != 0:
                 ctx.block(lay.atoms, node, "the channel count is read at run time")
                 return
-            n = len(dims(node.outputs[0]) or []) or (r - start)
             if pos in {int(i) % n for i in np.asarray(idx).reshape(-1)}:
                 ctx.block(lay.atoms, node, "the channel count is read at run time")
                 return

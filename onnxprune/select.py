@@ -30,7 +30,8 @@ def select(
     ``ratio`` is the share of each group's channels to remove; with ``global_`` the
     scores are standardised per group and one threshold removes ``ratio`` of all
     removable channels, so groups lose different shares.  Every group keeps at least
-    ``max(1, min_keep)`` channels, and kept counts are rounded up to ``round_to``.
+    ``max(1, min_keep)`` channels, and kept counts are rounded up to ``round_to``; a
+    channel is also kept when it is the last one of a Split output or channel Slice.
     Ties go to the lower index so results are deterministic.
     """
     todo = [g for g in groups if g.prunable and g.id in scores]
@@ -39,8 +40,11 @@ def select(
         entries = []
         for g in todo:
             s = scores[g.id].astype(np.float64)
-            std = s.std()
-            z = (s - s.mean()) / std if std > 0 else np.zeros_like(s)
+            live = np.isfinite(s)  # dead channels score -inf and stay first
+            z = np.full_like(s, -np.inf)
+            if live.any():
+                std = s[live].std()
+                z[live] = (s[live] - s[live].mean()) / std if std > 0 else 0.0
             entries.extend((float(z[i]), g.id, i) for i in range(len(s)))
         entries.sort()
         n_total = int(math.floor(ratio * len(entries)))
@@ -48,11 +52,72 @@ def select(
             want[gid] = want.get(gid, 0) + 1
     else:
         want = {g.id: int(math.floor(ratio * len(g.classes))) for g in todo}
+    for g in todo:  # channels dead on the calibration data are always removed
+        want[g.id] = max(want.get(g.id, 0), int(np.isneginf(scores[g.id]).sum()))
+
+    # How many classes of each Split/Slice chunk (Group.keep_any) are still kept: the last
+    # one of a chunk is skipped, so no chunk ever becomes an empty tensor.  Chunks may span
+    # groups, so the count is shared by all of them.
+    left: list[int] = []
+    chunks_of: dict[int, list[int]] = {}
+    seen: set[tuple[int, ...]] = set()
+    for g in todo:
+        for chunk in g.keep_any:
+            key = tuple(int(c) for c in chunk)
+            if key not in seen:
+                seen.add(key)
+                for c in key:
+                    chunks_of.setdefault(c, []).append(len(left))
+                left.append(len(key))
 
     removed: dict[int, np.ndarray] = {}
     for g in todo:
         n = len(g.classes)
         keep = _keep_count(n, want.get(g.id, 0), min_keep, round_to)
         order = np.argsort(scores[g.id], kind="stable")
-        removed[g.id] = np.sort(g.classes[order[: n - keep]])
+        chosen: list[int] = []
+        for i in order.tolist():
+            if len(chosen) == n - keep:
+                break
+            c = int(g.classes[i])
+            ks = chunks_of.get(c, [])
+            if any(left[k] == 1 for k in ks):
+                continue  # the last kept channel of a chunk
+            for k in ks:
+                left[k] -= 1
+            chosen.append(c)
+        removed[g.id] = np.sort(np.array(chosen, dtype=np.int64))
     return removed
+
+
+def select_for_target(
+    groups: list[Group],
+    scores: dict[int, np.ndarray],
+    measure,
+    target: float,
+    *,
+    min_keep: int = 1,
+    round_to: int = 1,
+    iterations: int = 30,
+) -> tuple[dict[int, np.ndarray], float]:
+    """Bisect the global ratio until ``measure(removed)`` (the kept fraction of MACs or
+    params) is at most ``target``; returns the selection and the ratio used.
+
+    The kept fraction falls as the ratio grows (up to ties and rounding), so bisection
+    finds the smallest ratio that meets the target.  If even the largest ratio cannot
+    meet it (min-keep, blocked groups), that selection is returned: the report then
+    shows the fraction actually reached.
+    """
+    lo, hi = 0.0, 0.999
+    best = select(groups, scores, hi, global_=True, min_keep=min_keep, round_to=round_to)
+    best_ratio = hi
+    if measure(best) > target:
+        return best, hi
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        sel = select(groups, scores, mid, global_=True, min_keep=min_keep, round_to=round_to)
+        if measure(sel) <= target:
+            best, best_ratio, hi = sel, mid, mid
+        else:
+            lo = mid
+    return best, best_ratio

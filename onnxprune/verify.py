@@ -4,6 +4,8 @@ the original's output shapes (and finite outputs wherever the original's are fin
 from __future__ import annotations
 
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -69,3 +71,74 @@ def check_pruned(path: Path, feed: dict[str, np.ndarray], reference: list[np.nda
             bad = np.isfinite(ref) & ~np.isfinite(out)
             if bad.any():
                 raise VerificationError(f"output '{name}' has non-finite values the original does not")
+
+
+@dataclass
+class Fidelity:
+    """How closely the pruned model follows the original on held-out samples."""
+
+    samples: int
+    rel_l2: float  # worst output: ‖y − y'‖ / ‖y‖ over all samples
+    cosine: float  # worst output: mean per-sample cosine similarity
+    agreement: float | None  # top-1 agreement of the first classifier-shaped output
+    accuracy_before: float | None = None
+    accuracy_after: float | None = None
+    source: str = ""
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("samples", "rel_l2", "cosine", "agreement", "accuracy_before", "accuracy_after", "source")}
+
+
+def measure_fidelity(original: str | os.PathLike, pruned: str | os.PathLike, batches, labels: np.ndarray | None = None, providers=None) -> Fidelity:
+    """Run both models on ``batches`` and compare their outputs."""
+    a, b = _ort.session(str(original), providers), _ort.session(str(pruned), providers)
+    names = [o.name for o in a.get_outputs()]
+    diff2 = np.zeros(len(names))
+    ref2 = np.zeros(len(names))
+    cos_sum = np.zeros(len(names))
+    agree = correct_a = correct_b = 0
+    n = 0
+    classifier = None
+    for batch in batches:
+        ya, yb = a.run(None, batch), b.run(None, batch)
+        m = next(iter(batch.values())).shape[0]
+        for i, (u, v) in enumerate(zip(ya, yb)):
+            u = np.asarray(u, np.float64).reshape(m, -1)
+            v = np.asarray(v, np.float64).reshape(m, -1)
+            diff2[i] += ((u - v) ** 2).sum()
+            ref2[i] += (u**2).sum()
+            denom = np.linalg.norm(u, axis=1) * np.linalg.norm(v, axis=1)
+            cos = np.where(denom > 0, (u * v).sum(1) / np.where(denom > 0, denom, 1), 1.0)
+            cos_sum[i] += cos.sum()
+        if classifier is None:
+            classifier = next((i for i, y in enumerate(ya) if np.ndim(y) == 2 and np.shape(y)[1] > 1), -1)
+        if classifier >= 0:
+            pa, pb = ya[classifier].argmax(1), yb[classifier].argmax(1)
+            agree += int((pa == pb).sum())
+            if labels is not None:
+                lab = labels[n : n + m]
+                correct_a += int((pa == lab).sum())
+                correct_b += int((pb == lab).sum())
+        n += m
+    if n == 0:
+        raise InputError("no samples to verify the pruned model on")
+    rel = float(np.max(np.sqrt(diff2 / np.maximum(ref2, 1e-30))))
+    has_cls = classifier is not None and classifier >= 0
+    fid = Fidelity(n, rel, float(np.min(cos_sum / n)), agree / n if has_cls else None)
+    if labels is not None and has_cls:
+        fid.accuracy_before, fid.accuracy_after = correct_a / n, correct_b / n
+    return fid
+
+
+def median_latency(path: str | os.PathLike, feed: dict[str, np.ndarray], runs: int = 15, budget_s: float = 5.0) -> float:
+    """Median wall time of one run on ``feed`` (after warm-up), in seconds."""
+    sess = _ort.session(str(path))
+    for _ in range(2):
+        sess.run(None, feed)
+    times = []
+    start = time.perf_counter()
+    while len(times) < runs and (time.perf_counter() - start < budget_s or len(times) < 3):
+        t = time.perf_counter()
+        sess.run(None, feed)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))

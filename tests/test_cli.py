@@ -161,8 +161,8 @@ def test_sample_models_prune_and_keep_accuracy(tmp_path, path):
     """The shipped models prune to valid smaller graphs.  Accuracy is only asserted at a
     light ratio: data-free l1 without compensation collapses the CNN at 50% (see
     docs/STATUS.md); that is what calibration and compensation are for."""
-    held = np.load(ROOT / "models" / "data" / "heldout.npz")
-    x, y = held["x"][:300], held["y"][:300]
+    x = np.load(ROOT / "models" / "data" / "eval" / "heldout.npz")["input"][:300]
+    y = np.load(ROOT / "models" / "data" / "heldout_labels.npy")[:300]
     acc = lambda p: float((run(p, {"input": x})[0].argmax(1) == y).mean())  # noqa: E731
     out = tmp_path / "o.onnx"
     _, result = onnxprune.prune(path, out, method="l1", ratio=0.5)

@@ -1,0 +1,261 @@
+"""Calibration data: folders of .npy/.npz or images, onnxruntime CalibrationDataReaders,
+or any iterable of ``{input_name: array}``; checked against the model and re-batched.
+
+Everything is streamed: a source yields one file (one sample or a batch) at a time, and
+:func:`batches` re-cuts the stream into batches of the requested size, so memory does
+not grow with the number of samples.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from .errors import InputError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+Sample = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the model expects of one input: name, numpy dtype and dims (None = free)."""
+
+    name: str
+    dtype: np.dtype
+    dims: tuple[int | None, ...]
+
+
+@dataclass
+class Preprocess:
+    """How images become tensors: resize the shorter side, centre-crop, scale, normalise."""
+
+    resize: int | None = None
+    crop: int | None = None
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
+    scale: float = 1.0 / 255.0
+    layout: str = "NCHW"
+    channels: str = "RGB"
+
+
+def input_specs(session) -> list[InputSpec]:
+    """The model's inputs as onnxruntime reports them."""
+    from .verify import _DTYPES
+
+    specs = []
+    for inp in session.get_inputs():
+        dtype = _DTYPES.get(inp.type)
+        if dtype is None:
+            raise InputError(f"input '{inp.name}' has type {inp.type}, which onnxprune cannot feed")
+        dims = tuple(d if isinstance(d, int) and d > 0 else None for d in inp.shape)
+        specs.append(InputSpec(inp.name, np.dtype(dtype), dims))
+    return specs
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def _folder_items(folder: Path, specs: list[InputSpec], pre: Preprocess | None) -> Iterator[tuple[str, Sample]]:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    arrays = [p for p in files if p.suffix in (".npy", ".npz")]
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not arrays and not images:
+        raise InputError(f"calibration folder {folder} holds no .npy, .npz or image files")
+    if arrays and images:
+        raise InputError(f"calibration folder {folder} mixes arrays and images; use one kind")
+    if images:
+        if len(specs) != 1:
+            raise InputError(f"images can only feed a single-input model; this one has {len(specs)} inputs")
+        for path in images:
+            yield str(path), {specs[0].name: load_image(path, specs[0], pre or Preprocess())}
+        return
+    for path in arrays:
+        try:
+            if path.suffix == ".npy":
+                if len(specs) != 1:
+                    raise InputError(
+                        f"{path.name}: a .npy file can only feed a single-input model; use .npz with keys "
+                        + ", ".join(s.name for s in specs)
+                    )
+                yield str(path), {specs[0].name: np.load(path, allow_pickle=False)}
+            else:
+                with np.load(path, allow_pickle=False) as z:
+                    yield str(path), {k: z[k] for k in z.files}
+        except InputError:
+            raise
+        except Exception as exc:
+            raise InputError(f"{path}: cannot be read as a numpy array ({' '.join(str(exc).split())[:200]})") from exc
+
+
+def load_image(path: Path, spec: InputSpec, pre: Preprocess) -> np.ndarray:
+    """One image as a sample of ``spec`` (no batch axis)."""
+    try:
+        from PIL import Image
+    except ImportError as exc:  # pragma: no cover - pillow is a dependency
+        raise InputError("reading images needs Pillow: pip install pillow") from exc
+    try:
+        img = Image.open(path).convert("RGB")
+    except Exception as exc:
+        raise InputError(f"{path}: not a readable image ({' '.join(str(exc).split())[:200]})") from exc
+    if pre.resize:
+        w, h = img.size
+        s = pre.resize / min(w, h)
+        img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR)
+    if pre.crop:
+        w, h = img.size
+        left, top = (w - pre.crop) // 2, (h - pre.crop) // 2
+        img = img.crop((left, top, left + pre.crop, top + pre.crop))
+    arr = np.asarray(img, dtype=np.float32)
+    if pre.channels.upper() == "BGR":
+        arr = arr[..., ::-1]
+    arr = (arr * pre.scale - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
+    if pre.layout.upper() == "NCHW":
+        arr = arr.transpose(2, 0, 1)
+    return np.ascontiguousarray(arr).astype(spec.dtype)
+
+
+def _reader_items(reader: Any) -> Iterator[tuple[str, Sample]]:
+    k = 0
+    while True:
+        item = reader.get_next()
+        if item is None:
+            return
+        yield f"get_next() #{k}", item
+        k += 1
+
+
+def source_items(
+    source: Any, specs: list[InputSpec], pre: Preprocess | None = None
+) -> Callable[[], Iterator[tuple[str, Sample]]]:
+    """A function returning a fresh iterator of (where, sample-or-batch) for ``source``.
+
+    Folders can be read again; a reader or a one-shot iterable is read once (a reader
+    with ``rewind()`` is rewound instead).
+    """
+    if isinstance(source, (str, os.PathLike)):
+        folder = Path(source)
+        if not folder.exists():
+            raise InputError(f"calibration data not found: {folder}")
+        if folder.is_file():
+            raise InputError(f"calibration data must be a folder, got the file {folder}")
+        return lambda: _folder_items(folder, specs, pre)
+    if hasattr(source, "get_next"):
+        state = {"used": False}
+
+        def again() -> Iterator[tuple[str, Sample]]:
+            if state["used"]:
+                if not hasattr(source, "rewind"):
+                    raise InputError("the CalibrationDataReader was already consumed and has no rewind()")
+                source.rewind()
+            state["used"] = True
+            return _reader_items(source)
+
+        return again
+    if isinstance(source, Iterable):
+        items = source if isinstance(source, (list, tuple)) else None
+        if items is not None:
+            return lambda: ((f"item #{i}", s) for i, s in enumerate(items))
+        state_it = {"it": iter(source), "used": False}
+
+        def once() -> Iterator[tuple[str, Sample]]:
+            if state_it["used"]:
+                raise InputError("the calibration iterable can only be read once; pass a list or a folder")
+            state_it["used"] = True
+            return ((f"item #{i}", s) for i, s in enumerate(state_it["it"]))
+
+        return once
+    raise InputError(f"unsupported calibration source: {type(source).__name__}")
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check_sample(where: str, sample: Any, specs: list[InputSpec]) -> Sample:
+    """Return ``sample`` as a batch (leading axis added for single samples) after checking
+    names, ranks, dtypes, fixed dims and finiteness; raise InputError naming what is wrong."""
+    if not isinstance(sample, dict):
+        raise InputError(f"{where}: expected a dict of input name -> array, found {type(sample).__name__}")
+    names = [s.name for s in specs]
+    if sorted(sample) != sorted(names):
+        missing = sorted(set(names) - set(sample))
+        extra = sorted(set(sample) - set(names))
+        raise InputError(
+            f"{where}: expected inputs {names}, found {sorted(sample)}"
+            + (f" (missing {missing})" if missing else "")
+            + (f" (unexpected {extra})" if extra else "")
+        )
+    out: Sample = {}
+    batch = None
+    for spec in specs:
+        arr = np.asarray(sample[spec.name])
+        rank = len(spec.dims)
+        if arr.ndim == rank - 1:
+            arr = arr[None]
+        elif arr.ndim != rank:
+            raise InputError(
+                f"{where}: input '{spec.name}' expected rank {rank} (or {rank - 1} for one sample), "
+                f"found shape {list(arr.shape)}"
+            )
+        if arr.dtype != spec.dtype:
+            raise InputError(f"{where}: input '{spec.name}' expected dtype {spec.dtype}, found {arr.dtype}")
+        for axis, (want, got) in enumerate(zip(spec.dims, arr.shape)):
+            if axis > 0 and want is not None and want != got:
+                raise InputError(
+                    f"{where}: input '{spec.name}' expected shape {_fmt(spec.dims)}, found {list(arr.shape)}"
+                )
+        if arr.shape[0] == 0:
+            raise InputError(f"{where}: input '{spec.name}' holds no samples")
+        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+            raise InputError(f"{where}: input '{spec.name}' contains NaN or Inf")
+        if batch is not None and arr.shape[0] != batch:
+            raise InputError(f"{where}: inputs disagree on the number of samples")
+        batch = arr.shape[0]
+        out[spec.name] = arr
+    return out
+
+
+def _fmt(dims: tuple[int | None, ...]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def batches(
+    items: Iterator[tuple[str, Sample]],
+    specs: list[InputSpec],
+    batch_size: int,
+    max_samples: int | None = None,
+) -> Iterator[Sample]:
+    """Checked, re-cut batches of exactly ``batch_size`` samples (the last may be smaller)."""
+    buffer: list[Sample] = []
+    held = 0
+    seen = 0
+    for where, raw in items:
+        sample = check_sample(where, raw, specs)
+        n = next(iter(sample.values())).shape[0]
+        if max_samples is not None and seen + n > max_samples:
+            sample = {k: v[: max_samples - seen] for k, v in sample.items()}
+            n = max_samples - seen
+        if n <= 0:
+            break
+        seen += n
+        buffer.append(sample)
+        held += n
+        while held >= batch_size:
+            joined = {k: np.concatenate([b[k] for b in buffer]) for k in sample}
+            yield {k: v[:batch_size] for k, v in joined.items()}
+            rest = {k: v[batch_size:] for k, v in joined.items()}
+            held -= batch_size
+            buffer = [rest] if held else []
+        if max_samples is not None and seen >= max_samples:
+            break
+    if held:
+        yield {k: np.concatenate([b[k] for b in buffer]) for k in buffer[0]}
+    if seen == 0:
+        raise InputError("the calibration data holds no samples")

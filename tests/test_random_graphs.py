@@ -1,0 +1,782 @@
+"""Property test: pruning a random valid graph never emits a broken one.
+
+Hypothesis composes small random ONNX graphs out of the ops of ``OP_TABLE`` (and a few
+ops that are not in it) on NCHW, [N, T, C] and [N, F] tensors, then prunes each with
+``method="random"`` at a random ratio and seed.  Exactly one of these must happen:
+
+1. ``prune`` succeeds, and the written file passes ``onnx.checker`` (full check), runs
+   in onnxruntime with the original's output shapes, and has no more parameters than
+   the input; or
+2. ``prune`` raises ``InputError("nothing to prune ...")`` because every group is
+   blocked, and no output file is left behind.
+
+Anything else (``VerificationError`` above all) means the engine wrote a broken graph.
+Independently, every group ``analyze`` reports as blocked must say why, and
+``analyze`` and ``prune`` must agree on whether anything is prunable.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import HealthCheck, event, given, note, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper
+
+import onnxprune
+from onnxprune._ort import session
+from onnxprune.verify import random_feed
+
+from builders import G, params
+
+MAXC = 16  # channel cap, keeps graphs (and the test) small
+INT_MAX = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class T:
+    """A computed tensor: its name and its shape without the symbolic batch dim."""
+
+    name: str
+    shape: tuple[int, ...]
+
+    @property
+    def c(self) -> int:  # channels: axis 1 of NCHW / [N, F], last axis of [N, T, C]
+        return self.shape[0] if len(self.shape) != 2 else self.shape[1]
+
+    @property
+    def kind(self) -> str:
+        return {3: "4d", 2: "3d", 1: "2d"}[len(self.shape)]
+
+
+@dataclass
+class Case:
+    """A generated model plus a readable trace of how it was built (shown on failure)."""
+
+    proto: onnx.ModelProto
+    steps: list[str] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        return "Case(\n  " + "\n  ".join(self.steps) + "\n)"
+
+
+class Builder(G):
+    """``G`` plus custom domains and explicitly shaped graph outputs."""
+
+    def __init__(self, opset: int, seed: int, constant_nodes: bool) -> None:
+        super().__init__(opset=opset, seed=seed, constant_nodes=constant_nodes)
+        self.domains: set[str] = set()
+
+    def model_with(self, outputs: list[T]) -> onnx.ModelProto:
+        graph = helper.make_graph(
+            self.nodes, "random", self.inputs,
+            [helper.make_tensor_value_info(o.name, TensorProto.FLOAT, ["N", *o.shape]) for o in outputs],
+            initializer=self.inits,
+        )
+        imports = [helper.make_opsetid("", self.opset)] + [helper.make_opsetid(d, 1) for d in sorted(self.domains)]
+        model = helper.make_model(graph, opset_imports=imports)
+        model.ir_version = 8
+        model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+        onnx.checker.check_model(model, full_check=True)
+        return model
+
+
+def _conv_out(h: int, k: int, s: int, p: int) -> int:
+    return (h + 2 * p - k) // s + 1
+
+
+class Gen:
+    """Draws one random graph, step by step, keeping track of every tensor's shape."""
+
+    def __init__(self, draw) -> None:
+        self.draw = draw
+        self.opset = draw(st.sampled_from([14, 17, 18]))
+        self.g = Builder(self.opset, draw(st.integers(0, 2**16)), constant_nodes=draw(st.booleans()))
+        self.steps: list[str] = [f"opset {self.opset}, constant nodes: {self.g.constant_nodes}"]
+        self.input: T | None = None
+
+    # -- drawing helpers ----------------------------------------------------------
+    def pick(self, xs):
+        return self.draw(st.sampled_from(list(xs)))
+
+    def int(self, lo: int, hi: int) -> int:
+        return self.draw(st.integers(lo, hi))
+
+    def flag(self, p_true: float = 0.5) -> bool:
+        # True on the high end, so that hypothesis' simplest draw (0) means False.
+        return self.draw(st.integers(0, 99)) >= 100 - int(p_true * 100)
+
+    def log(self, text: str) -> None:
+        self.steps.append(text)
+
+    # -- node helpers ---------------------------------------------------------------
+    def op(self, op: str, inputs: list[str], shape: tuple[int, ...], **attrs) -> T:
+        out = self.g.op(op, inputs, **attrs)
+        return T(out, tuple(shape))
+
+    def ints(self, values) -> str:
+        return self.g.const(np.asarray(values, dtype=np.int64))
+
+    def floats(self, *shape: int, scale: float = 0.5) -> str:
+        return self.g.const(self.g.w(*shape, scale=scale))
+
+    def param_shape(self, x: T) -> tuple[int, ...]:
+        """Shape of a per-channel parameter that broadcasts against ``x``."""
+        return (x.c, 1, 1) if x.kind == "4d" else (x.c,)
+
+    # -- entry ----------------------------------------------------------------------
+    def build(self) -> Case:
+        kind = self.pick(["4d", "4d", "4d", "3d", "2d"])
+        if kind == "4d":
+            c, h = self.int(2, 12), self.int(4, 10)
+            shape: tuple[int, ...] = (c, h, h)
+        elif kind == "3d":
+            shape = (self.int(2, 6), self.int(2, 12))
+        else:
+            shape = (self.int(2, 12),)
+        x = T(self.g.input("x", ["N", *shape]), shape)
+        self.input = x
+        self.log(f"input x {['N', *shape]}")
+        extra: list[T] = []
+        if self.flag(0.7):  # a stem producer, so that most graphs have a prunable group
+            x = self.produce(x, self.int(2, 12)) if x.kind != "4d" else self.conv(x)
+        for _ in range(self.int(1, 6)):
+            x = self.step(x)
+            if self.flag(0.03) and x.name != "x":
+                extra.append(x)
+                self.log(f"  (also a graph output: {x.name})")
+        outs = [self.finish(x)] + [e for e in extra if e.name != x.name]
+        proto = self.g.model_with(outs)
+        return Case(proto, self.steps)
+
+    def step(self, x: T) -> T:
+        table = {
+            "4d": [
+                self.conv, self.act, self.bn, self.const_op, self.conv, self.residual, self.concat,
+                self.split, self.slice, self.pool, self.reduce, self.resize, self.pad, self.nhwc,
+                self.flatten_gemm, self.reshape_matmul, self.se, self.conv_t, self.inorm,
+                self.unknown, self.conv, self.residual, self.concat, self.conv,
+            ],
+            "3d": [
+                self.matmul, self.act, self.const_op, self.residual, self.concat, self.split,
+                self.slice, self.softmax, self.layernorm, self.ncl, self.reduce, self.to_4d,
+                self.unknown, self.matmul, self.residual,
+            ],
+            "2d": [
+                self.gemm, self.act, self.bn, self.const_op, self.residual, self.concat,
+                self.split, self.slice, self.softmax, self.matmul, self.to_4d, self.to_3d,
+                self.unknown, self.gemm, self.residual,
+            ],
+        }[x.kind]
+        return self.pick(table)(x)
+
+    def finish(self, x: T) -> T:
+        if self.flag(0.2):
+            self.log(f"output {x.name} directly")
+            return x
+        if x.kind == "4d":
+            x = self.op("GlobalAveragePool", [x.name], (x.c, 1, 1))
+            x = self.op("Flatten", [x.name], (x.c,), axis=1)
+        elif x.kind == "3d":
+            x = self.reduce_axes(x, [1], keepdims=0)
+        self.log("head: ... -> Gemm(5)")
+        return self.gemm(x, n_out=5)
+
+    # -- 4-D producers ----------------------------------------------------------------
+    def conv(self, x: T, same: bool = False) -> T:
+        if x.kind != "4d":
+            return self.act(x)
+        c, h, w = x.shape
+        k = self.pick([1, 3])
+        modes = ["dense", "dw"] + (["grouped"] if c % 2 == 0 else [])
+        mode = self.pick(modes)
+        stride = 1 if same or h < 6 else self.pick([1, 1, 2])
+        if mode == "dw":
+            m = 1 if same or 2 * c > MAXC else self.int(1, 2)
+            cout, group = c * m, c
+        elif mode == "grouped":
+            cout, group = (c if same else 2 * self.int(1, 6)), 2
+        else:
+            cout, group = (c if same else self.int(2, 12) if self.flag(0.9) else 1), 1
+        bias = self.flag()
+        p = k // 2
+        ins = [x.name, self.g.const(self.g.w(cout, c // group, k, k))]
+        if bias:
+            ins.append(self.floats(cout))
+        y = self.op("Conv", ins, (cout, _conv_out(h, k, stride, p), _conv_out(w, k, stride, p)),
+                    kernel_shape=[k, k], pads=[p] * 4, strides=[stride] * 2, group=group)
+        self.log(f"{y.name} = Conv({x.name}) {mode} k{k} s{stride} group={group} -> {y.shape}")
+        return y
+
+    def conv_t(self, x: T) -> T:
+        c, h, w = x.shape
+        cout = self.int(2, 12)
+        variant = self.pick(["k3", "k1", "k2s2", "group2"])
+        if variant == "k2s2" and h > 5:
+            variant = "k3"
+        if variant == "group2" and (c % 2 or cout % 2):
+            variant = "k1"
+        k, s, p, group = {"k3": (3, 1, 1, 1), "k1": (1, 1, 0, 1), "k2s2": (2, 2, 0, 1), "group2": (3, 1, 1, 2)}[variant]
+        ins = [x.name, self.g.const(self.g.w(c, cout // group, k, k))]
+        if self.flag():
+            ins.append(self.floats(cout))
+        oh, ow = (h - 1) * s + k - 2 * p, (w - 1) * s + k - 2 * p
+        y = self.op("ConvTranspose", ins, (cout, oh, ow), kernel_shape=[k, k], strides=[s, s], pads=[p] * 4, group=group)
+        self.log(f"{y.name} = ConvTranspose({x.name}) {variant} -> {y.shape}")
+        return y
+
+    # -- shape-preserving ops -----------------------------------------------------------
+    def act(self, x: T) -> T:
+        kind = self.pick([
+            "Relu", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Clip",
+            "Elu", "Selu", "Softplus", "SiLU", "GELU", "Identity", "Dropout",
+        ])
+        s = x.shape
+        if kind == "LeakyRelu":
+            y = self.op(kind, [x.name], s, alpha=0.1)
+        elif kind == "PRelu":
+            slope = self.g.const((0.25 + 0.1 * self.g.w(*self.param_shape(x))).astype(np.float32))
+            y = self.op(kind, [x.name, slope], s)
+        elif kind == "Clip":
+            lo = self.g.const(np.array(-1.0, np.float32))
+            hi = self.g.const(np.array(6.0, np.float32)) if self.flag() else ""
+            y = self.op(kind, [x.name, lo] + ([hi] if hi else []), s)
+        elif kind == "SiLU":
+            sig = self.op("Sigmoid", [x.name], s)
+            y = self.op("Mul", [x.name, sig.name] if self.flag() else [sig.name, x.name], s)
+        elif kind == "GELU":
+            d = self.op("Div", [x.name, self.g.const(np.array(np.sqrt(2.0), np.float32))], s)
+            e = self.op("Erf", [d.name], s)
+            a = self.op("Add", [e.name, self.g.const(np.array(1.0, np.float32))], s)
+            m = self.op("Mul", [x.name, a.name], s)
+            y = self.op("Mul", [m.name, self.g.const(np.array(0.5, np.float32))], s)
+        elif kind == "Dropout":
+            y = self.op(kind, [x.name], s)
+        else:
+            y = self.op(kind, [x.name], s)
+        self.log(f"{y.name} = {kind}({x.name})")
+        return y
+
+    def bn(self, x: T) -> T:
+        if x.kind == "3d":
+            return self.act(x)
+        y = T(self.g.bn(x.name, x.c), x.shape)
+        self.log(f"{y.name} = BatchNormalization({x.name})")
+        return y
+
+    def inorm(self, x: T) -> T:
+        y = self.op("InstanceNormalization", [x.name, self.floats(x.c), self.floats(x.c)], x.shape, epsilon=1e-3)
+        self.log(f"{y.name} = InstanceNormalization({x.name})")
+        return y
+
+    def const_op(self, x: T) -> T:
+        op = self.pick(["Add", "Mul", "Sub", "Add", "Mul"])
+        s = x.shape
+        if x.kind == "4d":
+            c, h, w = s
+            shapes = [(), (1,), (c, 1, 1), (1, c, 1, 1), (c, h, w), (1, 1, w), (h, w)]
+        elif x.kind == "3d":
+            t, c = s
+            shapes = [(), (c,), (1, 1, c), (t, 1), (t, c)]
+        else:
+            shapes = [(), (s[0],), (1, s[0])]
+        cshape = self.pick(shapes)
+        k = self.floats(*cshape) if cshape else self.g.const(np.array(0.7, np.float32))
+        y = self.op(op, [x.name, k] if self.flag() else [k, x.name], s)
+        self.log(f"{y.name} = {op}({x.name}, const{list(cshape)})")
+        return y
+
+    def preserve(self, x: T) -> T:
+        """A random op that keeps the shape exactly (branches of residuals)."""
+        choices = [self.act, self.const_op, self.bn]
+        if x.kind == "4d":
+            choices += [lambda v: self.conv(v, same=True), lambda v: self.conv(v, same=True), self.inorm]
+        elif x.kind == "3d":
+            choices += [lambda v: self.matmul(v, n_out=v.c)]
+        else:
+            choices += [lambda v: self.gemm(v, n_out=v.c)]
+        return self.pick(choices)(x)
+
+    def produce(self, x: T, n: int) -> T:
+        """A producer of ``n`` new channels that keeps the other dims."""
+        if x.kind == "4d":
+            c, h, w = x.shape
+            k = self.pick([1, 3])
+            ins = [x.name, self.g.const(self.g.w(n, c, k, k)), self.floats(n)]
+            y = self.op("Conv", ins, (n, h, w), kernel_shape=[k, k], pads=[k // 2] * 4)
+            self.log(f"{y.name} = Conv({x.name}) k{k} -> {y.shape}")
+            return y
+        if x.kind == "3d":
+            return self.matmul(x, n_out=n)
+        return self.gemm(x, n_out=n)
+
+    # -- joins --------------------------------------------------------------------------
+    def residual(self, x: T) -> T:
+        join = self.pick(["Add", "Mul", "Sub", "Max", "Min", "Sum", "Mean"])
+        if self.flag():
+            a = x
+            b = x
+            for _ in range(self.int(1, 3)):
+                b = self.preserve(b)
+        else:
+            n = self.int(2, 12)
+            a, b = self.produce(x, n), self.produce(x, n)
+            if self.flag():
+                a = self.preserve(a)
+        ins = [a.name, b.name] if self.flag() else [b.name, a.name]
+        y = self.op(join, ins, a.shape)
+        self.log(f"{y.name} = {join}({ins[0]}, {ins[1]})")
+        return y
+
+    def _caxis(self, x: T) -> int:
+        """The channel axis, drawn in positive or negative form."""
+        r = len(x.shape) + 1
+        axis = 1 if x.kind != "3d" else 2
+        return axis if self.flag() else axis - r
+
+    def _with_c(self, x: T, c: int) -> tuple[int, ...]:
+        s = list(x.shape)
+        s[1 if x.kind == "3d" else 0] = c
+        return tuple(s)
+
+    def concat(self, x: T) -> T:
+        inp = self.input
+        same_rest = inp.kind == x.kind and self._with_c(inp, 0) == self._with_c(x, 0)
+        partners = ["branch", "self"] + (["input", "input"] if same_rest else [])
+        partner = self.pick(partners)
+        if partner == "branch":
+            other = self.produce(x, self.int(1, 8))
+        elif partner == "self":
+            other = x
+        else:
+            other = inp
+        if x.c + other.c > 2 * MAXC:
+            return self.act(x)
+        ins = [x, other] if self.flag() else [other, x]
+        if self.flag(0.25):
+            ins.append(self.produce(x, self.int(1, 4)))
+        total = sum(v.c for v in ins)
+        y = self.op("Concat", [v.name for v in ins], self._with_c(x, total), axis=self._caxis(x))
+        self.log(f"{y.name} = Concat({', '.join(v.name for v in ins)}) on channels -> {y.shape}")
+        return y
+
+    # -- index mappings ---------------------------------------------------------------
+    def _split_node(self, x: T, axis: int, size: int, sizes: list[int]) -> list[T]:
+        n = len(sizes)
+        outs_shape = []
+        for sz in sizes:
+            s = list(x.shape)
+            s[axis - 1] = sz
+            outs_shape.append(tuple(s))
+        equal = -(-size // n)
+        default = [min(equal, size - i * equal) for i in range(n)]
+        attrs = {"axis": axis if self.flag() else axis - len(x.shape) - 1}
+        if self.opset >= 18 and sizes == default and self.flag():
+            attrs["num_outputs"] = n
+            ins = [x.name]
+        elif sizes == default and size % n == 0 and self.opset < 18 and self.flag():
+            ins = [x.name]  # equal split with no sizes
+        else:
+            ins = [x.name, self.ints(sizes)]
+        names = self.g.op("Split", ins, n_out=n, **attrs)
+        return [T(nm, sh) for nm, sh in zip(names, outs_shape)]
+
+    def split(self, x: T) -> T:
+        caxis = 1 if x.kind != "3d" else 2
+        axis = 2 if x.kind == "4d" else 1  # a non-channel axis (H or T)
+        if self.flag(0.2) and x.kind != "2d" and x.shape[axis - 1] % 2 == 0:
+            # split a non-channel axis in halves, then add or concat them back
+            size = x.shape[axis - 1]
+            parts = self._split_node(x, axis, size, [size // 2, size // 2])
+            if self.flag():
+                y = self.op("Add", [parts[0].name, parts[1].name], parts[0].shape)
+            else:
+                y = self.op("Concat", [parts[1].name, parts[0].name], x.shape, axis=axis)
+            self.log(f"{y.name} = halves of Split({x.name}, axis {axis}) joined -> {y.shape}")
+            return y
+        c = x.c
+        if c < 2:
+            return self.act(x)
+        n = self.int(2, min(3, c))
+        cuts = sorted(self.draw(st.lists(st.integers(1, c - 1), min_size=n - 1, max_size=n - 1, unique=True)))
+        sizes = [b - a for a, b in zip([0] + cuts, cuts + [c])]
+        parts = self._split_node(x, caxis, c, sizes)
+        self.log(f"{','.join(p.name for p in parts)} = Split({x.name}) channels {sizes}")
+        how = self.pick(["one", "permute", "map", "add"])
+        if how == "add":
+            eq = [(i, j) for i in range(n) for j in range(i + 1, n) if sizes[i] == sizes[j]]
+            if not eq:
+                how = "permute"
+            else:
+                i, j = self.pick(eq)
+                y = self.op(self.pick(["Add", "Mul"]), [parts[i].name, parts[j].name], parts[i].shape)
+                self.log(f"{y.name} = join of split parts {i} and {j}")
+                return y
+        if how == "one":
+            y = self.pick(parts)
+            return self.act(y)
+        if how == "map":
+            parts = [self.preserve(p) if self.flag() else p for p in parts]
+        order = list(self.draw(st.permutations(parts)))
+        y = self.op("Concat", [p.name for p in order], x.shape, axis=self._caxis(x))
+        self.log(f"{y.name} = Concat of split parts, order {[p.name for p in order]}")
+        return y
+
+    def slice(self, x: T) -> T:
+        r = len(x.shape) + 1
+        caxis = 1 if x.kind != "3d" else 2
+        if self.flag(0.25) and x.kind != "2d":
+            axis = 2 if x.kind == "4d" else 1
+            size = x.shape[axis - 1]
+            if size >= 2:
+                start, end = 0, self.int(1, size - 1)
+                s = list(x.shape)
+                s[axis - 1] = end - start
+                y = self.op("Slice", [x.name, self.ints([start]), self.ints([end]), self.ints([axis])], tuple(s))
+                self.log(f"{y.name} = Slice({x.name}) axis {axis} [{start}:{end}]")
+                return y
+        c = x.c
+        if c < 2:
+            return self.act(x)
+        if self.flag(0.1):
+            start, end, step = 0, c, 2
+            n = (c + 1) // 2
+        else:
+            start = self.int(0, c - 1)
+            end = self.int(start + 1, c)
+            step = 1
+            n = end - start
+        s_enc = start - c if self.flag(0.3) else start
+        e_enc = INT_MAX if end == c and self.flag() else (end - c if end < c and self.flag(0.3) else end)
+        if self.flag(0.2) and step == 1:
+            # no axes input: bounds for every axis from 0 up to the channel axis
+            starts = [0] * caxis + [s_enc]
+            ends = [INT_MAX] * caxis + [e_enc]
+            ins = [x.name, self.ints(starts), self.ints(ends)]
+        else:
+            ax = caxis if self.flag() else caxis - r
+            ins = [x.name, self.ints([s_enc]), self.ints([e_enc]), self.ints([ax])]
+            if step != 1 or self.flag(0.3):
+                ins.append(self.ints([step]))
+        y = self.op("Slice", ins, self._with_c(x, n))
+        self.log(f"{y.name} = Slice({x.name}) channels [{s_enc}:{e_enc}:{step}] -> {y.shape}")
+        return y
+
+    def pool(self, x: T) -> T:
+        c, h, w = x.shape
+        kind = self.pick(["MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"])
+        if kind.startswith("Global"):
+            y = self.op(kind, [x.name], (c, 1, 1))
+        elif h >= 4 and w >= 4 and self.flag():
+            y = self.op(kind, [x.name], (c, h // 2, w // 2), kernel_shape=[2, 2], strides=[2, 2])
+        else:
+            y = self.op(kind, [x.name], (c, h, w), kernel_shape=[3, 3], pads=[1] * 4, strides=[1, 1])
+        self.log(f"{y.name} = {kind}({x.name}) -> {y.shape}")
+        return y
+
+    def reduce_axes(self, x: T, axes: list[int], keepdims: int) -> T:
+        s = list(x.shape)
+        out = [1 if i + 1 in axes else d for i, d in enumerate(s)] if keepdims else [
+            d for i, d in enumerate(s) if i + 1 not in axes
+        ]
+        r = len(s) + 1
+        enc = [a - r if self.flag(0.3) else a for a in axes]
+        if self.opset >= 18:
+            y = self.op("ReduceMean", [x.name, self.ints(enc)], tuple(out), keepdims=keepdims)
+        else:
+            y = self.op("ReduceMean", [x.name], tuple(out), axes=enc, keepdims=keepdims)
+        self.log(f"{y.name} = ReduceMean({x.name}, axes {enc}, keepdims {keepdims}) -> {y.shape}")
+        return y
+
+    def reduce(self, x: T) -> T:
+        if x.kind == "3d":
+            if self.flag(0.8):
+                return self.reduce_axes(x, [1], keepdims=self.pick([0, 1]))
+            return self.reduce_axes(x, [2], keepdims=1)  # over the channels: blocks
+        if self.flag(0.15):
+            # spatial attention: mean over the channels gates x (blocks x's channels)
+            a = self.reduce_axes(x, [1], keepdims=1)
+            g = self.op("Sigmoid", [a.name], a.shape)
+            y = self.op("Mul", [x.name, g.name], x.shape)
+            self.log(f"{y.name} = {x.name} * sigmoid(mean over channels)")
+            return y
+        return self.reduce_axes(x, [2, 3], keepdims=self.pick([1, 0]))
+
+    def resize(self, x: T) -> T:
+        c, h, w = x.shape
+        f = 2 if h <= 5 else 1
+        mode = self.pick(["nearest", "linear"])
+        scales = self.g.const(np.array([1, 1, f, f], np.float32))
+        y = self.op("Resize", [x.name, "", scales], (c, h * f, w * f), mode=mode)
+        self.log(f"{y.name} = Resize({x.name}) x{f} {mode}")
+        return y
+
+    def pad(self, x: T) -> T:
+        c, h, w = x.shape
+        p = self.int(1, 2)
+        mode = self.pick(["constant", "reflect", "edge"])
+        if mode == "reflect" and (p >= h or p >= w):
+            mode = "edge"
+        if self.flag(0.1):
+            # padding the channel axis: must block
+            y = self.op("Pad", [x.name, self.ints([0, 1, 0, 0, 0, 1, 0, 0])], (c + 2, h, w), mode="constant")
+            self.log(f"{y.name} = Pad({x.name}) on channels")
+            return y
+        if self.opset >= 18 and self.flag():
+            ins = [x.name, self.ints([p, p, p, p]), "", self.ints([2, 3] if self.flag() else [-2, -1])]
+        else:
+            ins = [x.name, self.ints([0, 0, p, p, 0, 0, p, p])]
+        y = self.op("Pad", ins, (c, h + 2 * p, w + 2 * p), mode=mode)
+        self.log(f"{y.name} = Pad({x.name}) spatial {p} {mode}")
+        return y
+
+    def nhwc(self, x: T) -> T:
+        c, h, w = x.shape
+        t = self.op("Transpose", [x.name], (h, w, c), perm=[0, 2, 3, 1])
+        self.log(f"{t.name} = Transpose({x.name}) to NHWC")
+        for _ in range(self.int(1, 2)):
+            what = self.pick(["act", "const", "matmul", "softmax"])
+            cc = t.shape[2]
+            if what == "act":
+                t = self.op(self.pick(["Relu", "Tanh", "Sigmoid"]), [t.name], t.shape)
+            elif what == "const":
+                t = self.op(self.pick(["Add", "Mul"]), [t.name, self.floats(cc)], t.shape)
+            elif what == "matmul":
+                n = self.int(1, 12)
+                t = self.op("MatMul", [t.name, self.g.const(self.g.w(cc, n))], (h, w, n))
+                if self.flag():
+                    t = self.op("Add", [t.name, self.floats(n)], t.shape)
+            else:
+                t = self.op("Softmax", [t.name], t.shape, axis=-1)
+            self.log(f"{t.name} = {what} in NHWC -> {t.shape}")
+        y = self.op("Transpose", [t.name], (t.shape[2], h, w), perm=[0, 3, 1, 2])
+        self.log(f"{y.name} = Transpose back to NCHW -> {y.shape}")
+        return y
+
+    def flatten_gemm(self, x: T) -> T:
+        f = int(np.prod(x.shape))
+        y = self.op("Flatten", [x.name], (f,), axis=1)
+        self.log(f"{y.name} = Flatten({x.name}) -> {y.shape}")
+        return self.gemm(y)
+
+    def reshape_matmul(self, x: T) -> T:
+        c, h, w = x.shape
+        variant = self.pick(["flat", "tokens", "roundtrip"])
+        if variant == "flat":
+            f = c * h * w
+            shape = [0, -1] if self.flag() else [0, f]
+            y = self.op("Reshape", [x.name, self.ints(shape)], (f,))
+            self.log(f"{y.name} = Reshape({x.name}, {shape})")
+            return self.matmul(y)
+        if variant == "tokens":
+            t = self.op("Transpose", [x.name], (h, w, c), perm=[0, 2, 3, 1])
+            shape = self.pick([[0, h * w, c], [0, -1, c], [0, h * w, -1]])
+            y = self.op("Reshape", [t.name, self.ints(shape)], (h * w, c))
+            self.log(f"{y.name} = Reshape(Transpose({x.name}) to NHWC, {shape})")
+            return self.matmul(y)
+        shape = [0, c, h * w] if self.flag() else [0, c, -1]
+        a = self.op("Reshape", [x.name, self.ints(shape)], (c, h * w))
+        back = self.pick([[0, c, h, w], [0, -1, h, w], [-1, c, h, w]])
+        y = self.op("Reshape", [a.name, self.ints(back)], (c, h, w))
+        self.log(f"{y.name} = Reshape round trip of {x.name} via {shape}, {back}")
+        return y
+
+    def se(self, x: T) -> T:
+        c = x.c
+        r = self.int(1, max(1, c // 2))
+        s = self.op("GlobalAveragePool", [x.name], (c, 1, 1))
+        s = self.op("Conv", [s.name, self.g.const(self.g.w(r, c, 1, 1)), self.floats(r)], (r, 1, 1), kernel_shape=[1, 1])
+        s = self.op("Relu", [s.name], s.shape)
+        s = self.op("Conv", [s.name, self.g.const(self.g.w(c, r, 1, 1)), self.floats(c)], (c, 1, 1), kernel_shape=[1, 1])
+        s = self.op(self.pick(["Sigmoid", "HardSigmoid"]), [s.name], s.shape)
+        y = self.op("Mul", [x.name, s.name] if self.flag() else [s.name, x.name], x.shape)
+        self.log(f"{y.name} = squeeze-excitation({x.name}, r={r})")
+        return y
+
+    # -- 3-D / 2-D ------------------------------------------------------------------------
+    def matmul(self, x: T, n_out: int | None = None) -> T:
+        k = x.c
+        n = n_out if n_out is not None else self.int(2, 12)
+        y = self.op("MatMul", [x.name, self.g.const(self.g.w(k, n))], self._with_c(x, n))
+        self.log(f"{y.name} = MatMul({x.name}, [{k}, {n}])")
+        if self.flag():
+            b = self.floats(*self.pick([(n,), (1, n)]))
+            y = self.op("Add", [y.name, b] if self.flag() else [b, y.name], y.shape)
+            self.log(f"{y.name} = + bias")
+        return y
+
+    def gemm(self, x: T, n_out: int | None = None) -> T:
+        if x.kind != "2d":
+            return self.matmul(x, n_out)
+        k = x.c
+        n = n_out if n_out is not None else self.int(2, 12)
+        trans_b = self.pick([0, 1])
+        ins = [x.name, self.g.const(self.g.w(n, k) if trans_b else self.g.w(k, n))]
+        bias = self.pick(["vec", "row", "scalar", "none"])
+        if bias == "vec":
+            ins.append(self.floats(n))
+        elif bias == "row":
+            ins.append(self.floats(1, n))
+        elif bias == "scalar":
+            ins.append(self.floats(1))
+        y = self.op("Gemm", ins, (n,), transB=trans_b, alpha=1.0)
+        self.log(f"{y.name} = Gemm({x.name}) {k}->{n} transB={trans_b} bias={bias}")
+        return y
+
+    def softmax(self, x: T) -> T:
+        axis = self.pick([-1, 1]) if x.kind == "3d" else -1
+        y = self.op(self.pick(["Softmax", "LogSoftmax"]), [x.name], x.shape, axis=axis)
+        self.log(f"{y.name} = Softmax({x.name}, axis {axis})")
+        return y
+
+    def layernorm(self, x: T) -> T:
+        if self.opset < 17:
+            return self.act(x)
+        c = x.c
+        y = self.op("LayerNormalization", [x.name, self.floats(c), self.floats(c)], x.shape, axis=-1)
+        self.log(f"{y.name} = LayerNormalization({x.name})")
+        return y
+
+    def ncl(self, x: T) -> T:
+        """[N,T,C] -> [N,C,T], a Conv1d or activation there, and back."""
+        t_, c = x.shape
+        a = self.op("Transpose", [x.name], (c, t_), perm=[0, 2, 1])
+        if self.flag():
+            n, k = self.int(1, 12), self.pick([1, 3])
+            a = self.op("Conv", [a.name, self.g.const(self.g.w(n, c, k)), self.floats(n)], (n, t_),
+                        kernel_shape=[k], pads=[k // 2] * 2)
+        else:
+            a = self.op("Relu", [a.name], a.shape)
+        y = self.op("Transpose", [a.name], (a.shape[1], a.shape[0]), perm=[0, 2, 1])
+        self.log(f"{y.name} = NCL detour of {x.name} -> {y.shape}")
+        return y
+
+    def to_4d(self, x: T) -> T:
+        if x.kind == "2d":
+            f = x.c
+            if self.flag():
+                y = self.op("Unsqueeze", [x.name, self.ints([2, 3])], (f, 1, 1))
+            else:
+                y = self.op("Reshape", [x.name, self.ints([0, f, 1, 1] if self.flag() else [0, -1, 1, 1])], (f, 1, 1))
+        else:
+            t_, c = x.shape
+            a = self.op("Transpose", [x.name], (c, t_), perm=[0, 2, 1])
+            y = self.op("Unsqueeze", [a.name, self.ints([3])], (c, t_, 1))
+        self.log(f"{y.name} = {x.name} to 4-D -> {y.shape}")
+        return y
+
+    def to_3d(self, x: T) -> T:
+        y = self.op("Unsqueeze", [x.name, self.ints([1])], (1, x.c))
+        self.log(f"{y.name} = Unsqueeze({x.name}) -> {y.shape}")
+        return y
+
+    # -- ops missing from the table: they must block, never break --------------------------
+    def unknown(self, x: T) -> T:
+        c = x.c
+        caxis = 1 if x.kind != "3d" else 2
+        kinds = ["CumSum", "Einsum", "ms_Gelu", "Tile"]
+        if x.kind == "4d":
+            kinds += ["LRN", "EinsumW"]
+            if c % 4 == 0:
+                kinds.append("DepthToSpace")
+            if x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0 and 4 * c <= MAXC:
+                kinds.append("SpaceToDepth")
+        kind = self.pick(kinds)
+        letters = "nchw"[: len(x.shape) + 1] if x.kind != "3d" else "ntc"
+        if kind == "CumSum":
+            y = self.op("CumSum", [x.name, self.ints(caxis)], x.shape)
+        elif kind == "Einsum":
+            y = self.op("Einsum", [x.name], x.shape, equation=f"{letters}->{letters}")
+        elif kind == "EinsumW":
+            n = self.int(1, 8)
+            y = self.op("Einsum", [x.name, self.g.const(self.g.w(n, c))], (n, *x.shape[1:]), equation="nchw,dc->ndhw")
+        elif kind == "ms_Gelu":
+            self.g.domains.add("com.microsoft")
+            y = T(self.g.op("Gelu", [x.name], domain="com.microsoft"), x.shape)
+        elif kind == "Tile":
+            reps = [1] * (len(x.shape) + 1)
+            reps[caxis] = 2 if 2 * c <= MAXC else 1
+            y = self.op("Tile", [x.name, self.ints(reps)], self._with_c(x, c * reps[caxis]))
+        elif kind == "LRN":
+            y = self.op("LRN", [x.name], x.shape, size=3)
+        elif kind == "DepthToSpace":
+            y = self.op("DepthToSpace", [x.name], (c // 4, x.shape[1] * 2, x.shape[2] * 2), blocksize=2)
+        else:
+            y = self.op("SpaceToDepth", [x.name], (c * 4, x.shape[1] // 2, x.shape[2] // 2), blocksize=2)
+        self.log(f"{y.name} = {kind}({x.name}) [not in the op table] -> {y.shape}")
+        return y
+
+
+@st.composite
+def random_graphs(draw) -> Case:
+    return Gen(draw).build()
+
+
+def _output_shapes(path: Path, feed: dict) -> list[tuple[int, ...]]:
+    return [np.shape(o) for o in session(str(path)).run(None, feed)]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("random_graphs")
+
+
+# ONNXPRUNE_FUZZ=N runs N random (not derandomized) examples instead, for local bug hunts.
+_FUZZ = int(os.environ.get("ONNXPRUNE_FUZZ", "0"))
+
+
+@settings(
+    max_examples=_FUZZ or 200,
+    deadline=None,
+    derandomize=not _FUZZ,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+)
+@given(
+    case=random_graphs(),
+    ratio=st.sampled_from([0.5, 0.25, 0.75, 0.9, 0.0]) | st.floats(0.05, 0.95),
+    seed=st.integers(0, 2**16),
+)
+def test_prune_random_graph_is_valid_or_refused(case: Case, ratio: float, seed: int, workdir: Path) -> None:
+    with tempfile.TemporaryDirectory(dir=workdir) as d:
+        src, out = Path(d) / "in.onnx", Path(d) / "out.onnx"
+        onnx.save(case.proto, str(src))
+        note(f"ratio={ratio} seed={seed}")
+
+        # The generator's own sanity: the input runs, with the shapes it declared.
+        sess = session(str(src))
+        feed = random_feed(sess, seed=3)
+        ref_shapes = _output_shapes(src, feed)
+        declared = [tuple(2 if isinstance(d_, str) or d_ is None else d_ for d_ in o.shape) for o in sess.get_outputs()]
+        assert ref_shapes == declared, "generator bug: declared output shapes differ from onnxruntime's"
+
+        report = onnxprune.analyze(src)
+        for g in report.groups:
+            assert all(isinstance(r, str) and r.strip() for r in g.blocked), g.to_dict()
+            if not g.prunable:
+                assert g.blocked or g.excluded or len(g.classes) <= 1, g.to_dict()
+        any_prunable = any(g.prunable for g in report.groups)
+
+        try:
+            _, result = onnxprune.prune(src, out, method="random", ratio=ratio, seed=seed)
+        except onnxprune.InputError as exc:
+            assert str(exc).startswith("nothing to prune"), str(exc)
+            assert not any_prunable, "analyze found a prunable group but prune refused"
+            assert not out.exists()
+            assert sorted(p.name for p in Path(d).iterdir()) == ["in.onnx"]
+            event("refused: nothing to prune")
+            return
+
+        assert any_prunable, "prune succeeded though analyze found nothing prunable"
+        assert out.exists()
+        assert sorted(p.name for p in Path(d).iterdir()) == ["in.onnx", "out.onnx"]
+        onnx.checker.check_model(str(out), full_check=True)
+        assert _output_shapes(out, feed) == ref_shapes
+        assert params(out) <= params(src)
+        assert result.params_after <= result.params_before
+        event("pruned" if result.params_after < result.params_before else "pruned nothing (ratio too small)")

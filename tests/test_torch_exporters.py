@@ -1,0 +1,479 @@
+"""Real exporter output: small torch models exported by both torch exporters.
+
+Every model is exported with the TorchScript exporter (``dynamo=False``, opset 17) and
+with the dynamo exporter (``dynamo=True``, which writes its weights to ``X.onnx.data``
+even for tiny models), with a dynamic batch axis.  For each model × exporter:
+
+- ``analyze`` finds prunable groups, and every group that is not prunable says why;
+- ``prune`` writes a valid smaller graph that onnxruntime runs with the original's
+  output shapes (dynamo: the output keeps its weights in ``out.onnx.data``);
+- the EXACT property: channels whose outgoing weights were zeroed in torch before the
+  export are removed and the outputs do not change.
+
+The op types each exporter emits are pinned in ``EMITS`` so that a change in torch's
+exporters shows up here rather than in users' hands.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnxscript")  # the dynamo exporter needs it
+nn, F = torch.nn, torch.nn.functional
+
+import onnxprune  # noqa: E402
+from onnxprune._ort import session  # noqa: E402
+from onnxprune._graph import const_array  # noqa: E402
+from onnxprune.groups import analyze_groups  # noqa: E402
+from onnxprune.load import load_model  # noqa: E402
+
+from builders import max_diff, params, remove_exact  # noqa: E402
+
+# ----------------------------------------------------------------------------- models
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        y = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(y)) + identity)
+
+
+class ResNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.layer1 = BasicBlock(8, 8)
+        self.layer2 = BasicBlock(8, 16, stride=2)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(self.stem(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def _conv_bn_relu6(cin: int, cout: int, k: int = 1, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout), nn.ReLU6()
+    )
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = cin * expand
+        self.expand = _conv_bn_relu6(cin, hidden)
+        self.dw = _conv_bn_relu6(hidden, hidden, 3, stride, groups=hidden)
+        self.project = nn.Conv2d(hidden, cout, 1, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x):
+        y = self.bn(self.project(self.dw(self.expand(x))))
+        return x + y if self.residual else y
+
+
+class MobileNetV2(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = _conv_bn_relu6(3, 8, 3, 2)
+        self.b1 = InvertedResidual(8, 8, 1, 4)
+        self.b2 = InvertedResidual(8, 16, 2, 2)
+        self.b3 = InvertedResidual(16, 16, 1, 2)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.b3(self.b2(self.b1(self.stem(x))))
+        return self.head(x.mean((2, 3)))
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, c: int, r: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Conv2d(c, r, 1)
+        self.fc2 = nn.Conv2d(r, c, 1)
+
+    def forward(self, x):
+        s = F.adaptive_avg_pool2d(x, 1)
+        return x * torch.sigmoid(self.fc2(F.silu(self.fc1(s))))
+
+
+class MBConv(nn.Module):
+    def __init__(self, c: int, hidden: int, act: nn.Module) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(c, hidden, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(hidden)
+        self.dw = nn.Conv2d(hidden, hidden, 3, 1, 1, groups=hidden, bias=False)
+        self.bn2 = nn.BatchNorm2d(hidden)
+        self.se = SqueezeExcite(hidden, 4)
+        self.project = nn.Conv2d(hidden, c, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c)
+        self.act = act
+
+    def forward(self, x):
+        y = self.act(self.bn1(self.expand(x)))
+        y = self.act(self.bn2(self.dw(y)))
+        return x + self.bn3(self.project(self.se(y)))
+
+
+class EfficientNet(nn.Module):
+    """MobileNetV3/EfficientNet-style: MBConv with squeeze-excitation, HardSwish and SiLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.Hardswish())
+        self.b1 = MBConv(8, 16, nn.Hardswish())
+        self.b2 = MBConv(8, 24, nn.SiLU())
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.b2(self.b1(self.stem(x)))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class Detector(nn.Module):
+    """Inception/FPN-like: concatenated branches, nearest upsampling, split and chunk."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, 1, 1)
+        self.c2 = nn.Conv2d(8, 16, 3, 2, 1)
+        self.b1 = nn.Conv2d(16, 8, 1)
+        self.b2 = nn.Conv2d(16, 8, 3, 1, 1)
+        self.lat = nn.Conv2d(8, 16, 1)
+        self.fuse = nn.Conv2d(32, 16, 3, 1, 1)
+        self.mix = nn.Conv2d(8, 8, 3, 1, 1)
+        self.head = nn.Conv2d(24, 6, 1)
+
+    def forward(self, x):
+        p1 = F.relu(self.c1(x))  # 8 @ 16x16
+        p2 = F.relu(self.c2(p1))  # 16 @ 8x8
+        inception = torch.cat([F.relu(self.b1(p2)), F.relu(self.b2(p2))], 1)  # 16 @ 8x8
+        up = F.interpolate(inception, scale_factor=2, mode="nearest")  # 16 @ 16x16
+        f = F.relu(self.fuse(torch.cat([up, self.lat(p1)], 1)))  # 32 -> 16
+        a, b = torch.split(f, [8, 8], dim=1)
+        c, d = torch.chunk(a, 2, dim=1)
+        return self.head(torch.cat([F.relu(self.mix(b)), d, c, b], 1))  # 24 -> 6
+
+
+class Classifier(nn.Module):
+    """Conv features flattened with ``x.view(x.size(0), -1)`` into a Linear classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, 2, 1)
+        self.conv2 = nn.Conv2d(8, 16, 3, 2, 1)
+        self.fc1 = nn.Linear(16 * 4 * 4, 32)
+        self.bn = nn.BatchNorm1d(32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv2(F.relu(self.conv1(x)))), 2)
+        x = x.view(x.size(0), -1)
+        return self.fc2(F.relu(self.bn(self.fc1(x))))
+
+
+class TransformerMLP(nn.Module):
+    """[B, T, C]: an embedding, then LayerNorm → Linear → GELU → Linear with a residual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(12, 16)
+        self.ln = nn.LayerNorm(16)
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 16)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        h = h + self.fc2(F.gelu(self.fc1(self.ln(h))))
+        return self.out(h)
+
+
+# ----------------------------------------------------------------------------- cases
+
+
+@dataclass
+class Exact:
+    """Channels ``channels`` of some internal producer whose outgoing weights are zeroed:
+    ``consumers`` lists (module path, input columns of that module's weight)."""
+
+    consumers: list[tuple[str, list[int]]]
+    channels: list[int]
+
+
+@dataclass
+class Case:
+    cls: type
+    shape: tuple[int, ...]
+    prunable: int  # prunable groups, the same for both exporters
+    exact: list[Exact] = field(default_factory=list)
+    # BatchNorms left at their initial statistics: their folded Conv biases are all zero,
+    # so the TorchScript exporter shares them through Identity nodes.
+    fresh_bn: tuple[str, ...] = ()
+
+
+def _cols(channels: list[int], block: int) -> list[int]:
+    return [c * block + i for c in channels for i in range(block)]
+
+
+CASES = {
+    "resnet": Case(
+        ResNet, (2, 3, 16, 16), prunable=4,
+        exact=[
+            Exact([("layer1.conv2", [1, 4, 6])], [1, 4, 6]),
+            Exact([("layer2.conv2", [0, 7, 15])], [0, 7, 15]),
+        ],
+        fresh_bn=("stem.1", "layer1.bn1", "layer1.bn2"),
+    ),
+    "mobilenetv2": Case(
+        MobileNetV2, (2, 3, 32, 32), prunable=5,
+        # b1's expand channels pass through the depthwise conv to the projection.
+        exact=[Exact([("b1.project", [0, 5, 17, 30])], [0, 5, 17, 30])],
+        fresh_bn=("b1.expand.1", "b1.dw.1"),
+    ),
+    "efficientnet": Case(
+        EfficientNet, (2, 3, 16, 16), prunable=5,
+        # b1's expand channels reach the SE squeeze and (times the excitation) the projection.
+        exact=[Exact([("b1.project", [2, 9, 15]), ("b1.se.fc1", [2, 9, 15])], [2, 9, 15])],
+    ),
+    "detector": Case(
+        Detector, (2, 3, 16, 16), prunable=7,
+        exact=[
+            # b2 is the second half of the inception concat, upsampled, then the first
+            # half of fuse's input: column 8 + k.
+            Exact([("fuse", [8 + 3, 8 + 5])], [3, 5]),
+            # fuse channel j < 4 is chunk c (head column 12 + j), 4 <= j < 8 is chunk d
+            # (head column 8 + j - 4), j >= 8 is split b (mix column j - 8, head 16 + j - 8).
+            Exact([("head", [13, 10, 18]), ("mix", [2])], [1, 6, 10]),
+        ],
+    ),
+    "classifier": Case(
+        Classifier, (2, 3, 32, 32), prunable=3,
+        # conv2 channel k becomes features 16k .. 16k+15 of the flattened 4x4 maps.
+        exact=[Exact([("fc1", _cols([2, 9], 16))], [2, 9]), Exact([("fc2", [3, 20])], [3, 20])],
+    ),
+    "mlp": Case(TransformerMLP, (2, 5, 12), prunable=1, exact=[Exact([("fc2", [0, 7, 31])], [0, 7, 31])]),
+}
+
+# What each exporter emits (torch 2.13): ops that must be there (the patterns each model
+# exercises) and ops that must not.  TorchScript folds Conv+BN and shares equal
+# initializers through Identity nodes; dynamo folds Conv+BN too and emits fused ops.
+EMITS = {
+    ("resnet", "torchscript"): ({"Conv", "Relu", "Add", "GlobalAveragePool", "Flatten", "Gemm", "Identity"}, {"BatchNormalization"}),
+    ("resnet", "dynamo"): ({"Conv", "Relu", "Add", "ReduceMean", "Reshape", "Gemm"}, {"BatchNormalization"}),
+    ("mobilenetv2", "torchscript"): ({"Conv", "Clip", "Add", "ReduceMean", "Gemm", "Identity", "Constant"}, set()),
+    ("mobilenetv2", "dynamo"): ({"Conv", "Clip", "Add", "ReduceMean", "Gemm"}, {"BatchNormalization"}),
+    ("efficientnet", "torchscript"): ({"Conv", "HardSwish", "GlobalAveragePool", "Sigmoid", "Mul", "Add"}, set()),
+    ("efficientnet", "dynamo"): ({"Conv", "HardSwish", "ReduceMean", "Sigmoid", "Mul", "Add"}, set()),
+    # TorchScript computes torch.chunk's bounds at run time: Shape→Gather→Add→Div→Mul→Slice.
+    ("detector", "torchscript"): ({"Concat", "Resize", "Split", "Shape", "Gather", "Div", "Slice"}, set()),
+    ("detector", "dynamo"): ({"Concat", "Resize", "Split"}, {"Slice", "Shape"}),
+    # x.view(x.size(0), -1): TorchScript builds the shape at run time.
+    ("classifier", "torchscript"): ({"MaxPool", "Shape", "Gather", "Unsqueeze", "Concat", "Reshape", "Gemm", "BatchNormalization"}, set()),
+    ("classifier", "dynamo"): ({"MaxPool", "Reshape", "Gemm"}, {"Shape"}),
+    # GELU: TorchScript writes the erf formula, dynamo the Gelu op.
+    ("mlp", "torchscript"): ({"LayerNormalization", "MatMul", "Add", "Div", "Erf", "Mul"}, {"Gelu"}),
+    ("mlp", "dynamo"): ({"LayerNormalization", "MatMul", "Add", "Gelu"}, {"Erf"}),
+}
+
+EXPORTERS = ("torchscript", "dynamo")
+PARAMS = [(m, e) for m in CASES for e in EXPORTERS]
+IDS = [f"{m}-{e}" for m, e in PARAMS]
+
+
+def _build(name: str) -> nn.Module:
+    case = CASES[name]
+    torch.manual_seed(0)
+    model = case.cls()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for path, mod in model.named_modules():  # non-trivial BN statistics, so folding matters
+            if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)) and path not in case.fresh_bn:
+                n = mod.num_features
+                mod.running_mean.copy_(torch.rand(n, generator=gen) - 0.5)
+                mod.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+                mod.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                mod.bias.copy_(torch.rand(n, generator=gen) - 0.5)
+        for ex in case.exact:
+            for path, cols in ex.consumers:
+                model.get_submodule(path).weight[:, cols] = 0.0
+    return model.eval()
+
+
+def _export(name: str, exporter: str, path: Path) -> Path:
+    model = _build(name)
+    x = torch.randn(*CASES[name].shape, generator=torch.Generator().manual_seed(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if exporter == "torchscript":
+            torch.onnx.export(
+                model, (x,), str(path), dynamo=False, opset_version=17, input_names=["x"], output_names=["y"],
+                dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
+            )
+        else:
+            torch.onnx.export(
+                model, (x,), str(path), dynamo=True, input_names=["x"], output_names=["y"],
+                dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
+            )
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    cache: dict[tuple[str, str], Path] = {}
+
+    def get(name: str, exporter: str) -> Path:
+        if (name, exporter) not in cache:
+            folder = tmp_path_factory.mktemp(f"{name}-{exporter}")
+            cache[name, exporter] = _export(name, exporter, folder / f"{name}.onnx")
+        return cache[name, exporter]
+
+    return get
+
+
+def _feed(shape: tuple[int, ...], batch: int = 3) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(5)
+    return {"x": rng.standard_normal((batch, *shape[1:])).astype(np.float32)}
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("name, exporter", PARAMS, ids=IDS)
+def test_exporter_emits(exported, name, exporter):
+    path = exported(name, exporter)
+    proto = onnx.load(str(path), load_external_data=False)
+    ops = {n.op_type for n in proto.graph.node}
+    must, must_not = EMITS[name, exporter]
+    assert must <= ops, f"missing {sorted(must - ops)}; emitted {sorted(ops)}"
+    assert not (must_not & ops), f"unexpected {sorted(must_not & ops)}"
+    dim0 = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim0.dim_param and not dim0.dim_value, "batch axis is not dynamic"
+    external = [t.name for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    data = path.with_name(path.name + ".data")
+    if exporter == "dynamo":
+        assert external and data.is_file()
+    else:
+        assert not external and not data.exists()
+
+
+@pytest.mark.parametrize("name, exporter", PARAMS, ids=IDS)
+def test_analyze(exported, name, exporter):
+    report = onnxprune.analyze(exported(name, exporter))
+    prunable = [g for g in report.groups if g.prunable]
+    assert len(prunable) == CASES[name].prunable, [(g.name, g.blocked) for g in report.groups]
+    for g in report.groups:
+        if not g.prunable:
+            assert g.blocked or g.excluded or len(g.classes) <= 1, g.to_dict()
+    # The group feeding the graph output is the only one blocked, except the transformer
+    # whose hidden dim goes through LayerNorm.
+    blocked = [g for g in report.groups if g.blocked]
+    if name == "mlp":
+        assert len(blocked) == 2
+        hidden = next(g for g in blocked if any("LayerNormalization" in r for r in g.blocked))
+        assert hidden.n_channels == 16 and len(hidden.producers) == 2  # embed + fc2 (residual)
+        assert prunable[0].n_channels == 32  # the MLP intermediate
+    else:
+        assert len(blocked) == 1 and any("graph output" in r for r in blocked[0].blocked), blocked[0].blocked
+    assert 0 < report.prunable_params <= report.params
+
+
+@pytest.mark.parametrize("name, exporter", PARAMS, ids=IDS)
+def test_prune(exported, name, exporter, tmp_path):
+    src = exported(name, exporter)
+    out = tmp_path / "out.onnx"
+    _, result = onnxprune.prune(src, out, method="l1", ratio=0.5)
+    assert out.is_file()
+    assert result.params_after < result.params_before
+    assert params(out) < params(src)
+    onnx.checker.check_model(str(out), full_check=True)
+    feed = _feed(CASES[name].shape)
+    before, after = session(str(src)).run(None, feed), session(str(out)).run(None, feed)
+    assert [a.shape for a in before] == [a.shape for a in after]
+    assert all(np.isfinite(a).all() for a in after)
+    data = out.with_name("out.onnx.data")
+    if exporter == "dynamo":
+        assert data.is_file(), "the dynamo export's external data was not kept"
+        lazy = onnx.load(str(out), load_external_data=False)
+        assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in lazy.graph.initializer)
+        full = onnx.load(str(out))
+        assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in full.graph.initializer)
+    else:
+        assert not data.exists()
+
+
+def _weight_axes(node) -> tuple[int, int]:
+    """(input axis, output axis) of a Conv/Gemm/MatMul constant weight."""
+    if node.op_type == "Gemm":
+        trans_b = node.attributes.get("transB")
+        return (1, 0) if trans_b is not None and int(trans_b.value) else (0, 1)
+    return (0, 1) if node.op_type == "MatMul" else (1, 0)
+
+
+def _zeroed_consumer(model, cols: list[int], n_out: int):
+    """The Conv/Gemm/MatMul with ``n_out`` outputs whose constant weight is zero exactly
+    at input columns ``cols``."""
+    hits = []
+    for node in model.graph:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2:
+            continue
+        w = const_array(node.inputs[1])
+        if w is None or w.ndim < 2:
+            continue
+        axis, out_axis = _weight_axes(node)
+        zero = np.all(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1) == 0, axis=1)
+        if w.shape[out_axis] == n_out and sorted(np.flatnonzero(zero).tolist()) == sorted(cols):
+            hits.append(node)
+    assert len(hits) == 1, f"{len(hits)} nodes have zero input columns {cols}"
+    return hits[0]
+
+
+@pytest.mark.parametrize("name, exporter", PARAMS, ids=IDS)
+def test_exact_removal(exported, name, exporter, tmp_path):
+    """Channels whose outgoing weights were zeroed in torch go; the outputs stay."""
+    src = exported(name, exporter)
+    proto = onnx.load(str(src))  # pulls in the dynamo export's external data
+    for k, ex in enumerate(CASES[name].exact):
+        model, _ = load_model(src)
+        analysis = analyze_groups(model)
+        torch_model = _build(name)
+        reads = []  # (zeroed columns, channel class of every input column) per consumer
+        for path, cols in ex.consumers:
+            node = _zeroed_consumer(model, cols, torch_model.get_submodule(path).weight.shape[0])
+            reads.append((cols, analysis.roots[analysis.layouts[node.inputs[0]].atoms]))
+        classes = np.unique(np.concatenate([col_classes[cols] for cols, col_classes in reads]))
+        # Each consumer reads the removed channels exactly at its zeroed columns, or
+        # onnxprune maps channels (concat offsets, chunks, flatten blocks) unlike torch.
+        for cols, col_classes in reads:
+            assert sorted(np.flatnonzero(np.isin(col_classes, classes)).tolist()) == sorted(cols)
+        group = next(g for g in analysis.groups if np.isin(classes, g.classes).all())
+        assert group.prunable, group.blocked
+        positions = [int(np.flatnonzero(group.classes == c)[0]) for c in classes]
+        assert sorted(positions) == sorted(ex.channels)
+        producer = group.producers[0].name
+        work = tmp_path / str(k)
+        work.mkdir()
+        reference, pruned, out = remove_exact(work, proto, producer, positions)
+        assert max_diff(reference, pruned) <= 1e-4
+        assert params(out) < params(work / "in.onnx")
+        # The same holds on another batch size (the batch axis stays dynamic).
+        feed = _feed(CASES[name].shape, batch=5)
+        assert max_diff(session(str(work / "in.onnx")).run(None, feed), session(str(out)).run(None, feed)) <= 1e-4
