@@ -230,7 +230,8 @@ def fold_static_shapes(graph: ir.Graph) -> int:
         if arr is None or arr.size > 64:
             continue
         arr = np.asarray(arr)
-        const = ir.node("Constant", [], attributes={"value": ir.tensor(arr)}, name=f"{node.name or node.op_type}_static")
+        name = f"{node.name or node.op_type}_static"
+        const = ir.node("Constant", [], attributes={"value": ir.tensor(arr)}, name=name)
         value = const.outputs[0]
         value.shape, value.dtype = ir.Shape(arr.shape), ir.tensor(arr).dtype
         graph.insert_before(node, const)

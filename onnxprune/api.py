@@ -236,6 +236,7 @@ def prune(
             model, tensors, batches(items, specs, bs, max_samples),
             batch_size=bs, providers=providers, memory_budget=int(memory_budget_mb * 2**20),
             progress=progress, total=max_samples, hold_out=0 if eval_data is not None else eval_samples,
+            fixed_batch=any(sp.dims and sp.dims[0] is not None for sp in specs),
         )
         times["calibrate"] = time.perf_counter() - t
 

@@ -162,11 +162,13 @@ def calibrate(
     progress: bool = True,
     total: int | None = None,
     hold_out: int = 0,
+    fixed_batch: bool = False,
 ) -> tuple[Statistics, list[Sample]]:
     """Gather statistics of ``tensors`` (name -> (value, channel axis)) over the batches.
 
-    When ``hold_out`` > 0, every fifth batch (up to ``hold_out`` samples) is kept aside for
-    verification instead of being calibrated on; those batches are returned.
+    When ``hold_out`` > 0, every fifth sample (every fifth batch for a model with a fixed
+    batch size), up to ``hold_out`` samples, is kept aside for verification instead of
+    being calibrated on; those samples are returned as batches.
     """
     values = [v for v, _ in tensors.values()]
     runs = _plan_runs(values, batch_size, memory_budget)
@@ -183,13 +185,24 @@ def calibrate(
         bar = _progress(progress, total)
         with bar:
             task = bar.add_task("calibrating", total=total)
+            seen = 0
             for k, batch in enumerate(batch_iter):
                 n = next(iter(batch.values())).shape[0]
-                if hold_out and k % 5 == 4 and held_n < hold_out:
-                    held.append(batch)
-                    held_n += n
-                    bar.update(task, advance=n)
-                    continue
+                bar.update(task, advance=n)
+                if hold_out and held_n < hold_out:
+                    if fixed_batch:  # cannot cut a fixed-size batch: hold out every fifth one
+                        take = np.full(n, k % 5 == 4)
+                    else:  # every fifth sample, until hold_out are set aside
+                        take = (np.arange(seen, seen + n) % 5 == 4)
+                        take &= np.cumsum(take) <= hold_out - held_n
+                    seen += n
+                    if take.any():
+                        held.append({name: arr[take] for name, arr in batch.items()})
+                        held_n += int(take.sum())
+                        if take.all():
+                            continue
+                        batch = {name: arr[~take] for name, arr in batch.items()}
+                        n = int((~take).sum())
                 for run in runs:
                     try:
                         outs = sess.run([v.name for v in run], batch)
@@ -202,7 +215,6 @@ def calibrate(
                             s = stats.tensors[v.name] = TensorStats.empty(x.shape[axis])
                         s.update(x, axis)
                 stats.samples += n
-                bar.update(task, advance=n)
         stats.seconds = time.perf_counter() - t0
     if stats.samples == 0:
         raise InputError("no calibration samples left after holding some out for verification; add data or pass --eval")

@@ -200,8 +200,12 @@ def _build(model: ir.Model, ctx: _Context, exclude) -> Analysis:
 
 def _attach_chunks(ctx: _Context, roots: np.ndarray, gid: np.ndarray, owner: np.ndarray,
                    by_gid: dict[int, Group]) -> None:
-    """Give every group the Split/Slice chunks its channels appear in (``Group.keep_any``)."""
-    chunks = []
+    """Give every group the Split/Slice chunks its channels appear in (``Group.keep_any``).
+
+    Every tensor that carries channels is a chunk too: a producer whose channels are all
+    coupled into a larger group (Concat then Add, say) must keep at least one filter.
+    """
+    chunks = [lay.atoms for lay in ctx.layouts.values()]
     for e in ctx.edits:
         if isinstance(e, SplitSizes):
             chunks.extend(e.chunks)

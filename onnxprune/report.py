@@ -45,7 +45,7 @@ def print_analysis(report: AnalysisReport, console: Console | None = None) -> No
 
 def print_result(result: PruneResult, console: Console | None = None) -> None:
     console = console or Console()
-    table = Table(title=f"onnxprune: {result.method}, ratio {result.ratio}")
+    table = Table(title=f"onnxprune: {result.method}, ratio {result.ratio:.3g}")
     for col in ("group", "producers", "kept / total"):
         table.add_column(col)
     for g in result.groups:
@@ -61,6 +61,28 @@ def print_result(result: PruneResult, console: Console | None = None) -> None:
     console.print(f"MACs   {pct(result.macs_before, result.macs_after)}")
     if result.file_size_after is not None:
         console.print(f"file   {pct(result.file_size_before, result.file_size_after)} bytes")
+    if result.calibration:
+        c = result.calibration
+        console.print(
+            f"calibration {c['samples']:,} samples in {c['seconds']:.2f} s ({c['tensors']} tensors, "
+            f"{c['runs_per_batch']} run(s) per batch); compensation: {result.compensation}"
+        )
+    if result.fidelity:
+        f = result.fidelity
+        line = f"fidelity on {f['samples']} {f['source']}: rel. L2 error {f['rel_l2']:.4f}, cosine {f['cosine']:.4f}"
+        if f["agreement"] is not None:
+            line += f", top-1 agreement {f['agreement']:.1%}"
+        if f["accuracy_before"] is not None:
+            line += f", accuracy {f['accuracy_before']:.1%} → {f['accuracy_after']:.1%}"
+        console.print(line)
+    if result.latency:
+        lat = result.latency
+        console.print(
+            f"latency {lat['before_s'] * 1e3:.3f} ms → {lat['after_s'] * 1e3:.3f} ms (×{lat['speedup']:.2f}, onnxruntime CPU, median)"
+        )
+    dead = sum(g.get("dead", 0) for g in result.groups)
+    if dead:
+        console.print(f"{dead} channel(s) were never active on the calibration data and were removed")
     for g in result.blocked:
         console.print(f"[yellow]blocked[/] group {g['id']} ({_short(g['producers'], 2)}): {g['blocked'][0]}")
     if result.output:

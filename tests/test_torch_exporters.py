@@ -277,7 +277,9 @@ CASES = {
 # exercises) and ops that must not.  TorchScript folds Conv+BN and shares equal
 # initializers through Identity nodes; dynamo folds Conv+BN too and emits fused ops.
 EMITS = {
-    ("resnet", "torchscript"): ({"Conv", "Relu", "Add", "GlobalAveragePool", "Flatten", "Gemm", "Identity"}, {"BatchNormalization"}),
+    ("resnet", "torchscript"): (
+        {"Conv", "Relu", "Add", "GlobalAveragePool", "Flatten", "Gemm", "Identity"}, {"BatchNormalization"}
+    ),
     ("resnet", "dynamo"): ({"Conv", "Relu", "Add", "ReduceMean", "Reshape", "Gemm"}, {"BatchNormalization"}),
     ("mobilenetv2", "torchscript"): ({"Conv", "Clip", "Add", "ReduceMean", "Gemm", "Identity", "Constant"}, set()),
     ("mobilenetv2", "dynamo"): ({"Conv", "Clip", "Add", "ReduceMean", "Gemm"}, {"BatchNormalization"}),
@@ -287,7 +289,9 @@ EMITS = {
     ("detector", "torchscript"): ({"Concat", "Resize", "Split", "Shape", "Gather", "Div", "Slice"}, set()),
     ("detector", "dynamo"): ({"Concat", "Resize", "Split"}, {"Slice", "Shape"}),
     # x.view(x.size(0), -1): TorchScript builds the shape at run time.
-    ("classifier", "torchscript"): ({"MaxPool", "Shape", "Gather", "Unsqueeze", "Concat", "Reshape", "Gemm", "BatchNormalization"}, set()),
+    ("classifier", "torchscript"): (
+        {"MaxPool", "Shape", "Gather", "Unsqueeze", "Concat", "Reshape", "Gemm", "BatchNormalization"}, set()
+    ),
     ("classifier", "dynamo"): ({"MaxPool", "Reshape", "Gemm"}, {"Shape"}),
     # GELU: TorchScript writes the erf formula, dynamo the Gelu op.
     ("mlp", "torchscript"): ({"LayerNormalization", "MatMul", "Add", "Div", "Erf", "Mul"}, {"Gelu"}),
@@ -477,3 +481,43 @@ def test_exact_removal(exported, name, exporter, tmp_path):
         # The same holds on another batch size (the batch axis stays dynamic).
         feed = _feed(CASES[name].shape, batch=5)
         assert max_diff(session(str(work / "in.onnx")).run(None, feed), session(str(out)).run(None, feed)) <= 1e-4
+
+
+# ------------------------------------------------ engine regressions seen in exporter output
+
+
+def _shape_read_model(indices: list[int]) -> onnx.ModelProto:
+    """conv → relu → conv → y, and Shape(conv)[indices] → ConstantOfShape → z."""
+    from builders import G
+
+    g = G()
+    x = g.input("x", ["N", 3, 8, 8])
+    y = g.conv(x, 3, 4, name="conv")
+    out = g.conv(g.op("Relu", [y]), 4, 2, name="conv2")
+    picked = g.op("Gather", [g.op("Shape", [y]), g.const(np.array(indices, dtype=np.int64))], axis=0)
+    return g.model([out, g.op("ConstantOfShape", [picked])])
+
+
+def test_channel_count_read_with_a_dynamic_dim_blocks(tmp_path):
+    """Gather(Shape(x), [0, 1]) reads the batch (dynamic, so not foldable) and the channel
+    count: the group must be blocked (ShapeOf once checked index % rank-of-the-shape-tensor,
+    always 1, and let this through)."""
+    path = tmp_path / "m.onnx"
+    onnx.save(_shape_read_model([0, 1]), str(path))
+    group = next(g for g in onnxprune.analyze(path).groups if g.producers[0].name == "conv")
+    assert not group.prunable
+    assert any("channel count is read at run time" in r for r in group.blocked), group.blocked
+
+
+def test_static_channel_count_read_is_folded(tmp_path):
+    """Gather(Shape(x), [1]) on a static channel dim is a constant (as TorchScript's
+    torch.chunk bounds are): it is folded, and the pruned model still yields the original
+    count, so outputs keep their shapes and values."""
+    path = tmp_path / "m.onnx"
+    onnx.save(_shape_read_model([1]), str(path))
+    group = next(g for g in onnxprune.analyze(path).groups if g.producers[0].name == "conv")
+    assert group.prunable, group.blocked
+    proto = _shape_read_model([1])
+    reference, pruned, out = remove_exact(tmp_path, proto, "conv", [1])
+    assert pruned[1].shape == reference[1].shape == (4,)
+    assert params(out) < params(tmp_path / "in.onnx")

@@ -1,0 +1,244 @@
+"""Calibration: statistics that merge, stay within the memory budget, match numpy; the
+data-driven criteria computed by hand; dead channels; bias compensation; targets."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import onnxprune
+from builders import G, params, run, save
+from onnxprune.calibrate import Statistics, TensorStats, calibrate
+from onnxprune.consumers import consumer_views
+from onnxprune.criteria import score_groups
+from onnxprune.data import batches, input_specs, source_items
+from onnxprune._ort import session
+from onnxprune.groups import analyze_groups
+from onnxprune.load import load_model
+
+
+def _mlp(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray) -> onnx.ModelProto:
+    """x[N,4] → Gemm(W1, transB) → Relu → Gemm(W2, transB) → y."""
+    g = G()
+    x = g.input("x", ["N", w1.shape[1]])
+    h = g.op("Relu", [g.op("Gemm", [x, g.const(w1), g.const(b1)], name="fc1", transB=1)])
+    y = g.op("Gemm", [h, g.const(w2), g.const(b2)], name="fc2", transB=1)
+    return g.model([y])
+
+
+def _stats(path, data, batch_size=4, budget=2**30):
+    model, _ = load_model(path)
+    analysis = analyze_groups(model)
+    specs = input_specs(session(str(path)))
+    tensors = {v.tensor: (v.value, v.axis) for v in consumer_views(analysis)}
+    stats, _ = calibrate(
+        model, tensors, batches(source_items(data, specs)(), specs, batch_size),
+        batch_size=batch_size, providers=["CPUExecutionProvider"], memory_budget=budget, progress=False,
+    )
+    return analysis, stats
+
+
+@pytest.fixture
+def mlp(tmp_path):
+    rng = np.random.default_rng(3)
+    w1, b1 = rng.standard_normal((5, 4)).astype(np.float32), rng.standard_normal(5).astype(np.float32)
+    w2, b2 = rng.standard_normal((3, 5)).astype(np.float32), rng.standard_normal(3).astype(np.float32)
+    x = rng.standard_normal((20, 4)).astype(np.float32)
+    path = save(_mlp(w1, b1, w2, b2), tmp_path / "mlp.onnx")
+    h = np.maximum(x @ w1.T + b1, 0).astype(np.float64)
+    return path, [{"x": x[i : i + 5]} for i in range(0, 20, 5)], w2.astype(np.float64), h
+
+
+def test_statistics_match_numpy(mlp):
+    path, data, _, h = mlp
+    _, stats = _stats(path, data)
+    (st,) = stats.tensors.values()
+    assert st.n == 20 and stats.samples == 20
+    np.testing.assert_allclose(st.mean, h.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(st.var, h.var(0), rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(st.mean_abs, np.abs(h).mean(0), rtol=1e-6)
+    np.testing.assert_array_equal(st.nonpos, (h <= 0).sum(0))
+
+
+def test_statistics_merge_shards(mlp):
+    path, data, _, _ = mlp
+    _, a = _stats(path, data[:2])
+    _, b = _stats(path, data[2:])
+    _, both = _stats(path, data)
+    merged = a.merge(b)
+    assert merged.samples == both.samples == 20
+    for name, st in both.tensors.items():
+        m = merged.tensors[name]
+        assert m.n == st.n
+        for field in ("sum", "sumsq", "sumabs", "nonpos"):
+            np.testing.assert_allclose(getattr(m, field), getattr(st, field), rtol=1e-9)
+
+
+def test_tensor_stats_merge_is_additive():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 3, 4, 4)).astype(np.float32)
+    a, b, c = TensorStats.empty(3), TensorStats.empty(3), TensorStats.empty(3)
+    a.update(x[:2], 1)
+    b.update(x[2:], 1)
+    c.update(x, 1)
+    m = a.merge(b)
+    np.testing.assert_allclose(m.sum, c.sum)
+    np.testing.assert_allclose(m.var, x.transpose(1, 0, 2, 3).reshape(3, -1).var(1), rtol=1e-5)
+
+
+def test_memory_budget_splits_runs_and_gives_the_same_statistics(tmp_path):
+    g = G()
+    x = g.input("x", ["N", 3, 8, 8])
+    a = g.op("Relu", [g.conv(x, 3, 8, name="c1")])
+    b = g.op("Relu", [g.conv(a, 8, 8, name="c2")])
+    c = g.op("Relu", [g.conv(b, 8, 8, name="c3")])
+    y = g.op("GlobalAveragePool", [g.conv(c, 8, 4, name="c4")])
+    path = save(g.model([y]), tmp_path / "m.onnx")
+    data = [{"x": np.random.default_rng(i).standard_normal((4, 3, 8, 8)).astype(np.float32)} for i in range(3)]
+    _, one = _stats(path, data)
+    # One exposed tensor is 8·8·8·4 B = 2 KiB per sample, 8 KiB per batch of 4.
+    _, split = _stats(path, data, budget=9 * 1024)
+    assert one.runs_per_batch == 1 and split.runs_per_batch == 3
+    for name in one.tensors:
+        np.testing.assert_allclose(split.tensors[name].sumsq, one.tensors[name].sumsq)
+
+
+def test_wanda_flap_activation_by_hand(mlp):
+    path, data, w2, h = mlp
+    analysis, stats = _stats(path, data)
+    (group,) = [g for g in analysis.groups if g.prunable]
+    col = np.linalg.norm(w2, axis=0)  # ‖W2[:, k]‖
+    expected = {
+        "wanda": col * np.sqrt((h**2).mean(0)),
+        "flap": h.var(0) * col**2,
+        "activation": np.abs(h).mean(0),
+    }
+    for method, want in expected.items():
+        got = score_groups(analysis, method, stats=stats)[group.id]
+        dead = (h == 0).all(0)
+        np.testing.assert_allclose(got[~dead], want[~dead], rtol=1e-5)
+        assert np.isneginf(got[dead]).all()
+
+
+def test_dead_channels_are_always_removed_exactly(tmp_path):
+    rng = np.random.default_rng(1)
+    w1 = rng.standard_normal((6, 4)).astype(np.float32)
+    b1 = rng.standard_normal(6).astype(np.float32)
+    w1[[1, 4]] = 0.0
+    b1[[1, 4]] = -1.0  # ReLU(-1) = 0 for every input: dead
+    w2, b2 = rng.standard_normal((3, 6)).astype(np.float32), rng.standard_normal(3).astype(np.float32)
+    src = save(_mlp(w1, b1, w2, b2), tmp_path / "m.onnx")
+    data = [{"x": rng.standard_normal((8, 4)).astype(np.float32)} for _ in range(3)]
+    out = tmp_path / "o.onnx"
+    _, result = onnxprune.prune(src, out, method="wanda", ratio=0.0, calib=data, compensate="none")
+    fc1 = next(g for g in result.groups if g["producers"] == ["Gemm 'fc1'"])
+    assert fc1["kept"] == 4 and fc1["dead"] == 2
+    feed = {"x": rng.standard_normal((5, 4)).astype(np.float32)}
+    np.testing.assert_allclose(run(out, feed)[0], run(src, feed)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("consumer", ["gemm", "matmul", "conv1x1"])
+def test_bias_compensation_removes_constant_channels_exactly(tmp_path, consumer):
+    """Channels that are constant (non-zero) on the data: removed with their mean folded
+    into the consumer's bias, the output does not change; without compensation it does."""
+    rng = np.random.default_rng(2)
+    g = G()
+    if consumer == "conv1x1":
+        x = g.input("x", ["N", 4, 5, 5])
+        w1 = rng.standard_normal((6, 4, 1, 1)).astype(np.float32)
+        w1[[0, 3]] = 0.0
+        h = g.op("Relu", [g.conv(x, 4, 6, k=1, name="p", weight=w1, bias=True)])
+        y = g.conv(h, 6, 3, k=1, name="c", bias=False, weight=rng.standard_normal((3, 6, 1, 1)).astype(np.float32))
+        feed_shape = (6, 4, 5, 5)
+    else:
+        x = g.input("x", ["N", 4])
+        w1 = rng.standard_normal((6, 4)).astype(np.float32)
+        w1[[0, 3]] = 0.0
+        h = g.op("Relu", [g.op("Gemm", [x, g.const(w1), g.const(np.abs(rng.standard_normal(6)).astype(np.float32) + 0.5)], name="p", transB=1)])
+        w2 = rng.standard_normal((6, 3)).astype(np.float32)
+        if consumer == "gemm":
+            y = g.op("Gemm", [h, g.const(w2)], name="c")
+        else:
+            y = g.op("MatMul", [h, g.const(w2)], name="c")
+        feed_shape = (6, 4)
+    if consumer == "conv1x1":  # give the producer's constant channels a positive bias
+        for t in g.inits:
+            if t.dims == [6]:
+                arr = onnx.numpy_helper.to_array(t).copy()
+                arr[[0, 3]] = [0.7, 1.3]
+                t.CopyFrom(onnx.numpy_helper.from_array(arr, t.name))
+    src = save(g.model([y]), tmp_path / "m.onnx")
+    data = [{"x": rng.standard_normal(feed_shape).astype(np.float32)} for _ in range(3)]
+    feed = {"x": rng.standard_normal(feed_shape).astype(np.float32)}
+    ref = run(src, feed)[0]
+    model, _ = load_model(src)
+    analysis = analyze_groups(model)
+    group = next(gr for gr in analysis.groups if gr.producers[0].name == "p")
+    # Force exactly channels 0 and 3 out: score them lowest through a custom ratio on flap
+    # (their variance is 0, so flap ranks them last).
+    out_b, out_n = tmp_path / "b.onnx", tmp_path / "n.onnx"
+    onnxprune.prune(src, out_b, method="flap", ratio=2 / 6, calib=data, compensate="bias")
+    onnxprune.prune(src, out_n, method="flap", ratio=2 / 6, calib=data, compensate="none")
+    assert params(out_b) < params(src)
+    np.testing.assert_allclose(run(out_b, feed)[0], ref, atol=1e-4)
+    assert np.abs(run(out_n, feed)[0] - ref).max() > 1e-2
+    assert len(group.classes) == 6
+
+
+def test_target_macs_and_params(tmp_path):
+    g = G()
+    x = g.input("x", ["N", 3, 8, 8])
+    a = g.op("Relu", [g.conv(x, 3, 16, name="c1")])
+    b = g.op("Relu", [g.conv(a, 16, 32, name="c2")])
+    c = g.op("Relu", [g.conv(b, 32, 16, name="c3")])
+    y = g.gemm(g.op("Flatten", [g.op("GlobalAveragePool", [c])]), 16, 5, name="fc")
+    src = save(g.model([y]), tmp_path / "m.onnx")
+    data = [{"x": np.random.default_rng(i).standard_normal((8, 3, 8, 8)).astype(np.float32)} for i in range(2)]
+    for target, key in ((0.5, "macs"), (0.3, "params")):
+        kwargs = {"target_macs": target} if key == "macs" else {"target_params": target}
+        _, r = onnxprune.prune(src, method="wanda", calib=data, **kwargs)
+        before, after = (r.macs_before, r.macs_after) if key == "macs" else (r.params_before, r.params_after)
+        assert after / before <= target + 1e-9
+        assert after / before > target - 0.1, (key, after / before)
+
+
+def test_calibration_data_reader_protocol(tmp_path, mlp):
+    path, data, _, _ = mlp
+
+    class Reader:  # what onnxruntime.quantization.CalibrationDataReader subclasses look like
+        def __init__(self):
+            self.it = iter(data)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    _, a = _stats(path, Reader())
+    _, b = _stats(path, data)
+    assert a.samples == b.samples == 20
+    (sa,), (sb,) = a.tensors.values(), b.tensors.values()
+    np.testing.assert_allclose(sa.sum, sb.sum)
+
+
+def test_report_has_fidelity_latency_calibration(tmp_path, mlp):
+    path, data, _, _ = mlp
+    _, r = onnxprune.prune(path, method="activation", ratio=0.4, calib=data, eval_samples=5)
+    d = r.to_dict()
+    assert d["calibration"]["samples"] + d["calibration"]["held_out"] == 20
+    assert d["calibration"]["held_out"] == 4  # every fifth of 20 samples
+    assert d["fidelity"]["samples"] == 4 and 0 <= d["fidelity"]["rel_l2"]
+    assert d["latency"]["before_s"] > 0 and d["latency"]["after_s"] > 0
+    assert d["compensation"] == "bias"
+    assert "calibrate" in d["seconds"]
+
+
+def test_cuda_request_without_gpu_falls_back_with_a_warning(capsys, mlp):
+    path, data, _, _ = mlp
+    from onnxprune._ort import ort
+
+    if "CUDAExecutionProvider" in ort().get_available_providers():
+        pytest.skip("this machine has CUDA: the fallback cannot be observed")
+    _, r = onnxprune.prune(path, method="wanda", ratio=0.2, calib=data, device="cuda")
+    err = capsys.readouterr().err
+    assert err.count("warning: CUDA requested") == 1
+    assert r.params_after < r.params_before
