@@ -27,6 +27,7 @@ from .data import InputSpec, Preprocess, batches, input_specs, source_items
 from .errors import GateError, InputError, VerificationError
 from .groups import Analysis, Group, analyze_groups
 from .load import check_output_path, load_model, save_model
+from .methods import REGISTRY, MethodOptions
 from .rewrite import apply_removal, refresh_shapes
 from .select import select, select_for_target
 from .verify import Fidelity, check_pruned, measure_fidelity, median_latency, run_original
@@ -74,6 +75,7 @@ class PruneResult:
     fidelity: dict | None = None
     latency: dict | None = None
     gate_forced: bool = False
+    method_report: dict | None = None
 
     @property
     def blocked(self) -> list[dict]:
@@ -93,6 +95,7 @@ class PruneResult:
             "calibration": self.calibration,
             "fidelity": self.fidelity,
             "latency": self.latency,
+            "method_report": self.method_report,
         }
 
 
@@ -189,6 +192,7 @@ def prune(
     eval_samples: int = 256,
     progress: bool = False,
     latency: bool = True,
+    method_options: MethodOptions | None = None,
 ) -> tuple[ir.Model, PruneResult]:
     """Prune the model at ``model_path``; write it to ``output_path`` when given.
 
@@ -202,6 +206,9 @@ def prune(
     :class:`GateError` (exit 3) and nothing is written unless ``force``.
     """
     _check_options(method, ratio, min_keep, round_to)
+    opts = method_options or MethodOptions()
+    opts.min_keep, opts.seed = min_keep, seed
+    plugin = REGISTRY.get(method)
     _check_data_options(
         method, calib, compensate, batch_size, max_samples, memory_budget_mb,
         target_macs, target_params, eval_data, labels, max_error, min_agreement,
@@ -232,19 +239,21 @@ def prune(
         items = source_items(calib, specs, preprocess)()
         views = consumer_views(analysis)
         tensors = {v.tensor: (v.value, v.axis) for v in views}
+        requests = plugin.requests(analysis, views, opts) if plugin is not None else []
         stats, held = calibrate(
             model, tensors, batches(items, specs, bs, max_samples),
             batch_size=bs, providers=providers, memory_budget=int(memory_budget_mb * 2**20),
             progress=progress, total=max_samples, hold_out=0 if eval_data is not None else eval_samples,
-            fixed_batch=any(sp.dims and sp.dims[0] is not None for sp in specs),
+            fixed_batch=any(sp.dims and sp.dims[0] is not None for sp in specs), requests=requests,
         )
         times["calibrate"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    scores = score_groups(analysis, method, seed, stats)
+    scores = score_groups(analysis, method, seed, stats, opts)
     times["score"] = time.perf_counter() - t
     t = time.perf_counter()
     target = target_macs if target_macs is not None else target_params
+    views = consumer_views(analysis) if plugin is not None else []
     if target is not None:
         pick = 1 if target_macs is not None else 0
         base = macs_before if target_macs is not None else params_before
@@ -252,13 +261,20 @@ def prune(
         def kept_fraction(sel: dict[int, np.ndarray]) -> float:
             return estimate_after(analysis, _flat(sel))[pick] / max(base, 1)
 
-        removed, ratio = select_for_target(analysis.groups, scores, kept_fraction, target, min_keep=min_keep, round_to=round_to)
+        own = plugin.select_budget(analysis, stats, views, opts, analysis.groups, kept_fraction, target) if plugin else None
+        if own is not None:
+            removed, ratio = own
+        else:
+            removed, ratio = select_for_target(analysis.groups, scores, kept_fraction, target, min_keep=min_keep, round_to=round_to)
+    elif plugin is not None and plugin.own_rule(opts):
+        removed = plugin.select(analysis, stats, views, opts, analysis.groups)
     else:
         removed = select(analysis.groups, scores, ratio, global_=global_, min_keep=min_keep, round_to=round_to)
     all_removed = _flat(removed)
     times["select"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    method_report = plugin.pre_rewrite(analysis, stats, views, opts, all_removed) if plugin is not None else None
     deltas = bias_deltas(analysis, stats, all_removed) if stats is not None and compensate == "bias" else []
     apply_removal(analysis, all_removed)
     times["rewrite"] = time.perf_counter() - t
@@ -328,6 +344,7 @@ def prune(
         fidelity=None if fid is None else fid.to_dict(),
         latency=None if lat is None else {"before_s": lat[0], "after_s": lat[1], "speedup": lat[0] / lat[1] if lat[1] else None},
         gate_forced=bool(measured.get("forced")),
+        method_report=method_report,
     )
     return model, result
 

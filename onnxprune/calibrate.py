@@ -16,7 +16,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import onnx_ir as ir
@@ -80,22 +80,47 @@ class TensorStats:
         return self.sumsq == 0
 
 
+class Accumulator(Protocol):
+    """A method's own additive statistic of one tensor (a Gram matrix, a mean map ...)."""
+
+    def update(self, x: np.ndarray) -> None: ...
+
+    def merge(self, other: Any) -> Any: ...
+
+
+@dataclass
+class StatRequest:
+    """Ask the calibrate stage for ``factory()`` fed with every batch of ``value``."""
+
+    key: str
+    value: ir.Value
+    factory: Callable[[], Accumulator]
+
+
 @dataclass
 class Statistics:
-    """Statistics of every exposed tensor (by name), plus what it cost to gather them."""
+    """Statistics of every exposed tensor (by name) and of every extra request (by key),
+    plus what it cost to gather them."""
 
     tensors: dict[str, TensorStats] = field(default_factory=dict)
     samples: int = 0
     seconds: float = 0.0
     runs_per_batch: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def merge(self, other: "Statistics") -> "Statistics":
-        keys = sorted(set(self.tensors) | set(other.tensors))
-        merged = {}
-        for k in keys:
-            a, b = self.tensors.get(k), other.tensors.get(k)
-            merged[k] = a.merge(b) if a is not None and b is not None else (a or b)
-        return Statistics(merged, self.samples + other.samples, self.seconds + other.seconds)
+        def join(x: dict, y: dict) -> dict:
+            out = {}
+            for k in sorted(set(x) | set(y)):
+                a, b = x.get(k), y.get(k)
+                out[k] = a.merge(b) if a is not None and b is not None else (a if a is not None else b)
+            return out
+
+        return Statistics(
+            join(self.tensors, other.tensors), self.samples + other.samples,
+            self.seconds + other.seconds, max(self.runs_per_batch, other.runs_per_batch),
+            join(self.extra, other.extra),
+        )
 
 
 def providers_for(device: str) -> list[str]:
@@ -163,16 +188,25 @@ def calibrate(
     total: int | None = None,
     hold_out: int = 0,
     fixed_batch: bool = False,
+    requests: list[StatRequest] = (),
 ) -> tuple[Statistics, list[Sample]]:
-    """Gather statistics of ``tensors`` (name -> (value, channel axis)) over the batches.
+    """Gather statistics of ``tensors`` (name -> (value, channel axis)) over the batches,
+    and feed every batch of a requested tensor to its extra accumulators.
 
     When ``hold_out`` > 0, every fifth sample (every fifth batch for a model with a fixed
     batch size), up to ``hold_out`` samples, is kept aside for verification instead of
     being calibrated on; those samples are returned as batches.
     """
     values = [v for v, _ in tensors.values()]
+    for r in requests:
+        if r.value.name not in tensors and r.value not in values:
+            values.append(r.value)
+    by_tensor: dict[str, list[tuple[str, Accumulator]]] = {}
+    for r in requests:
+        by_tensor.setdefault(r.value.name, []).append((r.key, r.factory()))
     runs = _plan_runs(values, batch_size, memory_budget)
     stats = Statistics({name: None for name in tensors}, runs_per_batch=len(runs))  # type: ignore[misc]
+    stats.extra = {key: acc for accs in by_tensor.values() for key, acc in accs}
     held: list[Sample] = []
     held_n = 0
     with tempfile.TemporaryDirectory(prefix="onnxprune-cal-") as d:
@@ -209,7 +243,11 @@ def calibrate(
                     except Exception as exc:
                         raise InputError(f"onnxruntime failed on the calibration data: {' '.join(str(exc).split())[:300]}") from exc
                     for v, x in zip(run, outs):
-                        axis = tensors_axis(tensors, v)
+                        for _, acc in by_tensor.get(v.name, ()):
+                            acc.update(x)
+                        if v.name not in tensors:
+                            continue
+                        axis = tensors[v.name][1]
                         s = stats.tensors[v.name]
                         if s is None:
                             s = stats.tensors[v.name] = TensorStats.empty(x.shape[axis])
@@ -219,10 +257,6 @@ def calibrate(
     if stats.samples == 0:
         raise InputError("no calibration samples left after holding some out for verification; add data or pass --eval")
     return stats, held
-
-
-def tensors_axis(tensors: dict[str, tuple[ir.Value, int]], value: ir.Value) -> int:
-    return tensors[value.name][1]
 
 
 class _NoBar:

@@ -10,7 +10,9 @@ from rich.console import Console
 
 from . import api
 from .criteria import METHODS
+from .compensate import COMPENSATIONS
 from .data import Preprocess
+from .methods import MethodOptions
 from .errors import InputError, OnnxPruneError
 from .report import print_analysis, print_result, write_json
 
@@ -55,7 +57,14 @@ def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
 @click.option("--batch-size", type=int, default=32, show_default=True, help="samples per onnxruntime run")
 @click.option("--memory-budget", "memory_budget", type=float, default=1024, show_default=True, help="MiB of exposed tensors per run")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--compensate", type=click.Choice(["none", "bias"]), default="bias", show_default=True, help="training-free compensation at each consumer")
+@click.option("--compensate", type=click.Choice(list(COMPENSATIONS)), default="bias", show_default=True, help="training-free compensation at each consumer")
+@click.option("--alpha-conv", type=float, help="relief: share of each conv unit's importance its kept connections must reach")
+@click.option("--alpha-fc", type=float, help="relief: the same for dense units")
+@click.option("--granularity", type=click.Choice(["channel", "connection"]), default="channel", show_default=True, help="relief: also zero pruned connections")
+@click.option("--z", "z_", type=float, default=1.0, show_default=True, help="relative: keep a connection if mean + z·std of its relative contribution >= tau")
+@click.option("--tau", type=float, help="relative: the threshold (else chosen by the budget)")
+@click.option("--confidence", type=float, help="mipp: confidence of the keep test (else chosen by the budget)")
+@click.option("--mi-estimator", type=click.Choice(["linear", "mlp"]), default="linear", show_default=True, help="mipp: MI predictor")
 @click.option("--resize", type=int, help="images: resize the shorter side to this")
 @click.option("--crop", type=int, help="images: centre-crop to this square size")
 @click.option("--mean", "mean_", help="images: per-channel mean, e.g. 0.485,0.456,0.406")
@@ -73,7 +82,8 @@ def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
 @click.option("--quiet", "-q", is_flag=True, help="print nothing but errors")
 def prune_cmd(input_model, output_model, method, ratio, global_, target_macs, target_params, min_keep, round_to,
               exclude, calib, max_samples, batch_size, memory_budget, device, compensate, resize, crop, mean_, std_,
-              scale, layout, channels, eval_data, labels, max_error, min_agreement, force, report_path, seed, quiet):
+              scale, layout, channels, eval_data, labels, max_error, min_agreement, force, report_path, seed, quiet,
+              alpha_conv, alpha_fc, granularity, z_, tau, confidence, mi_estimator):
     """Prune INPUT_MODEL and write the checked result to OUTPUT_MODEL."""
     pre = Preprocess(
         resize=resize, crop=crop, mean=_floats(mean_, "--mean") or (0.0, 0.0, 0.0),
@@ -104,6 +114,10 @@ def prune_cmd(input_model, output_model, method, ratio, global_, target_macs, ta
         min_agreement=min_agreement,
         force=force,
         progress=not quiet,
+        method_options=MethodOptions(
+            alpha_conv=alpha_conv, alpha_fc=alpha_fc, granularity=granularity, z=z_, tau=tau,
+            confidence=confidence, mi_estimator=mi_estimator,
+        ),
     )
     if report_path:
         write_json(result.to_dict(), report_path)

@@ -17,9 +17,11 @@ import onnx_ir as ir
 from ._graph import const_array
 from .groups import Analysis, Group
 from .layout import SliceParam
+from .methods import REGISTRY, MethodOptions
 
 DATA_FREE = ("l1", "l2", "random")
-DATA_DRIVEN = ("wanda", "flap", "activation")
+# Data-driven: the baselines here, then the seed papers' plug-ins (onnxprune.methods).
+DATA_DRIVEN = ("wanda", "flap", "activation", *REGISTRY)
 METHODS = DATA_FREE + DATA_DRIVEN
 
 
@@ -109,7 +111,9 @@ def _data_scores(analysis: Analysis, stats, method: str) -> tuple[dict[int, floa
     return {int(r): float(total[r]) for r in np.flatnonzero(measured)}, dead
 
 
-def score_groups(analysis: Analysis, method: str, seed: int = 0, stats=None) -> dict[int, np.ndarray]:
+def score_groups(
+    analysis: Analysis, method: str, seed: int = 0, stats=None, opts: MethodOptions | None = None
+) -> dict[int, np.ndarray]:
     """Group id -> score of each of its removable channels (same order as ``group.classes``).
 
     Data-driven methods need ``stats`` (from the calibrate stage).  Dead channels score
@@ -121,7 +125,13 @@ def score_groups(analysis: Analysis, method: str, seed: int = 0, stats=None) -> 
     if method in DATA_DRIVEN:
         if stats is None:
             raise ValueError(f"method {method!r} needs calibration statistics")
-        totals, dead = _data_scores(analysis, stats, method)
+        if method in REGISTRY:
+            from .consumers import consumer_views
+
+            _, dead = _data_scores(analysis, stats, "activation")
+            totals = REGISTRY[method].scores(analysis, stats, consumer_views(analysis), opts or MethodOptions(seed=seed))
+        else:
+            totals, dead = _data_scores(analysis, stats, method)
         return {
             g.id: np.array([-np.inf if int(c) in dead else totals.get(int(c), 0.0) for c in g.classes])
             for g in groups

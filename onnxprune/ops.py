@@ -623,7 +623,9 @@ class Pool(Handler):
         if lay.axis != 1:
             ctx.block(lay.atoms, node, "pools an axis other than the spatial ones")
             return
-        if len(node.outputs) > 1 and node.outputs[1].uses():
+        # Indices are flat offsets into the input, so they change with the channel count,
+        # whether a node reads them or the graph returns them.
+        if len(node.outputs) > 1 and (node.outputs[1].uses() or node.outputs[1].is_graph_output()):
             ctx.block(lay.atoms, node, "MaxPool indices depend on the channel count")
             return
         ctx.set_layout(node.outputs[0], lay)
