@@ -1,0 +1,144 @@
+"""Second-order statistics: the channel Gram matrix ``H = Σ x xᵀ`` of a consumer's input,
+over sampled positions, kept in shards so methods can form repeated estimates (MIPP's
+confidence) and compensation can fit least squares.
+
+For a Conv consumer with a k×k kernel, :class:`PatchGram` gathers the Gram matrix of its
+im2col patches (C·k·k columns), which makes the least-squares refit exact for any kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._graph import attr_int, attr_ints
+
+
+def _rows(x: np.ndarray, axis: int) -> np.ndarray:
+    """The tensor as rows of channels: [positions, C]."""
+    c = x.shape[axis]
+    return np.moveaxis(x, axis, -1).reshape(-1, c)
+
+
+@dataclass
+class ChannelGram:
+    """Σ x xᵀ, Σ x and the row count per shard, over at most ``max_rows`` sampled rows per batch.
+
+    Batches go to shards round-robin, so shard k sees batches k, k+S, k+2S, ...
+    """
+
+    axis: int
+    shards: int = 5
+    max_rows: int = 4096
+    seed: int = 0
+    gram: np.ndarray | None = None  # [S, C, C]
+    sum: np.ndarray | None = None  # [S, C]
+    n: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    batches: int = 0
+
+    def _init(self, c: int) -> None:
+        self.gram = np.zeros((self.shards, c, c))
+        self.sum = np.zeros((self.shards, c))
+        self.n = np.zeros(self.shards)
+
+    def add_rows(self, rows: np.ndarray) -> None:
+        """Fold rows [P, C] in (already sampled)."""
+        if self.gram is None:
+            self._init(rows.shape[1])
+        k = self.batches % self.shards
+        r = rows.astype(np.float64, copy=False)
+        self.gram[k] += r.T @ r
+        self.sum[k] += r.sum(axis=0)
+        self.n[k] += r.shape[0]
+        self.batches += 1
+
+    def update(self, x: np.ndarray) -> None:
+        rows = _rows(x, self.axis)
+        if rows.shape[0] > self.max_rows:
+            rng = np.random.default_rng(self.seed + self.batches)
+            rows = rows[np.sort(rng.choice(rows.shape[0], self.max_rows, replace=False))]
+        self.add_rows(rows)
+
+    def merge(self, other: "ChannelGram") -> "ChannelGram":
+        out = ChannelGram(self.axis, self.shards, self.max_rows, self.seed)
+        if self.gram is None or other.gram is None:
+            src = self if other.gram is None else other
+            out.gram, out.sum, out.n, out.batches = src.gram, src.sum, src.n, src.batches
+            return out
+        out.gram, out.sum, out.n = self.gram + other.gram, self.sum + other.sum, self.n + other.n
+        out.batches = self.batches + other.batches
+        return out
+
+    # -- estimates -------------------------------------------------------------------
+    def total(self) -> tuple[np.ndarray, np.ndarray, float]:
+        """(Σ x xᵀ, Σ x, n) over all shards."""
+        return self.gram.sum(axis=0), self.sum.sum(axis=0), float(self.n.sum())
+
+    def covariance(self, shard: int | None = None) -> np.ndarray:
+        """Centred covariance, of one shard or of all."""
+        if shard is None:
+            g, s, n = self.total()
+        else:
+            g, s, n = self.gram[shard], self.sum[shard], float(self.n[shard])
+        n = max(n, 1.0)
+        mean = s / n
+        return g / n - np.outer(mean, mean)
+
+    def mean(self) -> np.ndarray:
+        _, s, n = self.total()
+        return s / max(n, 1.0)
+
+
+class PatchGram(ChannelGram):
+    """Gram matrix of a Conv's im2col patches (columns ordered channel-major: c·kh·kw + tap).
+
+    Only sampled output positions are used; zero padding is applied as the Conv does, so
+    the statistics describe exactly what the kernel sees.
+    """
+
+    def __init__(self, node, shards: int = 5, max_rows: int = 2048, seed: int = 0) -> None:
+        super().__init__(axis=1, shards=shards, max_rows=max_rows, seed=seed)
+        kernel = attr_ints(node, "kernel_shape")
+        if kernel is None:
+            w = node.inputs[1].shape
+            kernel = [int(d) for d in list(w)[2:]]
+        self.kernel = kernel
+        self.strides = attr_ints(node, "strides") or [1] * len(kernel)
+        self.dilations = attr_ints(node, "dilations") or [1] * len(kernel)
+        pads = attr_ints(node, "pads") or [0] * (2 * len(kernel))
+        auto = node.attributes.get("auto_pad")
+        self.auto_pad = str(auto.value) if auto is not None else "NOTSET"
+        self.pads = pads
+        self.group = attr_int(node, "group", 1)
+
+    def _padding(self, spatial: tuple[int, ...]) -> list[tuple[int, int]]:
+        if self.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            out = []
+            for size, k, s, d in zip(spatial, self.kernel, self.strides, self.dilations):
+                total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+                lo = total // 2 if self.auto_pad == "SAME_UPPER" else total - total // 2
+                out.append((lo, total - lo))
+            return out
+        if self.auto_pad == "VALID":
+            return [(0, 0)] * len(spatial)
+        n = len(spatial)
+        return [(self.pads[i], self.pads[i + n]) for i in range(n)]
+
+    def update(self, x: np.ndarray) -> None:
+        if x.ndim != 4:
+            raise ValueError("PatchGram supports 2-D convolutions")
+        pad = self._padding(x.shape[2:])
+        xp = np.pad(x, [(0, 0), (0, 0), *pad])
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.strides, self.dilations
+        oh = (xp.shape[2] - (kh - 1) * dh - 1) // sh + 1
+        ow = (xp.shape[3] - (kw - 1) * dw - 1) // sw + 1
+        total = x.shape[0] * oh * ow
+        rng = np.random.default_rng(self.seed + self.batches)
+        pick = np.arange(total) if total <= self.max_rows else np.sort(rng.choice(total, self.max_rows, replace=False))
+        b, rem = np.divmod(pick, oh * ow)
+        i, j = np.divmod(rem, ow)
+        taps = [(a * dh, c * dw) for a in range(kh) for c in range(kw)]
+        # patches[p, c, t] = xp[b, c, i*sh + ti, j*sw + tj]
+        cols = np.stack([xp[b, :, i * sh + ti, j * sw + tj] for ti, tj in taps], axis=2)
+        self.add_rows(cols.reshape(len(pick), -1))
