@@ -19,7 +19,7 @@ import onnx_ir as ir
 from . import _ort
 from ._graph import node_label
 from .calibrate import calibrate, providers_for
-from .compensate import COMPENSATIONS, apply_bias, bias_deltas
+from .compensate import COMPENSATIONS, apply_bias, apply_refits, bias_deltas, lstsq_refits, lstsq_requests
 from .consumers import consumer_views
 from .count import count_macs, count_params, estimate_after, node_macs
 from .criteria import DATA_DRIVEN, METHODS, score_groups
@@ -240,6 +240,8 @@ def prune(
         views = consumer_views(analysis)
         tensors = {v.tensor: (v.value, v.axis) for v in views}
         requests = plugin.requests(analysis, views, opts) if plugin is not None else []
+        if compensate == "lstsq":
+            requests = requests + lstsq_requests(analysis)
         stats, held = calibrate(
             model, tensors, batches(items, specs, bs, max_samples),
             batch_size=bs, providers=providers, memory_budget=int(memory_budget_mb * 2**20),
@@ -275,12 +277,18 @@ def prune(
 
     t = time.perf_counter()
     method_report = plugin.pre_rewrite(analysis, stats, views, opts, all_removed) if plugin is not None else None
-    deltas = bias_deltas(analysis, stats, all_removed) if stats is not None and compensate == "bias" else []
+    refits: list = []
+    deltas: list = []
+    if stats is not None and compensate == "bias":
+        deltas = bias_deltas(analysis, stats, all_removed)
+    elif stats is not None and compensate == "lstsq":
+        refits, deltas = lstsq_refits(analysis, stats, all_removed)
     apply_removal(analysis, all_removed)
     times["rewrite"] = time.perf_counter() - t
     t = time.perf_counter()
-    if deltas:
+    if deltas or refits:
         apply_bias(analysis, deltas, all_removed)
+        apply_refits(analysis, refits, all_removed)
         refresh_shapes(model)
     times["compensate"] = time.perf_counter() - t
 

@@ -1,5 +1,8 @@
 """Compensate stage: make up, at each consumer, for what the removed channels contributed.
 
+``lstsq`` (below) refits the kept weights and the bias by least squares from Gram
+statistics; consumers it cannot handle get ``bias``.
+
 ``bias``: ``b += W[:, removed] · E[x_removed]`` (Conv: summed over kernel taps).  A
 removed channel's mean contribution moves into the consumer's bias, so only its
 variation around the mean is lost; a channel that was constant on the calibration data
@@ -23,7 +26,7 @@ from .consumers import consumer_views
 from .groups import Analysis
 from .layout import SliceParam
 
-COMPENSATIONS = ("none", "bias")
+COMPENSATIONS = ("none", "bias", "lstsq")
 
 
 @dataclass
@@ -117,3 +120,138 @@ def _append_add(node: ir.Node, delta: np.ndarray, graph: ir.Graph) -> None:
         result.name = f"{old_name}_biased"
     add.replace_input_with(0, out)
     graph.insert_after(node, add)
+
+
+# ----------------------------------------------------------------------------- lstsq
+
+LSTSQ_MAX_FEATURES = 4096  # Gram matrices above this size fall back to bias compensation
+LSTSQ_RIDGE = 1e-3  # λ relative to the mean variance of the kept inputs
+
+
+def _lstsq_kind(view) -> str | None:
+    """'rows' (Gemm/MatMul/1×1 Conv: channel Gram), 'patch' (k×k Conv: im2col Gram), or
+    None when least squares is not supported for this consumer (it then gets bias)."""
+    op = view.node.op_type
+    if op in ("Gemm", "MatMul"):
+        return "rows" if len(view.atoms) <= LSTSQ_MAX_FEATURES else None
+    if op == "Conv":
+        from ._graph import attr_int
+
+        w = const_array(view.node.inputs[1])
+        if attr_int(view.node, "group", 1) != 1 or w.ndim != 4:
+            return None
+        if w.shape[1] * w.shape[2] * w.shape[3] > LSTSQ_MAX_FEATURES:
+            return None
+        return "patch"
+    return None
+
+
+def lstsq_requests(analysis: Analysis) -> list:
+    """Gram statistics of every consumer input that least squares can refit."""
+    from .calibrate import StatRequest
+    from .gram import ChannelGram, PatchGram
+
+    out = []
+    for i, view in enumerate(consumer_views(analysis)):
+        kind = _lstsq_kind(view)
+        if kind == "rows":
+            out.append(StatRequest(f"lstsq:{i}", view.value, lambda a=view.axis: ChannelGram(a, shards=1)))
+        elif kind == "patch":
+            out.append(StatRequest(f"lstsq:{i}", view.value, lambda n=view.node: PatchGram(n, shards=1)))
+    return out
+
+
+@dataclass
+class Refit:
+    """New kept input weights and bias of one consumer, in its original output rows."""
+
+    node: ir.Node
+    weight: np.ndarray  # the consumer's weight with only kept inputs, all original outputs
+    bias: np.ndarray  # one value per original output
+    out_atoms: np.ndarray | None
+    out_axis: int  # axis of `weight` that holds the outputs
+
+
+def lstsq_refits(analysis: Analysis, stats: Statistics, removed: np.ndarray) -> tuple[list[Refit], list[BiasDelta]]:
+    """Least-squares refits where Gram statistics exist; bias deltas for the other consumers.
+
+    For a consumer ``y = W x + b`` losing inputs, the kept weights become
+    ``W'_S = W Σ[:, S] (Σ_SS + λI)⁻¹`` and the bias ``b' = b + W μ − W'_S μ_S`` (Σ, μ: the
+    input's covariance and mean; for a k×k Conv, of its im2col patches), the least-squares
+    fit of the original pre-activation from the kept inputs.
+    """
+    from ._graph import attr_int
+
+    gone = np.zeros(len(analysis.roots), dtype=bool)
+    gone[np.asarray(removed, dtype=np.int64)] = True
+    gone[0] = False
+    out_atoms = {id(e.node): e.atoms for e in analysis.edits if isinstance(e, SliceParam) and e.role == "weight_out"}
+    refits: list[Refit] = []
+    fallback: dict[int, BiasDelta] = {}
+    for i, view in enumerate(consumer_views(analysis)):
+        drop = gone[analysis.roots[view.atoms]]
+        if not drop.any():
+            continue
+        gram = stats.extra.get(f"lstsq:{i}")
+        node = view.node
+        if gram is None or gram.gram is None:
+            st = stats.tensors.get(view.tensor)
+            if st is not None:
+                d = view.contribution(st.mean, drop)
+                if id(node) in fallback:
+                    fallback[id(node)].delta += d
+                else:
+                    fallback[id(node)] = BiasDelta(node, d, out_atoms.get(id(node)))
+            continue
+        w = view.weight()
+        op = node.op_type
+        if op == "Conv":
+            o = w.shape[0]
+            taps = w.shape[2] * w.shape[3]
+            wf = w.reshape(o, -1)
+            keep_cols = np.repeat(~drop, taps)
+        elif op == "Gemm" and attr_int(node, "transB", 0):
+            wf, keep_cols = w, ~drop
+        else:  # Gemm without transB, MatMul: W is [K, N]
+            wf, keep_cols = w.T, ~drop
+        cov = gram.covariance()
+        mu = gram.mean()
+        s = np.flatnonzero(keep_cols)
+        css = cov[np.ix_(s, s)]
+        lam = LSTSQ_RIDGE * max(float(np.trace(css)) / max(len(s), 1), 1e-12)
+        w_new = np.linalg.solve(css + lam * np.eye(len(s)), (wf @ cov[:, s]).T).T  # W Σ[:,S] (Σ_SS+λI)⁻¹
+        b_old = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+        b_old = np.zeros(wf.shape[0]) if b_old is None else np.broadcast_to(np.asarray(b_old, np.float64).reshape(-1), (wf.shape[0],))
+        b_new = b_old + wf @ mu - w_new @ mu[s]
+        if op == "Conv":
+            weight, axis = w_new.reshape(w.shape[0], -1, w.shape[2], w.shape[3]), 0
+        elif op == "Gemm" and attr_int(node, "transB", 0):
+            weight, axis = w_new, 0
+        else:
+            weight, axis = w_new.T, 1
+        refits.append(Refit(node, weight, b_new, out_atoms.get(id(node)), axis))
+    return refits, list(fallback.values())
+
+
+def apply_refits(analysis: Analysis, refits: list[Refit], removed: np.ndarray) -> None:
+    """Write refitted weights and biases into the (already sliced) consumers."""
+    from .rewrite import keep_function
+
+    keep = keep_function(analysis, removed)
+    graph = analysis.model.graph
+    for r in refits:
+        node = r.node
+        dtype = const_array(node.inputs[1]).dtype
+        rows = slice(None) if r.out_atoms is None else keep(r.out_atoms)
+        weight = np.compress(rows, r.weight, axis=r.out_axis) if r.out_atoms is not None else r.weight
+        bias = r.bias[rows]
+        replace_const(node, 1, np.ascontiguousarray(weight.astype(dtype)), graph)
+        if node.op_type == "MatMul":
+            old = 0.0
+            _append_add(node, (bias - old).astype(dtype), graph)
+        elif len(node.inputs) > 2 and node.inputs[2] is not None:
+            current = const_array(node.inputs[2])
+            replace_const(node, 2, np.broadcast_to(bias.astype(current.dtype), np.broadcast_shapes(current.shape, bias.shape)).copy(), graph)
+        else:
+            node.resize_inputs(3)
+            _new_input(node, 2, bias.astype(dtype), graph)
