@@ -76,6 +76,7 @@ class PruneResult:
     latency: dict | None = None
     gate_forced: bool = False
     method_report: dict | None = None
+    steps: int = 1
 
     @property
     def blocked(self) -> list[dict]:
@@ -96,6 +97,7 @@ class PruneResult:
             "fidelity": self.fidelity,
             "latency": self.latency,
             "method_report": self.method_report,
+            "steps": self.steps,
         }
 
 
@@ -193,6 +195,8 @@ def prune(
     progress: bool = False,
     latency: bool = True,
     method_options: MethodOptions | None = None,
+    steps: int = 1,
+    _reference: str | os.PathLike | None = None,
 ) -> tuple[ir.Model, PruneResult]:
     """Prune the model at ``model_path``; write it to ``output_path`` when given.
 
@@ -206,6 +210,11 @@ def prune(
     :class:`GateError` (exit 3) and nothing is written unless ``force``.
     """
     _check_options(method, ratio, min_keep, round_to)
+    if steps < 1:
+        raise InputError(f"--steps must be at least 1, got {steps}")
+    if steps > 1:
+        args = {k: v for k, v in locals().items() if k not in ("model_path", "output_path", "steps", "_reference")}
+        return _prune_in_steps(model_path, output_path, steps, args)
     opts = method_options or MethodOptions()
     opts.min_keep, opts.seed = min_keep, seed
     plugin = REGISTRY.get(method)
@@ -305,13 +314,13 @@ def prune(
                 source = "eval data"
             else:
                 eval_iter, source = iter(held), "held-out calibration samples"
-            fid = measure_fidelity(model_path, path, eval_iter, label_array, providers)
+            fid = measure_fidelity(_reference or model_path, path, eval_iter, label_array, providers)
             fid.source = source
             measured["fidelity"] = fid
             measured["forced"] = _gate(fid, max_error, min_agreement, force)
         if latency:
             lat_feed = held[0] if held else feed
-            measured["latency"] = (median_latency(model_path, lat_feed), median_latency(path, lat_feed))
+            measured["latency"] = (median_latency(_reference or model_path, lat_feed), median_latency(path, lat_feed))
 
     try:
         if output_path is not None:
@@ -354,6 +363,47 @@ def prune(
         gate_forced=bool(measured.get("forced")),
         method_report=method_report,
     )
+    return model, result
+
+
+def _prune_in_steps(model_path, output_path, steps: int, args: dict) -> tuple[ir.Model, PruneResult]:
+    """Prune in ``steps`` rounds, recalibrating on the pruned graph between rounds.
+
+    Each round removes the same share of what is left, so the rounds compound to the
+    requested ratio or target; a method's own rule (relief's α, MIPP's confidence,
+    relative's τ) is applied in every round, as the papers iterate.  Fidelity, the gate
+    and latency of the last round are measured against the original model.
+    """
+    calib = args.get("calib")
+    if calib is None:
+        raise InputError("--steps recalibrates between rounds: give --calib")
+    rereadable = isinstance(calib, (str, os.PathLike, list, tuple)) or hasattr(calib, "rewind")
+    if not rereadable:
+        raise InputError(
+            "--steps reads the calibration data once per round, and this source can only be read once: "
+            "pass a folder, a list, or a CalibrationDataReader with rewind()"
+        )
+    first: PruneResult | None = None
+    step_args = dict(args)
+    if args["target_macs"] is not None:
+        step_args["target_macs"] = args["target_macs"] ** (1 / steps)
+    if args["target_params"] is not None:
+        step_args["target_params"] = args["target_params"] ** (1 / steps)
+    step_args["ratio"] = 1 - (1 - args["ratio"]) ** (1 / steps)
+    current = Path(model_path)
+    with tempfile.TemporaryDirectory(prefix="onnxprune-steps-") as d:
+        for k in range(steps - 1):
+            out = Path(d) / f"step{k + 1}.onnx"
+            inter = dict(step_args, eval_data=None, labels=None, max_error=None, min_agreement=None,
+                         eval_samples=0, latency=False)
+            _, r = prune(current, out, **inter)
+            first = first or r
+            current = out
+        model, result = prune(current, output_path, **step_args, _reference=model_path)
+    result.params_before, result.macs_before = first.params_before, first.macs_before
+    result.file_size_before = first.file_size_before
+    result.ratio = args["ratio"] if args["target_macs"] is None and args["target_params"] is None else result.ratio
+    result.steps = steps
     return model, result
 
 

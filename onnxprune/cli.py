@@ -64,6 +64,7 @@ def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
 @click.option("--z", "z_", type=float, default=1.0, show_default=True, help="relative: keep a connection if mean + z·std of its relative contribution >= tau")
 @click.option("--tau", type=float, help="relative: the threshold (else chosen by the budget)")
 @click.option("--confidence", type=float, help="mipp: confidence of the keep test (else chosen by the budget)")
+@click.option("--steps", type=int, default=1, show_default=True, help="prune in N rounds, recalibrating in between")
 @click.option("--mi-estimator", type=click.Choice(["linear", "mlp"]), default="linear", show_default=True, help="mipp: MI predictor")
 @click.option("--resize", type=int, help="images: resize the shorter side to this")
 @click.option("--crop", type=int, help="images: centre-crop to this square size")
@@ -83,7 +84,7 @@ def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
 def prune_cmd(input_model, output_model, method, ratio, global_, target_macs, target_params, min_keep, round_to,
               exclude, calib, max_samples, batch_size, memory_budget, device, compensate, resize, crop, mean_, std_,
               scale, layout, channels, eval_data, labels, max_error, min_agreement, force, report_path, seed, quiet,
-              alpha_conv, alpha_fc, granularity, z_, tau, confidence, mi_estimator):
+              alpha_conv, alpha_fc, granularity, z_, tau, confidence, mi_estimator, steps):
     """Prune INPUT_MODEL and write the checked result to OUTPUT_MODEL."""
     pre = Preprocess(
         resize=resize, crop=crop, mean=_floats(mean_, "--mean") or (0.0, 0.0, 0.0),
@@ -114,6 +115,7 @@ def prune_cmd(input_model, output_model, method, ratio, global_, target_macs, ta
         min_agreement=min_agreement,
         force=force,
         progress=not quiet,
+        steps=steps,
         method_options=MethodOptions(
             alpha_conv=alpha_conv, alpha_fc=alpha_fc, granularity=granularity, z=z_, tau=tau,
             confidence=confidence, mi_estimator=mi_estimator,
