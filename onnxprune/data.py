@@ -148,10 +148,11 @@ def source_items(
         state = {"used": False}
 
         def again() -> Iterator[tuple[str, Sample]]:
-            if state["used"]:
-                if not hasattr(source, "rewind"):
-                    raise InputError("the CalibrationDataReader was already consumed and has no rewind()")
+            # A reader may have been read by an earlier round (--steps): rewind when it can.
+            if hasattr(source, "rewind"):
                 source.rewind()
+            elif state["used"]:
+                raise InputError("the CalibrationDataReader was already consumed and has no rewind()")
             state["used"] = True
             return _reader_items(source)
 

@@ -750,6 +750,10 @@ class ShapeOf(Handler):
         if not start <= lay.axis < end:
             return  # the channel axis is not part of the result
         pos, n = lay.axis - start, end - start
+        if node.outputs[0].is_graph_output():
+            # Its value would change although its shape does not: verify cannot see it.
+            ctx.block(lay.atoms, node, "the channel count is a graph output")
+            return
         for use in node.outputs[0].uses():
             user = use.node
             idx = const_array(user.inputs[1]) if user.op_type == "Gather" and use.idx == 0 else None

@@ -34,12 +34,13 @@ def custom_op_model() -> onnx.ModelProto:
     y = _two_branches(g, x)
     graph = helper.make_graph(
         g.nodes, "custom", g.inputs,
-        [helper.make_tensor_value_info("mystery_out", TensorProto.FLOAT, None),
+        [helper.make_tensor_value_info("mystery_out", TensorProto.FLOAT, [1, 5, 6, 6]),
          helper.make_tensor_value_info(y, TensorProto.FLOAT, None)],
         initializer=g.inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
     model.ir_version = 8
+    model = onnx.shape_inference.infer_shapes(model)
     onnx.checker.check_model(model)
     return model
 
@@ -132,16 +133,29 @@ def test_shape_of_channels_as_graph_output_blocks(tmp_path: Path) -> None:
     assert not grp.prunable and any("Shape 'shape'" in r for r in grp.blocked), grp.blocked
 
 
-def test_channel_count_read_at_run_time_blocks(tmp_path: Path) -> None:
-    """Shape → Gather(1): the channel count feeds a computation: blocked."""
+def test_static_channel_count_read_is_folded(tmp_path: Path) -> None:
+    """Shape → Gather(1) of a static channel count is folded to the constant before the
+    analysis: the pruned model keeps reading the original count, so nothing blocks."""
     g = G()
     x = g.input("x", [1, 3, 6, 6])
     h = g.conv(x, 3, 6, name="c1")
     n = g.op("Gather", [g.op("Shape", [h], name="shape"), g.const(np.array([1], np.int64))], axis=0)
     scale = g.op("Cast", [n], to=TensorProto.FLOAT)
-    y = g.op("Mul", [g.conv(h, 6, 4, name="c2"), scale])
+    y = g.op("Mul", [g.conv(h, 6, 4, name="c2", weight=zero_cols(g.w(4, 6, 3, 3), [0])), scale])
+    proto = g.model([g.op("Relu", [y])])
+    assert group_of(analysis_of(tmp_path, proto), "c1").prunable
+    assert_exact(tmp_path, proto, "c1", [0])
+
+
+def test_channel_count_read_at_run_time_blocks(tmp_path: Path) -> None:
+    """The whole (dynamic) shape, channel count included, feeds a computation: blocked."""
+    g = G()
+    x = g.input("x", ["N", 3, 6, 6])
+    h = g.conv(x, 3, 6, name="c1")
+    total = g.op("Cast", [g.op("ReduceProd", [g.op("Shape", [h], name="shape")], keepdims=1)], to=TensorProto.FLOAT)
+    y = g.op("Mul", [g.op("ReduceMean", [g.conv(h, 6, 4, name="c2")], keepdims=0), total])
     grp = group_of(analysis_of(tmp_path, g.model([y])), "c1")
-    assert not grp.prunable and any("read at run time" in r for r in grp.blocked), grp.blocked
+    assert not grp.prunable and any("Shape 'shape'" in r and "read at run time" in r for r in grp.blocked), grp.blocked
 
 
 # ----------------------------------------------------------------------------- computed operands

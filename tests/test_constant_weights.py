@@ -108,3 +108,31 @@ def test_shared_constant_gets_private_copies(tmp_path: Path) -> None:
         read = {i for n in m.graph.node for i in n.input}
         assert produced | set(initializer_names(out)) <= read
         assert input_shape(out, "ca", 1)[0] == input_shape(out, "cb", 1)[0] == 4
+
+
+def test_integer_constants_in_constant_nodes(tmp_path: Path) -> None:
+    """Split sizes, Slice bounds and Resize sizes held in Constant nodes are rewritten
+    where they live."""
+    g = G(opset=13, constant_nodes=True)
+    x = g.input("x", [1, 3, 6, 6])
+    h = g.op("Relu", [g.conv(x, 3, 8, name="c1")])
+    a, b = g.op("Split", [h, g.const(np.array([3, 5], np.int64), name="sizes")], n_out=2, axis=1, name="split")
+    b = g.op("Slice", [b, g.const(np.array([1], np.int64), name="starts"), g.const(np.array([5], np.int64),
+                                                                                     name="ends"),
+                       g.const(np.array([1], np.int64), name="axes")], name="slice")
+    b = g.op("Resize", [b, "", "", g.const(np.array([1, 4, 12, 12], np.int64), name="rsizes")], name="resize")
+    ya = g.conv(a, 3, 2, name="ha", weight=zero_cols(g.w(2, 3, 3, 3), [0]))
+    yb = g.conv(b, 4, 2, name="hb", weight=zero_cols(g.w(2, 4, 3, 3), [2]))
+    proto = g.model([ya, yb])
+    # c1 channel 0 is read by ha (zero); channel 3 is dropped by the slice; channel 6
+    # is slice position 2, read by hb (zero).
+    out = assert_exact(tmp_path, proto, "c1", [0, 3, 6])
+    assert initializer_names(out) == []
+    m = onnx.load(str(out))
+    values = {n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t).tolist()
+              for n in m.graph.node if n.op_type == "Constant"}
+    assert values["sizes"] == [2, 3]
+    assert (values["starts"], values["ends"]) == ([0], [3])
+    assert values["rsizes"] == [1, 3, 12, 12]
+    for out in assert_random(tmp_path, proto, seeds=(0, 1)):
+        assert initializer_names(out) == []

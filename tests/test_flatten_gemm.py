@@ -20,7 +20,8 @@ FEAT = C * H * W
 def head_model(flatten: str, head: str, zero: list[int] = (), batch: int | str = 1) -> onnx.ModelProto:
     """x → c1(C) → Relu → flatten → head(N) → Relu → out(3).
 
-    ``flatten``: "flatten", "reshape-1" ([-1, C·H·W]) or "reshape0" ([0, C·H·W]);
+    ``flatten``: "flatten", "reshape-1" ([-1, C·H·W]), "reshape0" ([0, C·H·W]) or
+    "reshape0-1" ([0, -1]: nothing to rewrite);
     ``head``: "gemm1"/"gemm0" (transB) or "matmul".  ``zero``: channels of c1 whose H·W
     block of head weights is zero."""
     g = G()
@@ -29,8 +30,8 @@ def head_model(flatten: str, head: str, zero: list[int] = (), batch: int | str =
     if flatten == "flatten":
         f = g.op("Flatten", [h], axis=1, name="flat")
     else:
-        lead = -1 if flatten == "reshape-1" else 0
-        f = g.op("Reshape", [h, g.const(np.array([lead, FEAT], np.int64), name="shape")], name="flat")
+        target = {"reshape-1": [-1, FEAT], "reshape0": [0, FEAT], "reshape0-1": [0, -1]}[flatten]
+        f = g.op("Reshape", [h, g.const(np.array(target, np.int64), name="shape")], name="flat")
     rows = [k * H * W + i for k in zero for i in range(H * W)]
     wk = g.w(FEAT, N)  # [K, N]
     wk[rows] = 0
@@ -52,7 +53,9 @@ CASES = [
     ("reshape-1", "gemm0"),
     ("reshape-1", "matmul"),
     ("reshape0", "gemm1"),
+    ("reshape0", "gemm0"),
     ("reshape0", "matmul"),
+    ("reshape0-1", "gemm1"),
 ]
 
 
@@ -85,9 +88,11 @@ def test_flatten_groups(tmp_path: Path, flatten: str, head: str) -> None:
 def test_flatten_exact(tmp_path: Path, flatten: str, head: str) -> None:
     out = assert_exact(tmp_path, head_model(flatten, head, [1, 3]), "c1", [1, 3])
     assert head_in(out) == (C - 2) * H * W
-    if flatten != "flatten":
+    if flatten in ("reshape-1", "reshape0"):
         lead = -1 if flatten == "reshape-1" else 0
         assert reshape_target(out) == [lead, (C - 2) * H * W]
+    elif flatten == "reshape0-1":
+        assert reshape_target(out) == [0, -1]
 
 
 @pytest.mark.parametrize("flatten,head", CASES)
@@ -126,3 +131,17 @@ def test_flatten_into_batch_axis_is_blocked(tmp_path: Path) -> None:
     y = g.op("MatMul", [f, g.const(g.w(H * W, 5))], name="fc")
     grp = group_of(analysis_of(tmp_path, g.model([y])), "c1")
     assert not grp.prunable and any("Flatten" in r and "leading" in r for r in grp.blocked)
+
+
+def test_reshape_splitting_channels_is_blocked(tmp_path: Path) -> None:
+    """ShuffleNet's [N, G, C/G, H, W] reshape splits the channel axis: blocked, named."""
+    g = G()
+    x = g.input("x", [1, 3, H, W])
+    h = g.conv(x, 3, C, name="c1")
+    r = g.op("Reshape", [h, g.const(np.array([1, 2, C // 2, H, W], np.int64))], name="split_channels")
+    r = g.op("Transpose", [r], perm=[0, 2, 1, 3, 4])
+    r = g.op("Reshape", [r, g.const(np.array([1, C, H, W], np.int64))])
+    y = g.conv(r, C, 3, name="head")
+    grp = group_of(analysis_of(tmp_path, g.model([y])), "c1")
+    assert not grp.prunable
+    assert any("Reshape 'split_channels'" in r and "splits or moves" in r for r in grp.blocked), grp.blocked

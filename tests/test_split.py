@@ -205,3 +205,24 @@ def test_strided_channel_slice_is_blocked(tmp_path: Path) -> None:
     y = g.conv(s, 4, 4, name="head")
     grp = group_of(analysis_of(tmp_path, g.model([y])), "c1")
     assert not grp.prunable and any("strided" in r for r in grp.blocked)
+
+
+def test_slices_sharing_bound_constants(tmp_path: Path) -> None:
+    """Two Slices of two different groups share their starts/ends/axes constants (as
+    exporters do): each gets the bounds its own pruning needs."""
+    g = G()
+    x = g.input("x", [1, 3, 8, 8])
+    starts, ends, axes = (g.const(np.array([v], np.int64)) for v in (1, 5, 1))
+    sa = g.op("Slice", [g.conv(x, 3, 6, name="pa"), starts, ends, axes], name="sa")
+    sb = g.op("Slice", [g.conv(x, 3, 6, name="pb"), starts, ends, axes], name="sb")
+    ya = g.conv(sa, 4, 3, name="ha", weight=zero_cols(g.w(3, 4, 3, 3), [0, 1]))
+    yb = g.conv(sb, 4, 3, name="hb")
+    proto = g.model([ya, yb])
+    # pa: dead channels 0 and 5 plus 1, 2 (slice positions 0, 1, zero in ha).
+    out = assert_exact(tmp_path, proto, "pa", [0, 1, 2, 5])
+    assert input_shape(out, "ha", 1)[1] == 2 and input_shape(out, "hb", 1)[1] == 4
+    m = onnx.load(str(out))
+    inits = {t.name: numpy_helper.to_array(t).tolist() for t in m.graph.initializer}
+    bounds = {n.name: (inits[n.input[1]], inits[n.input[2]]) for n in m.graph.node if n.op_type == "Slice"}
+    assert bounds == {"sa": ([0], [2]), "sb": ([1], [5])}
+    assert_random(tmp_path, proto, seeds=(0, 1, 2))

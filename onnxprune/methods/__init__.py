@@ -87,3 +87,4 @@ REGISTRY: dict[str, Method] = {}
 def register(method: Method) -> Method:
     REGISTRY[method.name] = method
     return method
+from . import relief  # noqa: E402,F401
