@@ -407,6 +407,21 @@ def _prune_in_steps(model_path, output_path, steps: int, args: dict) -> tuple[ir
     return model, result
 
 
+def error_sweep(model_path, kwargs: dict, result: PruneResult, points=(0.9, 0.8, 0.7, 0.6, 0.5, 0.4)) -> list:
+    """(MACs removed, rel. L2 error, agreement) at several MACs targets with the same options,
+    plus the result itself: the error-vs-compression curve of ``--plot``."""
+    out = []
+    if result.fidelity:
+        out.append((1 - result.macs_after / result.macs_before, result.fidelity["rel_l2"], result.fidelity["agreement"]))
+    skip = ("ratio", "target_macs", "target_params", "max_error", "min_agreement", "progress")
+    args = {k: v for k, v in kwargs.items() if k not in skip}
+    for target in points:
+        _, r = prune(model_path, None, **args, target_macs=target, latency=False, progress=False)
+        if r.fidelity:
+            out.append((1 - r.macs_after / r.macs_before, r.fidelity["rel_l2"], r.fidelity["agreement"]))
+    return out
+
+
 def _flat(removed: dict[int, np.ndarray]) -> np.ndarray:
     return np.concatenate([r for r in removed.values()] or [np.zeros(0, np.int64)]).astype(np.int64)
 

@@ -14,7 +14,7 @@ from .compensate import COMPENSATIONS
 from .data import Preprocess
 from .methods import MethodOptions
 from .errors import InputError, OnnxPruneError
-from .report import print_analysis, print_result, write_json
+from .report import plot, print_analysis, print_result, write_json
 
 
 class _DefaultToPrune(click.Group):
@@ -79,20 +79,19 @@ def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
 @click.option("--min-agreement", type=float, help="fail (exit 3, nothing written) below this top-1 agreement")
 @click.option("--force", is_flag=True, help="write even when a --max-error/--min-agreement gate fails")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="write a JSON report here")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="write a PNG: kept channels per group, error vs MACs removed")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed for random scores and test inputs")
 @click.option("--quiet", "-q", is_flag=True, help="print nothing but errors")
 def prune_cmd(input_model, output_model, method, ratio, global_, target_macs, target_params, min_keep, round_to,
               exclude, calib, max_samples, batch_size, memory_budget, device, compensate, resize, crop, mean_, std_,
               scale, layout, channels, eval_data, labels, max_error, min_agreement, force, report_path, seed, quiet,
-              alpha_conv, alpha_fc, granularity, z_, tau, confidence, mi_estimator, steps):
+              alpha_conv, alpha_fc, granularity, z_, tau, confidence, mi_estimator, steps, plot_path):
     """Prune INPUT_MODEL and write the checked result to OUTPUT_MODEL."""
     pre = Preprocess(
         resize=resize, crop=crop, mean=_floats(mean_, "--mean") or (0.0, 0.0, 0.0),
         std=_floats(std_, "--std") or (1.0, 1.0, 1.0), scale=scale, layout=layout, channels=channels,
     )
-    _, result = api.prune(
-        input_model,
-        output_model,
+    kwargs = dict(
         method=method or ("wanda" if calib else "l1"),
         ratio=ratio,
         global_=global_,
@@ -121,6 +120,10 @@ def prune_cmd(input_model, output_model, method, ratio, global_, target_macs, ta
             confidence=confidence, mi_estimator=mi_estimator,
         ),
     )
+    _, result = api.prune(input_model, output_model, **kwargs)
+    if plot_path:
+        sweep = api.error_sweep(input_model, kwargs, result) if (calib or eval_data) else []
+        plot(result, sweep, plot_path)
     if report_path:
         write_json(result.to_dict(), report_path)
     if not quiet:

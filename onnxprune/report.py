@@ -93,3 +93,44 @@ def write_json(data: dict, path: str | os.PathLike) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+def plot(result: PruneResult, sweep: list[tuple[float, float, float | None]], path: str | os.PathLike) -> None:
+    """Write a PNG: kept/total channels per group, and output error (and top-1 agreement)
+    vs MACs removed from ``sweep`` = [(macs removed, rel. L2 error, agreement or None)]."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        from .errors import InputError
+
+        raise InputError("--plot needs matplotlib: pip install 'onnxprune[plot]'") from exc
+    groups = [g for g in result.groups if not g["blocked"] and not g["excluded"]]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = [g["producers"][0].split("'")[1] if "'" in g["producers"][0] else g["producers"][0] for g in groups]
+    x = range(len(groups))
+    a.bar(x, [g["channels"] for g in groups], color="#dddddd", label="total")
+    a.bar(x, [g["kept"] for g in groups], color="#3b75af", label="kept")
+    a.set_xticks(list(x), names, rotation=60, ha="right", fontsize=7)
+    a.set_ylabel("channels")
+    a.set_title(f"kept channels per group ({result.method})")
+    a.legend()
+    if sweep:
+        pts = sorted(sweep)
+        b.plot([100 * p[0] for p in pts], [p[1] for p in pts], "o-", label="relative L2 error")
+        if all(p[2] is not None for p in pts):
+            b2 = b.twinx()
+            b2.plot([100 * p[0] for p in pts], [100 * p[2] for p in pts], "s--", color="#c44e52", label="top-1 agreement")
+            b2.set_ylabel("top-1 agreement (%)")
+            b2.set_ylim(max(0.0, 100 * min(p[2] for p in pts) - 5), 100.5)
+        b.set_xlabel("MACs removed (%)")
+        b.set_ylabel("relative L2 output error")
+        b.set_title("error vs MACs removed")
+    else:
+        b.text(0.5, 0.5, "no held-out data: give --calib or --eval", ha="center", va="center")
+        b.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -171,3 +171,10 @@ def test_sample_models_prune_and_keep_accuracy(tmp_path, path):
     _, light = onnxprune.prune(path, out, method="l1", ratio=0.1)
     assert light.params_after < light.params_before
     assert acc(path) > 0.95 and acc(out) > 0.9
+
+
+def test_plot_writes_a_png(tmp_path):
+    out, png = tmp_path / "o.onnx", tmp_path / "p.png"
+    code = main([str(CNN), str(out), "--calib", str(ROOT / "models" / "data" / "calib"), "--target-macs", "0.6", "--plot", str(png), "-q"])
+    assert code == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
