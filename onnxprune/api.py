@@ -77,6 +77,7 @@ class PruneResult:
     gate_forced: bool = False
     method_report: dict | None = None
     steps: int = 1
+    selection: str = ""
 
     @property
     def blocked(self) -> list[dict]:
@@ -98,6 +99,7 @@ class PruneResult:
             "latency": self.latency,
             "method_report": self.method_report,
             "steps": self.steps,
+            "selection": self.selection,
         }
 
 
@@ -265,6 +267,9 @@ def prune(
     t = time.perf_counter()
     target = target_macs if target_macs is not None else target_params
     views = consumer_views(analysis) if plugin is not None else []
+    rule = f"global ratio {ratio:.3g}" if global_ else f"ratio {ratio:.3g}"
+    if target is not None:
+        rule = f"target {'MACs' if target_macs is not None else 'params'} {target:.3g}"
     if target is not None:
         pick = 1 if target_macs is not None else 0
         base = macs_before if target_macs is not None else params_before
@@ -279,6 +284,7 @@ def prune(
             removed, ratio = select_for_target(analysis.groups, scores, kept_fraction, target, min_keep=min_keep, round_to=round_to)
     elif plugin is not None and plugin.own_rule(opts):
         removed = plugin.select(analysis, stats, views, opts, analysis.groups)
+        rule = f"{method}'s own rule"
     else:
         removed = select(analysis.groups, scores, ratio, global_=global_, min_keep=min_keep, round_to=round_to)
     all_removed = _flat(removed)
@@ -362,6 +368,7 @@ def prune(
         latency=None if lat is None else {"before_s": lat[0], "after_s": lat[1], "speedup": lat[0] / lat[1] if lat[1] else None},
         gate_forced=bool(measured.get("forced")),
         method_report=method_report,
+        selection=rule,
     )
     return model, result
 

@@ -530,9 +530,10 @@ class Reshape(Handler):
                 continue
             for t in range(len(after) + 1):
                 merged = _prod(after[:t])
+                # The blocks from the channel axis on and from j on hold the same elements
+                # in the same order, so the dims before them (a symbolic batch·time, say)
+                # need not be compared: the element count already makes them agree.
                 if d_out[j] == c * merged and tail == _prod(after[t:]):
-                    if not _leading_match(d_in[: lay.axis], d_out[:j]):
-                        continue
                     if not self._shape_edit(node, j, lay, merged, ctx):
                         return
                     ctx.set_layout(node.outputs[0], Layout(j, np.repeat(lay.atoms, merged)))
@@ -544,8 +545,11 @@ class Reshape(Handler):
         shape = const_array(node.inputs[1])
         if shape is not None:
             entry = int(shape.reshape(-1)[j])
-            if entry == -1 or (entry == 0 and not attr_int(node, "allowzero", 0)):
-                return True  # inferred or copied: follows the pruned input by itself
+            # -1 is inferred; 0 copies input dim j, which is the channel dim only at the
+            # channel axis itself (elsewhere it merely has the same size): rewrite it then.
+            copied = entry == 0 and not attr_int(node, "allowzero", 0) and j == lay.axis and merged == 1
+            if entry == -1 or copied:
+                return True  # follows the pruned input by itself
             ctx.edit(SetCount(node, 1, None, j, lay.atoms, merged))
             return True
         # A shape computed at run time (Shape→Gather→Concat): the entry must come from a
@@ -602,17 +606,6 @@ def _reshape_out_dims(node: ir.Node) -> list[int | None] | None:
     d_out = list(d_out)
     d_out[left[0]] = p_in // p_out
     return d_out
-
-
-def _leading_match(a: list[int | None], b: list[int | None]) -> bool:
-    """The dims before the channel axis are the same (or have the same static product)."""
-    if a == b:
-        return True
-    pa, pb = _prod(a), _prod(b)
-    if pa is not None and pa == pb:
-        return True
-    # Dynamic batch: equal after dropping the symbolic leading dim on both sides.
-    return len(a) >= 1 and len(b) >= 1 and a[0] is None and b[0] is None and _prod(a[1:]) == _prod(b[1:])
 
 
 class Pool(Handler):

@@ -45,7 +45,8 @@ def print_analysis(report: AnalysisReport, console: Console | None = None) -> No
 
 def print_result(result: PruneResult, console: Console | None = None) -> None:
     console = console or Console()
-    table = Table(title=f"onnxprune: {result.method}, ratio {result.ratio:.3g}")
+    steps = f", {result.steps} rounds" if result.steps > 1 else ""
+    table = Table(title=f"onnxprune: {result.method}, {result.selection or f'ratio {result.ratio:.3g}'}{steps}")
     for col in ("group", "producers", "kept / total"):
         table.add_column(col)
     for g in result.groups:

@@ -4,6 +4,7 @@ through, per-channel constants ([C,1,1] slopes, scales, offsets) are sliced."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Callable
 
@@ -102,7 +103,7 @@ ACTS: dict[str, tuple[int, Callable[[G, str], str]]] = {
 }
 
 
-def act_model(act: str, zero: list[int] = ()) -> onnx.ModelProto:
+def act_model(act: str, zero: Sequence[int] = ()) -> onnx.ModelProto:
     """x → c1(C) → act → c2(4) → Relu → head(3).  ``zero``: c1 channels c2 reads as zero."""
     opset, build = ACTS[act]
     g = G(opset=opset)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import onnx
@@ -13,7 +14,7 @@ from topology import analysis_of, assert_exact, assert_random, consumer_names, g
 C = 8
 
 
-def norm_model(where: str, zero: list[int] = ()) -> onnx.ModelProto:
+def norm_model(where: str, zero: Sequence[int] = ()) -> onnx.ModelProto:
     """x → c1(C) → [BN → Relu | Relu → BN | InstanceNorm → Relu] → c2(6) → BN → Relu → head."""
     g = G()
     x = g.input("x", [1, 3, 8, 8])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -10,13 +11,13 @@ import pytest
 from onnx import TensorProto, helper
 
 import onnxprune
-from builders import G, params, run, save
+from builders import G, run, save
 from onnxprune._ort import session
 from onnxprune.verify import random_feed
 from topology import analysis_of, assert_exact, assert_random, consumer_names, group_of, input_shape, zero_cols
 
 
-def _two_branches(g: G, x: str, zero: list[int] = ()) -> str:
+def _two_branches(g: G, x: str, zero: Sequence[int] = ()) -> str:
     """A clean branch x → c2(6) → Relu → c3(4, reads ``zero`` of c2 as zero): prunable."""
     h = g.op("Relu", [g.conv(x, 3, 6, name="c2")])
     return g.conv(h, 6, 4, name="c3", weight=zero_cols(g.w(4, 6, 3, 3), list(zero)))
@@ -54,7 +55,7 @@ def test_custom_domain_op_blocks_only_its_group(tmp_path: Path) -> None:
     assert not any("Mystery" in r for r in group_of(a, "c2").blocked + group_of(a, "c3").blocked)
 
 
-def einsum_model(zero: list[int] = (), zero_after: list[int] = ()) -> onnx.ModelProto:
+def einsum_model(zero: Sequence[int] = (), zero_after: Sequence[int] = ()) -> onnx.ModelProto:
     """c1 → Einsum (NCHW→NHWC) → Transpose back → c4 → Relu → c5, beside a clean branch.
 
     c4 reads no prunable channels (Einsum carries none onward), so it starts a new group;
@@ -248,3 +249,23 @@ def test_conv_inside_subgraph_is_not_analysed(tmp_path: Path) -> None:
     y = g.conv(branch, 6, 4, name="c2")
     a = analysis_of(tmp_path, g.model([y]))
     assert {p.name for grp in a.groups for p in grp.producers} == {"c2"}
+
+
+def test_attention_projections_are_blocked(tmp_path: Path) -> None:
+    """Self-attention: Q·Kᵀ and A·V multiply two computed tensors; their projections'
+    groups are blocked with the reason, while the MLP beside them stays prunable."""
+    g = G()
+    x = g.input("x", [1, 5, 8])
+    q = g.op("MatMul", [x, g.const(g.w(8, 8))], name="wq")
+    k = g.op("MatMul", [x, g.const(g.w(8, 8))], name="wk")
+    v = g.op("MatMul", [x, g.const(g.w(8, 8))], name="wv")
+    scores = g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 2, 1])], name="qk")
+    attn = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), v], name="av")
+    h = g.op("Relu", [g.op("MatMul", [attn, g.const(g.w(8, 16))], name="fc1")])
+    y = g.op("MatMul", [h, g.const(g.w(16, 8))], name="fc2")
+    a = analysis_of(tmp_path, g.model([y]))
+    for name, op in (("wq", "qk"), ("wk", "qk"), ("wv", "av")):
+        grp = group_of(a, name)
+        assert not grp.prunable
+        assert any(f"MatMul '{op}'" in r and "two computed tensors" in r for r in grp.blocked), grp.blocked
+    assert group_of(a, "fc1").prunable

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from topology import (
 )
 
 
-def concat_model(zero: list[int] = (), with_input: bool = False) -> onnx.ModelProto:
+def concat_model(zero: Sequence[int] = (), with_input: bool = False) -> onnx.ModelProto:
     """x → a(4), x → b(6) → Concat(axis=1) [a, b] (or [x, a, b]) → Relu → head(5).
     ``zero``: head input channels (positions in the concat) read as zero."""
     g = G()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from topology import (
 )
 
 
-def const_model(zero: list[int] = ()) -> onnx.ModelProto:
+def const_model(zero: Sequence[int] = ()) -> onnx.ModelProto:
     """A small network touching every kind of constant edit, all in Constant nodes:
     conv weights and biases, BN parameters, a residual, a per-channel Mul, a Reshape
     shape and a Gemm."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import onnx
@@ -16,7 +17,7 @@ def convt(g: G, x: str, cin: int, cout: int, name: str, weight=None, group: int 
                 strides=[2, 2], group=group)
 
 
-def up_model(zero_t: list[int] = (), zero_head: list[int] = ()) -> onnx.ModelProto:
+def up_model(zero_t: Sequence[int] = (), zero_head: Sequence[int] = ()) -> onnx.ModelProto:
     """x → c1(8) → Relu → up(6, stride 2) → BN → Relu → up2(4) → Relu → head(3).
 
     ``zero_t``: c1 channels whose up weights (rows of axis 0) are zero;

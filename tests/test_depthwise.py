@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from topology import (
 C = 6
 
 
-def depthwise_model(mult: int, zero: list[int] = (), bn: bool = True) -> onnx.ModelProto:
+def depthwise_model(mult: int, zero: Sequence[int] = (), bn: bool = True) -> onnx.ModelProto:
     """x → c1(C) → Relu → dw(C·mult, group=C) [→ BN] → Relu → head(5).
     ``zero``: c1 channels; head reads every depthwise output made from them as zero."""
     g = G()

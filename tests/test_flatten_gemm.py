@@ -3,6 +3,7 @@ weight rows (columns with transB=1)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -11,13 +12,15 @@ import pytest
 from onnx import numpy_helper
 
 from builders import G
-from topology import analysis_of, assert_exact, assert_random, consumer_names, group_of, input_shape, node_of
+from topology import (
+    analysis_of, assert_exact, assert_random, consumer_names, group_of, input_shape, node_of, zero_cols,
+)
 
 C, H, W, N = 4, 3, 3, 10
 FEAT = C * H * W
 
 
-def head_model(flatten: str, head: str, zero: list[int] = (), batch: int | str = 1) -> onnx.ModelProto:
+def head_model(flatten: str, head: str, zero: Sequence[int] = (), batch: int | str = 1) -> onnx.ModelProto:
     """x → c1(C) → Relu → flatten → head(N) → Relu → out(3).
 
     ``flatten``: "flatten", "reshape-1" ([-1, C·H·W]), "reshape0" ([0, C·H·W]) or
@@ -145,3 +148,27 @@ def test_reshape_splitting_channels_is_blocked(tmp_path: Path) -> None:
     grp = group_of(analysis_of(tmp_path, g.model([y])), "c1")
     assert not grp.prunable
     assert any("Reshape 'split_channels'" in r and "splits or moves" in r for r in grp.blocked), grp.blocked
+
+
+@pytest.mark.parametrize("squash", ["flatten", "squeeze", "squeeze-all", "reshape"])
+def test_pooled_classifier_head(tmp_path: Path, squash: str) -> None:
+    """GlobalAveragePool → Flatten / Squeeze / Reshape → Gemm: one weight column per channel."""
+
+    def model(zero: Sequence[int] = ()) -> onnx.ModelProto:
+        g = G(opset=13)
+        x = g.input("x", [2, 3, H, W])
+        p = g.op("GlobalAveragePool", [g.op("Relu", [g.conv(x, 3, C, name="c1")])])
+        if squash == "flatten":
+            f = g.op("Flatten", [p])
+        elif squash == "squeeze":
+            f = g.op("Squeeze", [p, g.const(np.array([2, 3], np.int64))])
+        elif squash == "squeeze-all":
+            f = g.op("Squeeze", [p])
+        else:
+            f = g.op("Reshape", [p, g.const(np.array([2, C], np.int64))])
+        return g.model([g.gemm(f, C, 5, name="fc", weight=zero_cols(g.w(5, C), list(zero)))])
+
+    assert consumer_names(group_of(analysis_of(tmp_path, model()), "c1")) == {"fc"}
+    out = assert_exact(tmp_path, model([0, 2]), "c1", [0, 2])
+    assert input_shape(out, "fc", 1) == (5, C - 2)
+    assert_random(tmp_path, model(), seeds=(0,))

@@ -3,6 +3,7 @@ those channels go together; output channel j of every group goes together too.""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import onnx
@@ -14,7 +15,7 @@ from topology import analysis_of, assert_exact, assert_random, consumer_names, g
 CIN, COUT = 8, 12
 
 
-def grouped_model(groups: int, zero_in: list[int] = (), zero_out: list[int] = ()) -> onnx.ModelProto:
+def grouped_model(groups: int, zero_in: Sequence[int] = (), zero_out: Sequence[int] = ()) -> onnx.ModelProto:
     """x → c1(8) → Relu → gc(12, group=groups) → Relu → head(5).
 
     ``zero_in``: local input indices j that gc reads as zero in every group;

@@ -3,6 +3,7 @@ they block."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Callable
 
@@ -65,7 +66,7 @@ OPS: dict[str, tuple[int, Body]] = {
 }
 
 
-def pool_model(op: str, zero: list[int] = ()) -> onnx.ModelProto:
+def pool_model(op: str, zero: Sequence[int] = ()) -> onnx.ModelProto:
     """x → c1(C) → Relu → op → head."""
     opset, body = OPS[op]
     g = G(opset=opset)

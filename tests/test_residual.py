@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import onnx
@@ -12,7 +13,7 @@ from topology import (
 )
 
 
-def residual(zero: list[int] = (), blocks: int = 2) -> onnx.ModelProto:
+def residual(zero: Sequence[int] = (), blocks: int = 2) -> onnx.ModelProto:
     """x → c0(8) → Relu = a; ``blocks`` times: a → bK1(6) → Relu → bK2(8); a = Relu(a + ·);
     then a → head(4).  ``zero``: channels of the stem group whose weights every reader of
     the 8-channel stream (each bK1 and head) reads as zero."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +11,9 @@ import pytest
 from onnx import numpy_helper
 
 from builders import G
+from onnxprune.groups import Group
 from topology import (
-    analysis_of, assert_exact, assert_random, consumer_names, group_of, input_shape, node_of, producer_names,
-    zero_cols,
+    analysis_of, assert_exact, assert_random, consumer_names, group_of, input_shape, producer_names, zero_cols,
 )
 
 INT_MAX = np.iinfo(np.int64).max
@@ -28,7 +29,7 @@ SPLITS = [
 ]
 
 
-def split_model(opset: int, how: str, sizes: list[int], zero: list[int] = ()) -> onnx.ModelProto:
+def split_model(opset: int, how: str, sizes: list[int], zero: Sequence[int] = ()) -> onnx.ModelProto:
     """x → c1(8) → Relu → Split(axis=1) → ca / cb.  ``zero``: c1 channels whose weights
     the reader of their chunk sees as zero."""
     g = G(opset=opset)
@@ -62,7 +63,7 @@ def split_sizes(path: Path) -> list[int]:
     return list(attr.ints)
 
 
-def assert_chunks(group, ranges: list[tuple[int, int]]) -> None:
+def assert_chunks(group: Group, ranges: list[tuple[int, int]]) -> None:
     """Each channel range ``[start, stop)`` is one of the group's must-keep-one chunks."""
     chunks = {tuple(int(c) for c in chunk) for chunk in group.keep_any}
     for start, stop in ranges:
@@ -140,7 +141,7 @@ def test_split_glu_couples_halves(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- Slice
 
 
-def slice_model(zero: list[int] = (), opset: int = 13) -> onnx.ModelProto:
+def slice_model(zero: Sequence[int] = (), opset: int = 13) -> onnx.ModelProto:
     """x → c1(10) → Slice [2:6] → ca, Slice [-3:INT_MAX] → cb; c1's channels 0, 1, 6 are
     read by nobody.  ``zero``: c1 channels the reader of their slice sees as zero."""
     g = G(opset=opset)
@@ -226,3 +227,21 @@ def test_slices_sharing_bound_constants(tmp_path: Path) -> None:
     bounds = {n.name: (inits[n.input[1]], inits[n.input[2]]) for n in m.graph.node if n.op_type == "Slice"}
     assert bounds == {"sa": ([0], [2]), "sb": ([1], [5])}
     assert_random(tmp_path, proto, seeds=(0, 1, 2))
+
+
+def test_concat_then_split_negative_axes(tmp_path: Path) -> None:
+    """Concat and Split on axis -3 (the channel axis of NCHW), chunks crossing the seam."""
+    g = G()
+    x = g.input("x", [1, 3, 8, 8])
+    cat = g.op("Concat", [g.conv(x, 3, 4, name="a"), g.conv(x, 3, 4, name="b")], axis=-3)
+    s1, s2 = g.op("Split", [cat, g.const(np.array([3, 5], np.int64))], n_out=2, axis=-3, name="split")
+    y1 = g.conv(s1, 3, 2, name="h1")
+    y2 = g.conv(s2, 5, 2, name="h2", weight=zero_cols(g.w(2, 5, 3, 3), [1]))  # s2[1] is b's channel 0
+    proto = g.model([y1, y2])
+    an = analysis_of(tmp_path, proto)
+    assert consumer_names(group_of(an, "a")) == {"h1", "h2"}
+    assert consumer_names(group_of(an, "b")) == {"h2"}
+    out = assert_exact(tmp_path, proto, "b", [0])
+    assert split_sizes(out) == [3, 4]
+    for out in assert_random(tmp_path, proto, seeds=(0, 1)):
+        assert min(split_sizes(out)) >= 1

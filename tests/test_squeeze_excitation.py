@@ -4,6 +4,7 @@ The gate's producer and the gated tensor's producer are coupled by the Mul."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import onnx
@@ -17,7 +18,7 @@ from topology import (
 C, R = 8, 4
 
 
-def se_model(gate: str, zero: list[int] = (), zero_squeeze: list[int] = ()) -> onnx.ModelProto:
+def se_model(gate: str, zero: Sequence[int] = (), zero_squeeze: Sequence[int] = ()) -> onnx.ModelProto:
     """x → c1(C) → Relu = a; s = gate(s2(Relu(s1(GAP(a))))); head(a * s).
 
     ``zero``: channels of the {c1, s2} group that s1 and head both read as zero;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from builders import G
 from topology import analysis_of, assert_exact, assert_random, consumer_names, group_of, input_shape, zero_cols
 
 
-def nhwc_model(zero_mm: list[int] = (), zero_head: list[int] = ()) -> onnx.ModelProto:
+def nhwc_model(zero_mm: Sequence[int] = (), zero_head: Sequence[int] = ()) -> onnx.ModelProto:
     """x → c1(8) → Transpose(NHWC) → MatMul(8→6) → Add(bias) → Relu → Transpose(NCHW) → head.
 
     ``zero_mm``: c1 channels whose MatMul rows are zero; ``zero_head``: MatMul channels
@@ -58,7 +59,7 @@ def test_nhwc_random(tmp_path: Path) -> None:
 def test_gemm_transb(tmp_path: Path, trans_b: int) -> None:
     """x[3,12] → g1(10) → Relu → g2(8) → Relu → g3(4), every Gemm with ``trans_b``."""
 
-    def model(zero: list[int] = ()) -> onnx.ModelProto:
+    def model(zero: Sequence[int] = ()) -> onnx.ModelProto:
         g = G()
         x = g.input("x", [3, 12])
         h = g.op("Relu", [g.gemm(x, 12, 10, trans_b=trans_b, name="g1")])
@@ -84,7 +85,7 @@ D, HID = 8, 16
 ACTS = ["relu", "erf-gelu", "silu"]
 
 
-def mlp_model(act: str, zero: list[int] = (), batch: int | str = 2) -> onnx.ModelProto:
+def mlp_model(act: str, zero: Sequence[int] = (), batch: int | str = 2) -> onnx.ModelProto:
     """Transformer MLP on x[B, T, D]: MatMul(D→HID) → Add(bias) → act → MatMul(HID→D) →
     Add(bias) → residual Add(x) → MatMul(D→3).  ``zero``: fc1 channels whose fc2 rows are zero."""
     g = G()
@@ -141,3 +142,29 @@ def test_matmul_row_axis_is_blocked(tmp_path: Path) -> None:
     y = g.op("MatMul", [h, g.const(g.w(6, 4))], name="fc2")
     grp = group_of(analysis_of(tmp_path, g.model([y])), "fc1")
     assert not grp.prunable and any("MatMul 'fc2'" in r for r in grp.blocked)
+
+
+def tokens_to_rows(batch: int | str, target: list[int], zero: Sequence[int] = ()) -> onnx.ModelProto:
+    """x[batch, 6, 8] → fc1(6) → Relu → Reshape(target) → Gemm fc2(6→4) → Relu → Gemm out.
+
+    The Gemm works on [batch·tokens, C] rows.  ``zero``: fc1 channels fc2 reads as zero."""
+    g = G()
+    x = g.input("x", [batch, 6, 8])
+    h = g.op("Relu", [g.op("MatMul", [x, g.const(g.w(8, 6))], name="fc1")])
+    rows = g.op("Reshape", [h, g.const(np.array(target, np.int64))], name="rows")
+    y = g.op("Relu", [g.gemm(rows, 6, 4, name="fc2", weight=zero_cols(g.w(4, 6), list(zero)))])
+    return g.model([g.gemm(y, 4, 3, name="out")])
+
+
+@pytest.mark.parametrize("batch,target", [("B", [-1, 6]), (2, [12, 0]), (2, [12, -1])])
+def test_tokens_to_rows(tmp_path: Path, batch: int | str, target: list[int]) -> None:
+    """[B, T, C] → [B·T, C]: the channel axis stays whole, whatever the leading dims are
+    (a symbolic batch, or a 0 that copies the token count, which happens to equal C)."""
+    proto = tokens_to_rows(batch, target, [2, 3])
+    grp = group_of(analysis_of(tmp_path, proto), "fc1")
+    assert grp.prunable, grp.blocked
+    assert consumer_names(grp) == {"fc2"}
+    out = assert_exact(tmp_path, proto, "fc1", [2, 3])
+    assert input_shape(out, "fc2", 1) == (4, 4)
+    for out in assert_random(tmp_path, tokens_to_rows(batch, target), seeds=(0,)):
+        assert input_shape(out, "fc2", 1) == (2, 3)

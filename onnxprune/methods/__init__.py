@@ -88,3 +88,5 @@ def register(method: Method) -> Method:
     REGISTRY[method.name] = method
     return method
 from . import relief  # noqa: E402,F401
+from . import relative  # noqa: E402,F401
+from . import mipp  # noqa: E402,F401
