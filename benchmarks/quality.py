@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """Quality benchmark: held-out accuracy vs MACs removed, onnxprune against two anchors.
 
-Exact command (from the repo root; about 4 minutes on 2 CPU cores)::
+Exact command (from the repo root; about 6 minutes on 2 shared CPU cores, ~2.5 min of CPU)::
 
-    .venv/bin/python benchmarks/quality.py --json /tmp/quality.json
+    .venv/bin/python benchmarks/quality.py
 
 Options: ``--models mnist_cnn,lenet300`` (default both), ``--points 20,35,50,65`` (percent
 of MACs removed), ``--quick`` (points 35,65, one random seed, coarser anchor search and
-latency: a smoke test in well under a minute), ``--png`` (default ``benchmarks/quality.png``),
+latency: a smoke test, about 2 minutes), ``--png`` (default ``benchmarks/quality.png``),
 ``--json`` (raw results, optional).
 
 What it measures, per model (``models/mnist_cnn.onnx``, ``models/lenet300.onnx``):
@@ -499,7 +499,7 @@ def plot(results: list[dict], png: Path) -> None:
             pts_a += [m for m in a["matched"].values() if m["reached"] and not math.isnan(m["acc"])]
             pts_a.sort(key=lambda s: s["removed"])
             ax.plot([100 * s["removed"] for s in pts_a], [100 * s["acc"] for s in pts_a], marks.get(name, "x"),
-                    ls="none", mfc="none", ms=7, label=name)
+                    ls="none", mfc="none", mec="black", ms=7, label=name)
         ax.axhline(100 * res["baseline_acc"], color="grey", ls="--", lw=0.8, label="unpruned")
         ax.set_xlabel("MACs removed (%)")
         ax.set_ylabel("held-out accuracy (%)")
