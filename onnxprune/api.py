@@ -234,13 +234,14 @@ def prune(
     times["load"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    # Counted before the analysis, which may fold static shape arithmetic into constants.
+    params_before, macs_before = count_params(model), count_macs(model)
     analysis = analyze_groups(model, exclude)
     times["groups"] = time.perf_counter() - t
     if not any(g.prunable for g in analysis.groups):
         reasons = [r for g in analysis.groups for r in g.blocked][:1]
         why = f" (first reason: {reasons[0]})" if reasons else ""
         raise InputError(f"nothing to prune: none of the {len(analysis.groups)} channel groups is prunable{why}")
-    params_before, macs_before = count_params(model), count_macs(model)
 
     stats, held, specs = None, [], None
     if calib is not None:
