@@ -57,11 +57,16 @@ def replace_const(node: ir.Node, index: int, array: np.ndarray, graph: ir.Graph)
         producer.attributes["value"] = ir.AttrTensor("value", ir.tensor(array, name=value.name))
         value.shape = ir.Shape(array.shape)
         return
-    new_name = _unique_name(graph, f"{value.name}_{node.name or node.op_type}_{index}")
-    new_value = ir.Value(name=new_name, shape=ir.Shape(array.shape), const_value=ir.tensor(array, name=new_name))
-    new_value.dtype = new_value.const_value.dtype
-    graph.register_initializer(new_value)
-    node.replace_input_with(index, new_value)
+    node.replace_input_with(index, new_initializer(graph, f"{value.name}_{node.name or node.op_type}_{index}", array))
+
+
+def new_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` as an initializer under a name no other value of ``graph`` uses."""
+    name = _unique_name(graph, base)
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), const_value=ir.tensor(array, name=name))
+    value.dtype = value.const_value.dtype
+    graph.register_initializer(value)
+    return value
 
 
 def _unique_name(graph: ir.Graph, base: str) -> str:

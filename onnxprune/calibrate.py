@@ -22,7 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from . import _ort
-from .data import InputSpec, Sample
+from .data import Sample
 from .errors import InputError
 
 

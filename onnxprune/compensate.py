@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from ._graph import const_array, replace_const
+from ._graph import const_array, new_initializer, replace_const
 from .calibrate import Statistics
 from .consumers import consumer_views
 from .groups import Analysis
@@ -83,27 +83,12 @@ def apply_bias(analysis: Analysis, deltas: list[BiasDelta], removed: np.ndarray)
 
 
 def _new_input(node: ir.Node, index: int, array: np.ndarray, graph: ir.Graph) -> None:
-    base = f"{node.name or node.op_type}_bias"
-    name, k = base, 0
-    while name in graph.initializers:
-        k += 1
-        name = f"{base}_{k}"
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), const_value=ir.tensor(array, name=name))
-    value.dtype = value.const_value.dtype
-    graph.register_initializer(value)
-    node.replace_input_with(index, value)
+    node.replace_input_with(index, new_initializer(graph, f"{node.name or node.op_type}_bias", array))
 
 
 def _append_add(node: ir.Node, delta: np.ndarray, graph: ir.Graph) -> None:
     out = node.outputs[0]
-    base = f"{node.name or 'matmul'}_bias"
-    name, k = base, 0
-    while name in graph.initializers:
-        k += 1
-        name = f"{base}_{k}"
-    bias = ir.Value(name=name, shape=ir.Shape(delta.shape), const_value=ir.tensor(delta, name=name))
-    bias.dtype = bias.const_value.dtype
-    graph.register_initializer(bias)
+    bias = new_initializer(graph, f"{node.name or 'matmul'}_bias", delta)
     add = ir.Node("", "Add", [out, bias], name=f"{node.name or 'matmul'}_bias_add", num_outputs=1)
     result = add.outputs[0]
     result.dtype = out.dtype

@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
-from ._graph import const_array, opset, replace_const
+from ._graph import const_array, new_initializer, opset, replace_const
 from .groups import Analysis
 from .layout import SetCount, SetGroup, SliceBounds, SliceParam, SplitSizes
 
@@ -111,15 +111,7 @@ def _rewrite_split(e: SplitSizes, keep: Keep, graph: ir.Graph, model: ir.Model) 
     if len(node.inputs) > 1 and node.inputs[1] is not None:
         replace_const(node, 1, sizes, graph)
         return
-    name = f"{node.name or 'split'}_sizes"
-    taken = set(graph.initializers)
-    k = 0
-    while name in taken:
-        k += 1
-        name = f"{node.name or 'split'}_sizes_{k}"
-    value = ir.Value(name=name, shape=ir.Shape(sizes.shape), const_value=ir.tensor(sizes, name=name))
-    value.dtype = ir.DataType.INT64
-    graph.register_initializer(value)
+    value = new_initializer(graph, f"{node.name or 'split'}_sizes", sizes)
     node.resize_inputs(2)
     node.replace_input_with(1, value)
 

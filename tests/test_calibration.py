@@ -9,7 +9,7 @@ import pytest
 
 import onnxprune
 from builders import G, params, run, save
-from onnxprune.calibrate import Statistics, TensorStats, calibrate
+from onnxprune.calibrate import TensorStats, calibrate
 from onnxprune.consumers import consumer_views
 from onnxprune.criteria import score_groups
 from onnxprune.data import batches, input_specs, source_items
