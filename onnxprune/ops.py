@@ -369,6 +369,9 @@ class Split(Handler):
             _block_all(node, ctx, "channels reach the split sizes")
             return
         axis = _norm_axis(attr_int(node, "axis", 0), rank(node.inputs[0]))
+        if axis is None:  # a negative axis of unknown rank may well be the channel axis
+            ctx.block(lay.atoms, node, "rank unknown after shape inference")
+            return
         if axis != lay.axis:
             for out in node.outputs:
                 ctx.set_layout(out, lay)
