@@ -2,7 +2,7 @@
 """Calibration benchmark: what onnxprune's calibrate stage costs over plain onnxruntime
 inference of the same samples, and whether its peak memory stays flat as the data grows.
 
-Run from the repository root (assets first; ~7 min on 2 CPU cores, ``--quick`` ~2 min):
+Run from the repository root (assets first; ~6 min on 2 CPU cores, ``--quick`` ~3 min):
 
     .venv/bin/python benchmarks/assets.py
     .venv/bin/python benchmarks/calibration.py [--quick] [--json benchmarks/.cache/calibration.json]
@@ -22,12 +22,18 @@ prunable group, ``consumer_views``), the batches the ones ``api.prune`` would bu
 same for both). The batches are decoded once and held in memory, so that the ratio compares
 the calibration pass (``calibrate(...)``: instrumented session run + statistics) with a plain
 ``session.run`` loop over exactly the same batches, both from a fresh session; the image
-decoding (what the folder path adds to both) is timed on its own. Reported: the calibration
-loop (``Statistics.seconds``), the whole ``calibrate()`` call (adds writing the instrumented
-model and creating its session), and a breakdown of the loop: the instrumented session
-fetching every exposed tensor, the same session fetching only the model's outputs (the cost of
-the fusions onnxruntime loses to the exposed outputs), and ``TensorStats.update`` (numpy
-reductions), with a split of the reductions and a what-if for a cheaper reduction.
+decoding (what the folder path adds to both) is timed on its own. The two are interleaved
+(CNN 7 times, EfficientNet twice) and the median of the per-pair ratios is reported: the
+machine is shared and its load drifts. Reported: the calibration loop (``Statistics.seconds``)
+and, inside it, the time spent in ``TensorStats.update`` (wrapped with a timer for the run);
+the whole ``calibrate()`` call (adds writing the instrumented model and creating its session),
+wall and CPU time. Then a profile on a subset with warm sessions: the instrumented session
+fetching only the model's outputs (the cost of exposing the tensors in the graph: lost
+fusions, layout conversions) and fetching every exposed tensor (adds the copies out),
+``TensorStats.update`` split into its reductions, and three what-ifs that onnxprune does not
+do: the same statistics reduced per sample over contiguous rows (``fast_update``), the same
+with only Σx and Σx² (all that wanda/flap and bias compensation read), and the reductions done
+by onnxruntime inside the graph (``reduction_model``).
 
 (ii) Memory. Each measurement runs in a fresh subprocess that streams N (then 10·N) samples
 through ``data.batches`` → ``calibrate`` from a generator yielding augmented copies (never
@@ -134,9 +140,24 @@ def time_plain(path: Path, bl: list[dict]) -> dict[str, float]:
 
 
 def time_calibrate(ctx: Ctx, bl: list[dict]) -> dict[str, float]:
-    c0, t0 = time.process_time(), time.perf_counter()
-    stats, _ = ctx.calibrate(iter(bl), n_samples(bl))
-    return {"loop": stats.seconds, "call": time.perf_counter() - t0, "cpu": time.process_time() - c0}
+    """calibrate() on ``bl``; TensorStats.update is wrapped with a timer for the duration, to
+    split the loop into numpy reductions and the rest (onnxruntime runs, output copies)."""
+    spent = [0.0]
+    update = TensorStats.update
+
+    def timed(self, x, axis):
+        t = time.perf_counter()
+        update(self, x, axis)
+        spent[0] += time.perf_counter() - t
+
+    TensorStats.update = timed
+    try:
+        c0, t0 = time.process_time(), time.perf_counter()
+        stats, _ = ctx.calibrate(iter(bl), n_samples(bl))
+        end = time.perf_counter()
+    finally:
+        TensorStats.update = update
+    return {"loop": stats.seconds, "call": end - t0, "cpu": time.process_time() - c0, "update": spent[0]}
 
 
 def _update_split(x: np.ndarray, axis: int) -> dict[str, float]:
@@ -174,6 +195,37 @@ def fast_update(s: TensorStats, x: np.ndarray, axis: int, sumabs: bool = True) -
             s.sumabs += np.abs(r).sum(axis=1)
 
 
+def reduction_model(path: Path, shapes: dict[str, tuple[int, int]], folder: Path, sumabs: bool) -> tuple[Path, list[str]]:
+    """What-if (not in onnxprune): the model plus, for every exposed tensor (name -> (rank,
+    channel axis)), ReduceSum / ReduceSumSquare (/ ReduceL1) over every axis but the channel
+    axis as extra outputs, so that onnxruntime (multi-threaded, no large outputs) computes each
+    batch's per-channel sums; only [C] vectors come back, accumulated in float64 in numpy."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    m = onnx.load(str(path))
+    opset = next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
+    outs = []
+    for i, (name, (rank, axis)) in enumerate(shapes.items()):
+        axes = [a for a in range(rank) if a != axis]
+        ops = [("ReduceSum", "sum"), ("ReduceSumSquare", "sumsq")] + ([("ReduceL1", "sumabs")] if sumabs else [])
+        for op, tag in ops:
+            y = f"{name}__{tag}"
+            if opset >= 18 or op == "ReduceSum":
+                a = f"__axes_{i}"
+                if not any(t.name == a for t in m.graph.initializer):
+                    m.graph.initializer.append(numpy_helper.from_array(np.asarray(axes, np.int64), a))
+                node = helper.make_node(op, [name, a], [y], keepdims=0)
+            else:
+                node = helper.make_node(op, [name], [y], axes=axes, keepdims=0)
+            m.graph.node.append(node)
+            m.graph.output.append(helper.make_empty_tensor_value_info(y))
+            outs.append(y)
+    out = folder / f"reduce_{int(sumabs)}.onnx"
+    onnx.save(m, str(out), save_as_external_data=True, location=out.name + ".data")
+    return out, outs
+
+
 def _interleaved(fns: dict, reps: int) -> dict[str, float]:
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
@@ -184,7 +236,7 @@ def _interleaved(fns: dict, reps: int) -> dict[str, float]:
     return {k: median(v) for k, v in times.items()}
 
 
-def profile(ctx: Ctx, bl: list[dict], reps: int = 2) -> dict:
+def profile(ctx: Ctx, bl: list[dict], reps: int = 3) -> dict:
     """Where the calibration loop's time goes, on ``bl`` (warm sessions, median of ``reps``)."""
     values = [v for v, _ in ctx.tensors.values()]
     names = [v.name for v in values]
@@ -198,15 +250,34 @@ def profile(ctx: Ctx, bl: list[dict], reps: int = 2) -> dict:
         plain.run(None, bl[0])
         sess.run(names, bl[0])
 
-        def fetch_all() -> None:
-            fetched.clear()
+        def fetch_all() -> None:  # outputs dropped at once, as in calibrate()
             for b in bl:
-                fetched.append(sess.run(names, b))
+                sess.run(names, b)
 
+        fetched.extend(sess.run(names, b) for b in bl)  # kept (untimed) to time the reductions on
+        shapes = {n: (x.ndim, ctx.tensors[n][1]) for n, x in zip(names, fetched[0])}
+        red = {}
+        for sumabs in (True, False):
+            rpath, rnames = reduction_model(ctx.path, shapes, Path(d), sumabs)
+            rs = _ort.session(str(rpath), PROVIDERS)
+            rs.run(rnames, bl[0])
+            red[sumabs] = (rs, rnames)
+
+        def reduce_in_graph(sumabs: bool) -> None:
+            rs, rnames = red[sumabs]
+            acc: dict[str, np.ndarray] = {}
+            for b in bl:
+                for k, v in zip(rnames, rs.run(rnames, b)):
+                    acc[k] = acc[k] + v.astype(np.float64) if k in acc else v.astype(np.float64)
+            reduced[sumabs] = acc
+
+        reduced: dict = {}
         res.update(_interleaved({
             "plain": lambda: [plain.run(None, b) for b in bl],
             "instrumented, outputs only": lambda: [sess.run(out_names, b) for b in bl],
             "instrumented, all exposed": fetch_all,
+            "what-if: reductions in the graph": lambda: reduce_in_graph(True),
+            "what-if: reductions in the graph, Σx and Σx² only": lambda: reduce_in_graph(False),
         }, reps))
     res["exposed_mb_per_sample_actual"] = sum(x.nbytes for x in fetched[0]) / next(iter(bl[0].values())).shape[0] / 2**20
     split: dict[str, float] = {}
@@ -228,6 +299,14 @@ def profile(ctx: Ctx, bl: list[dict], reps: int = 2) -> dict:
                 timing[key] += time.perf_counter() - t
             for k, v in _update_split(x, axis).items():
                 split[k] = split.get(k, 0.0) + v
+    dev = 0.0  # the in-graph float32 reductions against TensorStats' float64 sums
+    for name in names:
+        for tag in ("sum", "sumsq", "sumabs"):
+            ref = getattr(stats[name], tag)
+            got = reduced[True][f"{name}__{tag}"]
+            dev = max(dev, float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30)))
+        assert np.array_equal(reduced[True][f"{name}__sumsq"] == 0, stats[name].sumsq == 0), name  # same dead channels
+    res["what-if: reductions in the graph, max rel. deviation"] = dev
     for name in names:  # the what-if must give the same statistics
         a, b = stats[name], fstats[name]
         for f in ("sum", "sumsq", "sumabs"):
@@ -254,6 +333,7 @@ def bench_time(key: str, n: int | None, reps: int, prof_n: int) -> dict:
         cals.append(time_calibrate(ctx, bl))
     pm = {k: median(p[k] for p in plains) for k in plains[0]}
     cm = {k: median(c[k] for c in cals) for k in cals[0]}
+    pair = [c["loop"] / p["loop"] for p, c in zip(plains, cals)]  # robust to drifting load on a shared machine
     k = 1
     while n_samples(bl[:k]) < prof_n and k < len(bl):
         k += 1
@@ -263,7 +343,10 @@ def bench_time(key: str, n: int | None, reps: int, prof_n: int) -> dict:
         "exposed_tensors": len(ctx.tensors), "exposed_mb_per_sample": ctx.exposed_mb_per_sample,
         "decode_s": decode, "plain_s": pm["loop"], "plain_call_s": pm["call"], "plain_cpu_s": pm["cpu"],
         "calib_loop_s": cm["loop"], "calib_call_s": cm["call"], "calib_cpu_s": cm["cpu"],
-        "ratio_loop": cm["loop"] / pm["loop"], "ratio_call": cm["call"] / pm["call"], "ratio_cpu": cm["cpu"] / pm["cpu"],
+        "ratio_loop": median(pair), "ratio_loop_pairs": pair,
+        "update_s": cm["update"], "update_x_plain": median(c["update"] / p["loop"] for p, c in zip(plains, cals)),
+        "rest_x_plain": median((c["loop"] - c["update"]) / p["loop"] for p, c in zip(plains, cals)),
+        "ratio_loop_min": min(c["loop"] for c in cals) / min(p["loop"] for p in plains), "ratio_call": cm["call"] / pm["call"], "ratio_cpu": cm["cpu"] / pm["cpu"],
         "ratio_with_decode": None if decode is None else (cm["call"] + decode) / (pm["call"] + decode),
         "load_avg": os.getloadavg()[0],
         "profile": prof,
@@ -348,23 +431,25 @@ def bench_rss(what: str, key: str, n: int, batch: int) -> dict:
 
 
 def print_tables(times: list[dict], rss: list[dict]) -> None:
-    print("\n(i) calibration vs plain onnxruntime inference, same batches (batch 32), same session options")
-    print("| model | samples | exposed tensors (MiB/sample: planned by onnxprune / actual) | plain loop s | calibrate loop s | **ratio, loops** | ratio incl. session creation (wall / CPU) | image decode s | ratio incl. decode | load avg |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n(i) calibration vs plain onnxruntime inference, same batches (batch 32), same session options; medians of the repetitions")
+    print("| model | samples × reps | exposed tensors (MiB/sample: planned by onnxprune / actual) | plain loop s | calibrate loop s | **ratio, loops** (median of interleaved pairs; min/min) | of which TensorStats.update / the rest (× plain) | ratio incl. session creation (wall / CPU) | image decode s | ratio incl. decode | load avg |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in times:
         dec = "-" if r["decode_s"] is None else f"{r['decode_s']:.2f}"
         rd = "-" if r["ratio_with_decode"] is None else f"{r['ratio_with_decode']:.2f}×"
-        print(f"| {r['model']} | {r['samples']} | {r['exposed_tensors']} ({r['exposed_mb_per_sample']:.2f} / {r['profile']['exposed_mb_per_sample_actual']:.2f}) | "
-              f"{r['plain_s']:.2f} | {r['calib_loop_s']:.2f} | **{r['ratio_loop']:.2f}×** | {r['ratio_call']:.2f}× / {r['ratio_cpu']:.2f}× | {dec} | {rd} | {r['load_avg']:.1f} |")
-    print("\nwhere the calibration loop's time goes (profile on a subset, warm sessions, median of 2; seconds, and × plain inference)")
-    print("| model | samples | plain run | instrumented run, model outputs only | instrumented run, all exposed fetched | TensorStats.update | what-if update | what-if, Σx and Σx² only |")
-    print("|---|---|---|---|---|---|---|---|")
+        print(f"| {r['model']} | {r['samples']} × {r['reps']} | {r['exposed_tensors']} ({r['exposed_mb_per_sample']:.2f} / {r['profile']['exposed_mb_per_sample_actual']:.2f}) | "
+              f"{r['plain_s']:.2f} | {r['calib_loop_s']:.2f} | **{r['ratio_loop']:.2f}×** ({r['ratio_loop_min']:.2f}×) | {r['update_x_plain']:.2f}× / {r['rest_x_plain']:.2f}× | {r['ratio_call']:.2f}× / {r['ratio_cpu']:.2f}× | {dec} | {rd} | {r['load_avg']:.1f} |")
+    print("\nwhere the calibration loop's time goes (profile on a subset, warm sessions, median of 3; seconds, and × plain inference)")
+    print("| model | samples | plain run | instrumented run, model outputs only | instrumented run, all exposed fetched | TensorStats.update "
+          "| what-if update | what-if update, Σx and Σx² only | what-if: reductions in the graph (Σx, Σx², Σ|x|) | same, Σx and Σx² only |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in times:
         p = r["profile"]
         pl = p["plain"]
         f = lambda k: f"{p[k]:.2f} ({p[k] / pl:.2f}×)"  # noqa: E731
         print(f"| {r['model']} | {p['samples']} | {pl:.2f} | {f('instrumented, outputs only')} | {f('instrumented, all exposed')} | "
-              f"{f('TensorStats.update')} | {f('what-if update')} | {f('what-if update, Σx and Σx² only')} |")
+              f"{f('TensorStats.update')} | {f('what-if update')} | {f('what-if update, Σx and Σx² only')} | "
+              f"{f('what-if: reductions in the graph')} | {f('what-if: reductions in the graph, Σx and Σx² only')} |")
     print("\nTensorStats.update split (seconds over the profile subset)")
     keys = list(times[0]["profile"]["update split"])
     print("| model | " + " | ".join(keys) + " |")
@@ -386,7 +471,7 @@ def print_tables(times: list[dict], rss: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="onnxprune calibration benchmark (see the module docstring)")
-    ap.add_argument("--quick", action="store_true", help="fewer samples and repetitions (~2 min)")
+    ap.add_argument("--quick", action="store_true", help="fewer samples and repetitions (~3 min)")
     ap.add_argument("--models", default="cnn,effnet-ts,effnet-dynamo")
     ap.add_argument("--skip-rss", action="store_true")
     ap.add_argument("--json", type=Path, help="write the raw numbers here")
@@ -405,9 +490,9 @@ def main(argv: list[str] | None = None) -> int:
     for k in keys:
         t = time.perf_counter()
         if k == "cnn":
-            times.append(bench_time(k, 1024 if q else 4096, 1 if q else 3, 1024))
+            times.append(bench_time(k, 1024 if q else 4096, 3 if q else 7, 1024))
         else:
-            times.append(bench_time(k, 96 if q else None, 1, 64))
+            times.append(bench_time(k, 96 if q else None, 1 if q else 2, 64 if q else 128))
         print(f"[time] {k}: {time.perf_counter() - t:.0f} s", file=sys.stderr)
     if not args.skip_rss:
         # N spans several batches: onnxruntime and the allocator reach their plateau by batch 3-5

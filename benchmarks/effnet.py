@@ -2,10 +2,10 @@
 """EfficientNet-Lite0 (real ImageNet weights, both torch exporters) pruned by onnxprune to
 70% of its MACs, scored on real photos.
 
-Run from the repository root (assets first; ~8 min on 2 CPU cores, ``--quick`` ~3 min):
+Run from the repository root (assets first; ~6 min on 2 CPU cores, ``--sweep`` ~3 min, ``--quick`` ~5 min):
 
     .venv/bin/python benchmarks/assets.py
-    .venv/bin/python benchmarks/effnet.py [--quick] [--json benchmarks/.cache/effnet.json]
+    .venv/bin/python benchmarks/effnet.py [--quick] [--sweep] [--json benchmarks/.cache/effnet.json]
 
 For each export (``effnet_lite0.onnx``: TorchScript exporter, opset 17;
 ``effnet_lite0_dynamo.onnx``: dynamo exporter, external data) this records
@@ -137,14 +137,35 @@ def latency(a: Path, b: Path, feed: dict, budget_s: float) -> tuple[float, float
     return float(np.median(ta)), float(np.median(tb))
 
 
-def run(label: str, path: Path, method: str, calib: Path, held: Path, out_dir: Path, feeds: dict, lat_budget: float) -> dict:
-    out = out_dir / f"{path.stem}_{method}.onnx"
+def ort_layout(path: Path) -> dict[str, int]:
+    """Conv nodes onnxruntime runs in its blocked NCHWc layout vs the plain fallback, and the
+    layout conversions it inserts (from the optimised graph it writes)."""
+    import onnx
+    import onnxruntime as rt
+
+    with tempfile.TemporaryDirectory() as d:
+        o = rt.SessionOptions()
+        o.log_severity_level = 3
+        o.optimized_model_filepath = str(Path(d) / "opt.onnx")
+        rt.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
+        m = onnx.load(str(Path(d) / "opt.onnx"), load_external_data=False)
+    c = Counter((n.domain, n.op_type) for n in m.graph.node)
+    return {
+        "nchwc_conv": c[("com.microsoft.nchwc", "Conv")],
+        "plain_conv": sum(v for (dom, op), v in c.items() if op in ("Conv", "FusedConv") and dom != "com.microsoft.nchwc"),
+        "reorders": c[("com.microsoft.nchwc", "ReorderInput")] + c[("com.microsoft.nchwc", "ReorderOutput")],
+    }
+
+
+def run(label: str, path: Path, method: str, round_to: int, target: float, calib: Path, held: Path, out_dir: Path,
+        feeds: dict | None, lat_budget: float) -> dict:
+    out = out_dir / f"{path.stem}_{method}_{round_to}_{target}.onnx"
     t = time.perf_counter()
-    row: dict = {"export": label, "method": method}
+    row: dict = {"export": label, "method": method, "round_to": round_to, "target": target}
     try:
         _, res = onnxprune.prune(
-            path, out, method=method, calib=str(calib), preprocess=PRE, target_macs=TARGET, compensate="bias",
-            eval_data=str(held), batch_size=32,
+            path, out, method=method, calib=str(calib), preprocess=PRE, target_macs=target, compensate="bias",
+            eval_data=str(held), batch_size=32, round_to=round_to, latency=feeds is not None,
         )
     except Exception as exc:  # noqa: BLE001 - record onnxprune's failure as a result
         row.update(error=f"{type(exc).__name__}: {' '.join(str(exc).split())[:400]}", seconds=time.perf_counter() - t)
@@ -156,16 +177,19 @@ def run(label: str, path: Path, method: str, calib: Path, held: Path, out_dir: P
     row["params"] = (res.params_before, res.params_after)
     row["latency_onnxprune"] = res.latency
     row["kept"] = [(g["id"], g["kept"], g["channels"]) for g in res.groups if not g["blocked"]]
-    sample = feeds[1]["input"][0]
-    row["macs_true"] = (true_macs(path, sample), true_macs(out, sample))
-    row["latency"] = {bs: latency(path, out, feed, lat_budget) for bs, feed in feeds.items()}
+    if feeds is not None:
+        sample = feeds[1]["input"][0]
+        row["macs_true"] = (true_macs(path, sample), true_macs(out, sample))
+        row["latency"] = {bs: latency(path, out, feed, lat_budget) for bs, feed in feeds.items()}
+        row["ort_layout"] = (ort_layout(path), ort_layout(out))
     return row
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="EfficientNet-Lite0 pruning benchmark (see the module docstring)")
     ap.add_argument("--quick", action="store_true", help="64 calibration photos, 32 evaluation photos")
-    ap.add_argument("--methods", default="wanda,l1")
+    ap.add_argument("--sweep", action="store_true",
+                    help="instead: wanda on the dynamo export at --target-macs 0.95/0.9/0.85/0.8 (agreement only)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     if not (EFFNET.exists() and EFFNET_DYNAMO.exists() and PHOTOS.exists()):
@@ -177,13 +201,19 @@ def main(argv: list[str] | None = None) -> int:
     evb = list(batches(source_items(held, specs, PRE)(), specs, 32))
     feeds = {1: {"input": evb[0]["input"][:1]}, 32: {"input": evb[0]["input"][:32]}}
     analyses = {label: summarize_analysis(p) for label, p in MODELS.items()}
+    ts, dyn = MODELS.items()
+    if args.sweep:  # (export, method, round_to, target, measure latency)
+        plan = [(*dyn, "wanda", 1, t, False) for t in (0.95, 0.9, 0.85, 0.8)]
+    else:
+        plan = [(*ts, "wanda", 1, TARGET, True), (*ts, "l1", 1, TARGET, True),
+                (*dyn, "wanda", 1, TARGET, True), (*dyn, "l1", 1, TARGET, True), (*dyn, "wanda", 16, TARGET, True)]
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-effnet-") as d:
-        for label, path in MODELS.items():
-            for method in args.methods.split(","):
-                t = time.perf_counter()
-                rows.append(run(label, path, method, calib, held, Path(d), feeds, 3.0 if args.quick else 6.0))
-                print(f"[{label} {method}] {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        for label, path, method, round_to, target, lat in plan:
+            t = time.perf_counter()
+            rows.append(run(label, path, method, round_to, target, calib, held, Path(d), feeds if lat else None,
+                            3.0 if args.quick else 6.0))
+            print(f"[{label} {method} round_to={round_to} target={target}] {time.perf_counter() - t:.0f} s", file=sys.stderr)
     total = time.perf_counter() - t0
 
     print(f"\nanalyze() ({n_cal} calibration photos, {n_eval} evaluation photos)")
@@ -193,21 +223,28 @@ def main(argv: list[str] | None = None) -> int:
         why = "; ".join(f"{b['reason']} ({b['groups']})" for b in a["blocked"]) or "-"
         print(f"| {label} | {a['groups']} ({a['prunable_groups']}) | {a['params']:,} | {a['macs']:,} | "
               f"{a['prunable_params_share']:.1%} / {a['prunable_macs_share']:.1%} | {why} |")
-    print(f"\nprune --target-macs {TARGET} --compensate bias, top-1 agreement with the unpruned model on {n_eval} held-out photos")
-    print("| export | method | top-1 agreement | rel. L2 (logits) | MACs removed (onnxprune count) | MACs removed (real shapes) | params removed | "
-          "latency speedup b1 / b32 | onnxprune's latency speedup | calibrate s | total s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"\nprune --compensate bias, top-1 agreement with the unpruned model on {n_eval} held-out photos")
+    print("| export | method | --round-to | --target-macs | top-1 agreement | rel. L2 (logits) | MACs removed (onnxprune count) | MACs removed (real shapes) | "
+          "params removed | latency speedup b1 / b32 | onnxprune's latency speedup | ORT convs NCHWc / fallback / reorders (before → after) | calibrate s | total s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        head = f"| {r['export']} | {r['method']} | {r['round_to']} | {r['target']} |"
         if "error" in r:
-            print(f"| {r['export']} | {r['method']} | error: {r['error']} | | | | | | | | {r['seconds']:.0f} |")
+            print(f"{head} error: {r['error']} | | | | | | | | | {r['seconds']:.0f} |")
             continue
-        mo, mt, pa = r["macs_onnxprune"], r["macs_true"], r["params"]
-        lat = r["latency"]
-        sp = " / ".join(f"{lat[b][0] / lat[b][1]:.2f}×" for b in (1, 32))
+        mo, pa = r["macs_onnxprune"], r["params"]
+        mt = r.get("macs_true")
+        true = f"{1 - mt[1] / mt[0]:.1%} ({mt[0] / 1e6:.0f}M → {mt[1] / 1e6:.0f}M)" if mt else "-"
+        lat = r.get("latency")
+        sp = " / ".join(f"{lat[b][0] / lat[b][1]:.2f}×" for b in (1, 32)) if lat else "-"
         lo = r["latency_onnxprune"] or {}
-        print(f"| {r['export']} | {r['method']} | **{r['fidelity']['agreement']:.1%}** | {r['fidelity']['rel_l2']:.3f} | "
-              f"{1 - mo[1] / mo[0]:.1%} ({mo[0]:,} → {mo[1]:,}) | {1 - mt[1] / mt[0]:.1%} ({mt[0] / 1e6:.0f}M → {mt[1] / 1e6:.0f}M) | "
-              f"{1 - pa[1] / pa[0]:.1%} | {sp} | {lo.get('speedup') or 0:.2f}× | {r['stage_seconds'].get('calibrate', 0):.0f} | {r['seconds']:.0f} |")
+        lo_s = f"{lo['speedup']:.2f}×" if lo.get("speedup") else "-"
+        lay = r.get("ort_layout")
+        lays = f"{lay[0]['nchwc_conv']}/{lay[0]['plain_conv']}/{lay[0]['reorders']} → {lay[1]['nchwc_conv']}/{lay[1]['plain_conv']}/{lay[1]['reorders']}" if lay else "-"
+        print(f"{head} **{r['fidelity']['agreement']:.1%}** | {r['fidelity']['rel_l2']:.3f} | "
+              f"{1 - mo[1] / mo[0]:.1%} ({mo[0]:,} → {mo[1]:,}) | {true} | {1 - pa[1] / pa[0]:.1%} | {sp} | "
+              f"{lo_s} | {lays} | "
+              f"{r['stage_seconds'].get('calibrate', 0):.0f} | {r['seconds']:.0f} |")
     print(f"\ntotal {total:.0f} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
