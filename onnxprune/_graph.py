@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Iterator
 
 import numpy as np
@@ -234,17 +235,7 @@ def fold_static_shapes(graph: ir.Graph) -> int:
             arr = None
         if arr is None or arr.size > 64:
             continue
-        arr = np.asarray(arr)
-        name = f"{node.name or node.op_type}_static"
-        const = ir.node("Constant", [], attributes={"value": ir.tensor(arr)}, name=name)
-        value = const.outputs[0]
-        value.shape, value.dtype = ir.Shape(arr.shape), ir.tensor(arr).dtype
-        graph.insert_before(node, const)
-        ir.convenience.replace_all_uses_with(out, value)
-        name = out.name
-        graph.remove(node, safe=True)
-        value.name = name
-        derived.add(value)
+        derived.update(_replace_by_constants(graph, node, [np.asarray(arr)], "static"))
         folded += 1
     for node in list(graph):  # Shape nodes whose every read was folded
         if node.op_type == "Shape" and not node.outputs[0].uses() and not node.outputs[0].is_graph_output():
@@ -273,7 +264,182 @@ def inline_constant_identities(graph: ir.Graph) -> int:
     return removed
 
 
-def prepare_graph(graph: ir.Graph) -> None:
-    """Normalise exporter idioms before the analysis (the model computes the same)."""
-    inline_constant_identities(graph)
-    fold_static_shapes(graph)
+def prepare_graph(graph: ir.Graph) -> int:
+    """Normalise exporter idioms before the analysis (the model computes the same).
+
+    Constants shared through Identity nodes are read directly; static shape reads and
+    small constant-only subgraphs (index and shape arithmetic) become ``Constant`` nodes.
+    Folding the one can unlock the other, so both run until nothing changes.  Shape
+    reads fold only where shapes are known: run shape inference and call this again
+    (``load.load_model`` does).  Returns the number of nodes replaced or removed.
+    """
+    changed = inline_constant_identities(graph)
+    for _ in range(16):
+        n = fold_static_shapes(graph) + fold_constant_nodes(graph)
+        changed += n
+        if not n:
+            break
+    return changed
+
+
+# -- constant folding -----------------------------------------------------------------
+
+# Folding is for index and shape arithmetic: a node whose inputs and outputs all have at
+# most this many elements.  Weights (and nodes that read them) are left alone.
+FOLD_LIMIT = 64
+_NOT_FOLDED = frozenset(
+    {
+        "Constant", "Identity",  # already constants / handled by inline_constant_identities
+        "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
+        "Multinomial", "Bernoulli", "Dropout",  # non-deterministic (Dropout in training mode)
+    }
+)
+
+
+def _small_const(value: ir.Value) -> np.ndarray | None:
+    """The array of ``value`` when it is a constant of at most FOLD_LIMIT elements that
+    cannot be overridden at run time (an initializer that is not a graph input, or a
+    ``Constant`` output); the size is checked before any data is read."""
+    if value.is_graph_input():
+        return None
+    if value.const_value is not None:
+        if value.const_value.size > FOLD_LIMIT:
+            return None
+        arr = value.const_value.numpy()
+    else:
+        node = value.producer()
+        if node is None or node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+            return None
+        attr = node.attributes.get("value")
+        if attr is not None and attr.type == ir.AttributeType.TENSOR and attr.value.size > FOLD_LIMIT:
+            return None
+        arr = const_array(value)
+    if arr is None or arr.size > FOLD_LIMIT or arr.dtype.kind not in "biuf":
+        return None
+    return arr
+
+
+def _has_subgraph(node: ir.Node) -> bool:
+    return any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values())
+
+
+def _evaluate(node: ir.Node, args: list[np.ndarray | None], opset_version: int) -> list[np.ndarray] | None:
+    """Run ``node`` alone with onnx's reference evaluator on the constant ``args``.
+
+    None when the result is not known to be small (onnx shape inference on the one-node
+    model must give static output shapes of at most FOLD_LIMIT elements before anything
+    is evaluated), or when evaluation fails or disagrees with the inferred types.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    proto = ir.serde.serialize_node(node)
+    in_names = [f"in{k}" if a is not None else "" for k, a in enumerate(args)]
+    out_names = [f"out{k}" if v.name else "" for k, v in enumerate(node.outputs)]
+    del proto.input[:], proto.output[:]
+    proto.domain = ""  # "ai.onnx" is the default domain too; the one-node model imports ""
+    proto.input.extend(in_names)
+    proto.output.extend(out_names)
+    inits = [numpy_helper.from_array(a, n) for a, n in zip(args, in_names) if a is not None]
+    graph = helper.make_graph(
+        [proto], "fold", [], [helper.make_empty_tensor_value_info(n) for n in out_names if n], initializer=inits
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset_version)])
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+        types = {o.name: o.type.tensor_type for o in inferred.graph.output}
+        expected: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+        for name in filter(None, out_names):
+            t = types.get(name)
+            if t is None or not t.elem_type or not t.HasField("shape"):
+                return None
+            if not all(d.HasField("dim_value") for d in t.shape.dim):
+                return None
+            shape = tuple(int(d.dim_value) for d in t.shape.dim)
+            if math.prod(shape) > FOLD_LIMIT:
+                return None
+            expected[name] = (shape, helper.tensor_dtype_to_np_dtype(t.elem_type))
+        results = ReferenceEvaluator(model).run(None, {})
+    except Exception:  # an op the evaluator or shape inference does not cover: leave it
+        return None
+    arrays = []
+    for name, res in zip(filter(None, out_names), results):
+        arr = np.asarray(res)
+        shape, dtype = expected[name]
+        if arr.shape != shape or arr.dtype != dtype or arr.dtype.kind not in "biuf":
+            return None
+        arrays.append(arr)
+    return arrays
+
+
+def _replace_by_constants(graph: ir.Graph, node: ir.Node, arrays: list[np.ndarray], tag: str) -> list[ir.Value]:
+    """Replace ``node`` by one ``Constant`` per named output, holding ``arrays`` in order.
+
+    The constants take over the outputs' names (an output nobody reads gets none);
+    inputs of ``node`` left unread (``Constant`` nodes, initializers that are not graph
+    inputs) are removed.
+    """
+    outs = [o for o in node.outputs if o.name]
+    assert len(outs) == len(arrays)
+    new_values = []
+    base = node.name or node.op_type
+    for k, (out, arr) in enumerate(zip(outs, arrays)):
+        if not out.uses() and not out.is_graph_output():
+            continue
+        tensor = ir.tensor(arr)
+        const = ir.node("Constant", [], attributes={"value": tensor}, name=f"{base}_{tag}" + (f"_{k}" if k else ""))
+        value = const.outputs[0]
+        value.shape, value.dtype = ir.Shape(arr.shape), tensor.dtype
+        graph.insert_before(node, const)
+        ir.convenience.replace_all_uses_with(out, value)
+        new_values.append((value, out.name))
+    inputs = [v for v in dict.fromkeys(node.inputs) if v is not None]
+    graph.remove(node, safe=True)
+    for value, name in new_values:
+        value.name = name
+    for v in inputs:
+        if v.uses() or v.is_graph_output() or v.is_graph_input():
+            continue
+        producer = v.producer()
+        if producer is not None and producer.op_type == "Constant" and producer.graph is graph:
+            graph.remove(producer, safe=True)
+        elif v.is_initializer() and graph.initializers.get(v.name) is v:
+            graph.initializers.pop(v.name)
+    return [v for v, _ in new_values]
+
+
+def fold_constant_nodes(graph: ir.Graph) -> int:
+    """Replace default-domain nodes that compute small values from constants only by
+    ``Constant`` nodes holding those values, evaluated exactly.
+
+    The TorchScript exporter writes every ``F.pad`` as a Pad whose pads come from
+    ConstantOfShape → Concat → Reshape → Slice → Transpose → Reshape → Cast over
+    constants; onnx shape inference stops at such a Pad and the op handlers cannot read
+    the pads.  Nodes with subgraphs, non-deterministic ops, graph outputs and anything
+    reading or producing more than FOLD_LIMIT elements are left alone.  One pass in
+    topological order folds whole chains.  Returns the number of nodes replaced.
+    """
+    version = opset(graph)
+    if version < 1:
+        return 0
+    folded = 0
+    for node in list(graph):
+        if node.domain not in ("", "ai.onnx") or node.op_type in _NOT_FOLDED or _has_subgraph(node):
+            continue
+        if not node.inputs or all(v is None for v in node.inputs):
+            continue
+        if any(o.is_graph_output() for o in node.outputs) or not any(o.name for o in node.outputs):
+            continue
+        args = []
+        for v in node.inputs:
+            arr = None if v is None else _small_const(v)
+            if v is not None and arr is None:
+                break
+            args.append(arr)
+        else:
+            arrays = _evaluate(node, args, version)
+            if arrays is not None:
+                _replace_by_constants(graph, node, arrays, "folded")
+                folded += 1
+    return folded

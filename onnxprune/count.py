@@ -9,17 +9,30 @@ import math
 
 import onnx_ir as ir
 
-from ._graph import all_graph_nodes, attr_int, dims
+from ._graph import FOLD_LIMIT, all_graph_nodes, attr_int, dims
+
+
+def _is_param(tensor) -> bool:
+    """Small integer and boolean constants are index and shape arithmetic (Reshape shapes,
+    Slice bounds, pads, axes, and what ``load`` folds into constants), not parameters."""
+    dtype = tensor.dtype
+    small_index = tensor.size <= FOLD_LIMIT and (dtype.is_integer() or dtype == ir.DataType.BOOL)
+    return not small_index
 
 
 def count_params(model: ir.Model) -> int:
-    """Elements of every constant tensor (initializers and ``Constant`` nodes)."""
-    total = sum(math.prod(v.const_value.shape) for v in model.graph.initializers.values() if v.const_value is not None)
+    """Elements of every constant tensor (initializers and ``Constant`` nodes), except
+    integer and boolean ones of at most ``FOLD_LIMIT`` elements: so folding constant
+    index arithmetic at load time leaves the count as it was."""
+    total = sum(
+        v.const_value.size for v in model.graph.initializers.values()
+        if v.const_value is not None and _is_param(v.const_value)
+    )
     for node in all_graph_nodes(model.graph):
         if node.op_type == "Constant":
             attr = node.attributes.get("value")
-            if attr is not None:
-                total += math.prod(attr.value.shape)
+            if attr is not None and attr.type == ir.AttributeType.TENSOR and _is_param(attr.value):
+                total += attr.value.size
     return int(total)
 
 
@@ -44,6 +57,12 @@ def node_macs(node: ir.Node) -> int:
         if a is None or y is None or not a:
             return 0
         k = a[0] if (op == "Gemm" and attr_int(node, "transA", 0)) else a[-1]
+        if k is None and len(node.inputs) > 1:  # A's K is symbolic (a Reshape to [N, -1]): B has it
+            b = dims(node.inputs[1])
+            if b and op == "Gemm" and len(b) == 2:
+                k = b[1] if attr_int(node, "transB", 0) else b[0]
+            elif b and op == "MatMul":
+                k = b[-2] if len(b) >= 2 else b[0]
         return (_p(y) or 0) * (k or 1)
     return 0
 

@@ -120,7 +120,8 @@ def analyze_groups(model: ir.Model, exclude: list[str] | tuple[str, ...] = ()) -
     ``exclude`` holds fnmatch patterns matched against producer node names and their
     output names; matching groups are kept whole and reported as excluded.
     """
-    prepare_graph(model.graph)  # exporter idioms: Identity-shared constants, static shape reads
+    # A no-op after load_model, which normalises and then infers shapes; kept for graphs built in memory.
+    prepare_graph(model.graph)
     ctx = _Context(model)
     graph = model.graph
     for node in graph:

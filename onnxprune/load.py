@@ -3,7 +3,9 @@
 Checks, in order: the file exists and parses as ONNX; external-data paths stay inside
 the model's folder and exist; the default-domain opset is 11 or newer; no quantized op
 is present; onnx's checker accepts the model.  Then the model is loaded with onnx-ir
-(external tensors stay lazy) and onnx shape inference fills in intermediate shapes.
+(external tensors stay lazy), exporter idioms are folded (constant-only index arithmetic,
+static shape reads: see ``_graph.prepare_graph``) and onnx shape inference fills in
+intermediate shapes.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
+from ._graph import prepare_graph
 from .errors import InputError
 
 MIN_OPSET = 11
@@ -114,8 +117,24 @@ def load_model(path: str | os.PathLike) -> tuple[ir.Model, bool]:
         model = ir.load(str(p))
     except Exception as exc:
         raise InputError(f"{p} could not be loaded: {_one_line(exc)}") from exc
-    ShapeInferencePass(strict_mode=False, data_prop=True)(model)
+    normalise(model)
     return model, external
+
+
+def normalise(model: ir.Model) -> None:
+    """Fold exporter idioms into constants and infer shapes, so that every later stage
+    (the counts, the analysis, the memory planner) sees the same graph with real shapes.
+
+    Constant-only subgraphs fold first: onnx shape inference stops at a Pad whose pads
+    are computed.  Static shape reads fold once shapes are inferred, which may in turn
+    let inference reach further; a few rounds reach the fixed point.  The model computes
+    the same values.
+    """
+    prepare_graph(model.graph)
+    for _ in range(4):
+        ShapeInferencePass(strict_mode=False, data_prop=True)(model)
+        if not prepare_graph(model.graph):
+            break
 
 
 def check_output_path(input_path: str | os.PathLike, output_path: str | os.PathLike) -> None:
