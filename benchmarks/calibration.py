@@ -2,10 +2,11 @@
 """Calibration benchmark: what onnxprune's calibrate stage costs over plain onnxruntime
 inference of the same samples, and whether its peak memory stays flat as the data grows.
 
-Run from the repository root (assets first; ~6 min on 2 CPU cores, ``--quick`` ~3 min):
+Run from the repository root (assets first; ~5 min on 2 CPU cores, ``--quick`` ~3 min):
 
     .venv/bin/python benchmarks/assets.py
     .venv/bin/python benchmarks/calibration.py [--quick] [--json benchmarks/.cache/calibration.json]
+    .venv/bin/python benchmarks/calibration.py --baseline --skip-rss   # "before": the old update in calibrate()
 
 Models and data:
 
@@ -29,17 +30,20 @@ and, inside it, the time spent in ``TensorStats.update`` (wrapped with a timer f
 the whole ``calibrate()`` call (adds writing the instrumented model and creating its session),
 wall and CPU time. Then a profile on a subset with warm sessions: the instrumented session
 fetching only the model's outputs (the cost of exposing the tensors in the graph: lost
-fusions, layout conversions) and fetching every exposed tensor (adds the copies out),
-``TensorStats.update`` split into its reductions, and three what-ifs that onnxprune does not
-do: the same statistics reduced per sample over contiguous rows (``fast_update``), the same
-with only Σx and Σx² (all that wanda/flap and bias compensation read), and the reductions done
-by onnxruntime inside the graph (``reduction_model``).
+fusions, layout conversions) and fetching every exposed tensor (adds the copies out), and
+``TensorStats.update`` on the same fetched outputs: gathering Σx and Σx² (what ``api.prune``
+gathers for wanda, flap and the l1/l2/random methods), all four statistics (Σ|x| is gathered
+for activation and relief, count(x ≤ 0) only on request), and, for comparison, the update as it
+was before the blocked reduction (``old_update``: one whole-batch pass per statistic).
+``calibrate`` is asked for the statistics ``api.prune`` asks for with wanda, its default
+data-driven method (``criteria.statistics_for``).
 
 (ii) Memory. Each measurement runs in a fresh subprocess that streams N (then 10·N) samples
 through ``data.batches`` → ``calibrate`` from a generator yielding augmented copies (never
 materialising the samples), and reports its peak RSS (``VmHWM`` of ``/proc/self/status``),
 also before calibration starts. For the CNN the whole ``onnxprune.prune`` (wanda, bias
-compensation, verification) is measured the same way.
+compensation, verification) is measured the same way. The full run adds EfficientNet (dynamo)
+at the default batch size 32, where one batch of exposed outputs is 352 MB.
 
 Targets (issue 3): calibration ≤ 1.5× plain inference; peak RSS at 10·N ≤ 1.1× that at N.
 """
@@ -62,8 +66,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from onnxprune import _ort  # noqa: E402
-from onnxprune.calibrate import TensorStats, _bytes_per_sample, calibrate, instrumented_model_path  # noqa: E402
+from onnxprune.calibrate import (  # noqa: E402
+    STATISTICS, TensorStats, _bytes_per_sample, _shape_known, calibrate, instrumented_model_path,
+)
 from onnxprune.consumers import consumer_views  # noqa: E402
+from onnxprune.criteria import statistics_for  # noqa: E402
 from onnxprune.data import Preprocess, batches, input_specs, load_image, source_items  # noqa: E402
 from onnxprune.groups import analyze_groups  # noqa: E402
 from onnxprune.load import load_model  # noqa: E402
@@ -79,6 +86,8 @@ PRE = Preprocess(resize=256, crop=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0
 PROVIDERS = ["CPUExecutionProvider"]
 BUDGET = 1024 * 2**20  # api.prune's default --memory-budget
 BATCH = 32  # api.prune's default --batch-size
+GATHERED = statistics_for("wanda")  # what api.prune gathers with its default data-driven method
+NEW_UPDATE = TensorStats.update  # onnxprune's (--baseline swaps old_update in for calibrate())
 
 
 # ----------------------------------------------------------------------------- setup
@@ -101,7 +110,7 @@ class Ctx:
     def calibrate(self, batch_iter, total=None):
         return calibrate(
             self.model, self.tensors, batch_iter, batch_size=BATCH, providers=PROVIDERS,
-            memory_budget=BUDGET, progress=False, total=total, hold_out=0,
+            memory_budget=BUDGET, progress=False, total=total, hold_out=0, statistics=GATHERED,
         )
 
 
@@ -160,70 +169,17 @@ def time_calibrate(ctx: Ctx, bl: list[dict]) -> dict[str, float]:
     return {"loop": stats.seconds, "call": end - t0, "cpu": time.process_time() - c0, "update": spent[0]}
 
 
-def _update_split(x: np.ndarray, axis: int) -> dict[str, float]:
-    """TensorStats.update, one reduction at a time (same operations)."""
+def old_update(s: TensorStats, x: np.ndarray, axis: int) -> None:
+    """TensorStats.update before the blocked reduction (for comparison): one pass over the
+    whole batch per statistic, each building a batch-sized temporary (np.square, np.abs,
+    x <= 0) reduced in float64 over the strided axes."""
     axes = tuple(i for i in range(x.ndim) if i != axis)
-    out = {}
-    t = time.perf_counter(); xf = x.astype(np.float32, copy=False); out["astype"] = time.perf_counter() - t  # noqa: E702
-    t = time.perf_counter(); xf.sum(axis=axes, dtype=np.float64); out["sum (f64)"] = time.perf_counter() - t  # noqa: E702
-    t = time.perf_counter(); np.square(xf).sum(axis=axes, dtype=np.float64); out["square+sum (f64)"] = time.perf_counter() - t  # noqa: E702
-    t = time.perf_counter(); np.abs(xf).sum(axis=axes, dtype=np.float64); out["abs+sum (f64)"] = time.perf_counter() - t  # noqa: E702
-    t = time.perf_counter(); (xf <= 0).sum(axis=axes); out["count(x<=0)"] = time.perf_counter() - t  # noqa: E702
-    return out
-
-
-def fast_update(s: TensorStats, x: np.ndarray, axis: int, sumabs: bool = True) -> None:
-    """What-if (not in onnxprune): the same n, Σx, Σx² (and Σ|x| when ``sumabs``) without
-    the whole-batch temporaries of TensorStats.update: one sample at a time, each channel a
-    contiguous row reduced in float32 (Σx pairwise, Σx² as a dot product) and accumulated in
-    float64; count(x ≤ 0) is dropped (no criterion reads it)."""
-    c = x.shape[axis]
-    lead = int(np.prod(x.shape[:axis]))
-    rows = x.reshape(lead, c, -1)
-    s.n += x.size // c
-    if rows.shape[2] == 1:  # [N, C] (a Gemm input) or channels-last: rows are samples
-        m = rows[:, :, 0]
-        s.sum += m.sum(axis=0, dtype=np.float64)
-        s.sumsq += np.einsum("lc,lc->c", m, m, dtype=np.float64)
-        if sumabs:
-            s.sumabs += np.abs(m).sum(axis=0, dtype=np.float64)
-        return
-    for r in rows:  # [C, K]: small temporaries, reused by the allocator, no page faults
-        s.sum += r.sum(axis=1)
-        s.sumsq += np.einsum("ck,ck->c", r, r)
-        if sumabs:
-            s.sumabs += np.abs(r).sum(axis=1)
-
-
-def reduction_model(path: Path, shapes: dict[str, tuple[int, int]], folder: Path, sumabs: bool) -> tuple[Path, list[str]]:
-    """What-if (not in onnxprune): the model plus, for every exposed tensor (name -> (rank,
-    channel axis)), ReduceSum / ReduceSumSquare (/ ReduceL1) over every axis but the channel
-    axis as extra outputs, so that onnxruntime (multi-threaded, no large outputs) computes each
-    batch's per-channel sums; only [C] vectors come back, accumulated in float64 in numpy."""
-    import onnx
-    from onnx import helper, numpy_helper
-
-    m = onnx.load(str(path))
-    opset = next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
-    outs = []
-    for i, (name, (rank, axis)) in enumerate(shapes.items()):
-        axes = [a for a in range(rank) if a != axis]
-        ops = [("ReduceSum", "sum"), ("ReduceSumSquare", "sumsq")] + ([("ReduceL1", "sumabs")] if sumabs else [])
-        for op, tag in ops:
-            y = f"{name}__{tag}"
-            if opset >= 18 or op == "ReduceSum":
-                a = f"__axes_{i}"
-                if not any(t.name == a for t in m.graph.initializer):
-                    m.graph.initializer.append(numpy_helper.from_array(np.asarray(axes, np.int64), a))
-                node = helper.make_node(op, [name, a], [y], keepdims=0)
-            else:
-                node = helper.make_node(op, [name], [y], axes=axes, keepdims=0)
-            m.graph.node.append(node)
-            m.graph.output.append(helper.make_empty_tensor_value_info(y))
-            outs.append(y)
-    out = folder / f"reduce_{int(sumabs)}.onnx"
-    onnx.save(m, str(out), save_as_external_data=True, location=out.name + ".data")
-    return out, outs
+    xf = x.astype(np.float32, copy=False)
+    s.n += x.size // x.shape[axis]
+    s.sum += xf.sum(axis=axes, dtype=np.float64)
+    s.sumsq += np.square(xf).sum(axis=axes, dtype=np.float64)
+    s.sumabs += np.abs(xf).sum(axis=axes, dtype=np.float64)
+    s.nonpos += (xf <= 0).sum(axis=axes)
 
 
 def _interleaved(fns: dict, reps: int) -> dict[str, float]:
@@ -255,66 +211,45 @@ def profile(ctx: Ctx, bl: list[dict], reps: int = 3) -> dict:
                 sess.run(names, b)
 
         fetched.extend(sess.run(names, b) for b in bl)  # kept (untimed) to time the reductions on
-        shapes = {n: (x.ndim, ctx.tensors[n][1]) for n, x in zip(names, fetched[0])}
-        red = {}
-        for sumabs in (True, False):
-            rpath, rnames = reduction_model(ctx.path, shapes, Path(d), sumabs)
-            rs = _ort.session(str(rpath), PROVIDERS)
-            rs.run(rnames, bl[0])
-            red[sumabs] = (rs, rnames)
-
-        def reduce_in_graph(sumabs: bool) -> None:
-            rs, rnames = red[sumabs]
-            acc: dict[str, np.ndarray] = {}
-            for b in bl:
-                for k, v in zip(rnames, rs.run(rnames, b)):
-                    acc[k] = acc[k] + v.astype(np.float64) if k in acc else v.astype(np.float64)
-            reduced[sumabs] = acc
-
-        reduced: dict = {}
         res.update(_interleaved({
             "plain": lambda: [plain.run(None, b) for b in bl],
             "instrumented, outputs only": lambda: [sess.run(out_names, b) for b in bl],
             "instrumented, all exposed": fetch_all,
-            "what-if: reductions in the graph": lambda: reduce_in_graph(True),
-            "what-if: reductions in the graph, Σx and Σx² only": lambda: reduce_in_graph(False),
         }, reps))
-    res["exposed_mb_per_sample_actual"] = sum(x.nbytes for x in fetched[0]) / next(iter(bl[0].values())).shape[0] / 2**20
-    split: dict[str, float] = {}
-    timing = {"TensorStats.update": 0.0, "what-if update": 0.0, "what-if update, Σx and Σx² only": 0.0}
-    stats: dict = {n: None for n in names}
-    fstats: dict = {n: None for n in names}
-    wstats: dict = {n: None for n in names}
-    for outs in fetched:
-        for name, x in zip(names, outs):
-            axis = ctx.tensors[name][1]
-            if stats[name] is None:
-                for st in (stats, fstats, wstats):
-                    st[name] = TensorStats.empty(x.shape[axis])
-            for key, fn in (("TensorStats.update", lambda: stats[name].update(x, axis)),
-                            ("what-if update", lambda: fast_update(fstats[name], x, axis)),
-                            ("what-if update, Σx and Σx² only", lambda: fast_update(wstats[name], x, axis, sumabs=False))):
-                t = time.perf_counter()
-                fn()
-                timing[key] += time.perf_counter() - t
-            for k, v in _update_split(x, axis).items():
-                split[k] = split.get(k, 0.0) + v
-    dev = 0.0  # the in-graph float32 reductions against TensorStats' float64 sums
+    n0 = next(iter(bl[0].values())).shape[0]
+    res["exposed_mb_per_sample_actual"] = sum(x.nbytes for x in fetched[0]) / n0 / 2**20
+    # what calibrate() plans with: the inferred shape where it is complete, else measured
+    res["exposed_mb_per_sample_planned"] = sum(
+        _bytes_per_sample(v) if _shape_known(v) else x.nbytes / n0 for v, x in zip(values, fetched[0])) / 2**20
+    variants = {"TensorStats.update, Σx and Σx²": GATHERED, "TensorStats.update, all four": STATISTICS, "old update, all four": None}
+    spent: dict[str, list[float]] = {key: [] for key in variants}
+    acc: dict[str, dict[str, TensorStats]] = {}
+    for _ in range(reps):  # the total over the subset, median of reps
+        for key, gathered in variants.items():
+            acc[key], total = {}, 0.0
+            for outs in fetched:
+                for name, x in zip(names, outs):
+                    axis = ctx.tensors[name][1]
+                    st = acc[key].get(name)
+                    if st is None:
+                        st = acc[key][name] = TensorStats.empty(x.shape[axis], gathered or STATISTICS)
+                    t = time.perf_counter()
+                    if gathered is None:
+                        old_update(st, x, axis)
+                    else:
+                        NEW_UPDATE(st, x, axis)
+                    total += time.perf_counter() - t
+            spent[key].append(total)
+    timing = {key: median(v) for key, v in spent.items()}
+    dev = 0.0  # the blocked float32 partial sums against the old float64 reduction
     for name in names:
-        for tag in ("sum", "sumsq", "sumabs"):
-            ref = getattr(stats[name], tag)
-            got = reduced[True][f"{name}__{tag}"]
-            dev = max(dev, float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30)))
-        assert np.array_equal(reduced[True][f"{name}__sumsq"] == 0, stats[name].sumsq == 0), name  # same dead channels
-    res["what-if: reductions in the graph, max rel. deviation"] = dev
-    for name in names:  # the what-if must give the same statistics
-        a, b = stats[name], fstats[name]
+        a, b = acc["old update, all four"][name], acc["TensorStats.update, all four"][name]
+        assert a.n == b.n and np.array_equal(a.nonpos, b.nonpos) and np.array_equal(a.sumsq == 0, b.sumsq == 0), name
         for f in ("sum", "sumsq", "sumabs"):
             ref = getattr(a, f)
-            assert np.allclose(getattr(b, f), ref, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(ref).max()))), (name, f)
-        assert a.n == b.n, name
+            dev = max(dev, float(np.abs(getattr(b, f) - ref).max() / max(np.abs(ref).max(), 1e-30)))
+    res["max rel. deviation from the old update"] = dev
     res.update(timing)
-    res["update split"] = split
     return res
 
 
@@ -399,7 +334,7 @@ def child(what: str, key: str, n: int, batch: int) -> dict:
         stream = _stream(key, ctx.specs, n, trace, batch)
         stats, _ = calibrate(
             ctx.model, ctx.tensors, batches(source_items(stream, ctx.specs)(), ctx.specs, batch), batch_size=batch,
-            providers=PROVIDERS, memory_budget=BUDGET, progress=False, total=n, hold_out=0,
+            providers=PROVIDERS, memory_budget=BUDGET, progress=False, total=n, hold_out=0, statistics=GATHERED,
         )
         samples = stats.samples
     else:  # the whole api.prune: wanda, bias compensation, verification on held-out samples
@@ -431,32 +366,26 @@ def bench_rss(what: str, key: str, n: int, batch: int) -> dict:
 
 
 def print_tables(times: list[dict], rss: list[dict]) -> None:
-    print("\n(i) calibration vs plain onnxruntime inference, same batches (batch 32), same session options; medians of the repetitions")
-    print("| model | samples × reps | exposed tensors (MiB/sample: planned by onnxprune / actual) | plain loop s | calibrate loop s | **ratio, loops** (median of interleaved pairs; min/min) | of which TensorStats.update / the rest (× plain) | ratio incl. session creation (wall / CPU) | image decode s | ratio incl. decode | load avg |")
+    print(f"\n(i) calibration (gathering {', '.join(GATHERED)}) vs plain onnxruntime inference, same batches (batch 32), same session options; medians of the repetitions")
+    print("| model | samples × reps | exposed tensors (MiB/sample: static shapes / planned by onnxprune / actual) | plain loop s | calibrate loop s | **ratio, loops** (median of interleaved pairs; min/min) | of which TensorStats.update / the rest (× plain) | ratio incl. session creation (wall / CPU) | image decode s | ratio incl. decode | load avg |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in times:
         dec = "-" if r["decode_s"] is None else f"{r['decode_s']:.2f}"
         rd = "-" if r["ratio_with_decode"] is None else f"{r['ratio_with_decode']:.2f}×"
-        print(f"| {r['model']} | {r['samples']} × {r['reps']} | {r['exposed_tensors']} ({r['exposed_mb_per_sample']:.2f} / {r['profile']['exposed_mb_per_sample_actual']:.2f}) | "
+        p = r["profile"]
+        print(f"| {r['model']} | {r['samples']} × {r['reps']} | {r['exposed_tensors']} ({r['exposed_mb_per_sample']:.2f} / {p['exposed_mb_per_sample_planned']:.2f} / {p['exposed_mb_per_sample_actual']:.2f}) | "
               f"{r['plain_s']:.2f} | {r['calib_loop_s']:.2f} | **{r['ratio_loop']:.2f}×** ({r['ratio_loop_min']:.2f}×) | {r['update_x_plain']:.2f}× / {r['rest_x_plain']:.2f}× | {r['ratio_call']:.2f}× / {r['ratio_cpu']:.2f}× | {dec} | {rd} | {r['load_avg']:.1f} |")
     print("\nwhere the calibration loop's time goes (profile on a subset, warm sessions, median of 3; seconds, and × plain inference)")
-    print("| model | samples | plain run | instrumented run, model outputs only | instrumented run, all exposed fetched | TensorStats.update "
-          "| what-if update | what-if update, Σx and Σx² only | what-if: reductions in the graph (Σx, Σx², Σ|x|) | same, Σx and Σx² only |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | samples | plain run | instrumented run, model outputs only | instrumented run, all exposed fetched "
+          "| TensorStats.update, Σx and Σx² | TensorStats.update, all four | old update, all four | max rel. deviation new vs old |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in times:
         p = r["profile"]
         pl = p["plain"]
         f = lambda k: f"{p[k]:.2f} ({p[k] / pl:.2f}×)"  # noqa: E731
         print(f"| {r['model']} | {p['samples']} | {pl:.2f} | {f('instrumented, outputs only')} | {f('instrumented, all exposed')} | "
-              f"{f('TensorStats.update')} | {f('what-if update')} | {f('what-if update, Σx and Σx² only')} | "
-              f"{f('what-if: reductions in the graph')} | {f('what-if: reductions in the graph, Σx and Σx² only')} |")
-    print("\nTensorStats.update split (seconds over the profile subset)")
-    keys = list(times[0]["profile"]["update split"])
-    print("| model | " + " | ".join(keys) + " |")
-    print("|---|" + "---|" * len(keys))
-    for r in times:
-        sp = r["profile"]["update split"]
-        print(f"| {r['model']} | " + " | ".join(f"{sp[k]:.3f}" for k in keys) + " |")
+              f"{f('TensorStats.update, Σx and Σx²')} | {f('TensorStats.update, all four')} | {f('old update, all four')} | "
+              f"{p['max rel. deviation from the old update']:.1e} |")
     if rss:
         print("\n(ii) peak RSS (VmHWM of a fresh process) streaming N and 10·N samples")
         print("| stage | model | batch | N (batches) | RSS before calibration | peak at N | peak at 10·N | ratio | 10·N run: peak after batch 1 / 2 / 3 / 5 / 10 | 10·N run s |")
@@ -474,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer samples and repetitions (~3 min)")
     ap.add_argument("--models", default="cnn,effnet-ts,effnet-dynamo")
     ap.add_argument("--skip-rss", action="store_true")
+    ap.add_argument("--baseline", action="store_true",
+                    help="time calibrate() with the update as it was before (old_update, all four statistics): the 'before' figures")
     ap.add_argument("--json", type=Path, help="write the raw numbers here")
     ap.add_argument("--child", nargs=4, metavar=("WHAT", "MODEL", "N", "BATCH"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -481,6 +412,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child(args.child[0], args.child[1], int(args.child[2]), int(args.child[3]))))
         return 0
     keys = args.models.split(",")
+    if args.baseline:
+        global GATHERED
+        GATHERED = STATISTICS
+        TensorStats.update = old_update
     for k in keys:
         if not MODELS[k].exists() or (k != "cnn" and not PHOTOS.exists()):
             raise SystemExit(f"{MODELS[k]} or {PHOTOS} missing: run .venv/bin/python benchmarks/assets.py first")
@@ -498,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
         # N spans several batches: onnxruntime and the allocator reach their plateau by batch 3-5
         plan = [("calibrate", "cnn", 512 if q else 2048, BATCH), ("prune", "cnn", 512 if q else 2048, BATCH)]
         plan += [("calibrate", k, 24 if q else 40, 8) for k in keys if k != "cnn"]
+        if not q:  # the default batch size: two batches' outputs used to be held at once
+            plan += [("calibrate", "effnet-dynamo", 64, BATCH)]
         for what, k, n, bs in plan:
             if k not in keys:
                 continue

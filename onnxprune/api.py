@@ -22,7 +22,7 @@ from .calibrate import calibrate, providers_for
 from .compensate import COMPENSATIONS, apply_bias, apply_refits, bias_deltas, lstsq_refits, lstsq_requests
 from .consumers import consumer_views
 from .count import count_macs, count_params, estimate_after, node_macs
-from .criteria import DATA_DRIVEN, METHODS, score_groups
+from .criteria import DATA_DRIVEN, METHODS, score_groups, statistics_for
 from .data import InputSpec, Preprocess, batches, input_specs, source_items
 from .errors import GateError, InputError, VerificationError
 from .groups import Analysis, Group, analyze_groups
@@ -127,9 +127,10 @@ def _prunable_share(analysis: Analysis) -> tuple[int, int]:
 def analyze(model_path: str | os.PathLike, exclude: tuple[str, ...] | list[str] = ()) -> AnalysisReport:
     """Find every channel group of the model at ``model_path`` and what blocks the others."""
     model, _ = load_model(model_path)
+    params, macs = count_params(model), count_macs(model)  # counted where prune counts them
     analysis = analyze_groups(model, exclude)
     pp, pm = _prunable_share(analysis)
-    return AnalysisReport(analysis.groups, count_params(model), count_macs(model), pp, pm)
+    return AnalysisReport(analysis.groups, params, macs, pp, pm)
 
 
 def _check_options(method: str, ratio: float, min_keep: int, round_to: int) -> None:
@@ -234,7 +235,8 @@ def prune(
     times["load"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    # Counted before the analysis, which may fold static shape arithmetic into constants.
+    # load_model already folded constant index arithmetic and static shape reads and
+    # inferred shapes (the MACs need them); the analysis changes nothing these count.
     params_before, macs_before = count_params(model), count_macs(model)
     analysis = analyze_groups(model, exclude)
     times["groups"] = time.perf_counter() - t
@@ -259,6 +261,7 @@ def prune(
             batch_size=bs, providers=providers, memory_budget=int(memory_budget_mb * 2**20),
             progress=progress, total=max_samples, hold_out=0 if eval_data is not None else eval_samples,
             fixed_batch=any(sp.dims and sp.dims[0] is not None for sp in specs), requests=requests,
+            statistics=statistics_for(method),
         )
         times["calibrate"] = time.perf_counter() - t
 

@@ -23,6 +23,14 @@ DATA_FREE = ("l1", "l2", "random")
 # Data-driven: the baselines here, then the seed papers' plug-ins (onnxprune.methods).
 DATA_DRIVEN = ("wanda", "flap", "activation", *REGISTRY)
 METHODS = DATA_FREE + DATA_DRIVEN
+# Methods that read E|x| (TensorStats.sumabs) besides Σx and Σx², which are always gathered.
+_READ_SUMABS = ("activation", "relief")
+
+
+def statistics_for(method: str) -> tuple[str, ...]:
+    """The per-channel statistics ``calibrate`` must gather for ``method`` (and for the
+    dead channels and bias compensation)."""
+    return ("sum", "sumsq", "sumabs") if method in _READ_SUMABS else ("sum", "sumsq")
 
 
 def _bn_scale(producer: ir.Node) -> np.ndarray | None:
@@ -128,7 +136,7 @@ def score_groups(
         if method in REGISTRY:
             from .consumers import consumer_views
 
-            _, dead = _data_scores(analysis, stats, "activation")
+            _, dead = _data_scores(analysis, stats, "wanda")  # only the dead classes: Σx² only
             totals = REGISTRY[method].scores(analysis, stats, consumer_views(analysis), opts or MethodOptions(seed=seed))
         else:
             totals, dead = _data_scores(analysis, stats, method)

@@ -9,9 +9,10 @@ import pytest
 
 import onnxprune
 from builders import G, params, run, save
-from onnxprune.calibrate import TensorStats, calibrate
+from onnxprune import calibrate as calibrate_module
+from onnxprune.calibrate import STATISTICS, NotGathered, TensorStats, calibrate
 from onnxprune.consumers import consumer_views
-from onnxprune.criteria import score_groups
+from onnxprune.criteria import DATA_DRIVEN, score_groups, statistics_for
 from onnxprune.data import batches, input_specs, source_items
 from onnxprune._ort import session
 from onnxprune.groups import analyze_groups
@@ -27,14 +28,16 @@ def _mlp(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray) -> onnx
     return g.model([y])
 
 
-def _stats(path, data, batch_size=4, budget=2**30):
+def _stats(path, data, batch_size=4, budget=2**30, statistics=STATISTICS, raw=False):
+    """Calibrate on ``data`` (through data.batches, or handed over as batches when ``raw``)."""
     model, _ = load_model(path)
     analysis = analyze_groups(model)
     specs = input_specs(session(str(path)))
     tensors = {v.tensor: (v.value, v.axis) for v in consumer_views(analysis)}
     stats, _ = calibrate(
-        model, tensors, batches(source_items(data, specs)(), specs, batch_size),
+        model, tensors, iter(data) if raw else batches(source_items(data, specs)(), specs, batch_size),
         batch_size=batch_size, providers=["CPUExecutionProvider"], memory_budget=budget, progress=False,
+        statistics=statistics,
     )
     return analysis, stats
 
@@ -85,6 +88,151 @@ def test_tensor_stats_merge_is_additive():
     m = a.merge(b)
     np.testing.assert_allclose(m.sum, c.sum)
     np.testing.assert_allclose(m.var, x.transpose(1, 0, 2, 3).reshape(3, -1).var(1), rtol=1e-5)
+
+
+def _reference(x: np.ndarray, axis: int) -> dict[str, np.ndarray]:
+    """The statistics in float64 from the float32 values, reduced the plain way."""
+    axes = tuple(i for i in range(x.ndim) if i != axis)
+    r = x.astype(np.float32).astype(np.float64)
+    return {"sum": r.sum(axes), "sumsq": (r * r).sum(axes), "sumabs": np.abs(r).sum(axes), "nonpos": (r <= 0).sum(axes)}
+
+
+@pytest.mark.parametrize("shape, axis", [
+    ((3, 4, 300, 300), 1),  # rows longer than a block: pieces of one row
+    ((5, 6, 40, 40), 1),  # several channels per block
+    ((64, 3, 5, 5), 1),  # several samples per block
+    ((50_000, 6), 1),  # [N, C]: rows are samples
+    ((7, 40, 33), 2),  # channels last
+    ((6, 5, 7), 0),  # channel axis first
+])
+def test_tensor_stats_match_float64_with_a_large_mean(shape, axis):
+    """1e3 + noise: float32 partial sums would drift over long rows or many samples."""
+    rng = np.random.default_rng(4)
+    x = (1e3 + rng.standard_normal(shape)).astype(np.float32)
+    x = np.moveaxis(x, axis, 0)
+    x[0] *= -1  # one negative channel and a few exact zeros: count(x <= 0) is not trivial
+    x[1].reshape(-1)[::97] = 0.0
+    x = np.ascontiguousarray(np.moveaxis(x, 0, axis))
+    st = TensorStats.empty(shape[axis])
+    for part in np.array_split(x, 2, axis=1 if axis == 0 else 0):  # two batches
+        st.update(np.ascontiguousarray(part), axis)
+    want = _reference(x, axis)
+    assert st.n == x.size // shape[axis]
+    for name in ("sum", "sumsq", "sumabs"):
+        np.testing.assert_allclose(getattr(st, name), want[name], rtol=1e-6, err_msg=name)
+    np.testing.assert_array_equal(st.nonpos, want["nonpos"])
+
+
+def test_tensor_stats_of_float16_and_empty_tensors():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((4, 3, 6, 6)).astype(np.float16)
+    st = TensorStats.empty(3)
+    st.update(x, 1)
+    st.update(np.zeros((0, 3, 6, 6), np.float16), 1)
+    want = _reference(x, 1)
+    for name in ("sum", "sumsq", "sumabs"):
+        np.testing.assert_allclose(getattr(st, name), want[name], rtol=1e-6)
+    np.testing.assert_array_equal(st.nonpos, want["nonpos"])
+    assert st.n == 4 * 36
+
+
+def test_statistics_not_gathered_fail_loudly(mlp):
+    st = TensorStats.empty(3, ("sum", "sumsq"))
+    st.update(np.ones((2, 3), np.float32), 1)
+    assert st.statistics == ("sum", "sumsq")
+    for name in ("sumabs", "nonpos", "mean_abs"):
+        with pytest.raises(NotGathered, match="sumabs|nonpos"):
+            getattr(st, name)
+    full = TensorStats.empty(3)
+    full.update(np.ones((2, 3), np.float32), 1)
+    merged = full.merge(st)  # what one shard lacks, the union lacks
+    assert merged.statistics == ("sum", "sumsq") and merged.n == 4
+    with pytest.raises(NotGathered):
+        merged.sumabs
+    assert TensorStats.empty(3, ("sumabs",)).statistics == ("sum", "sumsq", "sumabs")
+    with pytest.raises(ValueError, match="unknown statistics"):
+        TensorStats.empty(3, ("sum", "median"))
+
+    path, data, _, _ = mlp
+    analysis, stats = _stats(path, data, statistics=statistics_for("wanda"))
+    (group,) = [g for g in analysis.groups if g.prunable]
+    assert score_groups(analysis, "wanda", stats=stats)[group.id].shape == (5,)
+    with pytest.raises(NotGathered):
+        score_groups(analysis, "activation", stats=stats)
+
+
+@pytest.mark.parametrize("method", DATA_DRIVEN)
+def test_every_method_gets_the_statistics_it_reads(mlp, method):
+    path, data, _, _ = mlp
+    _, r = onnxprune.prune(path, method=method, ratio=0.4, calib=data, batch_size=4, latency=False)
+    assert r.params_after < r.params_before
+
+
+def _conv_chain(tmp_path, spatial):
+    g = G()
+    x = g.input("x", ["N", 3, *spatial])
+    a = g.op("Relu", [g.conv(x, 3, 8, name="c1")])
+    b = g.op("Relu", [g.conv(a, 8, 8, name="c2")])
+    c = g.op("Relu", [g.conv(b, 8, 8, name="c3")])
+    y = g.op("GlobalAveragePool", [g.conv(c, 8, 4, name="c4")])
+    return save(g.model([y]), tmp_path / "m.onnx")
+
+
+class _Watched:
+    """An onnxruntime session that records the bytes each run returns, and whether any
+    output of an earlier run is still referenced when a run starts."""
+
+    def __init__(self, sess, log):
+        self.sess, self.log = sess, log
+        self.alive: list = []
+
+    def run(self, names, feed):
+        import weakref
+
+        self.log["overlap"] = self.log.get("overlap", 0) + sum(r() is not None for r in self.alive)
+        outs = self.sess.run(names, feed)
+        self.alive = [weakref.ref(o) for o in outs]
+        self.log.setdefault("runs", []).append((next(iter(feed.values())).shape, sum(o.nbytes for o in outs)))
+        return outs
+
+    def __getattr__(self, name):
+        return getattr(self.sess, name)
+
+
+@pytest.fixture
+def watched(monkeypatch):
+    log: dict = {}
+    real = calibrate_module._ort.session
+    monkeypatch.setattr(calibrate_module._ort, "session", lambda *a, **k: _Watched(real(*a, **k), log))
+    return log
+
+
+def test_one_runs_outputs_are_dropped_before_the_next_run(tmp_path, watched):
+    path = _conv_chain(tmp_path, [8, 8])
+    data = [{"x": np.random.default_rng(i).standard_normal((4, 3, 8, 8)).astype(np.float32)} for i in range(3)]
+    _, stats = _stats(path, data, budget=9 * 1024)
+    assert stats.runs_per_batch == 3 and len(watched["runs"]) == 9
+    assert watched["overlap"] == 0
+
+
+def test_memory_budget_measures_what_the_shapes_do_not_tell(tmp_path, watched):
+    """Spatial dims unknown to shape inference: the plan comes from the first batch's
+    measured sizes, again when the input size changes, and every run fits the budget."""
+    path = _conv_chain(tmp_path, ["H", "W"])
+    rng = np.random.default_rng(0)
+    small = [{"x": rng.standard_normal((4, 3, 8, 8)).astype(np.float32)} for _ in range(2)]
+    large = [{"x": rng.standard_normal((4, 3, 16, 16)).astype(np.float32)} for _ in range(2)]
+    budget = 40 * 1024  # 8×16×16×4 B = 8 KiB per sample and tensor, 32 KiB per batch of 4
+    _, one = _stats(path, small + large, raw=True)
+    watched["runs"].clear()
+    _, split = _stats(path, small + large, raw=True, budget=budget)
+    assert one.runs_per_batch == 1 and split.runs_per_batch == 3
+    runs = watched["runs"]
+    assert [shape for shape, _ in runs if shape[0] == 1] == [(1, 3, 8, 8), (1, 3, 16, 16)]  # one probe per input size
+    assert len(runs) == 2 + 2 * 1 + 2 * 3  # probes, small batches in one run, large ones in three
+    assert all(nbytes <= budget for _, nbytes in runs)
+    for name in one.tensors:
+        np.testing.assert_allclose(split.tensors[name].sumsq, one.tensors[name].sumsq)
 
 
 def test_memory_budget_splits_runs_and_gives_the_same_statistics(tmp_path):
