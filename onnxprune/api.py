@@ -28,6 +28,7 @@ from .errors import GateError, InputError, VerificationError
 from .groups import Analysis, Group, analyze_groups
 from .load import check_output_path, load_model, save_model
 from .methods import REGISTRY, MethodOptions
+from .reconstruct import calibration_part, refit_on_pruned, refit_targets
 from .rewrite import apply_removal, refresh_shapes
 from .select import select, select_for_target
 from .verify import Fidelity, check_pruned, measure_fidelity, median_latency, run_original
@@ -71,6 +72,7 @@ class PruneResult:
     file_size_after: int | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     compensation: str = "none"
+    compensation_note: str | None = None
     calibration: dict | None = None
     fidelity: dict | None = None
     latency: dict | None = None
@@ -94,6 +96,7 @@ class PruneResult:
             "groups": self.groups,
             "seconds": self.seconds,
             "compensation": self.compensation,
+            "compensation_note": self.compensation_note,
             "calibration": self.calibration,
             "fidelity": self.fidelity,
             "latency": self.latency,
@@ -302,6 +305,7 @@ def prune(
         deltas = bias_deltas(analysis, stats, all_removed)
     elif stats is not None and compensate == "lstsq":
         refits, deltas = lstsq_refits(analysis, stats, all_removed)
+    targets = refit_targets(analysis, all_removed) if refits else []
     apply_removal(analysis, all_removed)
     times["rewrite"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -309,6 +313,19 @@ def prune(
         apply_bias(analysis, deltas, all_removed)
         apply_refits(analysis, refits, all_removed)
         refresh_shapes(model)
+    refit_note = None
+    if targets and _rereadable(calib):
+        original, _ = load_model(model_path)
+        fixed = any(sp.dims and sp.dims[0] is not None for sp in specs)
+        hold = 0 if eval_data is not None else eval_samples
+        n_refit = refit_on_pruned(
+            targets, original, model,
+            lambda: calibration_part(batches(source_items(calib, specs, preprocess)(), specs, bs, max_samples), hold, fixed),
+            providers=providers, memory_budget=int(memory_budget_mb * 2**20), batch_size=bs,
+        )
+        refit_note = f"{n_refit} consumers refitted from their inputs in the pruned graph"
+    elif targets:
+        refit_note = "refitted from the original graph's statistics only: the calibration source can be read only once"
     times["compensate"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -364,6 +381,7 @@ def prune(
         file_size_after=_size(output_path, external) if output_path is not None else None,
         seconds={k: round(v, 4) for k, v in times.items()},
         compensation=(compensate if stats is not None else "none") if compensate != "none" else "none",
+        compensation_note=refit_note,
         calibration=None if stats is None else {
             "samples": stats.samples, "seconds": round(stats.seconds, 4), "runs_per_batch": stats.runs_per_batch,
             "tensors": len(stats.tensors), "held_out": sum(next(iter(b.values())).shape[0] for b in held),
@@ -388,8 +406,7 @@ def _prune_in_steps(model_path, output_path, steps: int, args: dict) -> tuple[ir
     calib = args.get("calib")
     if calib is None:
         raise InputError("--steps recalibrates between rounds: give --calib")
-    rereadable = isinstance(calib, (str, os.PathLike, list, tuple)) or hasattr(calib, "rewind")
-    if not rereadable:
+    if not _rereadable(calib):
         raise InputError(
             "--steps reads the calibration data once per round, and this source can only be read once: "
             "pass a folder, a list, or a CalibrationDataReader with rewind()"
@@ -431,6 +448,11 @@ def error_sweep(model_path, kwargs: dict, result: PruneResult, points=(0.9, 0.8,
         if r.fidelity:
             out.append((1 - r.macs_after / r.macs_before, r.fidelity["rel_l2"], r.fidelity["agreement"]))
     return out
+
+
+def _rereadable(calib: Any) -> bool:
+    """Whether the calibration source can be read again (a folder, a list, a rewindable reader)."""
+    return isinstance(calib, (str, os.PathLike, list, tuple)) or hasattr(calib, "rewind")
 
 
 def _flat(removed: dict[int, np.ndarray]) -> np.ndarray:

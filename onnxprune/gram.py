@@ -53,12 +53,16 @@ class ChannelGram:
         self.n[k] += r.shape[0]
         self.batches += 1
 
-    def update(self, x: np.ndarray) -> None:
+    def sampled_rows(self, x: np.ndarray, batch: int) -> np.ndarray:
+        """Rows [P, C] of ``x`` at the positions sampled for batch number ``batch``."""
         rows = _rows(x, self.axis)
         if rows.shape[0] > self.max_rows:
-            rng = np.random.default_rng(self.seed + self.batches)
+            rng = np.random.default_rng(self.seed + batch)
             rows = rows[np.sort(rng.choice(rows.shape[0], self.max_rows, replace=False))]
-        self.add_rows(rows)
+        return rows
+
+    def update(self, x: np.ndarray) -> None:
+        self.add_rows(self.sampled_rows(x, self.batches))
 
     def merge(self, other: "ChannelGram") -> "ChannelGram":
         out = ChannelGram(self.axis, self.shards, self.max_rows, self.seed)
@@ -125,7 +129,9 @@ class PatchGram(ChannelGram):
         n = len(spatial)
         return [(self.pads[i], self.pads[i + n]) for i in range(n)]
 
-    def update(self, x: np.ndarray) -> None:
+    def patch_rows(self, x: np.ndarray, batch: int) -> np.ndarray:
+        """im2col rows [P, C·kh·kw] of ``x`` at the output positions sampled for batch
+        number ``batch`` (the same positions for every tensor of that batch shape)."""
         if x.ndim != 4:
             raise ValueError("PatchGram supports 2-D convolutions")
         pad = self._padding(x.shape[2:])
@@ -134,11 +140,14 @@ class PatchGram(ChannelGram):
         oh = (xp.shape[2] - (kh - 1) * dh - 1) // sh + 1
         ow = (xp.shape[3] - (kw - 1) * dw - 1) // sw + 1
         total = x.shape[0] * oh * ow
-        rng = np.random.default_rng(self.seed + self.batches)
+        rng = np.random.default_rng(self.seed + batch)
         pick = np.arange(total) if total <= self.max_rows else np.sort(rng.choice(total, self.max_rows, replace=False))
         b, rem = np.divmod(pick, oh * ow)
         i, j = np.divmod(rem, ow)
         taps = [(a * dh, c * dw) for a in range(kh) for c in range(kw)]
         # patches[p, c, t] = xp[b, c, i*sh + ti, j*sw + tj]
         cols = np.stack([xp[b, :, i * sh + ti, j * sw + tj] for ti, tj in taps], axis=2)
-        self.add_rows(cols.reshape(len(pick), -1))
+        return cols.reshape(len(pick), -1)
+
+    def update(self, x: np.ndarray) -> None:
+        self.add_rows(self.patch_rows(x, self.batches))

@@ -99,3 +99,45 @@ def test_lstsq_beats_bias_on_the_shipped_cnn(tmp_path):
     # Measured 2026-11-22: 98.8% unpruned, 96.8% bias, 98.2% lstsq at 50% MACs.
     assert acc["lstsq"] > acc["bias"]
     assert acc["lstsq"] >= before - 0.015
+
+
+def test_refit_uses_the_inputs_of_the_final_pruned_graph(tmp_path):
+    """Every refitted consumer solves its least-squares problem on the inputs it gets in
+    the *written* graph (after the refits upstream of it), not on the original's."""
+    import onnxprune
+    from onnxprune.compensate import LSTSQ_RIDGE
+
+    rng = np.random.default_rng(3)
+    g = G()
+    x = g.input("x", ["N", 8])
+    h = g.op("Relu", [g.gemm(x, 8, 12, name="p1")])
+    h = g.op("Relu", [g.gemm(h, 12, 12, name="p2")])
+    h = g.op("Relu", [g.gemm(h, 12, 12, name="p3")])
+    y = g.gemm(h, 12, 4, name="c")
+    src = save(g.model([y]), tmp_path / "m.onnx")
+    calib = [{"x": rng.standard_normal((64, 8)).astype(np.float32)} for _ in range(4)]
+    out = tmp_path / "p.onnx"
+    _, result = onnxprune.prune(src, out, method="random", ratio=0.4, calib=calib, eval_data=calib[:1],
+                                compensate="lstsq", latency=False)
+    assert "3 consumers refitted" in result.compensation_note
+
+    pruned = onnx.load(str(out))
+    relu_in = next(n.input[0] for n in pruned.graph.node if n.name == "c")
+    # The final consumer's inputs in the pruned graph, and its target: the original output.
+    expose = onnx.helper.make_tensor_value_info(relu_in, onnx.TensorProto.FLOAT, None)
+    pruned.graph.output.append(expose)
+    onnx.save(pruned, str(tmp_path / "exposed.onnx"))
+    xs = np.concatenate([session(str(tmp_path / "exposed.onnx")).run([relu_in], b)[0] for b in calib]).astype(np.float64)
+    target = np.concatenate([run(src, b)[0] for b in calib]).astype(np.float64)
+    mx, mt = xs.mean(0), target.mean(0)
+    cxx = (xs - mx).T @ (xs - mx) / len(xs)
+    ctx = (target - mt).T @ (xs - mx) / len(xs)
+    lam = LSTSQ_RIDGE * np.trace(cxx) / len(mx)
+    w_best = np.linalg.solve(cxx + lam * np.eye(len(mx)), ctx.T).T
+    b_best = mt - w_best @ mx
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in pruned.graph.initializer}
+    node = next(n for n in pruned.graph.node if n.name == "c")
+    w_c, b_c = inits[node.input[1]], inits[node.input[2]]
+    assert w_c.shape == (4, xs.shape[1]) and xs.shape[1] < 12
+    np.testing.assert_allclose(w_c, w_best, rtol=2e-3, atol=2e-4 * np.abs(w_best).max())
+    np.testing.assert_allclose(b_c, b_best, rtol=2e-3, atol=2e-4 * np.abs(b_best).max())
