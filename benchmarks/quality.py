@@ -67,9 +67,9 @@ MODELS = ROOT / "models"
 CALIB_DIR = MODELS / "data" / "calib"
 HELDOUT = MODELS / "data" / "eval" / "heldout.npz"
 LABELS = MODELS / "data" / "heldout_labels.npy"
-CRITERIA = ("l1", "l2", "random", "wanda", "flap", "activation")
-DATA_DRIVEN = ("wanda", "flap", "activation")
-COMPS = ("none", "bias")
+CRITERIA = ("l1", "l2", "random", "wanda", "flap", "activation", "relief", "relative", "mipp")
+DATA_DRIVEN = ("wanda", "flap", "activation", "relief", "relative", "mipp")
+COMPS = ("none", "bias", "lstsq")
 LAST_LAYER = {"mnist_cnn": "fc2", "lenet300": "fc3"}
 
 import onnx  # noqa: E402
@@ -178,7 +178,7 @@ class OnnxPruneRunner:
         key = (method, comp, round(target, 12), seed, round_to)
         if key in self.cache:
             return self.cache[key]
-        use_calib = method in DATA_DRIVEN or comp == "bias"
+        use_calib = method in DATA_DRIVEN or comp != "none"
         out = self.work / f"op_{self.model}_{method}_{comp}_{seed}_{len(self.cache)}.onnx"
         t = time.perf_counter()
         _, res = onnxprune.prune(
