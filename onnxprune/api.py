@@ -18,7 +18,7 @@ import onnx_ir as ir
 
 from . import _ort
 from ._graph import node_label
-from .calibrate import calibrate, providers_for
+from .calibrate import calibrate, providers_for, split_held_out
 from .compensate import COMPENSATIONS, apply_bias, apply_refits, bias_deltas, lstsq_refits, lstsq_requests
 from .consumers import consumer_views
 from .count import count_macs, count_params, estimate_after, node_macs
@@ -28,7 +28,7 @@ from .errors import GateError, InputError, VerificationError
 from .groups import Analysis, Group, analyze_groups
 from .load import check_output_path, load_model, save_model
 from .methods import REGISTRY, MethodOptions
-from .reconstruct import calibration_part, refit_on_pruned, refit_targets
+from .reconstruct import refit_on_pruned, refit_targets
 from .rewrite import apply_removal, refresh_shapes
 from .select import select, select_for_target
 from .verify import Fidelity, check_pruned, measure_fidelity, median_latency, run_original
@@ -320,7 +320,7 @@ def prune(
         hold = 0 if eval_data is not None else eval_samples
         n_refit = refit_on_pruned(
             targets, original, model,
-            lambda: calibration_part(batches(source_items(calib, specs, preprocess)(), specs, bs, max_samples), hold, fixed),
+            lambda: split_held_out(batches(source_items(calib, specs, preprocess)(), specs, bs, max_samples), hold, fixed),
             providers=providers, memory_budget=int(memory_budget_mb * 2**20), batch_size=bs,
         )
         refit_note = f"{n_refit} consumers refitted from their inputs in the pruned graph"

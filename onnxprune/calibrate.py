@@ -348,7 +348,6 @@ def calibrate(
     stats = Statistics({name: None for name in tensors}, runs_per_batch=len(runs))  # type: ignore[misc]
     stats.extra = {key: acc for accs in by_tensor.values() for key, acc in accs}
     held: list[Sample] = []
-    held_n = 0
     with tempfile.TemporaryDirectory(prefix="onnxprune-cal-") as d:
         path = instrumented_model_path(model, values, Path(d))
         try:
@@ -359,24 +358,14 @@ def calibrate(
         bar = _progress(progress, total)
         with bar:
             task = bar.add_task("calibrating", total=total)
-            seen = 0
-            for k, batch in enumerate(batch_iter):
+
+            def counted(it: Iterator[Sample]) -> Iterator[Sample]:
+                for b in it:
+                    bar.update(task, advance=next(iter(b.values())).shape[0])
+                    yield b
+
+            for batch in split_held_out(counted(batch_iter), hold_out, fixed_batch, held):
                 n = next(iter(batch.values())).shape[0]
-                bar.update(task, advance=n)
-                if hold_out and held_n < hold_out:
-                    if fixed_batch:  # cannot cut a fixed-size batch: hold out every fifth one
-                        take = np.full(n, k % 5 == 4)
-                    else:  # every fifth sample, until hold_out are set aside
-                        take = (np.arange(seen, seen + n) % 5 == 4)
-                        take &= np.cumsum(take) <= hold_out - held_n
-                    seen += n
-                    if take.any():
-                        held.append({name: arr[take] for name, arr in batch.items()})
-                        held_n += int(take.sum())
-                        if take.all():
-                            continue
-                        batch = {name: arr[~take] for name, arr in batch.items()}
-                        n = int((~take).sum())
                 if unknown:
                     shapes = tuple((name, arr.shape[1:]) for name, arr in batch.items())
                     if shapes != planned_for:
@@ -402,6 +391,32 @@ def calibrate(
     if stats.samples == 0:
         raise InputError("no calibration samples left after holding some out for verification; add data or pass --eval")
     return stats, held
+
+
+def split_held_out(batch_iter: Iterator[Sample], hold_out: int, fixed_batch: bool,
+                   held: list[Sample] | None = None) -> Iterator[Sample]:
+    """The batches to calibrate on: every fifth sample (every fifth batch when the batch
+    size is fixed), up to ``hold_out`` samples, is held out for verification instead and
+    appended to ``held``.  Deterministic, so a second pass over the same data (the lstsq
+    refit) leaves out the same samples."""
+    held_n = seen = 0
+    for k, batch in enumerate(batch_iter):
+        n = next(iter(batch.values())).shape[0]
+        if hold_out and held_n < hold_out:
+            if fixed_batch:  # cannot cut a fixed-size batch
+                take = np.full(n, k % 5 == 4)
+            else:
+                take = np.arange(seen, seen + n) % 5 == 4
+                take &= np.cumsum(take) <= hold_out - held_n
+            seen += n
+            if take.any():
+                if held is not None:
+                    held.append({name: arr[take] for name, arr in batch.items()})
+                held_n += int(take.sum())
+                if take.all():
+                    continue
+                batch = {name: arr[~take] for name, arr in batch.items()}
+        yield batch
 
 
 class _NoBar:

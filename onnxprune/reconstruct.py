@@ -275,23 +275,3 @@ def _bias_add(node: ir.Node) -> ir.Node | None:
             return reader
     return None
 
-
-def calibration_part(batch_iter: Iterator[Sample], hold_out: int, fixed_batch: bool) -> Iterator[Sample]:
-    """The batches :func:`onnxprune.calibrate.calibrate` calibrates on: the same samples
-    are held out for verification (every fifth, up to ``hold_out``), so no refit sees them."""
-    held_n = seen = 0
-    for k, batch in enumerate(batch_iter):
-        n = next(iter(batch.values())).shape[0]
-        if hold_out and held_n < hold_out:
-            if fixed_batch:
-                take = np.full(n, k % 5 == 4)
-            else:
-                take = np.arange(seen, seen + n) % 5 == 4
-                take &= np.cumsum(take) <= hold_out - held_n
-            seen += n
-            if take.any():
-                held_n += int(take.sum())
-                if take.all():
-                    continue
-                batch = {name: arr[~take] for name, arr in batch.items()}
-        yield batch
