@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from ._graph import attr_int, attr_ints, const_array, dims, is_const, rank
+from ._graph import attr_int, attr_ints, const_array, dims, is_const, node_label, rank
 from .layout import Layout, SetCount, SetGroup, SliceBounds, SliceParam, SplitSizes
 
 Ctx = Any  # groups._Context; typed loosely to keep this module free of the analysis
@@ -134,12 +134,29 @@ class Elementwise(Handler):
             _block_all(
                 node,
                 ctx,
-                f"channels are combined with '{value.name}', which carries no prunable channels",
+                f"channels are combined with '{value.name}', which carries no prunable channels"
+                + _why_no_channels(value),
             )
             return
         for _, lay in carried[1:]:
             ctx.union(first.atoms, lay.atoms, node)
         ctx.set_layout(out, Layout(axis, first.atoms))
+
+
+def _why_no_channels(value: ir.Value) -> str:
+    """Why a computed operand carries no channels, when the op that made it says so.
+
+    In a transformer the residual stream is ``LayerNorm(h + f(h))``: the producers feeding
+    the Add meet the previous LayerNorm's output, whose hidden axis is normalised as a whole.
+    """
+    node = value.producer()
+    handler = handler_for(node) if node is not None else None
+    if isinstance(handler, Block):
+        where = "it comes from"
+        if node.op_type == "LayerNormalization":
+            where = "the hidden (residual-stream) dimension comes from"
+        return f"; {where} {node_label(node)}, which passes no channels on ({handler.reason})"
+    return ""
 
 
 class NormParams(Handler):
@@ -775,7 +792,7 @@ OP_TABLE: dict[str, Handler] = {
         for op in (
             "Relu", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Clip", "Elu",
             "Selu", "Celu", "Softplus", "Softsign", "Gelu", "Erf", "Mish", "ThresholdedRelu",
-            "Shrink", "Identity", "Dropout", "Cast", "Neg", "Abs", "Sqrt", "Exp", "Log",
+            "Shrink", "Identity", "Dropout", "Cast", "Neg", "Abs", "Sqrt", "Exp", "Log", "Swish",
             "Reciprocal", "Floor", "Ceil", "Round", "Sin", "Cos", "Sign",
         )
     },

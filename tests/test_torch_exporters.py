@@ -521,3 +521,94 @@ def test_static_channel_count_read_is_folded(tmp_path):
     reference, pruned, out = remove_exact(tmp_path, proto, "conv", [1])
     assert pruned[1].shape == reference[1].shape == (4,)
     assert params(out) < params(tmp_path / "in.onnx")
+
+
+# ------------------------------------------------ a tiny transformer encoder block (issue 5)
+
+
+class EncoderBlock(nn.Module):
+    """BERT-style post-LN encoder block written out as both exporters see a BERT layer:
+    Q/K/V Linear → view [B, T, H, d] → transpose → QKᵀ/√d + mask → softmax → ·V →
+    transpose → reshape → output Linear, residual, LayerNorm, then a GELU MLP."""
+
+    def __init__(self, c: int = 16, heads: int = 4, hidden: int = 32) -> None:
+        super().__init__()
+        self.heads, self.d = heads, c // heads
+        self.embed = nn.Linear(12, c)
+        self.ln0 = nn.LayerNorm(c)
+        self.q, self.k, self.v, self.o = (nn.Linear(c, c) for _ in range(4))
+        self.ln1 = nn.LayerNorm(c)
+        self.fc1 = nn.Linear(c, hidden)
+        self.fc2 = nn.Linear(hidden, c)
+        self.ln2 = nn.LayerNorm(c)
+
+    def forward(self, x):
+        h = self.ln0(self.embed(x))
+        b, t, c = h.shape
+        q, k, v = (m(h).view(b, t, self.heads, self.d).transpose(1, 2) for m in (self.q, self.k, self.v))
+        a = torch.softmax(q @ k.transpose(-1, -2) / self.d**0.5, dim=-1)
+        h = self.ln1(h + self.o((a @ v).transpose(1, 2).reshape(b, t, c)))
+        return self.ln2(h + self.fc2(F.gelu(self.fc1(h))))
+
+
+@pytest.fixture(scope="module")
+def encoder_block(tmp_path_factory):
+    cache: dict[str, Path] = {}
+
+    def get(exporter: str) -> Path:
+        if exporter not in cache:
+            torch.manual_seed(0)
+            model = EncoderBlock().eval()
+            with torch.no_grad():
+                model.fc2.weight[:, [1, 8, 30]] = 0.0  # MLP channels 1, 8, 30 contribute nothing
+            path = tmp_path_factory.mktemp(f"block-{exporter}") / "block.onnx"
+            x = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(2))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if exporter == "torchscript":
+                    torch.onnx.export(
+                        model, (x,), str(path), dynamo=False, opset_version=17, input_names=["x"],
+                        output_names=["y"], dynamic_axes={"x": {0: "batch", 1: "seq"}, "y": {0: "batch", 1: "seq"}},
+                    )
+                else:
+                    torch.onnx.export(
+                        model, (x,), str(path), dynamo=True, input_names=["x"], output_names=["y"],
+                        dynamic_shapes=({0: torch.export.Dim("batch"), 1: torch.export.Dim("seq", max=64)},),
+                        verbose=False,
+                    )
+            cache[exporter] = path
+        return cache[exporter]
+
+    return get
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_encoder_block_prunes_its_mlp(encoder_block, exporter, tmp_path):
+    """The MLP intermediate is the one prunable group; the hidden dim is blocked by
+    LayerNormalization and the attention projections with a reason; l1 at 50% writes a
+    valid smaller graph with the original output shapes, and zero-weight MLP channels go
+    without moving the outputs."""
+    src = encoder_block(exporter)
+    report = onnxprune.analyze(src)
+    prunable = [g for g in report.groups if g.prunable]
+    assert len(prunable) == 1 and prunable[0].n_channels == 32, [(g.name, g.blocked) for g in report.groups]
+    assert all(g.blocked for g in report.groups if not g.prunable)
+    assert any("LayerNormalization" in r for g in report.groups for r in g.blocked)
+    out = tmp_path / "out.onnx"
+    _, result = onnxprune.prune(src, out, method="l1", ratio=0.5)
+    assert result.params_after < result.params_before and params(out) < params(src)
+    onnx.checker.check_model(str(out), full_check=True)
+    feed = {"x": np.random.default_rng(5).standard_normal((3, 7, 12)).astype(np.float32)}
+    before, after = session(str(src)).run(None, feed), session(str(out)).run(None, feed)
+    assert [a.shape for a in before] == [a.shape for a in after]
+    assert all(np.isfinite(a).all() for a in after)
+    # Exact: the zeroed channels are the three of fc1's that fc2 never reads.
+    model, _ = load_model(src)
+    analysis = analyze_groups(model)
+    group = next(g for g in analysis.groups if g.prunable)
+    fc2 = _zeroed_consumer(model, [1, 8, 30], 16)
+    classes = analysis.roots[analysis.layouts[fc2.inputs[0]].atoms][[1, 8, 30]]
+    positions = [int(np.flatnonzero(group.classes == c)[0]) for c in classes]
+    reference, pruned, small = remove_exact(tmp_path, onnx.load(str(src)), group.producers[0].name, positions)
+    assert max_diff(reference, pruned) <= 1e-4
+    assert params(small) < params(tmp_path / "in.onnx")
