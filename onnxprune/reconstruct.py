@@ -20,6 +20,7 @@ refits upstream.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ import onnx_ir as ir
 from . import _ort
 from ._graph import attr_int, const_array, replace_const
 from .calibrate import _plan_runs
-from .compensate import LSTSQ_RIDGE, _append_add, _lstsq_kind, _new_input
+from .compensate import LSTSQ_RIDGE, _append_add, _lstsq_kind, _new_input, enough_rows
 from .consumers import consumer_views
 from .data import Sample
 from .errors import InputError
@@ -165,9 +166,13 @@ def refit_on_pruned(
             sp = _prefix_session(pruned, [t.node.inputs[0].name for t in wave], Path(d) / f"p{k}", providers)
             _joint_pass(wave, orig_values, so, sp, batch_iter(), memory_budget, batch_size)
             del so, sp
+            shutil.rmtree(Path(d) / f"o{k}")
+            shutil.rmtree(Path(d) / f"p{k}")
             for t in wave:
-                if t.rows_seen:
+                if enough_rows(t.rows_seen, int(t.keep_cols.sum())):
                     _write(t, *t.solve(), pruned.graph)
+                else:
+                    t.rows_seen = 0  # too few rows: the first refit (or bias) stays
                 t.sums = {}
     return sum(1 for t in targets if t.rows_seen)
 
