@@ -129,3 +129,23 @@ def params(path: Path) -> int:
 
 def max_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b))
+
+
+def calibrated(path: Path, data: list[dict], method: str, opts=None, batch_size: int = 8):
+    """(analysis, views, stats) of ``path`` calibrated on ``data`` with ``method``'s own
+    requests, as ``prune`` gathers them."""
+    from onnxprune.calibrate import calibrate
+    from onnxprune.consumers import consumer_views
+    from onnxprune.data import batches, input_specs, source_items
+    from onnxprune.methods import REGISTRY, MethodOptions
+
+    model, _ = load_model(path)
+    analysis = analyze_groups(model)
+    views = consumer_views(analysis)
+    specs = input_specs(session(str(path)))
+    stats, _ = calibrate(
+        model, {v.tensor: (v.value, v.axis) for v in views}, batches(source_items(data, specs)(), specs, batch_size),
+        batch_size=batch_size, providers=["CPUExecutionProvider"], memory_budget=2**30, progress=False,
+        requests=REGISTRY[method].requests(analysis, views, opts or MethodOptions()),
+    )
+    return analysis, views, stats

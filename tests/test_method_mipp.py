@@ -9,14 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from builders import G, save
+from builders import G, calibrated, save
 from scipy import stats as sps
 
 import onnxprune
-from onnxprune._ort import session
-from onnxprune.calibrate import calibrate
 from onnxprune.consumers import consumer_views
-from onnxprune.data import batches, input_specs, source_items
 from onnxprune.errors import InputError
 from onnxprune.groups import analyze_groups
 from onnxprune.load import load_model
@@ -28,17 +25,7 @@ RIDGE = mipp.RIDGE  # the documented ridge: λ = RIDGE · mean diag(covariance)
 
 def _calibrate(path: Path, data: list[dict], opts: MethodOptions, batch_size: int):
     """analysis, views and statistics with mipp's own requests, as ``prune`` gathers them."""
-    model, _ = load_model(path)
-    analysis = analyze_groups(model)
-    views = consumer_views(analysis)
-    specs = input_specs(session(str(path)))
-    tensors = {v.tensor: (v.value, v.axis) for v in views}
-    stats, _ = calibrate(
-        model, tensors, batches(source_items(data, specs)(), specs, batch_size),
-        batch_size=batch_size, providers=["CPUExecutionProvider"], memory_budget=2**30, progress=False,
-        requests=REGISTRY["mipp"].requests(analysis, views, opts),
-    )
-    return analysis, views, stats
+    return calibrated(path, data, "mipp", opts, batch_size)
 
 
 def _group(analysis, producer: str):

@@ -16,11 +16,10 @@ import pytest
 from onnx import numpy_helper
 
 import onnxprune
-from builders import G, run, save
+from builders import G, calibrated, run, save
 from onnxprune._ort import session
-from onnxprune.calibrate import calibrate, instrumented_model_path
+from onnxprune.calibrate import instrumented_model_path
 from onnxprune.consumers import consumer_views
-from onnxprune.data import batches, input_specs, source_items
 from onnxprune.groups import analyze_groups
 from onnxprune.load import load_model
 from onnxprune.methods import REGISTRY, MethodOptions
@@ -31,19 +30,9 @@ RELATIVE = REGISTRY["relative"]
 
 
 # ----------------------------------------------------------------------------- helpers
-def calibrated(path: Path, data: list[dict], batch_size: int = 4, seed: int = 0):
+def calibrated_relative(path: Path, data: list[dict], batch_size: int = 4, seed: int = 0):
     """(analysis, views, stats) of ``path`` calibrated on ``data`` with relative's requests."""
-    model, _ = load_model(path)
-    analysis = analyze_groups(model)
-    views = consumer_views(analysis)
-    specs = input_specs(session(str(path)))
-    tensors = {v.tensor: (v.value, v.axis) for v in views}
-    stats, _ = calibrate(
-        model, tensors, batches(source_items(data, specs)(), specs, batch_size),
-        batch_size=batch_size, providers=["CPUExecutionProvider"], memory_budget=2**30, progress=False,
-        requests=RELATIVE.requests(analysis, views, MethodOptions(seed=seed)),
-    )
-    return analysis, views, stats
+    return calibrated(path, data, "relative", MethodOptions(seed=seed), batch_size)
 
 
 def view_named(views, name: str):
@@ -108,7 +97,7 @@ def fc_model(tmp_path: Path) -> Path:
 def test_dense_r_blind_mu_sigma_and_importance_by_hand(tmp_path):
     path = fc_model(tmp_path)
     # 6 samples in batches of 4 and 2: the statistics must stream across batches.
-    analysis, views, stats = calibrated(path, [{"x": X_FC}], batch_size=4)
+    analysis, views, stats = calibrated_relative(path, [{"x": X_FC}], batch_size=4)
     view = view_named(views, "fc2")
     acc = accumulator_for(stats, view)
 
@@ -155,7 +144,7 @@ def test_flatten_gemm_channel_aggregates_its_features(tmp_path):
     h = g.op("Relu", [g.op("Conv", [xi, g.const(wc), g.const(bc)], name="conv", kernel_shape=[1, 1])])
     y = g.op("Relu", [g.op("Gemm", [g.op("Flatten", [h], axis=1), g.const(wg), g.const(bg)], name="fc", transB=1)])
     path = save(g.model([y]), tmp_path / "flat.onnx")
-    analysis, views, stats = calibrated(path, [{"x": x}])
+    analysis, views, stats = calibrated_relative(path, [{"x": x}])
     view = view_named(views, "fc")
 
     feat = np.maximum(x.astype(np.float64) * wc.reshape(1, 2, 1, 1) + bc.reshape(1, 2, 1, 1), 0).reshape(5, 8)
@@ -204,7 +193,7 @@ def test_conv_r_blind_mu_sigma_and_importance_by_hand(tmp_path, kernel, group, b
     if bn:
         y = g.op("BatchNormalization", [y, g.const(gamma), g.const(beta), g.const(mean), g.const(var)], epsilon=eps)
     path = save(g.model([g.op("Relu", [y])]), tmp_path / "conv.onnx")
-    analysis, views, stats = calibrated(path, [{"x": x}])
+    analysis, views, stats = calibrated_relative(path, [{"x": x}])
     view = view_named(views, "conv2")
     acc = accumulator_for(stats, view)
 
@@ -287,7 +276,7 @@ def tau_model(tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray]:
 
 def test_tau_removes_exactly_the_channels_whose_connections_are_all_below(tmp_path):
     path, wa, wb = tau_model(tmp_path)
-    analysis, views, stats = calibrated(path, [{"x": X_TAU}])
+    analysis, views, stats = calibrated_relative(path, [{"x": X_TAU}])
     scores = RELATIVE.scores(analysis, stats, views, MethodOptions())
     group = next(g for g in analysis.groups if g.prunable)
     imp = np.array([scores[int(c)] for c in group.classes])
@@ -308,7 +297,7 @@ def test_tau_removes_exactly_the_channels_whose_connections_are_all_below(tmp_pa
 
 def test_tau_respects_min_keep_and_keeps_the_strongest(tmp_path):
     path, _, _ = tau_model(tmp_path)
-    analysis, views, stats = calibrated(path, [{"x": X_TAU}])
+    analysis, views, stats = calibrated_relative(path, [{"x": X_TAU}])
     group = next(g for g in analysis.groups if g.prunable)
     scores = RELATIVE.scores(analysis, stats, views, MethodOptions())
     imp = np.array([scores[int(c)] for c in group.classes])
@@ -475,12 +464,12 @@ def test_sampled_positions_are_deterministic(tmp_path):
     y = g.op("Relu", [g.conv(h, 4, 3, k=3, name="c")])
     path = save(g.model([y]), tmp_path / "det.onnx")
     data = [{"x": np.random.default_rng(1).standard_normal((4, 2, 24, 24)).astype(np.float32)}]
-    runs = [calibrated(path, data, batch_size=2) for _ in range(2)]
+    runs = [calibrated_relative(path, data, batch_size=2) for _ in range(2)]
     accs = [accumulator_for(stats, view_named(views, "c")) for _, views, stats in runs]
     assert accs[0].n == 2 * 1024  # 2 batches of 2 x 576 positions, 1024 sampled from each
     np.testing.assert_array_equal(accs[0].s1, accs[1].s1)
     np.testing.assert_array_equal(accs[0].s2, accs[1].s2)
-    _, views, stats = calibrated(path, data, batch_size=2, seed=1)
+    _, views, stats = calibrated_relative(path, data, batch_size=2, seed=1)
     assert not np.array_equal(accumulator_for(stats, view_named(views, "c")).s1, accs[0].s1)  # the seed picks the positions
 
     outs = []
@@ -514,9 +503,9 @@ def test_chunking_over_rows_and_outputs_changes_nothing(tmp_path, monkeypatch):
     import onnxprune.methods.relative as relative
 
     path = fc_model(tmp_path)
-    _, views, whole = calibrated(path, [{"x": X_FC}], batch_size=6)
+    _, views, whole = calibrated_relative(path, [{"x": X_FC}], batch_size=6)
     monkeypatch.setattr(relative, "CHUNK_ELEMENTS", 6)  # 1 output x 4 inputs per piece
-    _, _, pieces = calibrated(path, [{"x": X_FC}], batch_size=6)
+    _, _, pieces = calibrated_relative(path, [{"x": X_FC}], batch_size=6)
     a, b = (accumulator_for(s, view_named(views, "fc2")) for s in (whole, pieces))
     assert a.n == b.n == 6 and a.blind == b.blind
     np.testing.assert_allclose(a.s1, b.s1, rtol=1e-12)

@@ -12,14 +12,8 @@ import pytest
 from onnx import numpy_helper
 
 import onnxprune
-from builders import G, run, save
-from onnxprune._ort import session
-from onnxprune.calibrate import calibrate
-from onnxprune.consumers import consumer_views
-from onnxprune.data import batches, input_specs, source_items
+from builders import G, calibrated, run, save
 from onnxprune.errors import InputError
-from onnxprune.groups import analyze_groups
-from onnxprune.load import load_model
 from onnxprune.methods import REGISTRY, MethodOptions, relief
 from onnxprune.methods.relief import view_scores
 
@@ -28,19 +22,9 @@ RELIEF = REGISTRY["relief"]
 
 
 # ----------------------------------------------------------------------------- helpers
-def calibrated(path: Path, data: list[dict]):
+def calibrated_relief(path: Path, data: list[dict]):
     """(analysis, views, stats) of ``path`` calibrated on ``data`` with relief's requests."""
-    model, _ = load_model(path)
-    analysis = analyze_groups(model)
-    views = consumer_views(analysis)
-    specs = input_specs(session(str(path)))
-    tensors = {v.tensor: (v.value, v.axis) for v in views}
-    stats, _ = calibrate(
-        model, tensors, batches(source_items(data, specs)(), specs, 8),
-        batch_size=8, providers=["CPUExecutionProvider"], memory_budget=2**30, progress=False,
-        requests=RELIEF.requests(analysis, views, MethodOptions()),
-    )
-    return analysis, views, stats
+    return calibrated(path, data, "relief")
 
 
 def view_named(views, name: str):
@@ -120,7 +104,7 @@ def fc_by_hand() -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("head", ["gemm1", "gemm0", "matmul"])
 def test_dense_scores_by_hand(tmp_path: Path, head: str) -> None:
     path = save(fc_model(head), tmp_path / "fc.onnx")
-    analysis, views, stats = calibrated(path, [{"x": X_FC}])
+    analysis, views, stats = calibrated_relief(path, [{"x": X_FC}])
     s, bias = fc_by_hand()
     vs = view_scores(analysis, stats, view_named(views, "fc2"))
     np.testing.assert_allclose(vs.s, s, rtol=1e-6)
@@ -142,7 +126,7 @@ def test_dense_alpha_rule_by_hand(tmp_path: Path) -> None:
     assert removed_by_hand == [1]
 
     path = save(fc_model(), tmp_path / "fc.onnx")
-    analysis, views, stats = calibrated(path, [{"x": X_FC}])
+    analysis, views, stats = calibrated_relief(path, [{"x": X_FC}])
     opts = MethodOptions(alpha_fc=0.7)
     assert RELIEF.own_rule(opts) and not RELIEF.own_rule(MethodOptions())
     sel = RELIEF.select(analysis, stats, views, opts, analysis.groups)
@@ -223,7 +207,7 @@ def test_dead_channel_removed(tmp_path: Path) -> None:
     α_fc = 1 keeps every connection that carries anything, so only the dead one goes."""
     path = save(fc_model(dead=True), tmp_path / "fc.onnx")
     x = np.array([[1, 2, 5], [3, 1, -4]], np.float32)
-    analysis, views, stats = calibrated(path, [{"x": x}])
+    analysis, views, stats = calibrated_relief(path, [{"x": x}])
     sel = RELIEF.select(analysis, stats, views, MethodOptions(alpha_fc=1.0), analysis.groups)
     assert removed_positions(analysis, sel, "fc1") == [2]
     # Budget mode: removed even at ratio 0 (scored -inf like every data-driven method's dead channels).
@@ -239,7 +223,7 @@ def test_min_keep(tmp_path: Path) -> None:
     are both pruned everywhere; --min-keep 2 lets only one go: the dead one first."""
     path = save(fc_model(dead=True), tmp_path / "fc.onnx")
     x = np.array([[1, 2, 5], [3, 1, -4]], np.float32)
-    analysis, views, stats = calibrated(path, [{"x": x}])
+    analysis, views, stats = calibrated_relief(path, [{"x": x}])
     sel = RELIEF.select(analysis, stats, views, MethodOptions(alpha_fc=0.3, min_keep=1), analysis.groups)
     assert removed_positions(analysis, sel, "fc1") == [1, 2]
     sel = RELIEF.select(analysis, stats, views, MethodOptions(alpha_fc=0.3, min_keep=2), analysis.groups)
@@ -259,7 +243,7 @@ def test_flatten_gemm_scores_by_hand(tmp_path: Path) -> None:
     y = g.op("Gemm", [g.op("Flatten", [h], axis=1), g.const(wf), g.const(bf)], name="fc", transB=1)
     path = save(g.model([y]), tmp_path / "flat.onnx")
     xs = np.array([[[[1, 4]], [[2, 0]]], [[[3, -4]], [[0, 6]]]], np.float32)
-    analysis, views, stats = calibrated(path, [{"x": xs}])
+    analysis, views, stats = calibrated_relief(path, [{"x": xs}])
     feats = np.maximum(xs.astype(np.float64), 0).reshape(2, 4)  # [[1, 4, 2, 0], [3, 0, 0, 6]]
     m = np.abs(feats).mean(axis=0)
     assert m.tolist() == [2, 2, 1, 3]
@@ -337,7 +321,7 @@ def conv_by_hand() -> tuple[np.ndarray, np.ndarray]:
 
 def test_conv_scores_by_hand(tmp_path: Path) -> None:
     path = save(conv_model(), tmp_path / "conv.onnx")
-    analysis, views, stats = calibrated(path, [{"x": X_CONV}])
+    analysis, views, stats = calibrated_relief(path, [{"x": X_CONV}])
     s, bias = conv_by_hand()
     vs = view_scores(analysis, stats, view_named(views, "c2"))
     np.testing.assert_allclose(vs.s, s, rtol=1e-6)
@@ -354,7 +338,7 @@ def test_conv_alpha_rule_by_hand(tmp_path: Path) -> None:
     keeps = [alpha_rule_by_hand([*s[j], bias[j]], 0.5) for j in range(2)]
     assert keeps == [{0}, {0, 2}]
     path = save(conv_model(), tmp_path / "conv.onnx")
-    analysis, views, stats = calibrated(path, [{"x": X_CONV}])
+    analysis, views, stats = calibrated_relief(path, [{"x": X_CONV}])
     sel = RELIEF.select(analysis, stats, views, MethodOptions(alpha_conv=0.5), analysis.groups)
     assert removed_positions(analysis, sel, "c1") == [1]
     # α_fc alone set: conv layers use the default α_conv 0.9 → row 0 needs k0, k1, k2 → none removed.
@@ -379,7 +363,7 @@ def test_conv_alpha_rule_by_hand(tmp_path: Path) -> None:
 def test_conv_dynamic_spatial_fallback(tmp_path: Path) -> None:
     """Spatial size not static: the map is taken as constant, s_jk ∝ E|x_k|·‖W[j,k]‖₁, bias |b_j|."""
     path = save(conv_model(spatial=("H", "W")), tmp_path / "conv.onnx")
-    analysis, views, stats = calibrated(path, [{"x": X_CONV}])
+    analysis, views, stats = calibrated_relief(path, [{"x": X_CONV}])
     assert not RELIEF.requests(analysis, views, MethodOptions())
     m = np.abs(np.maximum(X_CONV.astype(np.float64), 0)).mean(axis=(0, 2, 3))
     c = np.array([[np.abs(WC[j, k]).sum() * m[k] for k in range(3)] for j in range(2)])
@@ -406,7 +390,7 @@ def test_grouped_conv_scores_by_hand(tmp_path: Path, monkeypatch, chunk_bytes: i
     y = g.op("Conv", [h, g.const(wg), g.const(bg)], name="gc", kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=2)
     path = save(g.model([y]), tmp_path / "grouped.onnx")
     xs = rng.integers(-2, 5, size=(3, 4, 4, 4)).astype(np.float32)
-    analysis, views, stats = calibrated(path, [{"x": xs}])
+    analysis, views, stats = calibrated_relief(path, [{"x": xs}])
 
     maps = np.abs(np.maximum(xs.astype(np.float64), 0)).mean(axis=0)
     s = np.zeros((4, 2))
