@@ -305,7 +305,7 @@ def prune(
         deltas = bias_deltas(analysis, stats, all_removed)
     elif stats is not None and compensate == "lstsq":
         refits, deltas = lstsq_refits(analysis, stats, all_removed)
-    targets = refit_targets(analysis, all_removed) if refits else []
+    targets = refit_targets(analysis, all_removed) if stats is not None and compensate == "lstsq" else []
     apply_removal(analysis, all_removed)
     times["rewrite"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -318,12 +318,14 @@ def prune(
         original, _ = load_model(model_path)
         fixed = any(sp.dims and sp.dims[0] is not None for sp in specs)
         hold = 0 if eval_data is not None else eval_samples
-        n_refit = refit_on_pruned(
+        n_ls, n_bias = refit_on_pruned(
             targets, original, model,
             lambda: split_held_out(batches(source_items(calib, specs, preprocess)(), specs, bs, max_samples), hold, fixed),
             providers=providers, memory_budget=int(memory_budget_mb * 2**20), batch_size=bs,
         )
-        refit_note = f"{n_refit} consumers refitted from their inputs in the pruned graph"
+        refit_note = f"{n_ls} consumers refitted by least squares from their inputs in the pruned graph"
+        if n_bias:
+            refit_note += f", {n_bias} by bias only (it predicted held-out rows better)"
     elif targets:
         refit_note = "refitted from the original graph's statistics only: the calibration source can be read only once"
     times["compensate"] = time.perf_counter() - t

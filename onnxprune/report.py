@@ -67,6 +67,7 @@ def print_result(result: PruneResult, console: Console | None = None) -> None:
         console.print(
             f"calibration {c['samples']:,} samples in {c['seconds']:.2f} s ({c['tensors']} tensors, "
             f"{c['runs_per_batch']} run(s) per batch); compensation: {result.compensation}"
+            + (f" ({result.compensation_note})" if result.compensation_note else "")
         )
     if result.fidelity:
         f = result.fidelity

@@ -119,7 +119,7 @@ def test_refit_uses_the_inputs_of_the_final_pruned_graph(tmp_path):
     out = tmp_path / "p.onnx"
     _, result = onnxprune.prune(src, out, method="random", ratio=0.4, calib=calib, eval_data=calib[:1],
                                 compensate="lstsq", latency=False)
-    assert "3 consumers refitted" in result.compensation_note
+    assert "3 consumers refitted by least squares" in result.compensation_note
 
     pruned = onnx.load(str(out))
     relu_in = next(n.input[0] for n in pruned.graph.node if n.name == "c")
@@ -141,3 +141,45 @@ def test_refit_uses_the_inputs_of_the_final_pruned_graph(tmp_path):
     assert w_c.shape == (4, xs.shape[1]) and xs.shape[1] < 12
     np.testing.assert_allclose(w_c, w_best, rtol=2e-3, atol=2e-4 * np.abs(w_best).max())
     np.testing.assert_allclose(b_c, b_best, rtol=2e-3, atol=2e-4 * np.abs(b_best).max())
+
+
+def _target(w, keep):
+    from onnxprune.reconstruct import RefitTarget
+
+    return RefitTarget(None, "x", "rows", 1, w, np.zeros(w.shape[0]), keep)
+
+
+def _feed(t, x, xp, batches=1):
+    from onnxprune.gram import ChannelGram
+
+    ext = ChannelGram(1, shards=1)
+    for k, (xa, xpa) in enumerate(zip(np.array_split(x, batches), np.array_split(xp, batches))):
+        t.update(ext, xa, xpa, k)
+
+
+def test_refit_chooses_lstsq_when_it_predicts_held_out_rows_better():
+    rng = np.random.default_rng(0)
+    kept = rng.standard_normal((400, 6))
+    x = np.concatenate([kept, kept[:, :2] @ rng.standard_normal((2, 2))], axis=1)  # removed = f(kept)
+    w = rng.standard_normal((3, 8))
+    keep = np.array([True] * 6 + [False] * 2)
+    t = _target(w, keep)
+    _feed(t, x, kept, batches=4)
+    a, b = t.solve()
+    assert t.mode == "lstsq"
+    np.testing.assert_allclose(kept @ a.T + b, x @ w.T, atol=1e-2)
+
+
+def test_refit_keeps_the_bias_fit_when_least_squares_would_overfit():
+    """Few rows, many features, removed inputs independent of the kept ones: the best
+    predictor is the kept weights plus the mean; a least-squares fit chases noise."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((24, 60))
+    w = rng.standard_normal((5, 60))
+    keep = np.arange(60) < 40
+    t = _target(w, keep)
+    _feed(t, x, x[:, keep])
+    a, b = t.solve()
+    assert t.mode == "bias"
+    np.testing.assert_array_equal(a, w[:, keep])
+    np.testing.assert_allclose(b, x[:, ~keep].mean(0) @ w[:, ~keep].T, atol=1e-12)
