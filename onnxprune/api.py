@@ -189,7 +189,7 @@ def prune(
     max_samples: int | None = None,
     memory_budget_mb: float = 1024,
     device: str = "auto",
-    compensate: str = "bias",
+    compensate: str = "lstsq",
     target_macs: float | None = None,
     target_params: float | None = None,
     eval_data: Any = None,

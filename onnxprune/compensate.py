@@ -1,7 +1,8 @@
 """Compensate stage: make up, at each consumer, for what the removed channels contributed.
 
-``lstsq`` (below) refits the kept weights and the bias by least squares from Gram
-statistics; consumers it cannot handle get ``bias``.
+``lstsq`` (below, the default with calibration data) refits the kept weights and the bias by
+least squares from Gram statistics of the original graph; :mod:`onnxprune.reconstruct` then
+refits them again from the pruned graph's own inputs.  Consumers it cannot handle get ``bias``.
 
 ``bias``: ``b += W[:, removed] · E[x_removed]`` (Conv: summed over kernel taps).  A
 removed channel's mean contribution moves into the consumer's bias, so only its

@@ -376,7 +376,8 @@ def test_report_has_fidelity_latency_calibration(tmp_path, mlp):
     assert d["calibration"]["held_out"] == 4  # every fifth of 20 samples
     assert d["fidelity"]["samples"] == 4 and 0 <= d["fidelity"]["rel_l2"]
     assert d["latency"]["before_s"] > 0 and d["latency"]["after_s"] > 0
-    assert d["compensation"] == "bias"
+    assert d["compensation"] == "lstsq"  # the default with calibration data
+    assert "by least squares" in d["compensation_note"]
     assert "calibrate" in d["seconds"]
 
 

@@ -175,6 +175,6 @@ def test_sample_models_prune_and_keep_accuracy(tmp_path, path):
 
 def test_plot_writes_a_png(tmp_path):
     out, png = tmp_path / "o.onnx", tmp_path / "p.png"
-    code = main([str(CNN), str(out), "--calib", str(ROOT / "models" / "data" / "calib"), "--target-macs", "0.6", "--plot", str(png), "-q"])
+    code = main([str(CNN), str(out), "--calib", str(ROOT / "models" / "data" / "calib"), "--target-macs", "0.6", "--compensate", "bias", "--plot", str(png), "-q"])
     assert code == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

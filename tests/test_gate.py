@@ -16,7 +16,7 @@ LABELS = str(ROOT / "models" / "data" / "heldout_labels.npy")
 
 def test_max_error_violation_exits_3_and_writes_nothing(capsys, tmp_path):
     out = tmp_path / "o.onnx"
-    code = main([CNN, str(out), "--calib", CALIB, "--ratio", "0.5", "--max-error", "0.01", "-q"])
+    code = main([CNN, str(out), "--calib", CALIB, "--compensate", "bias", "--ratio", "0.5", "--max-error", "0.01", "-q"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 3
     assert len(err) == 1 and "relative L2 error" in err[0] and "nothing written" in err[0]
@@ -25,14 +25,14 @@ def test_max_error_violation_exits_3_and_writes_nothing(capsys, tmp_path):
 
 def test_force_writes_anyway(capsys, tmp_path):
     out = tmp_path / "o.onnx"
-    code = main([CNN, str(out), "--calib", CALIB, "--ratio", "0.5", "--max-error", "0.01", "--force", "-q"])
+    code = main([CNN, str(out), "--calib", CALIB, "--compensate", "bias", "--ratio", "0.5", "--max-error", "0.01", "--force", "-q"])
     assert code == 0 and out.is_file()
     assert "written anyway" in capsys.readouterr().err
 
 
 def test_min_agreement_with_eval_and_labels(tmp_path):
     out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
-    args = [CNN, str(out), "--calib", CALIB, "--eval", EVAL, "--labels", LABELS, "--ratio", "0.1", "--report", str(rep), "-q"]
+    args = [CNN, str(out), "--calib", CALIB, "--compensate", "bias", "--eval", EVAL, "--labels", LABELS, "--ratio", "0.1", "--report", str(rep), "-q"]
     assert main(args + ["--min-agreement", "0.9"]) == 0
     fid = json.loads(rep.read_text())["fidelity"]
     assert fid["samples"] == 1000 and fid["source"] == "eval data"
