@@ -207,8 +207,8 @@ def prune(
     """Prune the model at ``model_path``; write it to ``output_path`` when given.
 
     ``calib`` (a folder of .npy/.npz/images, an onnxruntime ``CalibrationDataReader``, or
-    an iterable of ``{input_name: array}``) feeds the data-driven criteria and the bias
-    compensation.  Returns the pruned model and a :class:`PruneResult`.  The pruned graph
+    an iterable of ``{input_name: array}``) feeds the data-driven criteria and the
+    compensation (``compensate``: ``lstsq`` by default, ``bias``, ``none``).  Returns the pruned model and a :class:`PruneResult`.  The pruned graph
     is always checked (onnx full check, onnxruntime run, output shapes equal to the
     original's) before it is returned or written; a failure raises
     :class:`VerificationError` naming the group whose rewrite broke it, and nothing is
