@@ -2,7 +2,7 @@
 """EfficientNet-Lite0 (real ImageNet weights, both torch exporters) pruned by onnxprune to
 70% of its MACs, scored on real photos.
 
-Run from the repository root (assets first; ~6 min on 2 CPU cores, ``--sweep`` ~3 min, ``--quick`` ~5 min):
+Run from the repository root (assets first; ~25 min on 2 CPU cores, most of it the lstsq refits, ``--sweep`` ~15 min):
 
     .venv/bin/python benchmarks/assets.py
     .venv/bin/python benchmarks/effnet.py [--quick] [--sweep] [--json benchmarks/.cache/effnet.json]
@@ -10,11 +10,11 @@ Run from the repository root (assets first; ~6 min on 2 CPU cores, ``--sweep`` ~
 For each export (``effnet_lite0.onnx``: TorchScript exporter, opset 17;
 ``effnet_lite0_dynamo.onnx``: dynamo exporter, external data) this records
 ``onnxprune.analyze()`` (groups, prunable share of params/MACs, blocked groups and why), then
-runs, for ``--method wanda`` and ``--method l1``, the equivalent of
+runs, for ``wanda`` with ``bias`` and ``lstsq`` compensation and ``l1`` with ``bias``, the equivalent of
 
     onnxprune MODEL OUT --calib benchmarks/.cache/photos_calib --eval benchmarks/.cache/photos_eval \\
         --resize 256 --crop 224 --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 \\
-        --method METHOD --target-macs 0.7 --compensate bias
+        --method METHOD --target-macs 0.7 --compensate bias|lstsq
 
 (calibration: the 300 photos with index % 4 != 3; evaluation: the other 100, see
 ``assets.py``; the two folders are symlinks into ``photos/``), and records the top-1
@@ -157,14 +157,14 @@ def ort_layout(path: Path) -> dict[str, int]:
     }
 
 
-def run(label: str, path: Path, method: str, round_to: int, target: float, calib: Path, held: Path, out_dir: Path,
-        feeds: dict | None, lat_budget: float) -> dict:
-    out = out_dir / f"{path.stem}_{method}_{round_to}_{target}.onnx"
+def run(label: str, path: Path, method: str, comp: str, round_to: int, target: float, calib: Path, held: Path,
+        out_dir: Path, feeds: dict | None, lat_budget: float) -> dict:
+    out = out_dir / f"{path.stem}_{method}_{comp}_{round_to}_{target}.onnx"
     t = time.perf_counter()
-    row: dict = {"export": label, "method": method, "round_to": round_to, "target": target}
+    row: dict = {"export": label, "method": method, "compensate": comp, "round_to": round_to, "target": target}
     try:
         _, res = onnxprune.prune(
-            path, out, method=method, calib=str(calib), preprocess=PRE, target_macs=target, compensate="bias",
+            path, out, method=method, calib=str(calib), preprocess=PRE, target_macs=target, compensate=comp,
             eval_data=str(held), batch_size=32, round_to=round_to, latency=feeds is not None,
         )
     except Exception as exc:  # noqa: BLE001 - record onnxprune's failure as a result
@@ -203,17 +203,19 @@ def main(argv: list[str] | None = None) -> int:
     analyses = {label: summarize_analysis(p) for label, p in MODELS.items()}
     ts, dyn = MODELS.items()
     if args.sweep:  # (export, method, round_to, target, measure latency)
-        plan = [(*dyn, "wanda", 1, t, False) for t in (0.95, 0.9, 0.85, 0.8)]
+        plan = [(*dyn, "wanda", c, 1, t, False) for t in (0.95, 0.9, 0.85, 0.8) for c in ("bias", "lstsq")]
     else:
-        plan = [(*ts, "wanda", 1, TARGET, True), (*ts, "l1", 1, TARGET, True),
-                (*dyn, "wanda", 1, TARGET, True), (*dyn, "l1", 1, TARGET, True), (*dyn, "wanda", 16, TARGET, True)]
+        plan = [(*ts, "wanda", "bias", 1, TARGET, True), (*ts, "wanda", "lstsq", 1, TARGET, True),
+                (*ts, "l1", "bias", 1, TARGET, True), (*dyn, "wanda", "bias", 1, TARGET, True),
+                (*dyn, "wanda", "lstsq", 1, TARGET, True), (*dyn, "l1", "bias", 1, TARGET, True),
+                (*dyn, "wanda", "lstsq", 16, TARGET, True)]
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-effnet-") as d:
-        for label, path, method, round_to, target, lat in plan:
+        for label, path, method, comp, round_to, target, lat in plan:
             t = time.perf_counter()
-            rows.append(run(label, path, method, round_to, target, calib, held, Path(d), feeds if lat else None,
+            rows.append(run(label, path, method, comp, round_to, target, calib, held, Path(d), feeds if lat else None,
                             3.0 if args.quick else 6.0))
-            print(f"[{label} {method} round_to={round_to} target={target}] {time.perf_counter() - t:.0f} s", file=sys.stderr)
+            print(f"[{label} {method}/{comp} round_to={round_to} target={target}] {time.perf_counter() - t:.0f} s", file=sys.stderr)
     total = time.perf_counter() - t0
 
     print(f"\nanalyze() ({n_cal} calibration photos, {n_eval} evaluation photos)")
@@ -223,14 +225,14 @@ def main(argv: list[str] | None = None) -> int:
         why = "; ".join(f"{b['reason']} ({b['groups']})" for b in a["blocked"]) or "-"
         print(f"| {label} | {a['groups']} ({a['prunable_groups']}) | {a['params']:,} | {a['macs']:,} | "
               f"{a['prunable_params_share']:.1%} / {a['prunable_macs_share']:.1%} | {why} |")
-    print(f"\nprune --compensate bias, top-1 agreement with the unpruned model on {n_eval} held-out photos")
-    print("| export | method | --round-to | --target-macs | top-1 agreement | rel. L2 (logits) | MACs removed (onnxprune count) | MACs removed (real shapes) | "
-          "params removed | latency speedup b1 / b32 | onnxprune's latency speedup | ORT convs NCHWc / fallback / reorders (before → after) | calibrate s | total s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"\ntop-1 agreement with the unpruned model on {n_eval} held-out photos")
+    print("| export | method | --compensate | --round-to | --target-macs | top-1 agreement | rel. L2 (logits) | MACs removed (onnxprune count) | MACs removed (real shapes) | "
+          "params removed | latency speedup b1 / b32 | onnxprune's latency speedup | ORT convs NCHWc / fallback / reorders (before → after) | calibrate s | compensate s | total s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        head = f"| {r['export']} | {r['method']} | {r['round_to']} | {r['target']} |"
+        head = f"| {r['export']} | {r['method']} | {r['compensate']} | {r['round_to']} | {r['target']} |"
         if "error" in r:
-            print(f"{head} error: {r['error']} | | | | | | | | | {r['seconds']:.0f} |")
+            print(f"{head} error: {r['error']} | | | | | | | | | | {r['seconds']:.0f} |")
             continue
         mo, pa = r["macs_onnxprune"], r["params"]
         mt = r.get("macs_true")
@@ -244,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{head} **{r['fidelity']['agreement']:.1%}** | {r['fidelity']['rel_l2']:.3f} | "
               f"{1 - mo[1] / mo[0]:.1%} ({mo[0]:,} → {mo[1]:,}) | {true} | {1 - pa[1] / pa[0]:.1%} | {sp} | "
               f"{lo_s} | {lays} | "
-              f"{r['stage_seconds'].get('calibrate', 0):.0f} | {r['seconds']:.0f} |")
+              f"{r['stage_seconds'].get('calibrate', 0):.0f} | {r['stage_seconds'].get('compensate', 0):.0f} | {r['seconds']:.0f} |")
     print(f"\ntotal {total:.0f} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
