@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import math
 from typing import Iterator
 
@@ -264,6 +267,84 @@ def inline_constant_identities(graph: ir.Graph) -> int:
     return removed
 
 
+def _named_dims(value: ir.Value) -> list | None:
+    """Dims with ints where static, names where the symbol is a real one, None where
+    unknown (an ``unk__N`` placeholder proves nothing); None when the rank is unknown."""
+    if value.shape is None:
+        return None
+    out = []
+    for x in value.shape:
+        name = x if isinstance(x, int) else getattr(x, "value", None)
+        out.append(None if isinstance(name, str) and name.startswith("unk__") else name)
+    return out
+
+
+def fold_batch_merge_transposes(graph: ir.Graph) -> int:
+    """Replace ``Reshape → Transpose → Reshape`` that only moves axes behind a batch merge
+    by the one ``Transpose`` it amounts to.
+
+    The dynamo exporter writes ``kᵀ`` of attention as ``[B, H, T, d] → [B·H, T, d] →
+    [B·H, d, T] → [B, H, d, T]``, with both shapes read from ``Shape(k)`` at run time: the
+    head axis disappears into the batch axis and comes back.  When the dims prove it (the
+    merged leading dims come back unchanged, the transposition keeps the merged axis in
+    front), the three nodes are one Transpose: the graph computes the same and the head
+    axis stays visible.  Returns the number of folds.
+    """
+    folded = 0
+    for r2 in list(graph):
+        if r2.op_type != "Reshape" or r2.domain not in ("", "ai.onnx") or r2.graph is not graph:
+            continue
+        t = r2.inputs[0].producer() if r2.inputs[0] is not None else None
+        if t is None or t.op_type != "Transpose" or len(t.outputs[0].uses()) != 1:
+            continue
+        r1 = t.inputs[0].producer() if t.inputs[0] is not None else None
+        if r1 is None or r1.op_type != "Reshape" or len(r1.outputs[0].uses()) != 1:
+            continue
+        if any(v.is_graph_output() for v in (r1.outputs[0], t.outputs[0], r2.outputs[0])):
+            continue
+        x = r1.inputs[0]
+        dx, d1, d2 = _named_dims(x), _named_dims(r1.outputs[0]), _named_dims(r2.outputs[0])
+        perm = attr_ints(t, "perm")
+        if dx is None or d1 is None or d2 is None or perm is None or len(perm) != len(d1):
+            continue
+        if None in dx or None in d1[1:] or None in d2:
+            continue
+        m = len(dx) - len(d1) + 1  # leading axes merged into axis 0
+        if m < 2 or perm[0] != 0 or d1[1:] != dx[m:]:
+            continue
+        if d2 != dx[:m] + [d1[p] for p in perm[1:]]:
+            continue
+        new_perm = list(range(m)) + [m - 1 + p for p in perm[1:]]
+        out = r2.outputs[0]
+        node = ir.Node("", "Transpose", [x], attributes=[ir.AttrInt64s("perm", new_perm)],
+                       name=f"{t.name or 'Transpose'}_unmerged")
+        graph.insert_before(r2, node)
+        node.outputs[0].shape, node.outputs[0].dtype = out.shape, out.dtype
+        ir.convenience.replace_all_uses_with(out, node.outputs[0])
+        name = out.name
+        dropped = [r2.inputs[1], r1.inputs[1]]
+        graph.remove([r2, t, r1], safe=True)
+        node.outputs[0].name = name
+        _remove_dead(graph, dropped)
+        folded += 1
+    return folded
+
+
+def _remove_dead(graph: ir.Graph, values: list[ir.Value | None]) -> None:
+    """Remove the nodes that computed ``values`` and whatever only they read."""
+    todo = [v for v in values if v is not None]
+    while todo:
+        v = todo.pop()
+        node = v.producer()
+        if node is None or node.graph is not graph:
+            continue
+        if any(o.uses() or o.is_graph_output() for o in node.outputs):
+            continue
+        inputs = list(node.inputs)
+        graph.remove(node, safe=True)
+        todo.extend(i for i in inputs if i is not None)
+
+
 def prepare_graph(graph: ir.Graph) -> int:
     """Normalise exporter idioms before the analysis (the model computes the same).
 
@@ -275,7 +356,7 @@ def prepare_graph(graph: ir.Graph) -> int:
     """
     changed = inline_constant_identities(graph)
     for _ in range(16):
-        n = fold_static_shapes(graph) + fold_constant_nodes(graph)
+        n = fold_static_shapes(graph) + fold_constant_nodes(graph) + fold_batch_merge_transposes(graph)
         changed += n
         if not n:
             break
@@ -443,3 +524,108 @@ def fold_constant_nodes(graph: ir.Graph) -> int:
                 _replace_by_constants(graph, node, arrays, "folded")
                 folded += 1
     return folded
+
+
+# -- symbolic shapes ---------------------------------------------------------------------
+
+_SMALL_INIT = 1024  # larger initializers travel to the symbolic pass as typed inputs only
+
+
+def supplement_shapes(model: ir.Model) -> int:
+    """Fill the dims onnx's shape inference left unknown from onnxruntime's symbolic
+    shape inference; returns the number of values whose shape got more specific.
+
+    onnx's inference loses track of a transformer's shapes at the first Reshape whose
+    shape is assembled at run time (``Shape → Gather → Concat``): every attention tensor
+    ends up ``[unk, unk, unk, unk]``.  onnxruntime's symbolic pass computes through that
+    arithmetic (``[batch, seq, 12, 32]``).  Only dims onnx left symbolic are taken; a value
+    whose static dims disagree between the two keeps onnx's shape.  Anything the symbolic
+    pass cannot handle leaves the shapes as they were: it only ever adds knowledge.
+    """
+    graph = model.graph
+    unknown = [
+        v for node in graph for v in node.outputs
+        if v.shape is None or any(not isinstance(d, int) and _generated(d) for d in v.shape)
+    ]
+    if not unknown:
+        return 0
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    except Exception:  # onnxruntime missing or built without its tools
+        return 0
+    proto = _structure_proto(model)
+    try:
+        logging.getLogger("onnxruntime.tools.symbolic_shape_infer").setLevel(logging.CRITICAL)
+        with contextlib.redirect_stdout(io.StringIO()):
+            inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=True, guess_output_rank=False)
+    except Exception:
+        return 0
+    if inferred is None:
+        return 0
+    found: dict[str, list[int | str | None]] = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            found[vi.name] = [
+                d.dim_value if d.HasField("dim_value") else _ort_symbol(d.dim_param)
+                for d in t.shape.dim
+            ]
+    changed = 0
+    for value in unknown:
+        sym = found.get(value.name)
+        if sym is None or (value.shape is not None and len(sym) != len(value.shape)):
+            continue
+        old = list(value.shape) if value.shape is not None else [None] * len(sym)
+        merged: list = []
+        for a, b in zip(old, sym):
+            if isinstance(a, int):
+                if isinstance(b, int) and b != a:
+                    break  # the two passes disagree: trust neither more than onnx
+                merged.append(a)
+            elif isinstance(b, int) or (b is not None and _generated(a)):
+                merged.append(b)
+            else:
+                merged.append(a)
+        else:
+            if merged != old:
+                value.shape = ir.Shape(merged)
+                changed += 1
+    return changed
+
+
+def _ort_symbol(name: str) -> str | None:
+    # onnxruntime numbers its own placeholders like onnx does: keep the two apart.
+    if not name:
+        return None
+    return f"ort_{name}" if name.startswith("unk__") else name
+
+
+def _generated(d) -> bool:
+    """A dim no one named: unknown, or one of the ``unk__N`` placeholders onnx invents."""
+    name = getattr(d, "value", d)
+    return name is None or (isinstance(name, str) and name.startswith("unk__"))
+
+
+def _structure_proto(model: ir.Model):
+    """The graph as a ModelProto without its weights: large initializers become typed
+    graph inputs, so the symbolic pass sees their shapes without a copy of their data."""
+    import onnx
+
+    graph = model.graph
+    g = onnx.GraphProto(name=graph.name or "main")
+    g.node.extend(ir.serde.serialize_node(node) for node in graph)
+    g.input.extend(ir.serde.serialize_value(v) for v in graph.inputs)
+    g.output.extend(ir.serde.serialize_value(v) for v in graph.outputs)
+    inputs = {v.name for v in graph.inputs}
+    for name, value in graph.initializers.items():
+        tensor = value.const_value
+        if tensor is None or name in inputs:
+            continue
+        if tensor.size <= _SMALL_INIT:
+            g.initializer.append(ir.serde.serialize_tensor(tensor))
+        else:
+            g.input.append(onnx.helper.make_tensor_value_info(name, int(tensor.dtype), list(tensor.shape)))
+    opsets = [onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()]
+    proto = onnx.helper.make_model(g, opset_imports=opsets)
+    proto.ir_version = model.ir_version
+    return proto

@@ -20,7 +20,7 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
-from ._graph import prepare_graph
+from ._graph import prepare_graph, supplement_shapes
 from .errors import InputError
 
 MIN_OPSET = 11
@@ -135,6 +135,8 @@ def normalise(model: ir.Model) -> None:
         ShapeInferencePass(strict_mode=False, data_prop=True)(model)
         if not prepare_graph(model.graph):
             break
+    # After the folding: a shape read is folded only when onnx itself proves it static.
+    supplement_shapes(model)
 
 
 def check_output_path(input_path: str | os.PathLike, output_path: str | os.PathLike) -> None:

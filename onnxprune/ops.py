@@ -314,8 +314,11 @@ class MatMul(Handler):
         x, w_value = node.inputs[0], node.inputs[1]
         w = const_array(w_value)
         lay = ctx.layout(x)
+        if w is None and not is_const(x):
+            self._two_computed(node, ctx)
+            return
         if w is None or is_const(x):
-            _block_all(node, ctx, "MatMul of two computed tensors (attention) is not supported")
+            _block_all(node, ctx, "constant left operand is not supported")
             return
         if w.ndim != 2:
             _block_all(node, ctx, "batched constant weight is not supported")
@@ -338,6 +341,50 @@ class MatMul(Handler):
         out_atoms = ctx.new_atoms(int(w.shape[1]), node)
         ctx.edit(SliceParam(node, 1, 1, out_atoms, "weight_out"))
         ctx.set_layout(node.outputs[0], Layout(out_rank - 1, out_atoms))
+
+
+    @staticmethod
+    def _two_computed(node: ir.Node, ctx: Ctx) -> None:
+        """A·B of two computed tensors (attention's QKᵀ and P·V): where both carry
+        channels on the same axis of the product (the head axis of a batch dim, or the
+        reduced axis) they are coupled; a row or column axis passes through."""
+        a, b = node.inputs[0], node.inputs[1]
+        ra, rb = rank(a), rank(b)
+        la, lb = ctx.layout(a), ctx.layout(b)
+        if ra is None or rb is None or ra < 2 or rb < 2:
+            _block_all(node, ctx, "rank unknown or below 2 in a MatMul of two computed tensors")
+            return
+        r = max(ra, rb)
+        da, db = dims(a), dims(b)
+
+        def place(lay: Layout, rr: int, which: str) -> int | None:
+            if lay.axis < rr - 2:
+                return lay.axis + r - rr  # a batch axis, aligned from the right
+            if which == "a":
+                return r - 2 if lay.axis == rr - 2 else -1  # rows; -1: the reduced axis
+            return r - 1 if lay.axis == rr - 1 else -1  # columns; -1: the reduced axis
+
+        pa = place(la, ra, "a") if la is not None else None
+        pb = place(lb, rb, "b") if lb is not None else None
+        if pa is not None and pb is not None:
+            if pa != pb or len(la) != len(lb):
+                _block_all(node, ctx, "the operands carry channels on different axes")
+                return
+            ctx.union(la.atoms, lb.atoms, node)
+            if pa >= 0:
+                ctx.set_layout(node.outputs[0], Layout(pa, la.atoms))
+            return
+        lay, p, other, ro = (la, pa, db, rb) if la is not None else (lb, pb, da, ra)
+        if p == -1:
+            ctx.block(lay.atoms, node, "the reduced axis meets an operand that carries no channels")
+            return
+        if p < r - 2:
+            # A batch axis: the other operand must broadcast over it.
+            k = p - (r - ro)
+            if k >= 0 and (other is None or other[k] != 1):
+                ctx.block(lay.atoms, node, "the channels meet a batch axis of an operand that carries none")
+                return
+        ctx.set_layout(node.outputs[0], Layout(p, lay.atoms))
 
 
 class Concat(Handler):
@@ -526,38 +573,55 @@ class Flatten(Handler):
 
 
 class Reshape(Handler):
-    """Reshape that keeps the channel axis whole or merges it with the dims after it."""
+    """Reshape that keeps the channel axis whole, merges it with the dims after it, or
+    splits it into heads (``[B, T, H·d] → [B, T, H, d]``: the d channels of a head go
+    together, so the heads are the channels from there on)."""
 
     def propagate(self, node: ir.Node, ctx: Ctx) -> None:
         lay = ctx.layout(node.inputs[0])
         if ctx.layout(node.inputs[1]) is not None:
             _block_all(node, ctx, "channels reach the shape input")
             return
-        d_in, d_out = dims(node.inputs[0]), _reshape_out_dims(node)
-        if d_in is None or d_out is None:
+        s_in, s_out = _sym_dims(node.inputs[0]), _sym_dims(node.outputs[0])
+        if s_in is None or s_out is None:
             ctx.block(lay.atoms, node, "shapes unknown after shape inference")
             return
+        recovered = _reshape_out_dims(node)
+        if recovered is not None and len(recovered) == len(s_out):
+            s_out = [r if d is None and r is not None else d for d, r in zip(s_out, recovered)]
         c = len(lay)
-        after = d_in[lay.axis + 1 :]
-        if any(x is None for x in after):
-            ctx.block(lay.atoms, node, "dims after the channel axis are not static")
-            return
-        # Find the output axis j whose elements start where the channel axis does:
-        # everything after j must be made of whole trailing input dims.
-        for j in range(len(d_out)):
-            tail = _prod(d_out[j + 1 :])
-            if tail is None or d_out[j] is None:
+        after = s_in[lay.axis + 1 :]
+        # Find the output axis j whose elements start where the channel axis does: the
+        # dims from there on must be the channel axis (whole, merged with whole static dims
+        # after it, or split into heads of whole static dims) followed by the same dims the
+        # input has after its channel axis.  The dims before (a symbolic batch·time, say)
+        # need not be compared: the element count already makes them agree.
+        for j in range(len(s_out)):
+            dj = s_out[j]
+            if not isinstance(dj, int):
                 continue
             for t in range(len(after) + 1):
-                merged = _prod(after[:t])
-                # The blocks from the channel axis on and from j on hold the same elements
-                # in the same order, so the dims before them (a symbolic batch·time, say)
-                # need not be compared: the element count already makes them agree.
-                if d_out[j] == c * merged and tail == _prod(after[t:]):
-                    if not self._shape_edit(node, j, lay, merged, ctx):
-                        return
-                    ctx.set_layout(node.outputs[0], Layout(j, np.repeat(lay.atoms, merged)))
+                merged = _static_prod(after[:t])
+                if merged is None or dj != c * merged or not _same_dims(s_out[j + 1 :], after[t:]):
+                    continue
+                if not self._shape_edit(node, j, lay, merged, ctx):
                     return
+                ctx.set_layout(node.outputs[0], Layout(j, np.repeat(lay.atoms, merged)))
+                return
+            if dj <= 1 or c % dj:
+                continue
+            inner = c // dj
+            for s in range(1, len(s_out) - j):
+                if _static_prod(s_out[j + 1 : j + 1 + s]) != inner or not _same_dims(s_out[j + 1 + s :], after):
+                    continue
+                heads = lay.atoms.reshape(dj, inner)
+                for i in range(1, inner):
+                    ctx.union(heads[:, 0], heads[:, i], node)
+                head_layout = Layout(j, heads[:, 0].copy())
+                if not self._shape_edit(node, j, head_layout, 1, ctx):
+                    return
+                ctx.set_layout(node.outputs[0], head_layout)
+                return
         ctx.block(lay.atoms, node, "reshape splits or moves the channel axis")
 
     @staticmethod
@@ -594,6 +658,39 @@ class Reshape(Handler):
                 offset += n
         ctx.block(lay.atoms, node, "shape input is computed and its channel entry cannot be traced")
         return False
+
+
+def _sym_dims(value: ir.Value | None) -> list[int | str | None] | None:
+    """Dims of ``value``: ints where static, the symbol's name where named, else None."""
+    if value is None:
+        return None
+    if value.shape is None:
+        d = dims(value)
+        return None if d is None else list(d)
+    out: list[int | str | None] = []
+    for x in value.shape:
+        if isinstance(x, int):
+            out.append(x)
+        else:
+            name = getattr(x, "value", None)
+            out.append(name if isinstance(name, str) and not name.startswith("unk__") else None)
+    return out
+
+
+def _static_prod(xs: list) -> int | None:
+    return _prod([x if isinstance(x, int) else None for x in xs])
+
+
+def _same_dims(a: list, b: list) -> bool:
+    """Two dim lists that provably hold as many elements: the same static product and the
+    same named symbols (an unnamed unknown proves nothing)."""
+    if any(x is None for x in a) or any(x is None for x in b):
+        return False
+    sa = sorted(x for x in a if isinstance(x, str))
+    sb = sorted(x for x in b if isinstance(x, str))
+    return sa == sb and _static_prod([x for x in a if isinstance(x, int)]) == _static_prod(
+        [x for x in b if isinstance(x, int)]
+    )
 
 
 def _reshape_out_dims(node: ir.Node) -> list[int | None] | None:
@@ -793,11 +890,17 @@ OP_TABLE: dict[str, Handler] = {
             "Relu", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Clip", "Elu",
             "Selu", "Celu", "Softplus", "Softsign", "Gelu", "Erf", "Mish", "ThresholdedRelu",
             "Shrink", "Identity", "Dropout", "Cast", "Neg", "Abs", "Sqrt", "Exp", "Log", "Swish",
-            "Reciprocal", "Floor", "Ceil", "Round", "Sin", "Cos", "Sign",
+            "Reciprocal", "Floor", "Ceil", "Round", "Sin", "Cos", "Sign", "IsNaN", "IsInf", "Not",
         )
     },
     # broadcasting: sliced constants, coupled computed operands
-    **{op: _ELEMENTWISE for op in ("Add", "Sub", "Mul", "Div", "Pow", "PRelu", "Max", "Min", "Sum", "Mean")},
+    **{
+        op: _ELEMENTWISE
+        for op in (
+            "Add", "Sub", "Mul", "Div", "Pow", "PRelu", "Max", "Min", "Sum", "Mean", "Where",
+            "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "And", "Or", "Xor",
+        )
+    },
     "BatchNormalization": NormParams(),
     "InstanceNormalization": NormParams(),
     # producers / consumers

@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
-from ._graph import const_array, new_initializer, opset, replace_const
+from ._graph import const_array, new_initializer, opset, replace_const, supplement_shapes
 from .groups import Analysis
 from .layout import SetCount, SetGroup, SliceBounds, SliceParam, SplitSizes
 
@@ -137,3 +137,4 @@ def refresh_shapes(model: ir.Model) -> None:
             if value not in outputs:
                 value.shape = None
     ShapeInferencePass(strict_mode=False, data_prop=True)(model)
+    supplement_shapes(model)

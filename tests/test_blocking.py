@@ -249,23 +249,3 @@ def test_conv_inside_subgraph_is_not_analysed(tmp_path: Path) -> None:
     y = g.conv(branch, 6, 4, name="c2")
     a = analysis_of(tmp_path, g.model([y]))
     assert {p.name for grp in a.groups for p in grp.producers} == {"c2"}
-
-
-def test_attention_projections_are_blocked(tmp_path: Path) -> None:
-    """Self-attention: Q·Kᵀ and A·V multiply two computed tensors; their projections'
-    groups are blocked with the reason, while the MLP beside them stays prunable."""
-    g = G()
-    x = g.input("x", [1, 5, 8])
-    q = g.op("MatMul", [x, g.const(g.w(8, 8))], name="wq")
-    k = g.op("MatMul", [x, g.const(g.w(8, 8))], name="wk")
-    v = g.op("MatMul", [x, g.const(g.w(8, 8))], name="wv")
-    scores = g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 2, 1])], name="qk")
-    attn = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), v], name="av")
-    h = g.op("Relu", [g.op("MatMul", [attn, g.const(g.w(8, 16))], name="fc1")])
-    y = g.op("MatMul", [h, g.const(g.w(16, 8))], name="fc2")
-    a = analysis_of(tmp_path, g.model([y]))
-    for name, op in (("wq", "qk"), ("wk", "qk"), ("wv", "av")):
-        grp = group_of(a, name)
-        assert not grp.prunable
-        assert any(f"MatMul '{op}'" in r and "two computed tensors" in r for r in grp.blocked), grp.blocked
-    assert group_of(a, "fc1").prunable

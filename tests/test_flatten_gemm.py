@@ -137,17 +137,18 @@ def test_flatten_into_batch_axis_is_blocked(tmp_path: Path) -> None:
 
 
 def test_reshape_splitting_channels_is_blocked(tmp_path: Path) -> None:
-    """ShuffleNet's [N, G, C/G, H, W] reshape splits the channel axis: blocked, named."""
+    """ShuffleNet's channel shuffle: [N, G, C/G, H, W] splits the channel axis (like heads),
+    the Transpose swaps the two parts and the merge back interleaves them: blocked, named."""
     g = G()
     x = g.input("x", [1, 3, H, W])
     h = g.conv(x, 3, C, name="c1")
     r = g.op("Reshape", [h, g.const(np.array([1, 2, C // 2, H, W], np.int64))], name="split_channels")
     r = g.op("Transpose", [r], perm=[0, 2, 1, 3, 4])
-    r = g.op("Reshape", [r, g.const(np.array([1, C, H, W], np.int64))])
+    r = g.op("Reshape", [r, g.const(np.array([1, C, H, W], np.int64))], name="shuffled")
     y = g.conv(r, C, 3, name="head")
     grp = group_of(analysis_of(tmp_path, g.model([y])), "c1")
     assert not grp.prunable
-    assert any("Reshape 'split_channels'" in r and "splits or moves" in r for r in grp.blocked), grp.blocked
+    assert any("Reshape 'shuffled'" in r and "splits or moves" in r for r in grp.blocked), grp.blocked
 
 
 @pytest.mark.parametrize("squash", ["flatten", "squeeze", "squeeze-all", "reshape"])

@@ -561,6 +561,7 @@ def encoder_block(tmp_path_factory):
             model = EncoderBlock().eval()
             with torch.no_grad():
                 model.fc2.weight[:, [1, 8, 30]] = 0.0  # MLP channels 1, 8, 30 contribute nothing
+                model.o.weight[:, 8:12] = 0.0  # and neither does attention head 2
             path = tmp_path_factory.mktemp(f"block-{exporter}") / "block.onnx"
             x = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(2))
             with warnings.catch_warnings():
@@ -583,15 +584,15 @@ def encoder_block(tmp_path_factory):
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
-def test_encoder_block_prunes_its_mlp(encoder_block, exporter, tmp_path):
-    """The MLP intermediate is the one prunable group; the hidden dim is blocked by
-    LayerNormalization and the attention projections with a reason; l1 at 50% writes a
-    valid smaller graph with the original output shapes, and zero-weight MLP channels go
-    without moving the outputs."""
+def test_encoder_block_prunes_heads_and_mlp(encoder_block, exporter, tmp_path):
+    """The attention heads (4) and the MLP intermediate (32) are the prunable groups; the
+    hidden dim is blocked by LayerNormalization with a reason; l1 at 50% writes a valid
+    smaller graph with the original output shapes, and the zero-weight MLP channels and
+    the head the output projection ignores go without moving the outputs."""
     src = encoder_block(exporter)
     report = onnxprune.analyze(src)
     prunable = [g for g in report.groups if g.prunable]
-    assert len(prunable) == 1 and prunable[0].n_channels == 32, [(g.name, g.blocked) for g in report.groups]
+    assert sorted(g.n_channels for g in prunable) == [4, 32], [(g.name, g.blocked) for g in report.groups]
     assert all(g.blocked for g in report.groups if not g.prunable)
     assert any("LayerNormalization" in r for g in report.groups for r in g.blocked)
     out = tmp_path / "out.onnx"
@@ -602,13 +603,15 @@ def test_encoder_block_prunes_its_mlp(encoder_block, exporter, tmp_path):
     before, after = session(str(src)).run(None, feed), session(str(out)).run(None, feed)
     assert [a.shape for a in before] == [a.shape for a in after]
     assert all(np.isfinite(a).all() for a in after)
-    # Exact: the zeroed channels are the three of fc1's that fc2 never reads.
-    model, _ = load_model(src)
-    analysis = analyze_groups(model)
-    group = next(g for g in analysis.groups if g.prunable)
-    fc2 = _zeroed_consumer(model, [1, 8, 30], 16)
-    classes = analysis.roots[analysis.layouts[fc2.inputs[0]].atoms][[1, 8, 30]]
-    positions = [int(np.flatnonzero(group.classes == c)[0]) for c in classes]
-    reference, pruned, small = remove_exact(tmp_path, onnx.load(str(src)), group.producers[0].name, positions)
-    assert max_diff(reference, pruned) <= 1e-4
-    assert params(small) < params(tmp_path / "in.onnx")
+    # Exact: the zeroed channels are the three of fc1's that fc2 never reads, and head 2.
+    for cols, n_out, n_channels in (([1, 8, 30], 16, 3), ([8, 9, 10, 11], 16, 1)):
+        model, _ = load_model(src)
+        analysis = analyze_groups(model)
+        consumer = _zeroed_consumer(model, cols, n_out)
+        classes = np.unique(analysis.roots[analysis.layouts[consumer.inputs[0]].atoms][cols])
+        group = next(g for g in analysis.groups if g.prunable and classes[0] in g.classes)
+        positions = [int(np.flatnonzero(group.classes == c)[0]) for c in classes]
+        assert len(positions) == n_channels  # a head's 4 columns are one channel
+        reference, pruned, small = remove_exact(tmp_path, onnx.load(str(src)), group.producers[0].name, positions)
+        assert max_diff(reference, pruned) <= 1e-4
+        assert params(small) < params(tmp_path / "in.onnx")
