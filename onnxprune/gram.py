@@ -53,13 +53,21 @@ class ChannelGram:
         self.n[k] += r.shape[0]
         self.batches += 1
 
-    def sampled_rows(self, x: np.ndarray, batch: int) -> np.ndarray:
-        """Rows [P, C] of ``x`` at the positions sampled for batch number ``batch``."""
+    def sampled_rows(self, x: np.ndarray, batch: int, samples: bool = False):
+        """Rows [P, C] of ``x`` at the positions sampled for batch number ``batch``; with
+        ``samples``, also the index (along axis 0) of the sample each row comes from."""
         rows = _rows(x, self.axis)
+        pick = np.arange(rows.shape[0])
         if rows.shape[0] > self.max_rows:
             rng = np.random.default_rng(self.seed + batch)
-            rows = rows[np.sort(rng.choice(rows.shape[0], self.max_rows, replace=False))]
-        return rows
+            pick = np.sort(rng.choice(rows.shape[0], self.max_rows, replace=False))
+            rows = rows[pick]
+        if not samples:
+            return rows
+        # Rows are positions in C order over the other axes: axis 0 leads unless it is the channel axis.
+        per = max((x.size // x.shape[self.axis]) // max(x.shape[0], 1), 1)
+        owner = pick // per if self.axis != 0 else np.zeros(len(pick), dtype=np.int64)
+        return rows, owner
 
     def update(self, x: np.ndarray) -> None:
         self.add_rows(self.sampled_rows(x, self.batches))
@@ -129,9 +137,10 @@ class PatchGram(ChannelGram):
         n = len(spatial)
         return [(self.pads[i], self.pads[i + n]) for i in range(n)]
 
-    def patch_rows(self, x: np.ndarray, batch: int) -> np.ndarray:
+    def patch_rows(self, x: np.ndarray, batch: int, samples: bool = False):
         """im2col rows [P, C·kh·kw] of ``x`` at the output positions sampled for batch
-        number ``batch`` (the same positions for every tensor of that batch shape)."""
+        number ``batch`` (the same positions for every tensor of that batch shape); with
+        ``samples``, also the sample each row comes from."""
         if x.ndim != 4:
             raise ValueError("PatchGram supports 2-D convolutions")
         pad = self._padding(x.shape[2:])
@@ -147,7 +156,8 @@ class PatchGram(ChannelGram):
         taps = [(a * dh, c * dw) for a in range(kh) for c in range(kw)]
         # patches[p, c, t] = xp[b, c, i*sh + ti, j*sw + tj]
         cols = np.stack([xp[b, :, i * sh + ti, j * sw + tj] for ti, tj in taps], axis=2)
-        return cols.reshape(len(pick), -1)
+        rows = cols.reshape(len(pick), -1)
+        return (rows, b) if samples else rows
 
     def update(self, x: np.ndarray) -> None:
         self.add_rows(self.patch_rows(x, self.batches))

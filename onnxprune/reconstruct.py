@@ -56,6 +56,7 @@ class RefitTarget:
     b: np.ndarray  # [O_kept]
     keep_cols: np.ndarray  # bool [F]: the features the pruned consumer still reads
     rows_seen: int = 0
+    samples_seen: int = 0
     sums: list = field(default_factory=list)  # two folds (even / odd sampled rows)
     mode: str = ""  # "lstsq" or "bias": what the held-out comparison chose
 
@@ -67,9 +68,9 @@ class RefitTarget:
     def update(self, ext: ChannelGram, x: np.ndarray, xp: np.ndarray, batch: int) -> None:
         """Fold in one batch: ``x`` from the original graph, ``xp`` from the pruned one."""
         if self.kind == "patch":
-            r, rp = ext.patch_rows(x, batch), ext.patch_rows(xp, batch)
+            (r, owner), rp = ext.patch_rows(x, batch, samples=True), ext.patch_rows(xp, batch)
         else:
-            r, rp = ext.sampled_rows(x, batch), ext.sampled_rows(xp, batch)
+            (r, owner), rp = ext.sampled_rows(x, batch, samples=True), ext.sampled_rows(xp, batch)
         if rp.shape[1] != int(self.keep_cols.sum()):
             raise ValueError(f"pruned input of {self.node.name!r} has {rp.shape[1]} features, expected {int(self.keep_cols.sum())}")
         y = r.astype(np.float64) @ self.w.T
@@ -78,8 +79,12 @@ class RefitTarget:
             o, f = y.shape[1], rp.shape[1]
             self.sums = [dict(n=0, yy=0.0, y=np.zeros(o), p=np.zeros(f), pp=np.zeros((f, f)), yp=np.zeros((o, f)))
                          for _ in range(2)]
+        # Folds by sample, not by row: the tokens (positions) of one sentence (image) are
+        # alike, and a fold that shares samples with the other flatters the refit.
+        fold_of = (self.samples_seen + owner) % 2
+        self.samples_seen += x.shape[0]
         for fold, s in enumerate(self.sums):
-            yf, pf = y[fold::2], rp[fold::2]
+            yf, pf = y[fold_of == fold], rp[fold_of == fold]
             s["n"] += len(yf)
             s["yy"] += float(np.einsum("ij,ij->", yf, yf))
             s["y"] += yf.sum(axis=0)
@@ -111,7 +116,7 @@ class RefitTarget:
 
     def solve(self) -> tuple[np.ndarray, np.ndarray]:
         """(W' [O_kept, F'], b' [O_kept]): the least-squares refit, unless the plain bias
-        fit predicts held-out rows better (2-fold, even / odd rows) — with few rows per
+        fit predicts held-out samples better (2-fold, even / odd samples) — with few rows per
         feature the refit overfits (all-MiniLM-L6-v2 on 24 sentences)."""
         s0, s1 = self.sums
         err = {mode: self._error(*self._fit(s0, mode), s1) + self._error(*self._fit(s1, mode), s0)

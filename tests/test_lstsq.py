@@ -183,3 +183,27 @@ def test_refit_keeps_the_bias_fit_when_least_squares_would_overfit():
     assert t.mode == "bias"
     np.testing.assert_array_equal(a, w[:, keep])
     np.testing.assert_allclose(b, x[:, ~keep].mean(0) @ w[:, ~keep].T, atol=1e-12)
+
+
+def test_held_out_folds_split_samples_not_rows():
+    """The lstsq/bias choice is judged on held-out *samples*: the tokens of one sentence
+    (positions of one image) are alike, and folds that share samples flatter the refit."""
+    from onnxprune.gram import ChannelGram, PatchGram
+    from onnxprune.reconstruct import RefitTarget
+
+    x = np.arange(3 * 5 * 4, dtype=np.float32).reshape(3, 5, 4)  # [B, T, C]
+    rows, owner = ChannelGram(2, max_rows=7).sampled_rows(x, 0, samples=True)
+    assert len(rows) == 7
+    assert np.array_equal(owner, rows[:, 0] // 20)  # x[b, t, 0] = 20·b + 4·t
+    target = RefitTarget(node=None, source="x", kind="rows", axis=2, w=np.eye(4), b=np.zeros(4),
+                         keep_cols=np.array([True, True, True, False]))
+    ext = ChannelGram(2, max_rows=4096)
+    target.update(ext, x, x[..., :3], 0)  # samples 0, 2 -> fold 0; sample 1 -> fold 1
+    target.update(ext, x[:1], x[:1, :, :3], 1)  # the 4th sample overall -> fold 1
+    assert [s["n"] for s in target.sums] == [10, 10]
+    conv = onnx.helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[1, 1])
+    import onnx_ir as ir
+
+    node = ir.serde.deserialize_node(conv)
+    rows, owner = PatchGram(node, max_rows=5).patch_rows(np.ones((2, 3, 4, 4), np.float32), 0, samples=True)
+    assert rows.shape == (5, 3) and set(owner.tolist()) <= {0, 1}
