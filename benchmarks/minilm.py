@@ -1,7 +1,8 @@
 """all-MiniLM-L6-v2 (ASSETS.md), exported with both torch exporters, analysed and pruned.
 
     .venv/bin/python benchmarks/minilm.py [--exporter torchscript|dynamo|both] [--ratio 0.3 0.5]
-                                          [--method l1|wanda|...] [--analyze-only]
+                                          [--method l1 wanda ...] [--compensate none bias lstsq]
+                                          [--analyze-only]
 
 Builds the exports into ``benchmarks/.cache/`` when they are missing (TorchScript exporter
 with opset 17, dynamo exporter), runs ``onnxprune.analyze`` on each (groups, prunable share
@@ -189,14 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--exporter", choices=["torchscript", "dynamo", "both"], default="both")
     ap.add_argument("--ratio", type=float, nargs="+", default=[0.3, 0.5])
-    ap.add_argument("--method", default="l1")
-    ap.add_argument("--compensate", default=None, help="with a data-driven method (default: prune's)")
+    ap.add_argument("--method", nargs="+", default=["l1"])
+    ap.add_argument("--compensate", nargs="+", default=[None],
+                    help="with data-driven methods: none, bias, lstsq (default: prune's)")
     ap.add_argument("--analyze-only", action="store_true")
     args = ap.parse_args(argv)
     exporters = ["torchscript", "dynamo"] if args.exporter == "both" else [args.exporter]
-    data_driven = args.method not in ("l1", "l2", "random")
-    calib_s, eval_s = (SENTENCES[::2], SENTENCES[1::2]) if data_driven else (None, SENTENCES)
-    feed = tokenize(eval_s)
+    rows = []
     for exporter in exporters:
         t0 = time.perf_counter()
         path = export(exporter)
@@ -204,27 +204,43 @@ def main(argv: list[str] | None = None) -> int:
         show_analysis(path)
         if args.analyze_only:
             continue
-        ref_pooled, ref_hidden = embeddings(path, feed)
-        for ratio in args.ratio:
-            out = CACHE / f"minilm-{exporter}-{args.method}-{ratio:g}.onnx"
-            kwargs = {}
-            if data_driven:
-                # One sample per sentence, tokenized alone: no padding tokens in the statistics.
-                kwargs["calib"] = [tokenize([s]) for s in calib_s]
-                kwargs["batch_size"] = 1  # sentences differ in length
-                if args.compensate:
-                    kwargs["compensate"] = args.compensate
-            t0 = time.perf_counter()
-            _, result = onnxprune.prune(path, out, method=args.method, ratio=ratio, **kwargs)
-            dt = time.perf_counter() - t0
-            pooled, hidden = embeddings(out, feed)
-            cs, ch = cosine(pooled, ref_pooled), cosine(hidden, ref_hidden)
-            print(
-                f"  ratio {ratio:g} {args.method}: params {result.params_before:,} -> {result.params_after:,} "
-                f"({result.params_after / result.params_before:.1%}), MACs "
-                f"{result.macs_after / result.macs_before:.1%}; sentence cosine mean {cs.mean():.4f} "
-                f"min {cs.min():.4f}; token cosine mean {ch.mean():.4f} ({dt:.1f} s)"
-            )
+        for method in args.method:
+            data_driven = method not in ("l1", "l2", "random")
+            calib_s, eval_s = (SENTENCES[::2], SENTENCES[1::2]) if data_driven else (None, SENTENCES)
+            feed = tokenize(eval_s)
+            ref_pooled, ref_hidden = embeddings(path, feed)
+            for comp in (args.compensate if data_driven else [None]):
+                for ratio in args.ratio:
+                    out = CACHE / f"minilm-{exporter}-{method}-{comp}-{ratio:g}.onnx"
+                    kwargs = {}
+                    if data_driven:
+                        # One sample per sentence, tokenized alone: no padding tokens in the statistics.
+                        kwargs["calib"] = [tokenize([s]) for s in calib_s]
+                        kwargs["batch_size"] = 1  # sentences differ in length
+                        if comp:
+                            kwargs["compensate"] = comp
+                    t0 = time.perf_counter()
+                    _, result = onnxprune.prune(path, out, method=method, ratio=ratio, latency=False, **kwargs)
+                    dt = time.perf_counter() - t0
+                    pooled, hidden = embeddings(out, feed)
+                    cs, ch = cosine(pooled, ref_pooled), cosine(hidden, ref_hidden)
+                    label = f"{method} / {comp or ('none' if not data_driven else 'default')}"
+                    print(
+                        f"  ratio {ratio:g} {label}: params {result.params_before:,} -> {result.params_after:,} "
+                        f"({result.params_after / result.params_before:.1%}), MACs "
+                        f"{result.macs_after / result.macs_before:.1%}; sentence cosine mean {cs.mean():.4f} "
+                        f"min {cs.min():.4f}; token cosine mean {ch.mean():.4f} ({dt:.1f} s)", flush=True,
+                    )
+                    rows.append(
+                        f"| {exporter} | {label} | {ratio:g} | {result.params_after / result.params_before:.1%} | "
+                        f"{result.macs_after / result.macs_before:.1%} | {cs.mean():.4f} ({cs.min():.4f}) | "
+                        f"{ch.mean():.4f} | {dt:.0f} |"
+                    )
+    if rows:
+        print("\n| exporter | method / compensation | --ratio | params kept | MACs kept | "
+              "sentence cosine mean (min) | token cosine mean | prune s |")
+        print("|---|---|---|---|---|---|---|---|")
+        print("\n".join(rows))
     return 0
 
 

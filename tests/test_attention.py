@@ -10,6 +10,7 @@ shape constant that encodes H or H·d.
 Three ways of writing the head shapes:
 
 - ``runtime``: TorchScript's ``Concat(Shape→Gather, Shape→Gather, -1, d)``;
+- ``concat``: the same with the constant pieces ``H``, ``d`` and ``H·d`` (rewritten);
 - ``static``: constant shapes ``[2, T, H, d]`` (rewritten to the kept heads);
 - ``dynamo``: the dynamo exporter's kᵀ through ``[B·H, T, d]`` with shapes read from
   ``Shape(k)`` by Slice (folded into one Transpose at load time).
@@ -61,6 +62,8 @@ def attention(style: str = "runtime", zero_heads: list[int] | None = None, heads
     def split(t: str) -> str:
         if style == "static":
             shape = g.const(_ints(2, T, heads, D))
+        elif style == "concat":
+            shape = g.op("Concat", [_dim(g, x, 0), _dim(g, x, 1), g.const(_ints(heads)), g.const(_ints(D))], axis=0)
         else:
             shape = g.op("Concat", [_dim(g, x, 0), _dim(g, x, 1), g.const(_ints(-1)), g.const(_ints(D))], axis=0)
         return g.op("Reshape", [t, shape])
@@ -91,6 +94,8 @@ def attention(style: str = "runtime", zero_heads: list[int] | None = None, heads
     ctx = g.op("Transpose", [g.op("MatMul", [probs, vh], name="av")], perm=[0, 2, 1, 3])  # [B, T, H, d]
     if style == "static":
         merged_shape = g.const(_ints(2, T, hd))
+    elif style == "concat":
+        merged_shape = g.op("Concat", [_dim(g, x, 0), _dim(g, x, 1), g.const(_ints(hd))], axis=0)
     else:
         merged_shape = g.op("Concat", [_dim(g, x, 0), _dim(g, x, 1), g.const(_ints(-1))], axis=0)
     wo = g.w(hd, C)
@@ -100,7 +105,7 @@ def attention(style: str = "runtime", zero_heads: list[int] | None = None, heads
     return g.model([g.op("Add", [y, x], name="residual")])
 
 
-STYLES = ["runtime", "static", "dynamo"]
+STYLES = ["runtime", "concat", "static", "dynamo"]
 
 
 @pytest.mark.parametrize("style", STYLES)
@@ -120,9 +125,12 @@ def test_heads_with_zero_output_rows_removed_exactly(tmp_path, style):
     kept = (HEADS - len(ZERO_HEADS)) * D
     assert sorted(shapes.values()).count((C, kept)) == 3  # Wq, Wk, Wv lost whole heads
     assert (kept, C) in shapes.values()  # Wo lost the heads' rows
+    consts = [a.tolist() for a in _int_consts(out)]
     if style == "static":
-        assert _ints(2, T, HEADS - len(ZERO_HEADS), D).tolist() in [list(s) for s in _int_consts(out)]
-        assert _ints(2, T, kept).tolist() in [list(s) for s in _int_consts(out)]
+        assert [2, T, HEADS - len(ZERO_HEADS), D] in consts and [2, T, kept] in consts
+    if style == "concat":
+        assert consts.count([HEADS - len(ZERO_HEADS)]) == 3  # the H piece of Q's, K's and V's shape
+        assert [kept] in consts and [HEADS * D] not in consts  # the H·d piece of the merge
 
 
 def _int_consts(path: Path) -> list[np.ndarray]:
