@@ -193,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--method", nargs="+", default=["l1"])
     ap.add_argument("--compensate", nargs="+", default=[None],
                     help="with data-driven methods: none, bias, lstsq (default: prune's)")
+    ap.add_argument("--target-macs", type=float, nargs="+", default=None,
+                    help="fractions of MACs kept (global selection); replaces --ratio")
     ap.add_argument("--analyze-only", action="store_true")
     args = ap.parse_args(argv)
     exporters = ["torchscript", "dynamo"] if args.exporter == "both" else [args.exporter]
@@ -210,9 +212,11 @@ def main(argv: list[str] | None = None) -> int:
             feed = tokenize(eval_s)
             ref_pooled, ref_hidden = embeddings(path, feed)
             for comp in (args.compensate if data_driven else [None]):
-                for ratio in args.ratio:
-                    out = CACHE / f"minilm-{exporter}-{method}-{comp}-{ratio:g}.onnx"
-                    kwargs = {}
+                budgets = [("target_macs", t) for t in args.target_macs] if args.target_macs else [
+                    ("ratio", r) for r in args.ratio]
+                for key, ratio in budgets:
+                    out = CACHE / f"minilm-{exporter}-{method}-{comp}-{key}{ratio:g}.onnx"
+                    kwargs = {key: ratio}
                     if data_driven:
                         # One sample per sentence, tokenized alone: no padding tokens in the statistics.
                         kwargs["calib"] = [tokenize([s]) for s in calib_s]
@@ -220,24 +224,25 @@ def main(argv: list[str] | None = None) -> int:
                         if comp:
                             kwargs["compensate"] = comp
                     t0 = time.perf_counter()
-                    _, result = onnxprune.prune(path, out, method=method, ratio=ratio, latency=False, **kwargs)
+                    _, result = onnxprune.prune(path, out, method=method, latency=False, **kwargs)
                     dt = time.perf_counter() - t0
                     pooled, hidden = embeddings(out, feed)
                     cs, ch = cosine(pooled, ref_pooled), cosine(hidden, ref_hidden)
                     label = f"{method} / {comp or ('none' if not data_driven else 'default')}"
+                    budget = f"{ratio:g}" if key == "ratio" else f"MACs {ratio:g}"
                     print(
-                        f"  ratio {ratio:g} {label}: params {result.params_before:,} -> {result.params_after:,} "
+                        f"  {key} {ratio:g} {label}: params {result.params_before:,} -> {result.params_after:,} "
                         f"({result.params_after / result.params_before:.1%}), MACs "
                         f"{result.macs_after / result.macs_before:.1%}; sentence cosine mean {cs.mean():.4f} "
                         f"min {cs.min():.4f}; token cosine mean {ch.mean():.4f} ({dt:.1f} s)", flush=True,
                     )
                     rows.append(
-                        f"| {exporter} | {label} | {ratio:g} | {result.params_after / result.params_before:.1%} | "
+                        f"| {exporter} | {label} | {budget} | {result.params_after / result.params_before:.1%} | "
                         f"{result.macs_after / result.macs_before:.1%} | {cs.mean():.4f} ({cs.min():.4f}) | "
                         f"{ch.mean():.4f} | {dt:.0f} |"
                     )
     if rows:
-        print("\n| exporter | method / compensation | --ratio | params kept | MACs kept | "
+        print("\n| exporter | method / compensation | --ratio or target | params kept | MACs kept | "
               "sentence cosine mean (min) | token cosine mean | prune s |")
         print("|---|---|---|---|---|---|---|---|")
         print("\n".join(rows))

@@ -9,7 +9,7 @@ import math
 
 import onnx_ir as ir
 
-from ._graph import FOLD_LIMIT, all_graph_nodes, attr_int, dims
+from ._graph import FOLD_LIMIT, all_graph_nodes, attr_int, dims, is_const
 
 
 def _is_param(tensor) -> bool:
@@ -105,4 +105,12 @@ def estimate_after(analysis, removed) -> tuple[int, int]:
         node = nodes[key]
         if key[1] == 1 and node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
             macs -= int(round(node_macs(node) * (1 - f)))
+    # A product of two computed tensors (QKᵀ, attention·V) has no weight to slice: it
+    # shrinks with the channels (heads) its operands carry.
+    for node in model.graph:
+        if node.op_type != "MatMul" or any(is_const(v) for v in node.inputs):
+            continue
+        lay = analysis.layouts.get(node.inputs[0]) or analysis.layouts.get(node.inputs[1])
+        if lay is not None and len(lay):
+            macs -= int(round(node_macs(node) * (1 - float(keep(lay.atoms).mean()))))
     return params, macs

@@ -208,3 +208,22 @@ def test_fused_attention_op_blocks_with_its_name(tmp_path):
     group = group_of(analysis, "proj")
     assert not group.prunable
     assert any("com.microsoft::Attention" in r for r in group.blocked), group.blocked
+
+
+def test_macs_estimate_counts_the_attention_products(tmp_path):
+    """Budgets bisect on ``estimate_after``: with static tokens, QKᵀ and attention·V are a
+    real share of the MACs and must shrink with the heads, as the rewritten graph's do."""
+    from onnxprune.count import count_macs, estimate_after
+    from onnxprune.groups import analyze_groups
+    from onnxprune.load import load_model
+    from onnxprune.rewrite import apply_removal
+
+    src = save(attention("static"), tmp_path / "in.onnx")
+    model, _ = load_model(src)
+    analysis = analyze_groups(model)
+    removed = group_of(analysis, "wq").classes[ZERO_HEADS]
+    _, estimate = estimate_after(analysis, removed)
+    before = count_macs(model)
+    apply_removal(analysis, removed)
+    after = count_macs(model)
+    assert after < before and estimate == after
