@@ -351,6 +351,8 @@ class MatMul(Handler):
         a, b = node.inputs[0], node.inputs[1]
         ra, rb = rank(a), rank(b)
         la, lb = ctx.layout(a), ctx.layout(b)
+        if la is None and lb is None:
+            return
         if ra is None or rb is None or ra < 2 or rb < 2:
             _block_all(node, ctx, "rank unknown or below 2 in a MatMul of two computed tensors")
             return

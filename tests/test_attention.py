@@ -227,3 +227,13 @@ def test_macs_estimate_counts_the_attention_products(tmp_path):
     apply_removal(analysis, removed)
     after = count_macs(model)
     assert after < before and estimate == after
+
+
+def test_product_of_two_tensors_without_channels_is_left_alone(tmp_path):
+    """x·xᵀ of a graph input carries no channels: nothing to couple, nothing blocked."""
+    g = G()
+    x = g.input("x", [2, 5, 8])
+    gram = g.op("MatMul", [x, g.op("Transpose", [x], perm=[0, 2, 1])], name="gram")
+    y = g.op("MatMul", [g.op("Relu", [g.op("MatMul", [gram, g.const(g.w(5, 6))], name="fc")]), g.const(g.w(6, 3))])
+    analysis = analysis_of(tmp_path, g.model([y]))
+    assert group_of(analysis, "fc").prunable
