@@ -198,7 +198,7 @@ class Gen:
             "3d": [
                 self.matmul, self.act, self.const_op, self.residual, self.concat, self.split,
                 self.slice, self.softmax, self.layernorm, self.ncl, self.reduce, self.to_4d,
-                self.unknown, self.matmul, self.residual, self.permute,
+                self.unknown, self.matmul, self.residual, self.permute, self.attention,
             ],
             "2d": [
                 self.gemm, self.act, self.bn, self.const_op, self.residual, self.concat,
@@ -713,6 +713,30 @@ class Gen:
         self.log(f"{y.name} = Gemm({x.name}) {k}->{n} transB={trans_b} bias={bias}")
         return y
 
+    def attention(self, x: T) -> T:
+        """Multi-head self-attention on [N, T, C]: Q, K, V projections split into heads
+        (constant or -1 head count), QKᵀ, Softmax, ·V, heads merged, output projection."""
+        t_, c = x.shape
+        heads, d = self.int(1, 3), self.int(1, 4)
+        q, k, v = (self.matmul(x, n_out=heads * d) for _ in range(3))
+
+        def split(y: T, perm: list[int]) -> T:
+            shape = self.pick([[0, 0, heads, d], [0, t_, -1, d], [0, 0, heads, -1]])
+            r = self.reshape(y, shape, (t_, heads, d))
+            out = tuple(r.shape[p - 1] for p in perm[1:])
+            return self.op("Transpose", [r.name], out, perm=perm)
+
+        qh, kt, vh = split(q, [0, 2, 1, 3]), split(k, [0, 2, 3, 1]), split(v, [0, 2, 1, 3])
+        s = self.op("MatMul", [qh.name, kt.name], (heads, t_, t_))
+        if self.flag():
+            s = self.op("Mul", [s.name, self.floats(1)], s.shape)
+        p = self.op("Softmax", [s.name], s.shape, axis=-1)
+        a = self.op("MatMul", [p.name, vh.name], (heads, t_, d))
+        a = self.op("Transpose", [a.name], (t_, heads, d), perm=[0, 2, 1, 3])
+        y = self.reshape(a, self.pick([[0, 0, heads * d], [0, t_, -1]]), (t_, heads * d))
+        self.log(f"{y.name} = attention({x.name}, heads={heads}, d={d})")
+        return self.matmul(y, n_out=self.pick([c, self.int(2, 12)]))
+
     def softmax(self, x: T) -> T:
         axis = {"4d": self.pick([-1, 1, 2]), "3d": self.pick([-1, 1]), "2d": -1}[x.kind]
         y = self.op(self.pick(["Softmax", "LogSoftmax"]), [x.name], x.shape, axis=axis)
@@ -914,3 +938,5 @@ def test_prune_random_graph_is_valid_or_refused(case: Case, ratio: float, seed: 
         assert params(out) <= params(src) + extra
         assert result.params_after <= result.params_before + extra
         event("pruned" if result.params_after < result.params_before else "pruned nothing (ratio too small)")
+        if any(" = attention(" in step for step in case.steps):
+            event("pruned a graph with attention")
