@@ -195,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="with data-driven methods: none, bias, lstsq (default: prune's)")
     ap.add_argument("--target-macs", type=float, nargs="+", default=None,
                     help="fractions of MACs kept (global selection); replaces --ratio")
+    ap.add_argument("--exclude", nargs="*", default=[],
+                    help="producer-name patterns kept whole (TorchScript names: '*intermediate*' = the MLPs, "
+                         "'*attention*' = the heads)")
     ap.add_argument("--analyze-only", action="store_true")
     args = ap.parse_args(argv)
     exporters = ["torchscript", "dynamo"] if args.exporter == "both" else [args.exporter]
@@ -216,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                     ("ratio", r) for r in args.ratio]
                 for key, ratio in budgets:
                     out = CACHE / f"minilm-{exporter}-{method}-{comp}-{key}{ratio:g}.onnx"
-                    kwargs = {key: ratio}
+                    kwargs = {key: ratio, "exclude": args.exclude}
                     if data_driven:
                         # One sample per sentence, tokenized alone: no padding tokens in the statistics.
                         kwargs["calib"] = [tokenize([s]) for s in calib_s]
