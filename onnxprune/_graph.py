@@ -267,12 +267,15 @@ def inline_constant_identities(graph: ir.Graph) -> int:
     return removed
 
 
-def _named_dims(value: ir.Value) -> list | None:
+def named_dims(value: ir.Value | None) -> list[int | str | None] | None:
     """Dims with ints where static, names where the symbol is a real one, None where
     unknown (an ``unk__N`` placeholder proves nothing); None when the rank is unknown."""
-    if value.shape is None:
+    if value is None:
         return None
-    out = []
+    if value.shape is None:
+        d = dims(value)  # a constant without a recorded shape
+        return None if d is None else list(d)
+    out: list[int | str | None] = []
     for x in value.shape:
         name = x if isinstance(x, int) else getattr(x, "value", None)
         out.append(None if isinstance(name, str) and name.startswith("unk__") else name)
@@ -303,7 +306,7 @@ def fold_batch_merge_transposes(graph: ir.Graph) -> int:
         if any(v.is_graph_output() for v in (r1.outputs[0], t.outputs[0], r2.outputs[0])):
             continue
         x = r1.inputs[0]
-        dx, d1, d2 = _named_dims(x), _named_dims(r1.outputs[0]), _named_dims(r2.outputs[0])
+        dx, d1, d2 = named_dims(x), named_dims(r1.outputs[0]), named_dims(r2.outputs[0])
         perm = attr_ints(t, "perm")
         if dx is None or d1 is None or d2 is None or perm is None or len(perm) != len(d1):
             continue

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from ._graph import attr_int, attr_ints, const_array, dims, is_const, node_label, rank
+from ._graph import attr_int, attr_ints, const_array, dims, is_const, named_dims, node_label, rank
 from .layout import Layout, SetCount, SetGroup, SliceBounds, SliceParam, SplitSizes
 
 Ctx = Any  # groups._Context; typed loosely to keep this module free of the analysis
@@ -584,7 +584,7 @@ class Reshape(Handler):
         if ctx.layout(node.inputs[1]) is not None:
             _block_all(node, ctx, "channels reach the shape input")
             return
-        s_in, s_out = _sym_dims(node.inputs[0]), _sym_dims(node.outputs[0])
+        s_in, s_out = named_dims(node.inputs[0]), named_dims(node.outputs[0])
         if s_in is None or s_out is None:
             ctx.block(lay.atoms, node, "shapes unknown after shape inference")
             return
@@ -660,23 +660,6 @@ class Reshape(Handler):
                 offset += n
         ctx.block(lay.atoms, node, "shape input is computed and its channel entry cannot be traced")
         return False
-
-
-def _sym_dims(value: ir.Value | None) -> list[int | str | None] | None:
-    """Dims of ``value``: ints where static, the symbol's name where named, else None."""
-    if value is None:
-        return None
-    if value.shape is None:
-        d = dims(value)
-        return None if d is None else list(d)
-    out: list[int | str | None] = []
-    for x in value.shape:
-        if isinstance(x, int):
-            out.append(x)
-        else:
-            name = getattr(x, "value", None)
-            out.append(name if isinstance(name, str) and not name.startswith("unk__") else None)
-    return out
 
 
 def _static_prod(xs: list) -> int | None:
