@@ -10,7 +10,8 @@ Torch-Pruning's per-layer handlers):
 - ``Conv``, ``ConvTranspose``, ``Gemm``, ``MatMul``: *producers* of new channels and
   *consumers* of incoming ones (weights sliced on both axes).
 - ``Concat``, ``Split``, ``Slice``, ``Flatten``, ``Reshape``, ``Transpose``, ``Squeeze``,
-  ``Unsqueeze``: *index mappings* (offsets, sub-ranges, blocks of H·W, axis moves).
+  ``Unsqueeze``, ``Gather``: *index mappings* (offsets, sub-ranges, blocks of H·W, heads, axis
+  moves).
 - ``Pool``, ``Reduce``, ``Resize``, ``Pad``, ``Softmax``, ``ShapeOf``: pass-through under
   a condition on the axes they touch; otherwise they block.
 - ``Block``: ops known to forbid pruning the channels that reach them, with the reason.
@@ -494,6 +495,27 @@ class Slice(Handler):
         ctx.set_layout(node.outputs[0], Layout(lay.axis, lay.atoms[start:end]))
 
 
+class Gather(Handler):
+    """Gather along an axis other than the channel axis (a ViT's class token ``x[:, 0]``):
+    the channels pass through; the gathered axis is replaced by the indices' dims."""
+
+    def propagate(self, node: ir.Node, ctx: Ctx) -> None:
+        lay = ctx.layout(node.inputs[0])
+        if lay is None or ctx.layout(node.inputs[1]) is not None:
+            _block_all(node, ctx, "channels reach the gather indices")
+            return
+        r, r_idx = rank(node.inputs[0]), rank(node.inputs[1])
+        axis = _norm_axis(attr_int(node, "axis", 0), r)
+        if axis is None or r_idx is None:
+            ctx.block(lay.atoms, node, "rank unknown after shape inference")
+            return
+        if axis == lay.axis:
+            ctx.block(lay.atoms, node, "gathers along the channel axis")
+            return
+        out_axis = lay.axis if lay.axis < axis else lay.axis - 1 + r_idx
+        ctx.set_layout(node.outputs[0], Layout(out_axis, lay.atoms))
+
+
 class Transpose(Handler):
     """Transpose: the channel axis moves to where the permutation puts it."""
 
@@ -898,6 +920,7 @@ OP_TABLE: dict[str, Handler] = {
     "Split": Split(),
     "Slice": Slice(),
     "Transpose": Transpose(),
+    "Gather": Gather(),
     "Flatten": Flatten(),
     "Reshape": Reshape(),
     "Squeeze": Squeeze(),

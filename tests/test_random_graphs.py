@@ -198,7 +198,7 @@ class Gen:
             "3d": [
                 self.matmul, self.act, self.const_op, self.residual, self.concat, self.split,
                 self.slice, self.softmax, self.layernorm, self.ncl, self.reduce, self.to_4d,
-                self.unknown, self.matmul, self.residual, self.permute, self.attention,
+                self.unknown, self.matmul, self.residual, self.permute, self.attention, self.gather,
             ],
             "2d": [
                 self.gemm, self.act, self.bn, self.const_op, self.residual, self.concat,
@@ -736,6 +736,14 @@ class Gen:
         y = self.reshape(a, self.pick([[0, 0, heads * d], [0, t_, -1]]), (t_, heads * d))
         self.log(f"{y.name} = attention({x.name}, heads={heads}, d={d})")
         return self.matmul(y, n_out=self.pick([c, self.int(2, 12)]))
+
+    def gather(self, x: T) -> T:
+        """Tokens picked along the token axis (a class token, or a few positions)."""
+        t_, c = x.shape
+        idx = sorted(self.rng.choice(t_, self.int(1, t_), replace=False).tolist())
+        y = self.op("Gather", [x.name, self.ints(idx)], (len(idx), c), axis=1)
+        self.log(f"{y.name} = Gather({x.name}, tokens {idx})")
+        return y
 
     def softmax(self, x: T) -> T:
         axis = {"4d": self.pick([-1, 1, 2]), "3d": self.pick([-1, 1]), "2d": -1}[x.kind]
