@@ -283,15 +283,20 @@ def named_dims(value: ir.Value | None) -> list[int | str | None] | None:
 
 
 def fold_batch_merge_transposes(graph: ir.Graph) -> int:
-    """Replace ``Reshape → Transpose → Reshape`` that only moves axes behind a batch merge
-    by the one ``Transpose`` it amounts to.
+    """Replace ``Reshape → Transpose → Reshape`` chains that hide the head axis in the batch
+    axis by the Transpose (and head split) they amount to.  Returns the number of folds.
 
-    The dynamo exporter writes ``kᵀ`` of attention as ``[B, H, T, d] → [B·H, T, d] →
-    [B·H, d, T] → [B, H, d, T]``, with both shapes read from ``Shape(k)`` at run time: the
-    head axis disappears into the batch axis and comes back.  When the dims prove it (the
-    merged leading dims come back unchanged, the transposition keeps the merged axis in
-    front), the three nodes are one Transpose: the graph computes the same and the head
-    axis stays visible.  Returns the number of folds.
+    Two exporter idioms, both with shapes read at run time:
+
+    - the dynamo exporter's kᵀ of attention: ``[B, H, T, d] → [B·H, T, d] → [B·H, d, T] →
+      [B, H, d, T]`` (leading axes merged, moved behind, split back) is one Transpose;
+    - ``nn.MultiheadAttention``'s heads: ``[T, B, H·d] → [T, B·H, d] → [B·H, T, d] →
+      [B, H, T, d]`` (the head axis split off the channels and merged into the batch) is
+      ``Reshape [T, B, H, d]`` then Transpose.
+
+    Each fold is taken only when the dims prove it (equal static dims and equal named
+    symbols); the graph computes the same values, and the head axis stays visible to the
+    analysis.
     """
     folded = 0
     for r2 in list(graph):
@@ -310,16 +315,22 @@ def fold_batch_merge_transposes(graph: ir.Graph) -> int:
         perm = attr_ints(t, "perm")
         if dx is None or d1 is None or d2 is None or perm is None or len(perm) != len(d1):
             continue
-        if None in dx or None in d1[1:] or None in d2:
+        plan = _merged_leading(dx, d1, d2, perm) or _heads_into_batch(dx, d1, d2, perm)
+        if plan is None:
             continue
-        m = len(dx) - len(d1) + 1  # leading axes merged into axis 0
-        if m < 2 or perm[0] != 0 or d1[1:] != dx[m:]:
-            continue
-        if d2 != dx[:m] + [d1[p] for p in perm[1:]]:
-            continue
-        new_perm = list(range(m)) + [m - 1 + p for p in perm[1:]]
+        split, new_perm = plan
         out = r2.outputs[0]
-        node = ir.Node("", "Transpose", [x], attributes=[ir.AttrInt64s("perm", new_perm)],
+        src = x
+        if split is not None:  # [lead..., B, H·d] -> [lead..., B, H, d]; 0 copies the input dim
+            shape = ir.Value(name=_unique_name(graph, f"{r1.name or 'Reshape'}_heads_shape"),
+                             const_value=ir.tensor(np.array(split, dtype=np.int64)))
+            shape.shape, shape.dtype = ir.Shape([len(split)]), ir.DataType.INT64
+            graph.register_initializer(shape)
+            reshape = ir.Node("", "Reshape", [x, shape], name=f"{r1.name or 'Reshape'}_heads")
+            graph.insert_before(r2, reshape)
+            src = reshape.outputs[0]
+            src.dtype = x.dtype
+        node = ir.Node("", "Transpose", [src], attributes=[ir.AttrInt64s("perm", new_perm)],
                        name=f"{t.name or 'Transpose'}_unmerged")
         graph.insert_before(r2, node)
         node.outputs[0].shape, node.outputs[0].dtype = out.shape, out.dtype
@@ -333,12 +344,159 @@ def fold_batch_merge_transposes(graph: ir.Graph) -> int:
     return folded
 
 
+def fold_packed_projections(graph: ir.Graph) -> int:
+    """Split a packed in-projection (``nn.MultiheadAttention``'s Q, K, V in one weight) into
+    one MatMul (+ bias Add) per part.  Returns the number of packed projections split.
+
+    Both torch exporters write ``x·W + b`` with ``W [C, k·E]``, then ``Reshape [..., k, E]``,
+    ``Unsqueeze(0)``, a Transpose that brings the k axis in front, ``Squeeze`` and one
+    ``Gather(axis 0, i)`` per part.  The channel axis of such a tensor holds a different
+    channel at each of the k positions, which one channel axis per tensor cannot describe;
+    ``x·W[:, iE:(i+1)E] + b[iE:(i+1)E]`` computes each part directly.  Taken only when the
+    whole chain is exactly that; the weights are the same numbers, split.
+    """
+    folded = 0
+    for sq in list(graph):
+        if sq.op_type != "Squeeze" or sq.graph is not graph:
+            continue
+        chain = _packed_chain(sq)
+        if chain is None:
+            continue
+        gathers, (rs, matmul, add), k, e = chain
+        x, w = matmul.inputs[0], const_array(matmul.inputs[1])
+        bias = const_array(add.inputs[1 if add.inputs[0] is matmul.outputs[0] else 0]) if add is not None else None
+        for g in gathers:
+            i = int(const_array(g.inputs[1]))
+            wi = new_initializer(graph, f"{matmul.name or 'MatMul'}_part{i}_w", np.ascontiguousarray(w[:, i * e:(i + 1) * e]))
+            mm = ir.Node("", "MatMul", [x, wi], name=f"{matmul.name or 'MatMul'}_part{i}")
+            graph.insert_before(g, mm)
+            y = mm.outputs[0]
+            y.dtype = x.dtype
+            if bias is not None:
+                bi = new_initializer(graph, f"{matmul.name or 'MatMul'}_part{i}_b", np.ascontiguousarray(bias[i * e:(i + 1) * e]))
+                ad = ir.Node("", "Add", [y, bi], name=f"{matmul.name or 'MatMul'}_part{i}_bias")
+                graph.insert_before(g, ad)
+                y = ad.outputs[0]
+                y.dtype = x.dtype
+            out = g.outputs[0]
+            y.shape = out.shape
+            ir.convenience.replace_all_uses_with(out, y)
+            name = out.name
+            graph.remove(g, safe=True)
+            y.name = name
+        _remove_dead(graph, [sq.outputs[0]])
+        folded += 1
+    return folded
+
+
+def _packed_chain(sq: ir.Node):
+    """(the Gathers, (Reshape, MatMul, bias Add or None), k, E) of a packed projection
+    chain ending in ``sq``, or None (see :func:`fold_packed_projections`)."""
+    users = [u.node for u in sq.outputs[0].uses()]
+    if not users or sq.outputs[0].is_graph_output():
+        return None
+    for g in users:
+        idx = const_array(g.inputs[1]) if g.op_type == "Gather" and len(g.inputs) > 1 else None
+        if idx is None or idx.ndim != 0 or attr_int(g, "axis", 0) != 0 or g.inputs[0] is not sq.outputs[0]:
+            return None
+    tr = sq.inputs[0].producer()
+    un = tr.inputs[0].producer() if tr is not None and tr.op_type == "Transpose" else None
+    rs = un.inputs[0].producer() if un is not None and un.op_type == "Unsqueeze" else None
+    if rs is None or rs.op_type != "Reshape":
+        return None
+    if any(len(v.uses()) != 1 or v.is_graph_output() for v in (tr.outputs[0], un.outputs[0], rs.outputs[0])):
+        return None
+    d = named_dims(rs.outputs[0])
+    dp = named_dims(rs.inputs[0])
+    if d is None or dp is None or len(d) < 3 or len(dp) != len(d) - 1:
+        return None
+    k, e, lead = d[-2], d[-1], len(d) - 2
+    if not isinstance(k, int) or not isinstance(e, int) or k < 2 or dp[-1] != k * e or None in dp[:-1] or d[:-2] != dp[:-1]:
+        return None
+    un_axes = _axes_of(un, 1)
+    sq_axes = _axes_of(sq, 1)
+    perm = attr_ints(tr, "perm")
+    if un_axes != [0] or perm != [lead + 1, *range(1, lead + 1), 0, lead + 2] or sq_axes not in ([lead + 1], [-2]):
+        return None
+    p = rs.inputs[0].producer()
+    add = None
+    if p is not None and p.op_type == "Add":
+        a, b = p.inputs
+        mm_out, bias = (a, b) if const_array(b) is not None else (b, a)
+        bias_arr = const_array(bias)
+        if bias_arr is None or bias_arr.shape != (k * e,) or len(mm_out.uses()) != 1:
+            return None
+        add, p = p, mm_out.producer()
+    # Besides the Reshape, only Shape reads of the packed tensor (TorchScript computes the
+    # Reshape's shape from them): they die with the chain.
+    if any(u.node is not rs and u.node.op_type != "Shape" for u in rs.inputs[0].uses()):
+        return None
+    if p is None or p.op_type != "MatMul" or len(p.outputs[0].uses()) != 1:
+        return None
+    w = const_array(p.inputs[1])
+    if w is None or w.ndim != 2 or w.shape[1] != k * e or is_const(p.inputs[0]):
+        return None
+    return users, (rs, p, add), k, e
+
+
+def _axes_of(node: ir.Node, index: int) -> list[int] | None:
+    if len(node.inputs) > index and node.inputs[index] is not None:
+        arr = const_array(node.inputs[index])
+        return None if arr is None else [int(a) for a in np.asarray(arr).reshape(-1)]
+    return attr_ints(node, "axes")
+
+
+def _merged_leading(dx: list, d1: list, d2: list, perm: list[int]) -> tuple[None, list[int]] | None:
+    """The kᵀ idiom: the first m axes of x merged into axis 0, the rest permuted behind it,
+    axis 0 split back into the same m dims.  Returns (no split, the Transpose perm)."""
+    m = len(dx) - len(d1) + 1
+    if m < 2 or perm[0] != 0 or None in dx or None in d1[1:] or None in d2 or d1[1:] != dx[m:]:
+        return None
+    if d2 != dx[:m] + [d1[p] for p in perm[1:]]:
+        return None
+    return None, list(range(m)) + [m - 1 + p for p in perm[1:]]
+
+
+def _heads_into_batch(dx: list, d1: list, d2: list, perm: list[int]) -> tuple[list[int], list[int]] | None:
+    """The ``nn.MultiheadAttention`` idiom: x ``[lead..., B, E]`` becomes ``[lead..., B·H, d]``
+    (E = H·d, the heads merged into the axis before), is permuted, and the merged axis is
+    split back into ``[B, H]``.  Returns (the split shape, the Transpose perm over
+    ``[lead..., B, H, d]``)."""
+    n = len(dx)
+    if n < 2 or len(d1) != n or len(d2) != n + 1:
+        return None
+    e, d, b = dx[-1], d1[-1], dx[-2]
+    if not isinstance(e, int) or not isinstance(d, int) or d <= 0 or e % d or e // d < 2 or b is None:
+        return None
+    if None in dx[:-2] or d1[:-2] != dx[:-2]:
+        return None
+    h = e // d
+    expected: list = []
+    new_perm: list[int] = []
+    for k in perm:
+        if k == n - 2:  # the merged axis comes back as [B, H]
+            expected += [b, h]
+            new_perm += [n - 2, n - 1]
+        elif k == n - 1:
+            expected.append(d)
+            new_perm.append(n)
+        else:
+            expected.append(d1[k])
+            new_perm.append(k)
+    if None in d2 or d2 != expected:
+        return None
+    return [0] * (n - 1) + [h, d], new_perm
+
+
 def _remove_dead(graph: ir.Graph, values: list[ir.Value | None]) -> None:
     """Remove the nodes that computed ``values`` and whatever only they read."""
     todo = [v for v in values if v is not None]
     while todo:
         v = todo.pop()
         node = v.producer()
+        if node is None and v.is_initializer() and not v.uses() and v not in graph.inputs:
+            graph.initializers.pop(v.name, None)  # a weight only the removed nodes read
+            continue
         if node is None or node.graph is not graph:
             continue
         if any(o.uses() or o.is_graph_output() for o in node.outputs):
@@ -359,7 +517,8 @@ def prepare_graph(graph: ir.Graph) -> int:
     """
     changed = inline_constant_identities(graph)
     for _ in range(16):
-        n = fold_static_shapes(graph) + fold_constant_nodes(graph) + fold_batch_merge_transposes(graph)
+        n = (fold_static_shapes(graph) + fold_constant_nodes(graph) + fold_batch_merge_transposes(graph)
+             + fold_packed_projections(graph))
         changed += n
         if not n:
             break

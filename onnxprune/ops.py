@@ -872,14 +872,30 @@ class ShapeOf(Handler):
             ctx.block(lay.atoms, node, "the channel count is a graph output")
             return
         for use in node.outputs[0].uses():
-            user = use.node
-            idx = const_array(user.inputs[1]) if user.op_type == "Gather" and use.idx == 0 else None
-            if idx is None or attr_int(user, "axis", 0) != 0:
+            if pos in _shape_positions_read(use, n):
                 ctx.block(lay.atoms, node, "the channel count is read at run time")
                 return
-            if pos in {int(i) % n for i in np.asarray(idx).reshape(-1)}:
-                ctx.block(lay.atoms, node, "the channel count is read at run time")
-                return
+
+
+def _shape_positions_read(use, n: int) -> set[int] | range:
+    """Which entries of a Shape output of length ``n`` its reader ``use`` reads: a Gather or
+    a step-1 Slice with constant indices reads those; any other reader reads them all."""
+    user = use.node
+    if use.idx == 0 and user.op_type == "Gather" and attr_int(user, "axis", 0) == 0:
+        idx = const_array(user.inputs[1])
+        if idx is not None:
+            return {int(i) % n for i in np.asarray(idx).reshape(-1)}
+    if use.idx == 0 and user.op_type == "Slice" and len(user.inputs) >= 3:
+        bounds = [const_array(v) if v is not None else None for v in user.inputs[1:]]
+        starts, ends = bounds[0], bounds[1]
+        axes = bounds[2] if len(bounds) > 2 else None
+        steps = bounds[3] if len(bounds) > 3 else None
+        if (starts is not None and ends is not None and starts.size == 1
+                and (axes is None or int(np.asarray(axes).reshape(-1)[0]) in (0, -1))
+                and (steps is None or int(np.asarray(steps).reshape(-1)[0]) == 1)):
+            lo, hi, _ = slice(int(starts.reshape(-1)[0]), int(ends.reshape(-1)[0])).indices(n)
+            return set(range(lo, hi))
+    return range(n)
 
 
 _UNARY = Unary()

@@ -615,3 +615,63 @@ def test_encoder_block_prunes_heads_and_mlp(encoder_block, exporter, tmp_path):
         reference, pruned, small = remove_exact(tmp_path, onnx.load(str(src)), group.producers[0].name, positions)
         assert max_diff(reference, pruned) <= 1e-4
         assert params(small) < params(tmp_path / "in.onnx")
+
+
+# ------------------------------------ nn.MultiheadAttention (torchvision's ViT, issue 5)
+
+
+class MHABlock(nn.Module):
+    """Pre-LN block around ``nn.MultiheadAttention`` (packed in-projection), as in ViT."""
+
+    def __init__(self, c: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(c)
+        self.att = nn.MultiheadAttention(c, heads, batch_first=True)
+        self.fc = nn.Linear(c, c)
+
+    def forward(self, x):
+        h = self.ln(x)
+        a, _ = self.att(h, h, h, need_weights=False)
+        return self.fc(torch.relu(x + a))
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_multihead_attention_prunes_heads(exporter, tmp_path):
+    """The packed Q/K/V in-projection is split at load, the heads merged into the batch come
+    back as a head axis: the 4 heads are one group; the head the output projection ignores
+    goes without moving the outputs; l1 at 50% writes a valid smaller graph."""
+    torch.manual_seed(0)
+    model = MHABlock().eval()
+    with torch.no_grad():
+        model.att.out_proj.weight[:, 4:8] = 0.0  # head 1 contributes nothing
+    x = torch.randn(2, 5, 16)
+    src = tmp_path / "mha.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if exporter == "torchscript":  # static tokens: this exporter bakes the key length in
+            torch.onnx.export(model, (x,), str(src), dynamo=False, opset_version=17, input_names=["x"],
+                              output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+        else:
+            torch.onnx.export(model, (x,), str(src), dynamo=True, input_names=["x"], output_names=["y"],
+                              dynamic_shapes=({0: torch.export.Dim("batch"), 1: torch.export.Dim("seq", max=64)},),
+                              verbose=False)
+    report = onnxprune.analyze(src)
+    heads = [g for g in report.groups if g.prunable]
+    assert len(heads) == 1 and heads[0].n_channels == 4, [(g.name, g.blocked) for g in report.groups]
+    assert len(heads[0].producers) == 3  # the packed projection, split in three
+    model_ir, _ = load_model(src)
+    analysis = analyze_groups(model_ir)
+    group = next(g for g in analysis.groups if g.prunable)
+    out_proj = next(n for n in model_ir.graph if n.op_type in ("Gemm", "MatMul") and group in
+                    [g for g in analysis.groups if n in g.consumers])
+    cls = analysis.roots[analysis.layouts[out_proj.inputs[0]].atoms][4]
+    reference, pruned, small = remove_exact(tmp_path, onnx.load(str(src)), group.producers[0].name,
+                                            [int(np.flatnonzero(group.classes == cls)[0])])
+    assert max_diff(reference, pruned) <= 1e-5
+    assert params(small) < params(tmp_path / "in.onnx")
+    out = tmp_path / "out.onnx"
+    _, result = onnxprune.prune(src, out, method="l1", ratio=0.5, latency=False)
+    assert result.params_after < result.params_before
+    feed = {"x": np.random.default_rng(5).standard_normal((3, 5, 16)).astype(np.float32)}
+    before, after = session(str(src)).run(None, feed), session(str(out)).run(None, feed)
+    assert [a.shape for a in before] == [a.shape for a in after]
