@@ -282,6 +282,11 @@ def named_dims(value: ir.Value | None) -> list[int | str | None] | None:
     return out
 
 
+def fold_attention_idioms(graph: ir.Graph) -> int:
+    """The attention folds below, in the order one enables the next; returns how many."""
+    return fold_packed_projections(graph) + fold_batch_merge_transposes(graph)
+
+
 def fold_batch_merge_transposes(graph: ir.Graph) -> int:
     """Replace ``Reshape → Transpose → Reshape`` chains that hide the head axis in the batch
     axis by the Transpose (and head split) they amount to.  Returns the number of folds.
@@ -517,8 +522,7 @@ def prepare_graph(graph: ir.Graph) -> int:
     """
     changed = inline_constant_identities(graph)
     for _ in range(16):
-        n = (fold_static_shapes(graph) + fold_constant_nodes(graph) + fold_batch_merge_transposes(graph)
-             + fold_packed_projections(graph))
+        n = fold_static_shapes(graph) + fold_constant_nodes(graph) + fold_attention_idioms(graph)
         changed += n
         if not n:
             break

@@ -20,7 +20,7 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
-from ._graph import prepare_graph, supplement_shapes
+from ._graph import fold_attention_idioms, prepare_graph, supplement_shapes
 from .errors import InputError
 
 MIN_OPSET = 11
@@ -137,6 +137,13 @@ def normalise(model: ir.Model) -> None:
             break
     # After the folding: a shape read is folded only when onnx itself proves it static.
     supplement_shapes(model)
+    # The attention idioms may only show once the symbolic shapes are in (a TorchScript
+    # ViT's packed projection is reshaped by a shape assembled at run time).
+    for _ in range(4):
+        if not fold_attention_idioms(model.graph):
+            break
+        ShapeInferencePass(strict_mode=False, data_prop=True)(model)
+        supplement_shapes(model)
 
 
 def check_output_path(input_path: str | os.PathLike, output_path: str | os.PathLike) -> None:
