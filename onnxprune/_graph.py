@@ -350,98 +350,129 @@ def fold_batch_merge_transposes(graph: ir.Graph) -> int:
 
 
 def fold_packed_projections(graph: ir.Graph) -> int:
-    """Split a packed in-projection (``nn.MultiheadAttention``'s Q, K, V in one weight) into
-    one MatMul (+ bias Add) per part.  Returns the number of packed projections split.
+    """Split a packed projection (Q, K and V in one weight) into one MatMul (+ bias Add) per
+    part.  Returns the number of packed projections split.
 
-    Both torch exporters write ``x·W + b`` with ``W [C, k·E]``, then ``Reshape [..., k, E]``,
-    ``Unsqueeze(0)``, a Transpose that brings the k axis in front, ``Squeeze`` and one
-    ``Gather(axis 0, i)`` per part.  The channel axis of such a tensor holds a different
-    channel at each of the k positions, which one channel axis per tensor cannot describe;
-    ``x·W[:, iE:(i+1)E] + b[iE:(i+1)E]`` computes each part directly.  Taken only when the
-    whole chain is exactly that; the weights are the same numbers, split.
+    ``x·W + b`` with ``W [C, k·E]`` is reshaped to ``[..., k, rest...]`` (``E = Π rest``) and
+    each part is picked by ``Gather(axis 0, i)`` once the k axis is in front, in one of two
+    ways the exporters write:
+
+    - ``nn.MultiheadAttention``: ``Reshape [..., k, E] → Unsqueeze(0) → Transpose`` (k axis
+      in front, the new axis in its place) ``→ Squeeze``;
+    - Swin's ``qkv.reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4)``: one Transpose with the k
+      axis first.
+
+    A tensor whose channel axis holds a different channel at each of the k positions is
+    beyond one channel axis per tensor; ``x·W[:, iE:(i+1)E] + b[iE:(i+1)E]`` (reshaped to
+    ``rest`` and transposed like the packed tensor) computes part i directly.  Taken only
+    when the whole chain is exactly that; the weights are the same numbers, split.
     """
     folded = 0
-    for sq in list(graph):
-        if sq.op_type != "Squeeze" or sq.graph is not graph:
+    for rs in list(graph):
+        if rs.op_type != "Reshape" or rs.graph is not graph:
             continue
-        chain = _packed_chain(sq)
+        chain = _packed_chain(rs)
         if chain is None:
             continue
-        gathers, (rs, matmul, add), k, e = chain
+        gathers, matmul, add, lead, k, rest, perm = chain
+        e = int(np.prod(rest))
         x, w = matmul.inputs[0], const_array(matmul.inputs[1])
         bias = const_array(add.inputs[1 if add.inputs[0] is matmul.outputs[0] else 0]) if add is not None else None
+        base = matmul.name or "MatMul"
+        dead = [g.inputs[0] for g in gathers]
         for g in gathers:
-            i = int(const_array(g.inputs[1]))
-            wi = new_initializer(graph, f"{matmul.name or 'MatMul'}_part{i}_w", np.ascontiguousarray(w[:, i * e:(i + 1) * e]))
-            mm = ir.Node("", "MatMul", [x, wi], name=f"{matmul.name or 'MatMul'}_part{i}")
-            graph.insert_before(g, mm)
-            y = mm.outputs[0]
-            y.dtype = x.dtype
+            i = int(const_array(g.inputs[1])) % k
+            y = _new_node(graph, g, "MatMul", [x, new_initializer(graph, f"{base}_part{i}_w",
+                          np.ascontiguousarray(w[:, i * e:(i + 1) * e]))], f"{base}_part{i}", x.dtype)
             if bias is not None:
-                bi = new_initializer(graph, f"{matmul.name or 'MatMul'}_part{i}_b", np.ascontiguousarray(bias[i * e:(i + 1) * e]))
-                ad = ir.Node("", "Add", [y, bi], name=f"{matmul.name or 'MatMul'}_part{i}_bias")
-                graph.insert_before(g, ad)
-                y = ad.outputs[0]
-                y.dtype = x.dtype
+                y = _new_node(graph, g, "Add", [y, new_initializer(graph, f"{base}_part{i}_b",
+                              np.ascontiguousarray(bias[i * e:(i + 1) * e]))], f"{base}_part{i}_bias", x.dtype)
+            if len(rest) > 1:
+                shape = new_initializer(graph, f"{base}_part{i}_shape", np.array([0] * lead + rest, dtype=np.int64))
+                y = _new_node(graph, g, "Reshape", [y, shape], f"{base}_part{i}_split", x.dtype)
+            if perm is not None and perm != sorted(perm):
+                y = _new_node(graph, g, "Transpose", [y], f"{base}_part{i}_perm", x.dtype,
+                              [ir.AttrInt64s("perm", perm)])
             out = g.outputs[0]
             y.shape = out.shape
             ir.convenience.replace_all_uses_with(out, y)
             name = out.name
             graph.remove(g, safe=True)
             y.name = name
-        _remove_dead(graph, [sq.outputs[0]])
+        _remove_dead(graph, dead)
         folded += 1
     return folded
 
 
-def _packed_chain(sq: ir.Node):
-    """(the Gathers, (Reshape, MatMul, bias Add or None), k, E) of a packed projection
-    chain ending in ``sq``, or None (see :func:`fold_packed_projections`)."""
-    users = [u.node for u in sq.outputs[0].uses()]
-    if not users or sq.outputs[0].is_graph_output():
+def _new_node(graph: ir.Graph, before: ir.Node, op: str, inputs: list, name: str, dtype, attrs=()) -> ir.Value:
+    node = ir.Node("", op, inputs, attributes=list(attrs), name=name)
+    graph.insert_before(before, node)
+    node.outputs[0].dtype = dtype
+    return node.outputs[0]
+
+
+def _packed_chain(rs: ir.Node):
+    """``(Gathers, MatMul, bias Add or None, len(lead), k, rest, perm of a part or None)`` of
+    a packed projection reshaped by ``rs``, or None (see :func:`fold_packed_projections`)."""
+    d, dp = named_dims(rs.outputs[0]), named_dims(rs.inputs[0])
+    if d is None or dp is None or len(d) < 3 or rs.outputs[0].is_graph_output():
         return None
-    for g in users:
+    lead = len(dp) - 1
+    k, rest = d[lead] if lead < len(d) else None, d[lead + 1:]
+    if (not isinstance(k, int) or k < 2 or not rest or not all(isinstance(r, int) for r in rest)
+            or dp[-1] != k * int(np.prod(rest)) or None in dp[:-1] or d[:lead] != dp[:-1]):
+        return None
+    (first,) = [u.node for u in rs.outputs[0].uses()] or [None]
+    if first is None or len(rs.outputs[0].uses()) != 1:
+        return None
+    n = len(d)
+    part_perm = None
+    if first.op_type == "Unsqueeze" and len(rest) == 1:  # nn.MultiheadAttention
+        tr = _only_user(first)
+        sq = _only_user(tr) if tr is not None else None
+        if (tr is None or sq is None or tr.op_type != "Transpose" or sq.op_type != "Squeeze"
+                or _axes_of(first, 1) != [0] or _axes_of(sq, 1) not in ([lead + 1], [-2])
+                or attr_ints(tr, "perm") != [lead + 1, *range(1, lead + 1), 0, lead + 2]):
+            return None
+        picked = sq.outputs[0]
+    elif first.op_type == "Transpose":  # Swin: the k axis goes first
+        perm = attr_ints(first, "perm")
+        if perm is None or len(perm) != n or perm[0] != lead:
+            return None
+        part_perm = [p - (p > lead) for p in perm[1:]]
+        picked = first.outputs[0]
+    else:
+        return None
+    gathers = [u.node for u in picked.uses()]
+    if not gathers or picked.is_graph_output():
+        return None
+    for g in gathers:
         idx = const_array(g.inputs[1]) if g.op_type == "Gather" and len(g.inputs) > 1 else None
-        if idx is None or idx.ndim != 0 or attr_int(g, "axis", 0) != 0 or g.inputs[0] is not sq.outputs[0]:
+        if idx is None or idx.ndim != 0 or attr_int(g, "axis", 0) != 0 or g.inputs[0] is not picked:
             return None
-    tr = sq.inputs[0].producer()
-    un = tr.inputs[0].producer() if tr is not None and tr.op_type == "Transpose" else None
-    rs = un.inputs[0].producer() if un is not None and un.op_type == "Unsqueeze" else None
-    if rs is None or rs.op_type != "Reshape":
-        return None
-    if any(len(v.uses()) != 1 or v.is_graph_output() for v in (tr.outputs[0], un.outputs[0], rs.outputs[0])):
-        return None
-    d = named_dims(rs.outputs[0])
-    dp = named_dims(rs.inputs[0])
-    if d is None or dp is None or len(d) < 3 or len(dp) != len(d) - 1:
-        return None
-    k, e, lead = d[-2], d[-1], len(d) - 2
-    if not isinstance(k, int) or not isinstance(e, int) or k < 2 or dp[-1] != k * e or None in dp[:-1] or d[:-2] != dp[:-1]:
-        return None
-    un_axes = _axes_of(un, 1)
-    sq_axes = _axes_of(sq, 1)
-    perm = attr_ints(tr, "perm")
-    if un_axes != [0] or perm != [lead + 1, *range(1, lead + 1), 0, lead + 2] or sq_axes not in ([lead + 1], [-2]):
-        return None
-    p = rs.inputs[0].producer()
-    add = None
-    if p is not None and p.op_type == "Add":
-        a, b = p.inputs
-        mm_out, bias = (a, b) if const_array(b) is not None else (b, a)
-        bias_arr = const_array(bias)
-        if bias_arr is None or bias_arr.shape != (k * e,) or len(mm_out.uses()) != 1:
-            return None
-        add, p = p, mm_out.producer()
     # Besides the Reshape, only Shape reads of the packed tensor (TorchScript computes the
     # Reshape's shape from them): they die with the chain.
     if any(u.node is not rs and u.node.op_type != "Shape" for u in rs.inputs[0].uses()):
         return None
+    p, add = rs.inputs[0].producer(), None
+    if p is not None and p.op_type == "Add":
+        a, b = p.inputs
+        mm_out, bias = (a, b) if const_array(b) is not None else (b, a)
+        bias_arr = const_array(bias)
+        if bias_arr is None or bias_arr.shape != (dp[-1],) or len(mm_out.uses()) != 1:
+            return None
+        add, p = p, mm_out.producer()
     if p is None or p.op_type != "MatMul" or len(p.outputs[0].uses()) != 1:
         return None
     w = const_array(p.inputs[1])
-    if w is None or w.ndim != 2 or w.shape[1] != k * e or is_const(p.inputs[0]):
+    if w is None or w.ndim != 2 or w.shape[1] != dp[-1] or is_const(p.inputs[0]):
         return None
-    return users, (rs, p, add), k, e
+    return gathers, p, add, lead, k, [int(r) for r in rest], part_perm
+
+
+def _only_user(node: ir.Node) -> ir.Node | None:
+    uses = node.outputs[0].uses()
+    return uses[0].node if len(uses) == 1 and not node.outputs[0].is_graph_output() else None
 
 
 def _axes_of(node: ir.Node, index: int) -> list[int] | None:

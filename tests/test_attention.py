@@ -237,3 +237,34 @@ def test_product_of_two_tensors_without_channels_is_left_alone(tmp_path):
     y = g.op("MatMul", [g.op("Relu", [g.op("MatMul", [gram, g.const(g.w(5, 6))], name="fc")]), g.const(g.w(6, 3))])
     analysis = analysis_of(tmp_path, g.model([y]))
     assert group_of(analysis, "fc").prunable
+
+
+def packed_qkv(zero_heads: list[int] | None = None, seed: int = 0) -> onnx.ModelProto:
+    """Swin's attention: one packed projection ``qkv = x·W + b`` (W [C, 3·H·d]), then
+    ``qkv.reshape(B, T, 3, H, d).permute(2, 0, 3, 1, 4)`` and ``q, k, v = qkv[0], qkv[1], qkv[2]``."""
+    g = G(opset=17, seed=seed)
+    x = g.input("x", [2, T, C])
+    hd = HEADS * D
+    qkv = _linear(g, x, C, 3 * hd, "qkv")
+    qkv = g.op("Transpose", [g.op("Reshape", [qkv, g.const(_ints(2, T, 3, HEADS, D))])], perm=[2, 0, 3, 1, 4])
+    q, k, v = (g.op("Gather", [qkv, g.const(np.array(i, dtype=np.int64))], axis=0) for i in range(3))
+    scores = g.op("MatMul", [g.op("Mul", [q, g.const(np.float32(D**-0.5))]), g.op("Transpose", [k], perm=[0, 1, 3, 2])])
+    ctx = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), v])
+    ctx = g.op("Reshape", [g.op("Transpose", [ctx], perm=[0, 2, 1, 3]), g.const(_ints(2, T, hd))])
+    wo = g.w(hd, C)
+    for h in zero_heads or []:
+        wo[h * D : (h + 1) * D] = 0
+    return g.model([g.op("Add", [_linear(g, ctx, hd, C, "wo", weight=wo), x], name="residual")])
+
+
+def test_packed_qkv_is_split_into_three_projections(tmp_path):
+    analysis = analysis_of(tmp_path, packed_qkv())
+    group = group_of(analysis, "qkv_part0")
+    assert group.prunable, group.blocked
+    assert producer_names(group) == {"qkv_part0", "qkv_part1", "qkv_part2"} and consumer_names(group) == {"wo"}
+    assert len(group.classes) == HEADS
+    assert "Gather" not in [n.op_type for n in analysis.model.graph]
+    out = assert_exact(tmp_path, packed_qkv(zero_heads=ZERO_HEADS), "qkv_part0", ZERO_HEADS)
+    kept = (HEADS - len(ZERO_HEADS)) * D
+    assert sorted(tuple(t.dims) for t in onnx.load(str(out)).graph.initializer).count((C, kept)) == 3
+    assert_random(tmp_path, packed_qkv(), seeds=(0,))
