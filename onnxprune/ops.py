@@ -343,7 +343,6 @@ class MatMul(Handler):
         ctx.edit(SliceParam(node, 1, 1, out_atoms, "weight_out"))
         ctx.set_layout(node.outputs[0], Layout(out_rank - 1, out_atoms))
 
-
     @staticmethod
     def _two_computed(node: ir.Node, ctx: Ctx) -> None:
         """A·B of two computed tensors (attention's QKᵀ and P·V): where both carry
