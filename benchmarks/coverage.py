@@ -69,6 +69,9 @@ def export(name: str, exporter: str, path: Path) -> dict:
     import torch
     import torchvision
 
+    # nn.MultiheadAttention's inference fast path (vit_*) is one fused op: the TorchScript
+    # exporter cannot export it, and the dynamo export then fixes the batch inside.
+    torch.backends.mha.set_fastpath_enabled(False)
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None).eval()
     s = SIZES.get(name, 224)
