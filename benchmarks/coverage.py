@@ -207,6 +207,9 @@ def worker(args: argparse.Namespace) -> dict:
     row["blocked"] = dict(ops.most_common())
     row["blocked_examples"] = examples
     row["analyze_s"] = round(time.perf_counter() - t, 1)
+    row["macs"], row["params"] = rep.macs, rep.params
+    if args.stage == "analyze":
+        return row
     out = CACHE / "pruned" / f"{name}.{exporter}.onnx"
     out.parent.mkdir(parents=True, exist_ok=True)
     for p in (out, out.with_name(out.name + ".data")):
@@ -295,6 +298,33 @@ def run_one(name: str, exporter: str, n_params: int, args: argparse.Namespace) -
     return row
 
 
+def torchvision_gmacs(name: str) -> tuple[float | None, int | None]:
+    """torchvision's own GFLOPS figure (multiply-adds, per its docs) and the crop it is for."""
+    import torchvision
+
+    try:
+        w = torchvision.models.get_model_weights(name).DEFAULT
+    except Exception:
+        return None, None
+    return w.meta.get("_ops"), w.transforms.keywords.get("crop_size")
+
+
+def reanalyze(names: list[str], exporters, args: argparse.Namespace) -> None:
+    rows = json.loads(args.json.read_text()) if args.json and args.json.exists() else []
+    for r in rows:
+        if r["model"] not in names or r["exporter"] not in exporters:
+            continue
+        if not (CACHE / f"{r['model']}.{r['exporter']}.onnx").exists():
+            continue
+        state, res = _run_stage("analyze", r["model"], r["exporter"], args)
+        if state == "done":
+            r.update(res)
+        r["tv_gmacs"], r["tv_crop"] = torchvision_gmacs(r["model"])
+        print(r["model"], r["exporter"], r.get("macs"), r["tv_gmacs"], r["tv_crop"], flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1))
+
+
 def _fmt_blocked(b: dict) -> str:
     # Every classifier's logits are a graph output: that one blocked group says nothing.
     b = {op: n for op, n in b.items() if op != "graph output"}
@@ -371,7 +401,9 @@ def main() -> None:
     ap.add_argument("--markdown", type=Path, help="write the table and summary here")
     ap.add_argument("--from-json", type=Path, help="only print the table of this file")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
-    ap.add_argument("--stage", choices=["export", "prune"], help=argparse.SUPPRESS)
+    ap.add_argument("--stage", choices=["export", "analyze", "prune"], help=argparse.SUPPRESS)
+    ap.add_argument("--analyze-only", action="store_true",
+                    help="re-run only onnxprune.analyze on the cached exports and update those fields of the --json rows")
     args = ap.parse_args()
 
     if args.worker:
@@ -389,6 +421,9 @@ def main() -> None:
     names = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in args.models)]
     exporters = EXPORTERS if args.exporter == "both" else (args.exporter,)
     old = json.loads(args.json.read_text()) if args.json and args.json.exists() else []
+    if args.analyze_only:
+        reanalyze(names, exporters, args)
+        return
     sizes = {n: model_params(n) for n in names}
     rows = []
     for name in sorted(names, key=sizes.get):  # small models first
