@@ -340,12 +340,15 @@ def _cells(r: dict) -> list[str]:
     status = r["status"]
     if status != "ok":
         status += ": " + (r.get("error") or r.get("check", {}).get("why") or "")[:90]
+    gmacs = "-" if r.get("macs") is None else f"{r['macs'] / 1e9:.3g}"
+    if r.get("tv_gmacs") is not None and r.get("tv_crop") == r.get("size", SIZES.get(r["model"], 224)):
+        gmacs += f" ({r['tv_gmacs']:.3g})"  # torchvision's figure, where it is for the same input size
     return [r["model"], r["exporter"], status, valid, pct(r.get("params_kept")), pct(r.get("macs_kept")), shapes,
-            pct(r.get("prunable_macs")), _fmt_blocked(r.get("blocked") or {}), f"{r.get('seconds', 0):.0f}"]
+            pct(r.get("prunable_macs")), gmacs, _fmt_blocked(r.get("blocked") or {}), f"{r.get('seconds', 0):.0f}"]
 
 
 HEAD = ["model", "exporter", "status", "valid", "params kept %", "MACs kept %", "same out shapes",
-        "prunable MACs %", "blocked groups by op", "s"]
+        "prunable MACs %", "GMACs (torchvision's)", "blocked groups by op", "s"]
 
 
 def summary(rows: list[dict]) -> list[str]:
@@ -399,7 +402,8 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the pruned files in benchmarks/.cache/coverage/pruned/")
     ap.add_argument("--json", type=Path, help="write the rows here (merged with rows already there)")
     ap.add_argument("--markdown", type=Path, help="write the table and summary here")
-    ap.add_argument("--from-json", type=Path, help="only print the table of this file")
+    ap.add_argument("--from-json", type=Path, nargs="+",
+                    help="only print the table of these files (later ones override; with --json/--markdown: write the merge)")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--stage", choices=["export", "analyze", "prune"], help=argparse.SUPPRESS)
     ap.add_argument("--analyze-only", action="store_true",
@@ -411,8 +415,17 @@ def main() -> None:
         print("@@RESULT " + json.dumps(res), flush=True)
         return
     if args.from_json:
-        rows = json.loads(args.from_json.read_text())
+        merged: dict = {}
+        for f in args.from_json:  # later files override earlier rows of the same model/exporter
+            for r in json.loads(f.read_text()):
+                key = (r["model"], r["exporter"])
+                merged[key] = {**merged.get(key, {}), **r}
+        rows = sorted(merged.values(), key=lambda r: (r["model"], EXPORTERS.index(r["exporter"])))
         show(rows)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1))
+        if args.markdown:
+            args.markdown.write_text(markdown(rows) + "\n\n" + "\n".join(f"- {s}" for s in summary(rows)) + "\n")
         return
 
     import torchvision
