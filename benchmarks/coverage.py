@@ -15,7 +15,8 @@ For each model and exporter, each step in its own subprocess (timeout, memory ca
 
 1. export (cached in ``benchmarks/.cache/coverage/``): ``torchvision.models.get_model(name,
    weights=None)`` in eval mode, seed 0, example input ``[B, 3, S, S]`` (S = 224, 299 for
-   inception_v3; B = 1, 2 for dynamo, which specialises a batch of 1), batch dim dynamic; ``torch.onnx.export(dynamo=False)`` or ``dynamo=True``;
+   inception_v3; B = 1, 2 for dynamo, which specialises a batch of 1), batch dim dynamic;
+   ``torch.onnx.export(dynamo=False)`` or ``dynamo=True``;
 2. ``onnxprune.analyze``: prunable share of MACs, the op of every blocked group's reasons;
 3. ``onnxprune.prune(method="l1", ratio=0.3, latency=False)`` (its own verification included);
 4. an independent check of the written file: ``onnx.checker.check_model(full_check=True)``,
@@ -36,7 +37,6 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
-import os
 import re
 import resource
 import subprocess
