@@ -118,6 +118,8 @@ def _prunable_share(analysis: Analysis) -> tuple[int, int]:
     params, seen = 0, set()
     for e in analysis.edits:
         if isinstance(e, SliceParam) and roots_ok.intersection(analysis.roots[e.atoms].tolist()):
+            # A depthwise Conv is neither producer nor consumer, but its rows are sliced: it shrinks too.
+            ok.add(id(e.node))
             v = e.node.inputs[e.index]
             if v is not None and id(v) not in seen:
                 seen.add(id(v))
