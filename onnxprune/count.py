@@ -9,7 +9,7 @@ import math
 
 import onnx_ir as ir
 
-from ._graph import FOLD_LIMIT, all_graph_nodes, attr_int, dims, is_const
+from ._graph import FOLD_LIMIT, all_graph_nodes, attr_int, dims, is_const, named_dims
 
 
 def _is_param(tensor) -> bool:
@@ -42,18 +42,35 @@ def _p(d: list[int | None] | None) -> int | None:
     return math.prod(1 if x is None else x for x in d)
 
 
+def _count_dims(value: ir.Value | None) -> list[int | None] | None:
+    """Dims for counting: a symbolic dim counts as 1 (MACs are per sample, per token when
+    the sequence is symbolic), except for the static factors of a product such as
+    onnxruntime's ``197*batch`` (ViT's tokens merged with the batch before a Gemm)."""
+    d = named_dims(value)
+    if d is None:
+        return None
+    out: list[int | None] = []
+    for x in d:
+        if isinstance(x, str) and "*" in x:
+            factors = [int(f) for f in x.split("*") if f.strip().isdigit()]
+            out.append(math.prod(factors) if factors else None)
+        else:
+            out.append(x if isinstance(x, int) else None)
+    return out
+
+
 def node_macs(node: ir.Node) -> int:
     """MACs of one Conv/ConvTranspose/Gemm/MatMul node (0 for other ops or unknown shapes)."""
     op = node.op_type
     if op in ("Conv", "ConvTranspose") and len(node.inputs) > 1:
         w = dims(node.inputs[1])
         ref = node.outputs[0] if op == "Conv" else node.inputs[0]
-        n = _p(dims(ref))
+        n = _p(_count_dims(ref))
         if w is None or n is None or any(x is None for x in w):
             return 0
         return n * math.prod(w[1:])
     if op in ("Gemm", "MatMul"):
-        a, y = dims(node.inputs[0]), dims(node.outputs[0])
+        a, y = _count_dims(node.inputs[0]), _count_dims(node.outputs[0])
         if a is None or y is None or not a:
             return 0
         k = a[0] if (op == "Gemm" and attr_int(node, "transA", 0)) else a[-1]

@@ -268,3 +268,15 @@ def test_packed_qkv_is_split_into_three_projections(tmp_path):
     kept = (HEADS - len(ZERO_HEADS)) * D
     assert sorted(tuple(t.dims) for t in onnx.load(str(out)).graph.initializer).count((C, kept)) == 3
     assert_random(tmp_path, packed_qkv(), seeds=(0,))
+
+
+def test_macs_count_the_static_factor_of_merged_tokens(tmp_path):
+    """``nn.MultiheadAttention`` applies its output projection to ``[T·B, E]``; onnxruntime's
+    symbolic inference names that dim ``197*batch``: the 197 tokens count, the batch does not."""
+    from onnxprune.count import count_macs
+    from onnxprune.load import load_model
+
+    g = G()
+    x = g.input("x", ["7*batch", 8])
+    model, _ = load_model(save(g.model([g.gemm(x, 8, 5, name="proj")]), tmp_path / "m.onnx"))
+    assert count_macs(model) == 7 * 8 * 5
