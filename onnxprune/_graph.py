@@ -735,7 +735,7 @@ def supplement_shapes(model: ir.Model) -> int:
     onnx's inference loses track of a transformer's shapes at the first Reshape whose
     shape is assembled at run time (``Shape → Gather → Concat``): every attention tensor
     ends up ``[unk, unk, unk, unk]``.  onnxruntime's symbolic pass computes through that
-    arithmetic (``[batch, seq, 12, 32]``).  Only dims onnx left symbolic are taken; a value
+    arithmetic (``[batch, seq, 12, 32]``).  Only dims onnx left unknown are taken; a value
     whose static dims disagree between the two keeps onnx's shape.  Anything the symbolic
     pass cannot handle leaves the shapes as they were: it only ever adds knowledge.
     """
@@ -779,7 +779,7 @@ def supplement_shapes(model: ir.Model) -> int:
                 if isinstance(b, int) and b != a:
                     break  # the two passes disagree: trust neither more than onnx
                 merged.append(a)
-            elif isinstance(b, int) or (b is not None and _generated(a)):
+            elif b is not None and _generated(a):  # a dim onnx named is never overridden
                 merged.append(b)
             else:
                 merged.append(a)
