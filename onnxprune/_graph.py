@@ -282,9 +282,15 @@ def named_dims(value: ir.Value | None) -> list[int | str | None] | None:
     return out
 
 
+RESTRUCTURED = "onnxprune.restructured"  # graph.meta key: how many attention idioms load folded
+
+
 def fold_attention_idioms(graph: ir.Graph) -> int:
-    """The attention folds below, in the order one enables the next; returns how many."""
-    return fold_packed_projections(graph) + fold_batch_merge_transposes(graph)
+    """The attention folds below, in the order one enables the next; returns how many, and
+    counts them in ``graph.meta[RESTRUCTURED]`` (prune then checks the values they compute)."""
+    n = fold_packed_projections(graph) + fold_batch_merge_transposes(graph)
+    graph.meta[RESTRUCTURED] = graph.meta.get(RESTRUCTURED, 0) + n
+    return n
 
 
 def fold_batch_merge_transposes(graph: ir.Graph) -> int:

@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from . import _ort
-from ._graph import node_label
+from ._graph import RESTRUCTURED, node_label
 from .calibrate import calibrate, providers_for, split_held_out
 from .compensate import COMPENSATIONS, apply_bias, apply_refits, bias_deltas, lstsq_refits, lstsq_requests
 from .consumers import consumer_views
@@ -31,7 +31,7 @@ from .methods import REGISTRY, MethodOptions
 from .reconstruct import refit_on_pruned, refit_targets
 from .rewrite import apply_removal, refresh_shapes
 from .select import select, select_for_target
-from .verify import Fidelity, check_pruned, measure_fidelity, median_latency, run_original
+from .verify import Fidelity, check_pruned, check_restructured, measure_fidelity, median_latency, run_original
 
 
 @dataclass
@@ -236,6 +236,8 @@ def prune(
         check_output_path(model_path, output_path)
     model, external = load_model(model_path)
     feed, reference = run_original(model_path, seed)
+    if model.graph.meta.get(RESTRUCTURED):
+        check_restructured(model, feed, reference)
     providers = providers_for(device)
     times["load"] = time.perf_counter() - t
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 
 import onnxprune
@@ -280,3 +281,41 @@ def test_macs_count_the_static_factor_of_merged_tokens(tmp_path):
     x = g.input("x", ["7*batch", 8])
     model, _ = load_model(save(g.model([g.gemm(x, 8, 5, name="proj")]), tmp_path / "m.onnx"))
     assert count_macs(model) == 7 * 8 * 5
+
+
+def test_folds_are_checked_against_the_original_values(tmp_path, monkeypatch):
+    """prune compares the input after load's attention folds with the original on a feed
+    before it prunes: a fold that changed the values stops it with a VerificationError."""
+    import onnxprune._graph as graph_mod
+    from onnxprune.errors import VerificationError
+
+    src = save(attention("dynamo"), tmp_path / "in.onnx")
+    out = tmp_path / "out.onnx"
+    onnxprune.prune(src, out, method="l1", ratio=0.5, latency=False)  # the real fold passes
+
+    real = graph_mod._merged_leading
+
+    def wrong(dx, d1, d2, perm):  # the same fold with the last two axes left unswapped
+        plan = real(dx, d1, d2, perm)
+        return None if plan is None else (None, sorted(plan[1]))
+
+    monkeypatch.setattr(graph_mod, "_merged_leading", wrong)
+    with pytest.raises(VerificationError, match="attention folds"):  # here: kᵀ no longer fits q
+        onnxprune.prune(src, tmp_path / "bad.onnx", method="l1", ratio=0.5, latency=False)
+    assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_restructured_check_compares_values(tmp_path):
+    """A fold that keeps every shape but not the values (here: a weight nudged) is caught."""
+    from onnxprune.errors import VerificationError
+    from onnxprune.load import load_model
+    from onnxprune.verify import check_restructured, run_original
+
+    src = save(packed_qkv(), tmp_path / "in.onnx")
+    model, _ = load_model(src)
+    feed, reference = run_original(src)
+    check_restructured(model, feed, reference)  # the split projections compute the same
+    w = next(v for name, v in model.graph.initializers.items() if name.endswith("part1_w"))
+    w.const_value = ir.tensor(w.const_value.numpy() * 1.5)
+    with pytest.raises(VerificationError, match="changed the model's outputs"):
+        check_restructured(model, feed, reference)
