@@ -277,8 +277,7 @@ def named_dims(value: ir.Value | None) -> list[int | str | None] | None:
         return None if d is None else list(d)
     out: list[int | str | None] = []
     for x in value.shape:
-        name = x if isinstance(x, int) else getattr(x, "value", None)
-        out.append(None if isinstance(name, str) and name.startswith("unk__") else name)
+        out.append(x if isinstance(x, int) else None if _generated(x) else x.value)
     return out
 
 
@@ -333,23 +332,16 @@ def fold_batch_merge_transposes(graph: ir.Graph) -> int:
         out = r2.outputs[0]
         src = x
         if split is not None:  # [lead..., B, H·d] -> [lead..., B, H, d]; 0 copies the input dim
-            shape = ir.Value(name=_unique_name(graph, f"{r1.name or 'Reshape'}_heads_shape"),
-                             const_value=ir.tensor(np.array(split, dtype=np.int64)))
-            shape.shape, shape.dtype = ir.Shape([len(split)]), ir.DataType.INT64
-            graph.register_initializer(shape)
-            reshape = ir.Node("", "Reshape", [x, shape], name=f"{r1.name or 'Reshape'}_heads")
-            graph.insert_before(r2, reshape)
-            src = reshape.outputs[0]
-            src.dtype = x.dtype
-        node = ir.Node("", "Transpose", [src], attributes=[ir.AttrInt64s("perm", new_perm)],
-                       name=f"{t.name or 'Transpose'}_unmerged")
-        graph.insert_before(r2, node)
-        node.outputs[0].shape, node.outputs[0].dtype = out.shape, out.dtype
-        ir.convenience.replace_all_uses_with(out, node.outputs[0])
+            shape = new_initializer(graph, f"{r1.name or 'Reshape'}_heads_shape", np.array(split, dtype=np.int64))
+            src = _new_node(graph, r2, "Reshape", [x, shape], f"{r1.name or 'Reshape'}_heads", x.dtype)
+        y = _new_node(graph, r2, "Transpose", [src], f"{t.name or 'Transpose'}_unmerged", out.dtype,
+                      [ir.AttrInt64s("perm", new_perm)])
+        y.shape = out.shape
+        ir.convenience.replace_all_uses_with(out, y)
         name = out.name
         dropped = [r2.inputs[1], r1.inputs[1]]
         graph.remove([r2, t, r1], safe=True)
-        node.outputs[0].name = name
+        y.name = name
         _remove_dead(graph, dropped)
         folded += 1
     return folded
@@ -437,7 +429,7 @@ def _packed_chain(rs: ir.Node):
         tr = _only_user(first)
         sq = _only_user(tr) if tr is not None else None
         if (tr is None or sq is None or tr.op_type != "Transpose" or sq.op_type != "Squeeze"
-                or _axes_of(first, 1) != [0] or _axes_of(sq, 1) not in ([lead + 1], [-2])
+                or const_ints(first, 1, "axes") != [0] or const_ints(sq, 1, "axes") not in ([lead + 1], [-2])
                 or attr_ints(tr, "perm") != [lead + 1, *range(1, lead + 1), 0, lead + 2]):
             return None
         picked = sq.outputs[0]
@@ -481,11 +473,12 @@ def _only_user(node: ir.Node) -> ir.Node | None:
     return uses[0].node if len(uses) == 1 and not node.outputs[0].is_graph_output() else None
 
 
-def _axes_of(node: ir.Node, index: int) -> list[int] | None:
-    if len(node.inputs) > index and node.inputs[index] is not None:
+def const_ints(node: ir.Node, index: int, attr: str) -> list[int] | None:
+    """An int list given as constant input ``index`` (newer opsets) or attribute ``attr``."""
+    if index < len(node.inputs) and node.inputs[index] is not None:
         arr = const_array(node.inputs[index])
-        return None if arr is None else [int(a) for a in np.asarray(arr).reshape(-1)]
-    return attr_ints(node, "axes")
+        return None if arr is None else [int(x) for x in np.asarray(arr).reshape(-1)]
+    return attr_ints(node, attr)
 
 
 def _merged_leading(dx: list, d1: list, d2: list, perm: list[int]) -> tuple[None, list[int]] | None:
@@ -807,6 +800,7 @@ def _generated(d) -> bool:
     """A dim no one named: unknown, or one of the ``unk__N`` placeholders onnx invents."""
     name = getattr(d, "value", d)
     return name is None or (isinstance(name, str) and name.startswith("unk__"))
+
 
 
 def _structure_proto(model: ir.Model):

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from ._graph import attr_int, attr_ints, const_array, dims, is_const, named_dims, node_label, rank
+from ._graph import attr_int, attr_ints, const_array, const_ints, dims, is_const, named_dims, node_label, rank
 from .layout import Layout, SetCount, SetGroup, SliceBounds, SliceParam, SplitSizes
 
 Ctx = Any  # groups._Context; typed loosely to keep this module free of the analysis
@@ -51,14 +51,6 @@ def _norm_axis(axis: int, r: int | None) -> int | None:
     if axis >= 0:
         return axis
     return None if r is None else axis + r
-
-
-def _const_ints(node: ir.Node, index: int, attr: str, ctx: Ctx) -> list[int] | None:
-    """An int list given as input ``index`` (newer opsets) or attribute ``attr``."""
-    if index < len(node.inputs) and node.inputs[index] is not None:
-        arr = const_array(node.inputs[index])
-        return None if arr is None else [int(x) for x in np.asarray(arr).reshape(-1)]
-    return attr_ints(node, attr)
 
 
 class Handler:
@@ -474,9 +466,9 @@ class Slice(Handler):
             _block_all(node, ctx, "channels reach the slice bounds")
             return
         r = rank(node.inputs[0])
-        starts, ends = _const_ints(node, 1, "starts", ctx), _const_ints(node, 2, "ends", ctx)
-        axes = _const_ints(node, 3, "axes", ctx)
-        steps = _const_ints(node, 4, "steps", ctx) if len(node.inputs) > 4 else None
+        starts, ends = const_ints(node, 1, "starts"), const_ints(node, 2, "ends")
+        axes = const_ints(node, 3, "axes")
+        steps = const_ints(node, 4, "steps") if len(node.inputs) > 4 else None
         if starts is None or ends is None or r is None:
             ctx.block(lay.atoms, node, "slice bounds are computed at run time")
             return
@@ -533,7 +525,7 @@ class Transpose(Handler):
 class Unsqueeze(Handler):
     def propagate(self, node: ir.Node, ctx: Ctx) -> None:
         lay = ctx.layout(node.inputs[0])
-        axes = _const_ints(node, 1, "axes", ctx)
+        axes = const_ints(node, 1, "axes")
         out_r = rank(node.outputs[0])
         if lay is None or axes is None or out_r is None:
             _block_all(node, ctx, "axes or rank unknown")
@@ -550,7 +542,7 @@ class Squeeze(Handler):
     def propagate(self, node: ir.Node, ctx: Ctx) -> None:
         lay = ctx.layout(node.inputs[0])
         d = dims(node.inputs[0])
-        axes = _const_ints(node, 1, "axes", ctx)
+        axes = const_ints(node, 1, "axes")
         if lay is None or d is None:
             _block_all(node, ctx, "axes or rank unknown")
             return
@@ -753,7 +745,7 @@ class Reduce(Handler):
     def propagate(self, node: ir.Node, ctx: Ctx) -> None:
         lay = ctx.layout(node.inputs[0])
         r = rank(node.inputs[0])
-        axes = _const_ints(node, 1, "axes", ctx)
+        axes = const_ints(node, 1, "axes")
         if axes is None and len(node.inputs) > 1 and node.inputs[1] is not None:
             ctx.block(lay.atoms, node, "reduced axes are computed at run time")
             return
@@ -835,11 +827,11 @@ class Pad(Handler):
             _block_all(node, ctx, "channels reach the pad parameters")
             return
         r = rank(node.inputs[0])
-        pads = _const_ints(node, 1, "pads", ctx)
+        pads = const_ints(node, 1, "pads")
         if pads is None or r is None:
             ctx.block(lay.atoms, node, "pads are computed at run time")
             return
-        axes = _const_ints(node, 3, "axes", ctx) if len(node.inputs) > 3 else None
+        axes = const_ints(node, 3, "axes") if len(node.inputs) > 3 else None
         axes = [_norm_axis(a, r) for a in axes] if axes is not None else list(range(r))
         n = len(axes)
         if lay.axis in axes:
