@@ -6,7 +6,6 @@ Run from the repository root (assets first; ~5 min on 2 CPU cores, ``--quick`` ~
 
     .venv/bin/python benchmarks/assets.py
     .venv/bin/python benchmarks/calibration.py [--quick] [--json benchmarks/.cache/calibration.json]
-    .venv/bin/python benchmarks/calibration.py --baseline --skip-rss   # "before": the old update in calibrate()
 
 Models and data:
 
@@ -23,20 +22,19 @@ prunable group, ``consumer_views``), the batches the ones ``api.prune`` would bu
 same for both). The batches are decoded once and held in memory, so that the ratio compares
 the calibration pass (``calibrate(...)``: instrumented session run + statistics) with a plain
 ``session.run`` loop over exactly the same batches, both from a fresh session; the image
-decoding (what the folder path adds to both) is timed on its own. The two are interleaved
-(CNN 7 times, EfficientNet twice) and the median of the per-pair ratios is reported: the
-machine is shared and its load drifts. Reported: the calibration loop (``Statistics.seconds``)
-and, inside it, the time spent in ``TensorStats.update`` (wrapped with a timer for the run);
-the whole ``calibrate()`` call (adds writing the instrumented model and creating its session),
-wall and CPU time. Then a profile on a subset with warm sessions: the instrumented session
-fetching only the model's outputs (the cost of exposing the tensors in the graph: lost
-fusions, layout conversions) and fetching every exposed tensor (adds the copies out), and
-``TensorStats.update`` on the same fetched outputs: gathering Σx and Σx² (what ``api.prune``
-gathers for wanda, flap and the l1/l2/random methods), all four statistics (Σ|x| is gathered
-for activation and relief, count(x ≤ 0) only on request), and, for comparison, the update as it
-was before the blocked reduction (``old_update``: one whole-batch pass per statistic).
-``calibrate`` is asked for the statistics ``api.prune`` asks for with wanda, its default
-data-driven method (``criteria.statistics_for``).
+decoding (what the folder path adds to both) is timed on its own. Three loops are
+interleaved (CNN 7 times, EfficientNet twice): plain inference, ``calibrate`` as it is
+(channels-first activations reduced by onnxruntime inside the graph), and ``calibrate`` with
+every tensor fetched and reduced in numpy (how it worked before 2026-12-02); the median of
+the per-pair ratios is reported: the machine is shared and its load drifts. Reported: the
+calibration loop (``Statistics.seconds``) and, inside it, the time spent in numpy
+(``TensorStats.update`` / ``update_means``, wrapped with a timer for the run); the whole
+``calibrate()`` call (adds writing the instrumented model and creating its session), wall and
+CPU time. Then a profile on a subset with warm sessions: the instrumented session fetching
+only the model's outputs, every exposed tensor, or the in-graph means; ``TensorStats.update``
+on the fetched tensors; and the largest relative deviation of the in-graph statistics from
+numpy's on the same batches. ``calibrate`` is asked for the statistics ``api.prune`` asks for
+with wanda, its default data-driven method (``criteria.statistics_for``).
 
 (ii) Memory. Each measurement runs in a fresh subprocess that streams N (then 10·N) samples
 through ``data.batches`` → ``calibrate`` from a generator yielding augmented copies (never
@@ -66,8 +64,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from onnxprune import _ort  # noqa: E402
+from onnxprune import calibrate as calibrate_module  # noqa: E402
 from onnxprune.calibrate import (  # noqa: E402
-    STATISTICS, TensorStats, _bytes_per_sample, _shape_known, calibrate, instrumented_model_path,
+    TensorStats, _bytes_per_sample, _shape_known, calibrate, instrumented_model_path,
 )
 from onnxprune.consumers import consumer_views  # noqa: E402
 from onnxprune.criteria import statistics_for  # noqa: E402
@@ -87,7 +86,6 @@ PROVIDERS = ["CPUExecutionProvider"]
 BUDGET = 1024 * 2**20  # api.prune's default --memory-budget
 BATCH = 32  # api.prune's default --batch-size
 GATHERED = statistics_for("wanda")  # what api.prune gathers with its default data-driven method
-NEW_UPDATE = TensorStats.update  # onnxprune's (--baseline swaps old_update in for calibrate())
 
 
 # ----------------------------------------------------------------------------- setup
@@ -148,38 +146,35 @@ def time_plain(path: Path, bl: list[dict]) -> dict[str, float]:
     return {"loop": end - t, "call": end - t0, "cpu": time.process_time() - c0}
 
 
-def time_calibrate(ctx: Ctx, bl: list[dict]) -> dict[str, float]:
-    """calibrate() on ``bl``; TensorStats.update is wrapped with a timer for the duration, to
-    split the loop into numpy reductions and the rest (onnxruntime runs, output copies)."""
+def time_calibrate(ctx: Ctx, bl: list[dict], fetched: bool = False) -> dict[str, float]:
+    """calibrate() on ``bl``; the numpy side (TensorStats.update and update_means) is
+    wrapped with a timer for the duration, to split the loop into numpy reductions and the
+    rest (onnxruntime runs, output copies).  ``fetched``: every tensor fetched and reduced
+    in numpy, the in-graph reduction off (how calibrate() worked before 2026-12-02)."""
     spent = [0.0]
-    update = TensorStats.update
+    saved = {name: getattr(TensorStats, name) for name in ("update", "update_means")}
 
-    def timed(self, x, axis):
-        t = time.perf_counter()
-        update(self, x, axis)
-        spent[0] += time.perf_counter() - t
+    def timed(f):
+        def wrapper(*a):
+            t = time.perf_counter()
+            f(*a)
+            spent[0] += time.perf_counter() - t
+        return wrapper
 
-    TensorStats.update = timed
+    for name, f in saved.items():
+        setattr(TensorStats, name, timed(f))
+    reducible = calibrate_module._reducible
+    if fetched:
+        calibrate_module._reducible = lambda *a: False
     try:
         c0, t0 = time.process_time(), time.perf_counter()
         stats, _ = ctx.calibrate(iter(bl), n_samples(bl))
         end = time.perf_counter()
     finally:
-        TensorStats.update = update
+        for name, f in saved.items():
+            setattr(TensorStats, name, f)
+        calibrate_module._reducible = reducible
     return {"loop": stats.seconds, "call": end - t0, "cpu": time.process_time() - c0, "update": spent[0]}
-
-
-def old_update(s: TensorStats, x: np.ndarray, axis: int) -> None:
-    """TensorStats.update before the blocked reduction (for comparison): one pass over the
-    whole batch per statistic, each building a batch-sized temporary (np.square, np.abs,
-    x <= 0) reduced in float64 over the strided axes."""
-    axes = tuple(i for i in range(x.ndim) if i != axis)
-    xf = x.astype(np.float32, copy=False)
-    s.n += x.size // x.shape[axis]
-    s.sum += xf.sum(axis=axes, dtype=np.float64)
-    s.sumsq += np.square(xf).sum(axis=axes, dtype=np.float64)
-    s.sumabs += np.abs(xf).sum(axis=axes, dtype=np.float64)
-    s.nonpos += (xf <= 0).sum(axis=axes)
 
 
 def _interleaved(fns: dict, reps: int) -> dict[str, float]:
@@ -193,63 +188,64 @@ def _interleaved(fns: dict, reps: int) -> dict[str, float]:
 
 
 def profile(ctx: Ctx, bl: list[dict], reps: int = 3) -> dict:
-    """Where the calibration loop's time goes, on ``bl`` (warm sessions, median of ``reps``)."""
+    """Where the calibration loop's time goes, on ``bl`` (warm sessions, median of ``reps``):
+    the plain model; the instrumented one fetching only the model outputs, every exposed
+    tensor, or the in-graph means; TensorStats.update on the fetched tensors; and how far the
+    in-graph statistics are from numpy's on the same batches."""
     values = [v for v, _ in ctx.tensors.values()]
     names = [v.name for v in values]
     out_names = [o.name for o in ctx.model.graph.outputs]
-    res: dict = {"samples": n_samples(bl)}
+    reduced = {v.name: GATHERED for v, axis in ctx.tensors.values() if calibrate_module._reducible(v, axis, GATHERED)}
+    mean_names = {name: calibrate_module._reduced_names(ctx.tensors[name][0], GATHERED) for name in reduced}
+    flat = [o for names_ in mean_names.values() for o in names_.values()]
+    res: dict = {"samples": n_samples(bl), "reduced_in_graph": len(reduced)}
     fetched: list = []
+    means: list = []
     with tempfile.TemporaryDirectory(prefix="bench-cal-") as d:
-        path = instrumented_model_path(ctx.model, values, Path(d))
         plain = _ort.session(str(ctx.path), PROVIDERS)
-        sess = _ort.session(str(path), PROVIDERS)
+        sess = _ort.session(str(instrumented_model_path(ctx.model, values, Path(d))), PROVIDERS)
+        (Path(d) / "instrumented.onnx").rename(Path(d) / "fetch.onnx")
+        red = _ort.session(str(instrumented_model_path(ctx.model, values, Path(d), reduced)), PROVIDERS)
         plain.run(None, bl[0])
         sess.run(names, bl[0])
-
-        def fetch_all() -> None:  # outputs dropped at once, as in calibrate()
-            for b in bl:
-                sess.run(names, b)
-
+        red.run(flat, bl[0])
         fetched.extend(sess.run(names, b) for b in bl)  # kept (untimed) to time the reductions on
+        means.extend(dict(zip(flat, red.run(flat, b))) for b in bl)
         res.update(_interleaved({
             "plain": lambda: [plain.run(None, b) for b in bl],
             "instrumented, outputs only": lambda: [sess.run(out_names, b) for b in bl],
-            "instrumented, all exposed": fetch_all,
+            "instrumented, all exposed": lambda: [sess.run(names, b) for b in bl],  # dropped at once, as in calibrate()
+            "instrumented, in-graph means": lambda: [red.run(flat + [n for n in names if n not in reduced], b) for b in bl],
         }, reps))
     n0 = next(iter(bl[0].values())).shape[0]
     res["exposed_mb_per_sample_actual"] = sum(x.nbytes for x in fetched[0]) / n0 / 2**20
     # what calibrate() plans with: the inferred shape where it is complete, else measured
     res["exposed_mb_per_sample_planned"] = sum(
         _bytes_per_sample(v) if _shape_known(v) else x.nbytes / n0 for v, x in zip(values, fetched[0])) / 2**20
-    variants = {"TensorStats.update, Σx and Σx²": GATHERED, "TensorStats.update, all four": STATISTICS, "old update, all four": None}
-    spent: dict[str, list[float]] = {key: [] for key in variants}
-    acc: dict[str, dict[str, TensorStats]] = {}
+    spent: list[float] = []
     for _ in range(reps):  # the total over the subset, median of reps
-        for key, gathered in variants.items():
-            acc[key], total = {}, 0.0
-            for outs in fetched:
-                for name, x in zip(names, outs):
-                    axis = ctx.tensors[name][1]
-                    st = acc[key].get(name)
-                    if st is None:
-                        st = acc[key][name] = TensorStats.empty(x.shape[axis], gathered or STATISTICS)
-                    t = time.perf_counter()
-                    if gathered is None:
-                        old_update(st, x, axis)
-                    else:
-                        NEW_UPDATE(st, x, axis)
-                    total += time.perf_counter() - t
-            spent[key].append(total)
-    timing = {key: median(v) for key, v in spent.items()}
-    dev = 0.0  # the blocked float32 partial sums against the old float64 reduction
-    for name in names:
-        a, b = acc["old update, all four"][name], acc["TensorStats.update, all four"][name]
-        assert a.n == b.n and np.array_equal(a.nonpos, b.nonpos) and np.array_equal(a.sumsq == 0, b.sumsq == 0), name
-        for f in ("sum", "sumsq", "sumabs"):
-            ref = getattr(a, f)
-            dev = max(dev, float(np.abs(getattr(b, f) - ref).max() / max(np.abs(ref).max(), 1e-30)))
-    res["max rel. deviation from the old update"] = dev
-    res.update(timing)
+        acc, total = {}, 0.0
+        for outs in fetched:
+            for name, x in zip(names, outs):
+                axis = ctx.tensors[name][1]
+                st = acc.get(name)
+                if st is None:
+                    st = acc[name] = TensorStats.empty(x.shape[axis], GATHERED)
+                t = time.perf_counter()
+                st.update(x, axis)
+                total += time.perf_counter() - t
+        spent.append(total)
+    res["TensorStats.update on fetched tensors"] = median(spent)
+    dev = 0.0  # onnxruntime's float32 means against the blocked numpy reduction
+    for name, out in mean_names.items():
+        st = TensorStats.empty(acc[name].sum.size, GATHERED)
+        for m in means:
+            st.update_means({k: m[o] for k, o in out.items() if k != "shape"}, calibrate_module._spatial(ctx.tensors[name][0]))
+        assert st.n == acc[name].n, name
+        for f in GATHERED:
+            ref = getattr(acc[name], f)
+            dev = max(dev, float(np.abs(getattr(st, f) - ref).max() / max(np.abs(ref).max(), 1e-30)))
+    res["max rel. deviation in-graph vs numpy"] = dev
     return res
 
 
@@ -262,10 +258,11 @@ def bench_time(key: str, n: int | None, reps: int, prof_n: int) -> dict:
         bl, decode = photo_batches(ctx, n)
     ns = n_samples(bl)
     time_plain(ctx.path, bl[:1])  # load the libraries' code paths once before timing anything
-    plains, cals = [], []
+    plains, cals, olds = [], [], []
     for _ in range(reps):  # interleaved, median of each
         plains.append(time_plain(ctx.path, bl))
         cals.append(time_calibrate(ctx, bl))
+        olds.append(time_calibrate(ctx, bl, fetched=True))
     pm = {k: median(p[k] for p in plains) for k in plains[0]}
     cm = {k: median(c[k] for c in cals) for k in cals[0]}
     pair = [c["loop"] / p["loop"] for p, c in zip(plains, cals)]  # robust to drifting load on a shared machine
@@ -279,6 +276,8 @@ def bench_time(key: str, n: int | None, reps: int, prof_n: int) -> dict:
         "decode_s": decode, "plain_s": pm["loop"], "plain_call_s": pm["call"], "plain_cpu_s": pm["cpu"],
         "calib_loop_s": cm["loop"], "calib_call_s": cm["call"], "calib_cpu_s": cm["cpu"],
         "ratio_loop": median(pair), "ratio_loop_pairs": pair,
+        "fetched_ratio_loop": median(o["loop"] / p["loop"] for p, o in zip(plains, olds)),
+        "fetched_ratio_loop_pairs": [o["loop"] / p["loop"] for p, o in zip(plains, olds)],
         "update_s": cm["update"], "update_x_plain": median(c["update"] / p["loop"] for p, c in zip(plains, cals)),
         "rest_x_plain": median((c["loop"] - c["update"]) / p["loop"] for p, c in zip(plains, cals)),
         "ratio_loop_min": min(c["loop"] for c in cals) / min(p["loop"] for p in plains), "ratio_call": cm["call"] / pm["call"], "ratio_cpu": cm["cpu"] / pm["cpu"],
@@ -367,25 +366,24 @@ def bench_rss(what: str, key: str, n: int, batch: int) -> dict:
 
 def print_tables(times: list[dict], rss: list[dict]) -> None:
     print(f"\n(i) calibration (gathering {', '.join(GATHERED)}) vs plain onnxruntime inference, same batches (batch 32), same session options; medians of the repetitions")
-    print("| model | samples × reps | exposed tensors (MiB/sample: static shapes / planned by onnxprune / actual) | plain loop s | calibrate loop s | **ratio, loops** (median of interleaved pairs; min/min) | of which TensorStats.update / the rest (× plain) | ratio incl. session creation (wall / CPU) | image decode s | ratio incl. decode | load avg |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | samples × reps | exposed tensors (reduced in the graph) (MiB/sample if fetched: static shapes / planned / actual) | plain loop s | calibrate loop s | **ratio, loops** (median of interleaved pairs; min/min) | of which numpy / the rest (× plain) | all fetched (before): ratio | ratio incl. session creation (wall / CPU) | image decode s | ratio incl. decode | load avg |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in times:
         dec = "-" if r["decode_s"] is None else f"{r['decode_s']:.2f}"
         rd = "-" if r["ratio_with_decode"] is None else f"{r['ratio_with_decode']:.2f}×"
         p = r["profile"]
-        print(f"| {r['model']} | {r['samples']} × {r['reps']} | {r['exposed_tensors']} ({r['exposed_mb_per_sample']:.2f} / {p['exposed_mb_per_sample_planned']:.2f} / {p['exposed_mb_per_sample_actual']:.2f}) | "
-              f"{r['plain_s']:.2f} | {r['calib_loop_s']:.2f} | **{r['ratio_loop']:.2f}×** ({r['ratio_loop_min']:.2f}×) | {r['update_x_plain']:.2f}× / {r['rest_x_plain']:.2f}× | {r['ratio_call']:.2f}× / {r['ratio_cpu']:.2f}× | {dec} | {rd} | {r['load_avg']:.1f} |")
-    print("\nwhere the calibration loop's time goes (profile on a subset, warm sessions, median of 3; seconds, and × plain inference)")
-    print("| model | samples | plain run | instrumented run, model outputs only | instrumented run, all exposed fetched "
-          "| TensorStats.update, Σx and Σx² | TensorStats.update, all four | old update, all four | max rel. deviation new vs old |")
-    print("|---|---|---|---|---|---|---|---|---|")
+        print(f"| {r['model']} | {r['samples']} × {r['reps']} | {r['exposed_tensors']} ({p['reduced_in_graph']}) ({r['exposed_mb_per_sample']:.2f} / {p['exposed_mb_per_sample_planned']:.2f} / {p['exposed_mb_per_sample_actual']:.2f}) | "
+              f"{r['plain_s']:.2f} | {r['calib_loop_s']:.2f} | **{r['ratio_loop']:.2f}×** ({r['ratio_loop_min']:.2f}×) | {r['update_x_plain']:.2f}× / {r['rest_x_plain']:.2f}× | {r['fetched_ratio_loop']:.2f}× | {r['ratio_call']:.2f}× / {r['ratio_cpu']:.2f}× | {dec} | {rd} | {r['load_avg']:.1f} |")
+    print("\nwhere the time goes (profile on a subset, warm sessions, median of 3; seconds, and × plain inference)")
+    print("| model | samples | plain run | instrumented, model outputs only | instrumented, all exposed fetched "
+          "| instrumented, in-graph means fetched | TensorStats.update on the fetched tensors | max rel. deviation in-graph vs numpy |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in times:
         p = r["profile"]
         pl = p["plain"]
         f = lambda k: f"{p[k]:.2f} ({p[k] / pl:.2f}×)"  # noqa: E731
         print(f"| {r['model']} | {p['samples']} | {pl:.2f} | {f('instrumented, outputs only')} | {f('instrumented, all exposed')} | "
-              f"{f('TensorStats.update, Σx and Σx²')} | {f('TensorStats.update, all four')} | {f('old update, all four')} | "
-              f"{p['max rel. deviation from the old update']:.1e} |")
+              f"{f('instrumented, in-graph means')} | {f('TensorStats.update on fetched tensors')} | {p['max rel. deviation in-graph vs numpy']:.1e} |")
     if rss:
         print("\n(ii) peak RSS (VmHWM of a fresh process) streaming N and 10·N samples")
         print("| stage | model | batch | N (batches) | RSS before calibration | peak at N | peak at 10·N | ratio | 10·N run: peak after batch 1 / 2 / 3 / 5 / 10 | 10·N run s |")
@@ -403,8 +401,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer samples and repetitions (~3 min)")
     ap.add_argument("--models", default="cnn,effnet-ts,effnet-dynamo")
     ap.add_argument("--skip-rss", action="store_true")
-    ap.add_argument("--baseline", action="store_true",
-                    help="time calibrate() with the update as it was before (old_update, all four statistics): the 'before' figures")
     ap.add_argument("--json", type=Path, help="write the raw numbers here")
     ap.add_argument("--child", nargs=4, metavar=("WHAT", "MODEL", "N", "BATCH"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -412,10 +408,6 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child(args.child[0], args.child[1], int(args.child[2]), int(args.child[3]))))
         return 0
     keys = args.models.split(",")
-    if args.baseline:
-        global GATHERED
-        GATHERED = STATISTICS
-        TensorStats.update = old_update
     for k in keys:
         if not MODELS[k].exists() or (k != "cnn" and not PHOTOS.exists()):
             raise SystemExit(f"{MODELS[k]} or {PHOTOS} missing: run .venv/bin/python benchmarks/assets.py first")

@@ -3,9 +3,16 @@ exposed as extra outputs, and reduce every batch to per-channel statistics at on
 
 Statistics are float64 sums (see METHODS.md): n, Σx, Σx² and, when the method reads them,
 Σ|x| and count(x ≤ 0), per index of each tensor's channel axis.  Nothing else of a batch
-is kept, so peak memory does not grow with the number of samples.  When the exposed
-tensors of one batch would exceed the memory budget, they are fetched in several runs per
-batch (onnxruntime computes only what a run's fetches need), each run within the budget.
+is kept, so peak memory does not grow with the number of samples.
+
+Channels-first float32 tensors (Conv activations) are reduced inside the graph: each
+statistic's transform (x, x·x, |x|) feeds a GlobalAveragePool, so onnxruntime hands back
+[N, C] means instead of the activation.  GlobalAveragePool and Mul run in onnxruntime's
+blocked NCHWc layout, so the tensor is neither converted back nor copied out; this is what
+keeps calibration near the cost of plain inference.  Other tensors (channels last, method
+accumulators that need the values) are fetched and reduced in numpy; when they would exceed
+the memory budget, they are fetched in several runs per batch (onnxruntime computes only
+what a run's fetches need), each run within the budget.
 """
 
 from __future__ import annotations
@@ -147,6 +154,16 @@ class TensorStats:
                     out = scratch[: blk.size].reshape(blk.shape)
                     for f, acc in todo:
                         acc[j : j + cb] += f(blk, out).sum(axis=1).reshape(b, cb).sum(axis=0, dtype=np.float64)
+
+    def update_means(self, means: dict[str, np.ndarray], k: int) -> None:
+        """Fold in one batch that onnxruntime reduced: ``means[name]`` holds, per sample and
+        channel, the mean of the statistic's transform over the ``k`` elements behind the
+        channel ([N, C, 1, ...], see :func:`instrumented_model_path`)."""
+        for name in self.statistics:
+            m = means[name]
+            self._acc(name)[...] += m.reshape(m.shape[0], -1).sum(axis=0, dtype=np.float64) * k
+            lead = m.shape[0]
+        self.n += lead * k
 
     def merge(self, other: "TensorStats") -> "TensorStats":
         """Statistics of both shards together (an optional one only when both gathered it)."""
@@ -290,10 +307,65 @@ def _measure_bytes_per_sample(sess: Any, values: list[ir.Value], batch: Sample, 
     return {v.name: -(-x.nbytes // n) for v, x in zip(values, outs)}
 
 
-def instrumented_model_path(model: ir.Model, values: list[ir.Value], folder: Path) -> Path:
-    """Write a copy of ``model`` whose graph also outputs ``values``."""
+# Statistics onnxruntime can reduce in the graph: the op applied before GlobalAveragePool.
+_IN_GRAPH = {"sum": None, "sumsq": "Mul", "sumabs": "Abs"}
+
+
+def _reducible(value: ir.Value, axis: int, statistics: Iterable[str]) -> bool:
+    """Whether onnxruntime can reduce ``value`` itself: float32 (a float16 mean would lose
+    the statistics), channels on axis 1 with spatial axes after them (GlobalAveragePool's
+    layout), and only statistics it has a transform for."""
+    return (
+        value.dtype == ir.DataType.FLOAT and value.shape is not None and len(value.shape) >= 3
+        and axis == 1 and set(statistics) <= set(_IN_GRAPH)
+    )
+
+
+def _reduced_names(value: ir.Value, statistics: Iterable[str]) -> dict[str, str]:
+    """Output names of ``value``'s in-graph means per statistic, and of its shape ("shape")
+    when its spatial size is not static."""
+    names = {s: f"onnxprune_mean_{s}::{value.name}" for s in statistics}
+    if _spatial(value) is None:
+        names["shape"] = f"onnxprune_shape::{value.name}"
+    return names
+
+
+def _spatial(value: ir.Value) -> int | None:
+    """Elements behind one channel of one sample, when the shape says."""
+    dims = list(value.shape or [])[2:]
+    return math.prod(dims) if all(isinstance(d, int) for d in dims) else None
+
+
+def instrumented_model_path(
+    model: ir.Model, values: list[ir.Value], folder: Path, reduced: dict[str, Iterable[str]] | None = None
+) -> Path:
+    """Write a copy of ``model`` whose graph also outputs ``values``, and, for each tensor
+    named in ``reduced``, the per-sample, per-channel means of each listed statistic's
+    transform (named by :func:`_reduced_names`) instead of the tensor."""
     graph = model.graph
-    added = [v for v in values if v not in graph.outputs]
+    reduced = reduced or {}
+    nodes: list[ir.Node] = []
+    added: list[ir.Value] = []
+    for v in values:
+        if v.name not in reduced:
+            if v not in graph.outputs:
+                added.append(v)
+            continue
+        names = _reduced_names(v, reduced[v.name])
+        for stat, name in names.items():
+            if stat == "shape":
+                node = ir.node("Shape", [v])
+            else:
+                src = v
+                if _IN_GRAPH[stat] is not None:
+                    pre = ir.node(_IN_GRAPH[stat], [v, v] if _IN_GRAPH[stat] == "Mul" else [v])
+                    nodes.append(pre)
+                    src = pre.outputs[0]
+                node = ir.node("GlobalAveragePool", [src])
+            node.outputs[0].name = name
+            nodes.append(node)
+            added.append(node.outputs[0])
+    graph.extend(nodes)
     graph.outputs.extend(added)
     try:
         path = folder / "instrumented.onnx"
@@ -301,6 +373,7 @@ def instrumented_model_path(model: ir.Model, values: list[ir.Value], folder: Pat
     finally:
         for v in added:
             graph.outputs.remove(v)
+        graph.remove(nodes, safe=True)
     return path
 
 
@@ -325,7 +398,9 @@ def calibrate(
     ``statistics``: which of :data:`STATISTICS` to gather (Σx and Σx² always are; a method
     asks for what it reads, ``criteria.statistics_for``); reading another one raises.
 
-    The exposed tensors of one run stay within ``memory_budget`` bytes per batch: sizes come
+    Channels-first float32 tensors are reduced by onnxruntime inside the graph (see the
+    module docstring) unless a request needs them whole, or count(x ≤ 0) is asked for.
+    The fetched tensors of one run stay within ``memory_budget`` bytes per batch: sizes come
     from the inferred shapes, or, where a shape is incomplete, are measured on one sample of
     the first batch (again when the per-sample input shapes change).  One run's outputs are
     dropped before the next run starts.
@@ -342,14 +417,21 @@ def calibrate(
     for r in requests:
         by_tensor.setdefault(r.value.name, []).append((r.key, r.factory()))
     gathered = _statistics(statistics)
-    unknown = [v for v in values if not _shape_known(v)]
-    runs = _plan_runs(values, batch_size, memory_budget)
+    # Tensors onnxruntime reduces itself; the rest (and any a method needs whole) are fetched.
+    reduced = {
+        name: _reduced_names(v, gathered) for name, (v, axis) in tensors.items()
+        if name not in by_tensor and _reducible(v, axis, gathered)
+    }
+    fetched = [v for v in values if v.name not in reduced]
+    unknown = [v for v in fetched if not _shape_known(v)]
+    runs = _plan_runs(fetched, batch_size, memory_budget) if fetched else [[]]
     planned_for = None  # per-sample input shapes the plan was measured on, with ``unknown``
     stats = Statistics({name: None for name in tensors}, runs_per_batch=len(runs))  # type: ignore[misc]
     stats.extra = {key: acc for accs in by_tensor.values() for key, acc in accs}
+    means_of = [name for names in reduced.values() for name in names.values()]  # fetched with the first run
     held: list[Sample] = []
     with tempfile.TemporaryDirectory(prefix="onnxprune-cal-") as d:
-        path = instrumented_model_path(model, values, Path(d))
+        path = instrumented_model_path(model, values, Path(d), {k: gathered for k in reduced})
         try:
             sess = _ort.session(str(path), providers)
         except Exception as exc:
@@ -364,28 +446,38 @@ def calibrate(
                     bar.update(task, advance=next(iter(b.values())).shape[0])
                     yield b
 
+            def stats_of(name: str, channels: int) -> TensorStats:
+                s = stats.tensors[name]
+                if s is None:
+                    s = stats.tensors[name] = TensorStats.empty(channels, gathered)
+                return s
+
             for batch in split_held_out(counted(batch_iter), hold_out, fixed_batch, held):
                 n = next(iter(batch.values())).shape[0]
                 if unknown:
                     shapes = tuple((name, arr.shape[1:]) for name, arr in batch.items())
                     if shapes != planned_for:
                         measured = _measure_bytes_per_sample(sess, unknown, batch, fixed_batch)
-                        runs = _plan_runs(values, batch_size, memory_budget, measured)
+                        runs = _plan_runs(fetched, batch_size, memory_budget, measured)
                         stats.runs_per_batch = len(runs) if planned_for is None else max(stats.runs_per_batch, len(runs))
                         planned_for = shapes
-                for run in runs:
-                    outs = _run(sess, [v.name for v in run], batch)
+                for i, run in enumerate(runs):
+                    outs = _run(sess, [v.name for v in run] + (means_of if i == 0 else []), batch)
                     for v, x in zip(run, outs):
                         for _, acc in by_tensor.get(v.name, ()):
                             acc.update(x)
-                        if v.name not in tensors:
-                            continue
-                        axis = tensors[v.name][1]
-                        s = stats.tensors[v.name]
-                        if s is None:
-                            s = stats.tensors[v.name] = TensorStats.empty(x.shape[axis], gathered)
-                        s.update(x, axis)
-                    outs = x = None  # dropped before onnxruntime allocates the next run's outputs
+                        if v.name in tensors:
+                            axis = tensors[v.name][1]
+                            stats_of(v.name, x.shape[axis]).update(x, axis)
+                    if i == 0 and reduced:
+                        got = dict(zip(means_of, outs[len(run) :]))
+                        for name, names in reduced.items():
+                            means = {stat: got[out] for stat, out in names.items() if stat != "shape"}
+                            k = _spatial(tensors[name][0])
+                            if k is None:
+                                k = math.prod(int(d) for d in got[names["shape"]][2:])
+                            stats_of(name, means["sum"].shape[1]).update_means(means, k)
+                    outs = x = got = None  # dropped before onnxruntime allocates the next run's outputs
                 stats.samples += n
         stats.seconds = time.perf_counter() - t0
     if stats.samples == 0:

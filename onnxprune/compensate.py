@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
+import scipy.linalg
 
 from ._graph import const_array, new_initializer, replace_const
 from .calibrate import Statistics
@@ -218,9 +219,11 @@ def lstsq_refits(analysis: Analysis, stats: Statistics, removed: np.ndarray) -> 
         cov = gram.covariance()
         mu = gram.mean()
         s = np.flatnonzero(keep_cols)
+        rhs = (wf @ cov)[:, s].T
         css = cov[np.ix_(s, s)]
-        lam = LSTSQ_RIDGE * max(float(np.trace(css)) / max(len(s), 1), 1e-12)
-        w_new = np.linalg.solve(css + lam * np.eye(len(s)), (wf @ cov[:, s]).T).T  # W Σ[:,S] (Σ_SS+λI)⁻¹
+        del cov  # the C×C temporaries of a wide input (a flattened Conv map) dominate peak memory
+        css[np.diag_indices_from(css)] += LSTSQ_RIDGE * max(float(np.trace(css)) / max(len(s), 1), 1e-12)
+        w_new = scipy.linalg.solve(css, rhs, assume_a="pos", overwrite_a=True, check_finite=False).T  # W Σ[:,S] (Σ_SS+λI)⁻¹
         b_old = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
         b_old = np.zeros(wf.shape[0]) if b_old is None else np.broadcast_to(np.asarray(b_old, np.float64).reshape(-1), (wf.shape[0],))
         b_new = b_old + wf @ mu - w_new @ mu[s]

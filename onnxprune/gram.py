@@ -84,7 +84,9 @@ class ChannelGram:
 
     # -- estimates -------------------------------------------------------------------
     def total(self) -> tuple[np.ndarray, np.ndarray, float]:
-        """(Σ x xᵀ, Σ x, n) over all shards."""
+        """(Σ x xᵀ, Σ x, n) over all shards (a view of the only shard's arrays when there is one)."""
+        if self.gram.shape[0] == 1:
+            return self.gram[0], self.sum[0], float(self.n[0])
         return self.gram.sum(axis=0), self.sum.sum(axis=0), float(self.n.sum())
 
     def covariance(self, shard: int | None = None) -> np.ndarray:
@@ -95,7 +97,10 @@ class ChannelGram:
             g, s, n = self.gram[shard], self.sum[shard], float(self.n[shard])
         n = max(n, 1.0)
         mean = s / n
-        return g / n - np.outer(mean, mean)
+        cov = g / n
+        for i in range(0, len(mean), 256):  # no C×C temporary: the Gram of a wide input is large
+            cov[i : i + 256] -= np.outer(mean[i : i + 256], mean)
+        return cov
 
     def mean(self) -> np.ndarray:
         _, s, n = self.total()

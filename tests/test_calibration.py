@@ -391,3 +391,86 @@ def test_cuda_request_without_gpu_falls_back_with_a_warning(capsys, mlp):
     err = capsys.readouterr().err
     assert err.count("warning: CUDA requested") == 1
     assert r.params_after < r.params_before
+
+
+def _fetched(monkeypatch):
+    """Calibrate with every tensor fetched and reduced in numpy (the in-graph path off)."""
+    monkeypatch.setattr(calibrate_module, "_reducible", lambda *a: False)
+
+
+@pytest.mark.parametrize("spatial", [[8, 8], ["H", "W"]])
+def test_conv_activations_are_reduced_inside_the_graph(tmp_path, monkeypatch, watched, spatial):
+    """Channels-first float32 activations come back as [N, C] means, not whole tensors, and
+    give the statistics numpy gives from the fetched tensors (static and run-time spatial
+    sizes, two input sizes)."""
+    path = _conv_chain(tmp_path, spatial)
+    rng = np.random.default_rng(7)
+    sizes = [(8, 8)] * 3 if spatial == [8, 8] else [(8, 8), (8, 8), (12, 10)]
+    data = [{"x": (2.0 + rng.standard_normal((4, 3, *hw))).astype(np.float32)} for hw in sizes]
+    wanted = ("sum", "sumsq", "sumabs")
+    _, inside = _stats(path, data, raw=True, statistics=wanted)
+    runs = list(watched["runs"])
+    _fetched(monkeypatch)
+    _, outside = _stats(path, data, raw=True, statistics=wanted)
+    assert len(runs) == 3 and inside.runs_per_batch == 1
+    # 3 tensors × 3 statistics × 8 channels × 4 samples of float32 (+ model output, + shapes).
+    assert all(nbytes <= 3 * 3 * 8 * 4 * 4 + 4 * 4 * 4 + 3 * 4 * 8 for _, nbytes in runs)
+    assert set(inside.tensors) == set(outside.tensors) and len(inside.tensors) == 3
+    for name, st in outside.tensors.items():
+        got = inside.tensors[name]
+        assert got.n == st.n == sum(4 * (h - 0) * (w - 0) for h, w in sizes)
+        for stat in wanted:
+            np.testing.assert_allclose(getattr(got, stat), getattr(st, stat), rtol=5e-6, atol=1e-6, err_msg=stat)
+        np.testing.assert_array_equal(got.dead, st.dead)
+
+
+def test_in_graph_reduction_holds_up_with_a_large_mean(tmp_path):
+    """1e3 + noise over 300×300 planes: onnxruntime's float32 means, scaled back and added
+    in float64, stay within a few 1e-6 of the float64 sums."""
+    g = G()
+    x = g.input("x", ["N", 2, 300, 300])
+    r = g.op("Relu", [x])
+    y = g.op("GlobalAveragePool", [g.conv(r, 2, 2, name="c", k=1)])
+    path = save(g.model([y]), tmp_path / "m.onnx")
+    model, _ = load_model(path)
+    value = next(n for n in model.graph if n.op_type == "Relu").outputs[0]
+    data = (1e3 + np.random.default_rng(8).standard_normal((3, 2, 300, 300))).astype(np.float32)
+    stats, _ = calibrate(
+        model, {value.name: (value, 1)}, iter([{"x": data[:2]}, {"x": data[2:]}]), batch_size=2,
+        providers=["CPUExecutionProvider"], memory_budget=2**30, progress=False, statistics=("sum", "sumsq"),
+    )
+    want = _reference(np.maximum(data, 0), 1)
+    st = stats.tensors[value.name]
+    assert st.n == 3 * 300 * 300
+    np.testing.assert_allclose(st.sum, want["sum"], rtol=5e-6)
+    np.testing.assert_allclose(st.sumsq, want["sumsq"], rtol=5e-6)
+
+
+def test_requests_and_counts_still_fetch_the_tensor(tmp_path, watched):
+    """A method accumulator that needs the values, or count(x ≤ 0), keeps the tensor fetched."""
+    from onnxprune.calibrate import StatRequest
+
+    path = _conv_chain(tmp_path, [8, 8])
+    data = [{"x": np.random.default_rng(9).standard_normal((4, 3, 8, 8)).astype(np.float32)}]
+    _stats(path, data, raw=True, statistics=STATISTICS)
+    assert watched["runs"][0][1] >= 3 * 8 * 8 * 8 * 4 * 4  # three whole activations of the batch
+
+    class Shapes:
+        def __init__(self):
+            self.seen = []
+
+        def update(self, x):
+            self.seen.append(x.shape)
+
+        def merge(self, other):
+            return self
+
+    model, _ = load_model(path)
+    tensors = {v.tensor: (v.value, v.axis) for v in consumer_views(analyze_groups(model))}
+    name, (value, _) = next(iter(tensors.items()))
+    stats, _ = calibrate(
+        model, tensors, iter(data), batch_size=4, providers=["CPUExecutionProvider"], memory_budget=2**30,
+        progress=False, statistics=("sum", "sumsq"), requests=[StatRequest("k", value, Shapes)],
+    )
+    assert stats.extra["k"].seen == [(4, 8, 8, 8)]
+    assert stats.tensors[name].n == 4 * 64 and all(st.n == 4 * 64 for st in stats.tensors.values())
