@@ -138,14 +138,14 @@ def analyze(model_path: str | os.PathLike, exclude: tuple[str, ...] | list[str] 
     return AnalysisReport(analysis.groups, params, macs, pp, pm)
 
 
-def _check_options(method: str, ratio: float, min_keep: int, round_to: int) -> None:
+def _check_options(method: str, ratio: float, min_keep: int, round_to: int | None) -> None:
     if method not in METHODS:
         raise InputError(f"unknown method '{method}': choose one of {', '.join(METHODS)}")
     if not (0.0 <= ratio < 1.0):
         raise InputError(f"--ratio must be in [0, 1), got {ratio}")
     if min_keep < 1:
         raise InputError(f"--min-keep must be at least 1, got {min_keep}")
-    if round_to < 1:
+    if round_to is not None and round_to < 1:
         raise InputError(f"--round-to must be at least 1, got {round_to}")
 
 
@@ -182,7 +182,7 @@ def prune(
     ratio: float = 0.5,
     global_: bool = False,
     min_keep: int = 1,
-    round_to: int = 1,
+    round_to: int | None = None,
     exclude: tuple[str, ...] | list[str] = (),
     seed: int = 0,
     calib: Any = None,
@@ -216,6 +216,10 @@ def prune(
     :class:`VerificationError` naming the group whose rewrite broke it, and nothing is
     written.  With ``max_error``/``min_agreement`` a fidelity violation raises
     :class:`GateError` (exit 3) and nothing is written unless ``force``.
+
+    ``round_to``: kept channel counts are rounded up to a multiple of it; ``None`` (the
+    default) rounds groups a Conv produces or reads to 16 (onnxruntime's NCHWc kernels)
+    and leaves the rest free (:func:`select.round_for`).
     """
     _check_options(method, ratio, min_keep, round_to)
     if steps < 1:

@@ -50,7 +50,9 @@ def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
 @click.option("--target-macs", type=float, help="keep this fraction of MACs (bisection on a global threshold)")
 @click.option("--target-params", type=float, help="keep this fraction of params (bisection on a global threshold)")
 @click.option("--min-keep", type=int, default=1, show_default=True, help="channels every group keeps at least")
-@click.option("--round-to", type=int, default=1, show_default=True, help="round kept channel counts up to a multiple")
+@click.option("--round-to", type=int, default=None,
+              help="round kept channel counts up to a multiple [default: 16 for groups a Conv produces or reads, "
+                   "so onnxruntime keeps its fast NCHWc kernels; 1 for the rest]")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="leave groups whose producer matches (fnmatch)")
 @click.option("--calib", type=click.Path(path_type=str), help="calibration data: folder of .npy/.npz files or images")
 @click.option("--max-samples", type=int, help="use at most this many calibration samples")

@@ -40,7 +40,7 @@ def test_prune_prints_what_was_removed(capsys, tmp_path):
 
 def test_report_json(tmp_path):
     src, out, rep = save(_net(), tmp_path / "m.onnx"), tmp_path / "o.onnx", tmp_path / "r.json"
-    assert main([str(src), str(out), "--ratio", "0.25", "--report", str(rep), "-q"]) == 0
+    assert main([str(src), str(out), "--ratio", "0.25", "--round-to", "1", "--report", str(rep), "-q"]) == 0
     data = json.loads(rep.read_text())
     assert data["params"]["after"] < data["params"]["before"]
     assert data["macs"]["after"] < data["macs"]["before"]
@@ -118,6 +118,25 @@ def test_min_keep_and_round_to(tmp_path):
     kept = {g["producers"][0]: g["kept"] for g in result.groups if not g["blocked"]}
     # 16 → 2 by ratio, min-keep 5, rounded up to 8; 12 → 2 → 5 → 8; 8 → 1 → 5 → 8.
     assert kept == {"Conv 'stem'": 8, "Conv 'body'": 8, "Conv 'head'": 8}
+
+
+def test_round_to_is_automatic_for_conv_groups(tmp_path):
+    """Default rounding keeps a Conv width's alignment (16, else 8, when a step is left);
+    Gemm widths stay free; an explicit --round-to overrides both."""
+    g = G()
+    x = g.input("x", ["N", 3, 8, 8])
+    a = g.op("Relu", [g.conv(x, 3, 48, name="c48")])  # 48 % 16 == 0, ≥ 32: rounded to 16
+    b = g.op("Relu", [g.conv(a, 48, 24, name="c24")])  # 24 % 8 == 0, ≥ 16: rounded to 8
+    c = g.op("Relu", [g.conv(b, 24, 12, name="c12")])  # 12: no alignment to keep
+    h = g.op("Relu", [g.gemm(g.op("Flatten", [g.op("GlobalAveragePool", [c])]), 12, 40, name="fc1")])
+    src = save(g.model([g.gemm(h, 40, 4, name="fc2")]), tmp_path / "m.onnx")
+    kept = lambda r: {gr["producers"][0]: gr["kept"] for gr in r.groups if not gr["blocked"]}  # noqa: E731
+    _, auto = onnxprune.prune(src, ratio=0.3)
+    assert kept(auto) == {"Conv 'c48'": 48, "Conv 'c24'": 24, "Conv 'c12'": 9, "Gemm 'fc1'": 28}
+    _, auto = onnxprune.prune(src, ratio=0.6)
+    assert kept(auto) == {"Conv 'c48'": 32, "Conv 'c24'": 16, "Conv 'c12'": 5, "Gemm 'fc1'": 16}
+    _, free = onnxprune.prune(src, ratio=0.6, round_to=1)
+    assert kept(free) == {"Conv 'c48'": 20, "Conv 'c24'": 10, "Conv 'c12'": 5, "Gemm 'fc1'": 16}
 
 
 def test_global_threshold_removes_unevenly(tmp_path):

@@ -32,7 +32,7 @@ def test_force_writes_anyway(capsys, tmp_path):
 
 def test_min_agreement_with_eval_and_labels(tmp_path):
     out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
-    args = [CNN, str(out), "--calib", CALIB, "--compensate", "bias", "--eval", EVAL, "--labels", LABELS, "--ratio", "0.1", "--report", str(rep), "-q"]
+    args = [CNN, str(out), "--calib", CALIB, "--compensate", "bias", "--eval", EVAL, "--labels", LABELS, "--ratio", "0.1", "--round-to", "1", "--report", str(rep), "-q"]
     assert main(args + ["--min-agreement", "0.9"]) == 0
     fid = json.loads(rep.read_text())["fidelity"]
     assert fid["samples"] == 1000 and fid["source"] == "eval data"
