@@ -18,6 +18,7 @@ import onnx_ir as ir
 
 from . import _ort
 from ._graph import RESTRUCTURED, node_label
+from .allocate import PROBE_SAMPLES, allocate, probes_text
 from .calibrate import calibrate, providers_for, split_held_out
 from .compensate import COMPENSATIONS, apply_bias, apply_refits, bias_deltas, lstsq_refits, lstsq_requests
 from .consumers import consumer_views
@@ -273,6 +274,7 @@ def prune(
             progress=progress, total=max_samples, hold_out=0 if eval_data is not None else eval_samples,
             fixed_batch=any(sp.dims and sp.dims[0] is not None for sp in specs), requests=requests,
             statistics=statistics_for(method),
+            keep=PROBE_SAMPLES if (target_macs is not None or target_params is not None) and not global_ else 0,
         )
         times["calibrate"] = time.perf_counter() - t
 
@@ -295,6 +297,11 @@ def prune(
         own = plugin.select_budget(analysis, stats, views, opts, analysis.groups, kept_fraction, target) if plugin else None
         if own is not None:
             removed, ratio = own
+        elif stats is not None and stats.kept:
+            removed, probe = allocate(analysis, scores, stats, kept_fraction, target, compensate=compensate,
+                                      providers=providers, min_keep=min_keep, round_to=round_to)
+            ratio = len(_flat(removed)) / max(sum(len(g.classes) for g in analysis.groups if g.prunable), 1)
+            rule += (f", allocated by measured sensitivity ({probes_text(probe)})")
         else:
             removed, ratio = select_for_target(analysis.groups, scores, kept_fraction, target, min_keep=min_keep, round_to=round_to)
     elif plugin is not None and plugin.own_rule(opts):

@@ -222,6 +222,7 @@ class Statistics:
     seconds: float = 0.0
     runs_per_batch: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
+    kept: list[Sample] = field(default_factory=list)  # the first samples calibrated on (``calibrate(keep=)``)
 
     def merge(self, other: "Statistics") -> "Statistics":
         def join(x: dict, y: dict) -> dict:
@@ -234,7 +235,7 @@ class Statistics:
         return Statistics(
             join(self.tensors, other.tensors), self.samples + other.samples,
             self.seconds + other.seconds, max(self.runs_per_batch, other.runs_per_batch),
-            join(self.extra, other.extra),
+            join(self.extra, other.extra), self.kept or other.kept,
         )
 
 
@@ -391,6 +392,7 @@ def calibrate(
     fixed_batch: bool = False,
     requests: list[StatRequest] = (),
     statistics: Iterable[str] = STATISTICS,
+    keep: int = 0,
 ) -> tuple[Statistics, list[Sample]]:
     """Gather statistics of ``tensors`` (name -> (value, channel axis)) over the batches,
     and feed every batch of a requested tensor to its extra accumulators.
@@ -404,6 +406,9 @@ def calibrate(
     from the inferred shapes, or, where a shape is incomplete, are measured on one sample of
     the first batch (again when the per-sample input shapes change).  One run's outputs are
     dropped before the next run starts.
+
+    ``keep``: the first ``keep`` samples calibrated on are also kept, as batches, in
+    ``Statistics.kept`` (the select stage's sensitivity probes run on them).
 
     When ``hold_out`` > 0, every fifth sample (every fifth batch for a model with a fixed
     batch size), up to ``hold_out`` samples, is kept aside for verification instead of
@@ -454,6 +459,9 @@ def calibrate(
 
             for batch in split_held_out(counted(batch_iter), hold_out, fixed_batch, held):
                 n = next(iter(batch.values())).shape[0]
+                if stats.samples < keep:
+                    cut = n if fixed_batch else keep - stats.samples  # a fixed batch size cannot be cut
+                    stats.kept.append({name: arr[:cut] for name, arr in batch.items()})
                 if unknown:
                     shapes = tuple((name, arr.shape[1:]) for name, arr in batch.items())
                     if shapes != planned_for:

@@ -46,9 +46,11 @@ def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
 @click.argument("output_model", type=click.Path(path_type=str))
 @click.option("--method", type=click.Choice(METHODS), default=None, help="importance criterion [default: wanda with --calib, else l1]")
 @click.option("--ratio", type=float, default=0.5, show_default=True, help="share of each group's channels to remove")
-@click.option("--global", "global_", is_flag=True, help="one threshold over per-group standardised scores")
-@click.option("--target-macs", type=float, help="keep this fraction of MACs (bisection on a global threshold)")
-@click.option("--target-params", type=float, help="keep this fraction of params (bisection on a global threshold)")
+@click.option("--global", "global_", is_flag=True,
+              help="one threshold over per-group standardised scores (with a target: instead of the sensitivity allocation)")
+@click.option("--target-macs", type=float,
+              help="keep this fraction of MACs: with --calib, per-group shares from measured sensitivity; else a global threshold")
+@click.option("--target-params", type=float, help="keep this fraction of params (as --target-macs)")
 @click.option("--min-keep", type=int, default=1, show_default=True, help="channels every group keeps at least")
 @click.option("--round-to", type=int, default=None,
               help="round kept channel counts up to a multiple [default: 16 for groups a Conv produces or reads, "
