@@ -266,8 +266,9 @@ def prune(
         views = consumer_views(analysis)
         tensors = {v.tensor: (v.value, v.axis) for v in views}
         requests = plugin.requests(analysis, views, opts) if plugin is not None else []
-        if compensate == "lstsq":
-            requests = requests + lstsq_requests(analysis)
+        if compensate == "lstsq":  # the same Gram statistics once, when the method asks for them too
+            asked = {r.key for r in requests}
+            requests = requests + [r for r in lstsq_requests(analysis) if r.key not in asked]
         stats, held = calibrate(
             model, tensors, batches(items, specs, bs, max_samples),
             batch_size=bs, providers=providers, memory_budget=int(memory_budget_mb * 2**20),

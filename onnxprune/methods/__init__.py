@@ -90,3 +90,4 @@ def register(method: Method) -> Method:
 from . import relief  # noqa: E402,F401
 from . import relative  # noqa: E402,F401
 from . import mipp  # noqa: E402,F401
+from . import obs  # noqa: E402,F401
