@@ -41,6 +41,7 @@ import tempfile
 import time
 import warnings
 from collections import Counter
+from importlib.metadata import version
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -193,7 +194,8 @@ def run_onnxprune(label: str, method: str, comp: str, global_: bool, data: bool,
         row.update(error=f"{type(exc).__name__}: {exc}", seconds=time.perf_counter() - t)
         return row
     row["seconds"] = time.perf_counter() - t
-    row.update(scorer.score(out), selection=res.selection, stage_seconds=res.seconds, file=str(out.relative_to(ROOT)))
+    row.update(scorer.score(out), selection=res.selection, stage_seconds=res.seconds, file=str(out.relative_to(ROOT)),
+               kept=[(g["id"], g["kept"], g["channels"]) for g in res.groups if not g["blocked"]])
     return row
 
 
@@ -231,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda s: print(f"[{time.perf_counter() - t0:6.0f} s] {s}", file=sys.stderr, flush=True)  # noqa: E731
     rows: list[dict] = []
     meta: dict = {"macs": scorer.macs0, "params": scorer.params0, "eval_photos": len(scorer.x),
-                  "calib_photos": len(list(calib.iterdir())), "torch": torch.__version__, "torch_pruning": tp.__version__,
+                  "calib_photos": len(list(calib.iterdir())), "torch": torch.__version__, "torch_pruning": f"{version('torch-pruning')} (__version__ {tp.__version__})",
                   "onnxruntime": ort.__version__, "points": points}
     with torch.no_grad():  # the torch model vs its ONNX export, on the evaluation photos
         meta["torch_vs_onnx_max_abs"] = float(np.abs(_torch_model()(torch.from_numpy(scorer.x)).numpy() - scorer.ref).max())
