@@ -29,6 +29,9 @@ What it measures at 20/35/50/65 % of MACs removed (onnxprune's own counter on ea
   for every method (l1, l2, random seed 0, wanda, flap, activation, relief, relative, mipp)
   x compensation (none, bias, lstsq); l1/l2/random with ``none`` run without calibration
   data, every other setting gets the 300 calibration samples.  Wall time: the whole call.
+  Each call runs in a forked child killed after ``--timeout`` seconds (default 300); after a
+  timeout the method's remaining calls are skipped (MIPP's budget bisection on the
+  1024-feature Dense consumer did not finish one call in ~19 min on the loaded 2-core machine).
 * anchor 1, onnxsim 0.8.1 ``apply_structured_wanda_pruning`` (same 300 calibration samples,
   batches of 32), per-chain and ``global_sparsity=True``: its sparsity knob is swept and
   bisected to the largest MACs reduction not above each point; unreachable points are
@@ -297,8 +300,8 @@ def match(fn: Callable[[float], dict], target_removed: float, grid: list[float],
 
 
 # ----------------------------------------------------------------------------- runners
-def run_onnxprune(ev: Evaluator, work: Path, method: str, comp: str, kept: float) -> dict:
-    """One onnxprune.prune call; errors are recorded, not raised."""
+def _prune_once(ev: Evaluator, work: Path, method: str, comp: str, kept: float) -> dict:
+    """One onnxprune.prune call and its evaluation; errors are recorded, not raised."""
     out = work / f"op_{method}_{comp}_{kept:.6f}.onnx"
     use_calib = not (method in DATA_FREE and comp == "none")
     t = time.perf_counter()
@@ -315,6 +318,31 @@ def run_onnxprune(ev: Evaluator, work: Path, method: str, comp: str, kept: float
                    "selection": res.selection, "compensation_note": res.compensation_note, "error": None}
     out.unlink()
     return r
+
+
+def _child(conn: Any, *args: Any) -> None:
+    conn.send(_prune_once(*args))
+    conn.close()
+
+
+def run_onnxprune(ev: Evaluator, work: Path, method: str, comp: str, kept: float, timeout: float) -> dict:
+    """:func:`_prune_once` in a forked child, killed after ``timeout`` seconds (recorded as an error)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(send, ev, work, method, comp, kept))
+    proc.start()
+    send.close()
+    if recv.poll(timeout):
+        r = recv.recv()
+        proc.join()
+        return r
+    proc.kill()
+    proc.join()
+    for f in work.glob(f"op_{method}_{comp}_*"):
+        f.unlink()
+    return {"error": f"timeout: no result after {timeout:.0f} s (child killed)", "timeout": True, "seconds": timeout}
 
 
 class OnnxsimAnchor:
@@ -389,7 +417,7 @@ def pct(v: float | None) -> str:
 
 def cell(r: dict, x: float) -> str:
     if r.get("error"):
-        return "error"
+        return "skipped" if r.get("skipped") else ("timeout" if r.get("timeout") else "error")
     s = f"{100 * r['agree']:.0f}"
     return s + (f" ({pct(r['removed'])})" if abs(r["removed"] - x) > 0.01 else "")
 
@@ -403,8 +431,10 @@ def report(res: dict) -> str:
     lines = ["| setting | " + " | ".join(f"{x:.0%} MACs removed" for x in pts) + " | median prune s |",
              "|---|" + "---|" * (len(pts) + 1)]
     for name, row in grid.items():
-        lines.append(f"| onnxprune {name} | " + " | ".join(cell(row[str(x)], x) for x in pts)
-                     + f" | {np.median([row[str(x)]['seconds'] for x in pts]):.2f} |")
+        secs = [row[str(x)]["seconds"] for x in pts if not row[str(x)].get("error")]
+        tmo = [row[str(x)]["seconds"] for x in pts if row[str(x)].get("timeout")]
+        med = f"{np.median(secs):.2f}" if secs else (f"> {tmo[0]:.0f}" if tmo else "-")
+        lines.append(f"| onnxprune {name} | " + " | ".join(cell(row[str(x)], x) for x in pts) + f" | {med} |")
     for name, a in anchors.items():
         cells = [cell(a[str(x)], x) if a[str(x)]["reached"] else f"unreachable (max {pct(a[str(x)]['removed'])})" for x in pts]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {np.median([a[str(x)]['seconds'] for x in pts]):.2f} |")
@@ -444,10 +474,10 @@ def report(res: dict) -> str:
             w = "better" if rank_key(b) < rank_key(n) else ("worse" if rank_key(b) > rank_key(n) else "equal")
             parts.append(f"{x:.0%} {w} ({pct(b['agree'])} vs {pct(n['agree'])})")
         lines.append(f"- bias vs none, {m}: " + ", ".join(parts))
-    errs = [f"{k} @ {x}: {v[x]['error']}" for k, v in grid.items() for x in v if v[x].get("error")]
+    errs = [f"{k} @ {x}: {v[x]['error']}" for k, v in grid.items() for x in v if v[x].get("error") and not v[x].get("skipped")]
     errs += [f"{e['setting']} @ anchor point: {e['error']}" for e in res["equal_macs"] if e.get("error")]
     if errs:
-        lines += ["", "onnxprune errors:"] + [f"- {e}" for e in errs]
+        lines += ["", "onnxprune errors and timeouts:"] + [f"- {e}" for e in errs]
     return "\n".join(lines)
 
 
@@ -456,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke test: points 35,65; wanda, l1, mipp only")
     ap.add_argument("--skip", default="", help="settings to leave out, e.g. 'relative/lstsq,mipp/lstsq'")
+    ap.add_argument("--timeout", type=float, default=300.0,
+                    help="seconds per onnxprune call; after a timeout the method's remaining calls are skipped")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -501,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     res: dict[str, Any] = {"points": points, "graph": graph, "onnxprune": {}, "anchors": {}, "equal_macs": []}
     with tempfile.TemporaryDirectory(prefix="cifar10-", dir=CACHE) as d:
         work = Path(d)
+        timed_out: dict[str, str] = {}
         for m in methods:
             for c in COMPS:
                 name = f"{m}/{c}"
@@ -508,7 +541,12 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 res["onnxprune"][name] = row = {}
                 for x in points:
-                    row[str(x)] = r = run_onnxprune(ev, work, m, c, 1 - x)
+                    if m in timed_out:
+                        row[str(x)] = {"error": f"skipped: {timed_out[m]} timed out", "skipped": True, "seconds": float("nan")}
+                        continue
+                    row[str(x)] = r = run_onnxprune(ev, work, m, c, 1 - x, args.timeout)
+                    if r.get("timeout"):
+                        timed_out[m] = f"{name} at {x:.0%}"
                     log(f"[{time.perf_counter() - t0:6.0f}s] {name} {x:.0%}: " + (r["error"] if r["error"] else
                         f"agree {pct(r['agree'])} relL2 {r['rel_l2']:.3f} removed {pct(r['removed'])} {r['seconds']:.1f}s"))
                 load.append(os.getloadavg())
@@ -531,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 ok = {k: v[str(x)] for k, v in res["onnxprune"].items() if not v[str(x)].get("error")}
                 bname = min(ok.items(), key=lambda kv: rank_key(kv[1]))[0]
-                r = run_onnxprune(ev, work, *bname.split("/"), 1 - m["removed"])
+                r = run_onnxprune(ev, work, *bname.split("/"), 1 - m["removed"], args.timeout)
                 res["equal_macs"].append(dict(r, anchor=a.name, point=x, setting=bname, anchor_removed=m["removed"], anchor_agree=m["agree"]))
     res["seconds"] = time.perf_counter() - t0
     res["loadavg"] = load

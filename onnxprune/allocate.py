@@ -18,7 +18,8 @@ put in their place at that consumer:
 Each group is probed alone at a ladder of removed shares (1/8 … 7/8 of its channels, the
 lowest-scored first, through :func:`select.choose`, so rounding, min-keep and Split
 chunks apply), and the damage is the relative squared error of the model outputs on a
-few calibration samples (``Σ‖y − y₀‖² / Σ‖y₀ − ȳ₀‖²``).  Damages of different groups are
+few calibration samples (``Σ‖y − y₀‖² / Σ‖y₀‖²``, the square of verify's relative L2
+error).  Damages of different groups are
 taken as additive, and a Lagrangian allocation picks one ladder rung per group: the rung
 minimising ``damage − λ·saving`` for each group, λ bisected until the MACs (params)
 estimate meets the target, then rungs are given back greedily while the target still
@@ -160,13 +161,15 @@ def allocate(
                     p, c = _replacement(s, gone[analysis.roots[s.view.atoms]], compensate)
                     feed[s.weight] = np.ascontiguousarray(p.T if s.last else p).reshape(s.shapes[0])
                     feed[s.bias] = c.reshape(s.shapes[1])
-                outs.append(sess.run(None, feed))
-            return [np.concatenate([o[k] for o in outs]).astype(np.float64) for k in range(len(outs[0]))]
+                outs += [o.astype(np.float64) for o in sess.run(None, feed)]  # batches may differ in shape
+            return outs
 
         y0 = outputs(np.zeros(0, dtype=np.int64))
-        scale = sum(float(((y - y.mean(axis=0)) ** 2).sum()) for y in y0) or 1.0
+        scale = sum(float((y**2).sum()) for y in y0) or 1.0
 
         def damage(removed: np.ndarray) -> float:
+            """‖y − y₀‖² / ‖y₀‖² over every output and probe sample: the square of the relative
+            L2 error verify reports (summed over outputs where it takes the worst)."""
             return sum(float(((y - r) ** 2).sum()) for y, r in zip(y0, outputs(removed))) / scale
 
         base = measure({})
@@ -259,7 +262,7 @@ def _replacement(site: _Site, drop: np.ndarray, compensate: str) -> tuple[np.nda
 def probes_text(report: dict) -> str:
     """One line for the report: what the allocation measured."""
     text = (f"{report['probes']} probes on {report['probe_samples']} samples, "
-            f"predicted relative output error {report['predicted_error']:.3g}")
+            f"predicted relative L2 error {math.sqrt(report['predicted_error']):.3g}")
     if report["not_probed"]:
         text += f"; groups {', '.join(map(str, report['not_probed']))} have no consumer to probe and lose only dead channels"
     return text

@@ -185,3 +185,17 @@ def test_calibrate_keeps_the_first_samples_it_calibrates_on(tmp_path):
     assert kept.shape == (20, 6) and held_x.shape == (8, 6)
     np.testing.assert_array_equal(kept, calibrated[:20])
     assert not any((kept == h).all(axis=1).any() for h in held_x)
+
+
+def test_probes_take_batches_of_different_lengths(tmp_path):
+    """Token batches of different lengths (channels last, MatMul consumers) probe fine."""
+    g = G(seed=6)
+    x = g.input("x", ["N", "T", 4])
+    h = g.op("Relu", [g.op("MatMul", [x, g.const(g.w(4, 16))], name="up")])
+    y = g.op("MatMul", [h, g.const(g.w(16, 4))], name="down")
+    path = save(g.model([y]), tmp_path / "tok.onnx")
+    rng = np.random.default_rng(1)
+    data = [{"x": rng.standard_normal((2, t, 4)).astype(np.float32)} for t in (5, 7, 3, 9, 5, 7)]
+    _, r = onnxprune.prune(path, tmp_path / "p.onnx", method="wanda", calib=data, batch_size=2,
+                           compensate="lstsq", target_macs=0.7, latency=False)
+    assert "allocated by measured sensitivity" in r.selection and r.macs_after <= 0.7 * r.macs_before
