@@ -8,13 +8,15 @@ Exact command (from the repo root; about 6 minutes on 2 shared CPU cores, ~2.5 m
 Options: ``--models mnist_cnn,lenet300`` (default both), ``--points 20,35,50,65`` (percent
 of MACs removed), ``--quick`` (points 35,65, one random seed, coarser anchor search and
 latency: a smoke test, about 2 minutes), ``--png`` (default ``benchmarks/quality.png``),
-``--json`` (raw results, optional).
+``--json`` (raw results, optional), ``--methods wanda,obs,...`` (a subset of the criteria).
 
 What it measures, per model (``models/mnist_cnn.onnx``, ``models/lenet300.onnx``):
 
-* onnxprune: every criterion (l1, l2, random [mean of 3 seeds], wanda, flap, activation)
-  x compensation (none, bias) x point, pruned with ``target_macs = 1 - x`` (bisection of a
-  global threshold).  Data-free criteria run without calibration data for ``none`` and with
+* onnxprune: every criterion (l1, l2, random [mean of 3 seeds], wanda, flap, activation,
+  relief, relative, mipp, obs) x compensation (none, bias, lstsq) x point, pruned with
+  ``target_macs = 1 - x`` and ``round_to=1`` (the finest selection; anchors do not round):
+  with calibration data the per-group shares come from measured sensitivity
+  (``onnxprune/allocate.py``), without it from bisection of a global threshold.  Data-free criteria run without calibration data for ``none`` and with
   ``models/data/calib`` for ``bias``; data-driven ones always get the calibration data.
   ``eval_samples=0``: all 256 calibration samples feed the statistics (as the anchors get
   them all).  Accuracy: the pruned file run by onnxruntime on the 1,000 held-out digits
@@ -67,8 +69,8 @@ MODELS = ROOT / "models"
 CALIB_DIR = MODELS / "data" / "calib"
 HELDOUT = MODELS / "data" / "eval" / "heldout.npz"
 LABELS = MODELS / "data" / "heldout_labels.npy"
-CRITERIA = ("l1", "l2", "random", "wanda", "flap", "activation", "relief", "relative", "mipp")
-DATA_DRIVEN = ("wanda", "flap", "activation", "relief", "relative", "mipp")
+CRITERIA = ("l1", "l2", "random", "wanda", "flap", "activation", "relief", "relative", "mipp", "obs")
+DATA_DRIVEN = ("wanda", "flap", "activation", "relief", "relative", "mipp", "obs")
 COMPS = ("none", "bias", "lstsq")
 LAST_LAYER = {"mnist_cnn": "fc2", "lenet300": "fc3"}
 
@@ -513,13 +515,20 @@ def plot(results: list[dict], png: Path) -> None:
 
 
 def main(argv=None) -> int:
+    global CRITERIA
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="mnist_cnn,lenet300")
     ap.add_argument("--points", default=None, help="percent of MACs removed, comma separated (default 20,35,50,65)")
     ap.add_argument("--quick", action="store_true", help="smoke test: points 35,65, 1 random seed, coarse anchors")
     ap.add_argument("--png", type=Path, default=ROOT / "benchmarks" / "quality.png")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--methods", default=None, help=f"a subset of {','.join(CRITERIA)} (default: all)")
     args = ap.parse_args(argv)
+    if args.methods:
+        unknown = set(args.methods.split(",")) - set(CRITERIA)
+        if unknown:
+            ap.error(f"unknown methods {sorted(unknown)}")
+        CRITERIA = tuple(m for m in CRITERIA if m in args.methods.split(","))
 
     import torch
 
