@@ -30,17 +30,18 @@ What it measures at 20/35/50/65 % of MACs removed (onnxprune's own counter on ea
   x compensation (none, bias, lstsq); l1/l2/random with ``none`` run without calibration
   data, every other setting gets the 300 calibration samples.  Wall time: the whole call.
   Each call runs in a forked child killed after ``--timeout`` seconds (default 300); after a
-  timeout the method's remaining calls are skipped (MIPP's budget bisection on the
-  1024-feature Dense consumer did not finish one call in ~19 min on the loaded 2-core machine).
+  timeout the setting's remaining points are skipped, and the whole method's when it was
+  the ``none`` setting (MIPP's budget bisection on the 1024-feature Dense consumer did not
+  finish one call in ~19 min on the loaded 2-core machine).
 * anchor 1, onnxsim 0.8.1 ``apply_structured_wanda_pruning`` (same 300 calibration samples,
   batches of 32), per-chain and ``global_sparsity=True``: its sparsity knob is swept and
-  bisected to the largest MACs reduction not above each point; unreachable points are
-  reported with the most it removes.
+  bisected to the smallest knob that removes at least each point's share; unreachable points
+  are reported with the most it removes, and onnxprune wanda/none is run at its native MACs.
 * anchor 2, Torch-Pruning 1.6.1 ``MagnitudePruner`` + ``GroupMagnitudeImportance(p=1)``,
   ``global_pruning=True``, last Dense ignored, no fine-tuning, on the torch rebuild;
   ``pruning_ratio`` bisected on the MACs of the exported file.
-* each reached anchor point is also compared with onnxprune's best setting re-run at the
-  anchor's own kept MACs fraction (equal MACs).
+* each reached anchor point is also compared with onnxprune's best setting at that point,
+  re-run at the anchor's own kept MACs fraction (equal MACs).
 
 Outputs: a markdown table on stdout, raw results in ``benchmarks/.cache/cifar10.json`` (``cifar10_quick.json`` with ``--quick``).
 Single-threaded (torch and onnxruntime); agreement and MACs are deterministic, timings are not.
@@ -116,64 +117,51 @@ class KerasCNN(nn.Module):
 
     def __init__(self, layers: list[dict], weights: dict[str, dict[str, np.ndarray]]) -> None:
         super().__init__()
-        mods: list[nn.Module] = []
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
         self.names: list[str] = []
-        c, hw = 3, 32
-        fcs, convs = 0, 0
+        c, hw, n = 3, 32, {"conv": 0, "fc": 0}
+
+        def add(name: str, mod: nn.Module) -> None:
+            self.add_module(name, mod)
+            self.names.append(name)
+
         for l in layers:
             kind, cfg, w = l["class_name"], l["config"], weights.get(l["config"]["name"], {})
+            i = n["conv"] - 1
             if kind == "Conv2D":
                 assert cfg["padding"] == "valid" and cfg["strides"] == [1, 1] and cfg["dilation_rate"] == [1, 1]
-                k = cfg["kernel_size"][0]
+                k, i = cfg["kernel_size"][0], n["conv"]
                 conv = nn.Conv2d(c, cfg["filters"], k)
-                conv.weight.data = torch.from_numpy(w["kernel"].transpose(3, 2, 0, 1).copy())  # HWIO -> OIHW
-                conv.bias.data = torch.from_numpy(w["bias"].copy())
-                mods.append(conv)
-                self.names.append(f"conv{convs}")
-                convs += 1
-                c, hw = cfg["filters"], hw - k + 1
-                if cfg["activation"] == "relu":
-                    mods.append(nn.ReLU())
-                    self.names.append(f"relu_c{convs - 1}")
-                else:
-                    assert cfg["activation"] == "linear", cfg["activation"]
+                conv.weight.data, conv.bias.data = t(w["kernel"].transpose(3, 2, 0, 1)), t(w["bias"])  # HWIO -> OIHW
+                add(f"conv{i}", conv)
+                c, hw, n["conv"] = cfg["filters"], hw - k + 1, i + 1
             elif kind == "BatchNormalization":
                 bn = nn.BatchNorm2d(c, eps=cfg["epsilon"])
-                bn.weight.data, bn.bias.data = torch.from_numpy(w["gamma"]), torch.from_numpy(w["beta"])
-                bn.running_mean.data, bn.running_var.data = torch.from_numpy(w["moving_mean"]), torch.from_numpy(w["moving_variance"])
-                mods.append(bn)
-                self.names.append(f"bn{convs - 1}")
+                bn.weight.data, bn.bias.data = t(w["gamma"]), t(w["beta"])
+                bn.running_mean.data, bn.running_var.data = t(w["moving_mean"]), t(w["moving_variance"])
+                add(f"bn{i}", bn)
             elif kind == "MaxPooling2D":
                 assert cfg["padding"] == "valid"
-                p, s = cfg["pool_size"][0], cfg["strides"][0]
-                mods.append(nn.MaxPool2d(p, s))
-                self.names.append(f"pool{convs - 1}")
-                hw = (hw - p) // s + 1
+                p, st = cfg["pool_size"][0], cfg["strides"][0]
+                add(f"pool{i}", nn.MaxPool2d(p, st))
+                hw = (hw - p) // st + 1
             elif kind == "Flatten":
-                mods.append(nn.Flatten())
-                self.names.append("flatten")
-                flat_shape = (c, hw, hw)
+                add("flatten", nn.Flatten())
+                flat = (c, hw, hw)
             elif kind == "Dense":
                 kernel = w["kernel"]  # [in, out]
-                if fcs == 0:  # Keras flattens NHWC: reorder rows (h, w, c) -> torch's (c, h, w)
-                    cc, hh, ww = flat_shape
-                    order = np.arange(hh * ww * cc).reshape(hh, ww, cc).transpose(2, 0, 1).reshape(-1)
-                    kernel = kernel[order]
-                fc = nn.Linear(kernel.shape[0], kernel.shape[1])
-                fc.weight.data = torch.from_numpy(kernel.T.copy())
-                fc.bias.data = torch.from_numpy(w["bias"].copy())
-                mods.append(fc)
-                self.names.append(f"fc{fcs}")
-                fcs += 1
-                if cfg["activation"] == "relu":
-                    mods.append(nn.ReLU())
-                    self.names.append(f"relu_f{fcs - 1}")
-            elif kind == "Dropout":
-                continue
-            else:
+                if n["fc"] == 0:  # Keras flattens NHWC: reorder rows (h, w, c) -> torch's (c, h, w)
+                    kernel = kernel[np.arange(kernel.shape[0]).reshape(flat[1], flat[2], flat[0]).transpose(2, 0, 1).reshape(-1)]
+                fc = nn.Linear(*kernel.shape)
+                fc.weight.data, fc.bias.data = t(kernel.T), t(w["bias"])
+                add(f"fc{n['fc']}", fc)
+                n["fc"] += 1
+            elif kind != "Dropout":
                 raise RuntimeError(f"unsupported Keras layer {kind}")
-        for n, m in zip(self.names, mods):
-            self.add_module(n, m)
+            if kind in ("Conv2D", "Dense"):
+                assert cfg["activation"] in ("relu", "linear"), cfg["activation"]
+                if cfg["activation"] == "relu":
+                    add(f"relu_{self.names[-1]}", nn.ReLU())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for n in self.names:
@@ -268,6 +256,7 @@ class Evaluator:
         y = self.run(path)
         return {"agree": float((y.argmax(1) == self.ref.argmax(1)).mean()),
                 "rel_l2": float(np.linalg.norm(y - self.ref) / np.linalg.norm(self.ref)),
+                "all_zero_rows": int((y.max(1) <= 0).sum()),  # the last Dense has a ReLU: argmax of zeros is class 0
                 "removed": 1 - macs_of(path) / self.macs0}
 
 
@@ -320,18 +309,13 @@ def _prune_once(ev: Evaluator, work: Path, method: str, comp: str, kept: float) 
     return r
 
 
-def _child(conn: Any, *args: Any) -> None:
-    conn.send(_prune_once(*args))
-    conn.close()
-
-
 def run_onnxprune(ev: Evaluator, work: Path, method: str, comp: str, kept: float, timeout: float) -> dict:
     """:func:`_prune_once` in a forked child, killed after ``timeout`` seconds (recorded as an error)."""
     import multiprocessing as mp
 
     ctx = mp.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(send, ev, work, method, comp, kept))
+    proc = ctx.Process(target=lambda: send.send(_prune_once(ev, work, method, comp, kept)))
     proc.start()
     send.close()
     if recv.poll(timeout):
@@ -446,21 +430,23 @@ def report(res: dict) -> str:
                                                  else f"{row[str(x)]['rel_l2']:.3f}" for x in pts) + " |")
     lines.append("")
     for x in pts:
-        ok = {k: v[str(x)] for k, v in grid.items() if not v[str(x)].get("error")}
-        bname, best = min(ok.items(), key=lambda kv: rank_key(kv[1]))
-        verdicts = []
+        bname = best_setting(grid, x)
+        best, verdicts, wins = grid[bname][str(x)], [], []
         for name, a in anchors.items():
             m = a[str(x)]
             if not m["reached"]:
                 verdicts.append(f"{name} cannot reach it (max {pct(m['removed'])} %)")
                 continue
-            eq = next((e for e in res["equal_macs"] if e["anchor"] == name and e["point"] == x), None)
-            eqs = (f"; at the anchor's own {pct(m['removed'])} % onnxprune {eq['setting']} gets "
-                   f"{pct(eq['agree']) if not eq.get('error') else 'error'}") if eq else ""
-            word = "beats" if best["agree"] > m["agree"] else ("ties" if best["agree"] == m["agree"] else "loses to")
-            verdicts.append(f"{word} {name} ({pct(m['agree'])} at {pct(m['removed'])} % removed{eqs})")
+            eq = next((e for e in res["equal_macs"] if e["anchor"] == name and e["point"] == x and not e.get("error")), None)
+            ours = eq["agree"] if eq else best["agree"]  # equal MACs when the re-run exists
+            wins.append(ours > m["agree"])
+            word = "beats" if ours > m["agree"] else ("ties" if ours == m["agree"] else "loses to")
+            verdicts.append(f"{word} {name} ({pct(m['agree'])} at {pct(m['removed'])} % removed; onnxprune {bname} at that "
+                            f"MACs: {pct(ours) if eq else 'not re-run'})")
+        both = (f"yes (every anchor that reaches this point: {len(wins)} of {len(anchors)})" if wins and all(wins)
+                else ("no" if wins else "n/a (no anchor reaches this point)"))
         lines.append(f"- {x:.0%}: best onnxprune {bname} {pct(best['agree'])} % agreement (rel L2 {best['rel_l2']:.3f}, "
-                     f"{pct(best['removed'])} % removed); " + "; ".join(verdicts) + ".")
+                     f"{pct(best['removed'])} % removed); " + "; ".join(verdicts) + f". Beats the anchors at equal MACs: {both}.")
     lines.append("")
     for m in METHODS:
         if f"{m}/none" not in grid or f"{m}/bias" not in grid:
@@ -469,25 +455,66 @@ def report(res: dict) -> str:
         for x in pts:
             n, b = grid[f"{m}/none"][str(x)], grid[f"{m}/bias"][str(x)]
             if n.get("error") or b.get("error"):
-                parts.append(f"{x:.0%} error")
+                parts.append(f"{x:.0%} n/a ({cell(n, x)}/{cell(b, x)})")
                 continue
             w = "better" if rank_key(b) < rank_key(n) else ("worse" if rank_key(b) > rank_key(n) else "equal")
-            parts.append(f"{x:.0%} {w} ({pct(b['agree'])} vs {pct(n['agree'])})")
+            tie = f", agreement tied, rel L2 {b['rel_l2']:.3f} vs {n['rel_l2']:.3f}" if b["agree"] == n["agree"] else ""
+            parts.append(f"{x:.0%} {w} ({pct(b['agree'])} vs {pct(n['agree'])}{tie})")
         lines.append(f"- bias vs none, {m}: " + ", ".join(parts))
+    for name, a in anchors.items():
+        touched = sorted({t for sw in a["sweep"] for t in sw.get("touched") or ()})
+        if name.startswith("onnxsim"):
+            lines.append(f"- {name}: weights resized at any sparsity: {', '.join(touched) or 'none'}; sweep (sparsity: MACs removed %, "
+                         "agreement %): " + ", ".join(f"{sw['knob']}: {pct(sw['removed'])}/{pct(sw['agree'])}" for sw in a["sweep"]))
+    for e in res["native"]:
+        lines.append(f"- at {e['anchor']} sparsity {e['knob']} ({pct(e['anchor_removed'])} % removed, {pct(e['anchor_agree'])} % agreement) "
+                     f"onnxprune {e['setting']} gets " + (e["error"] if e.get("error") else f"{pct(e['agree'])} % ({pct(e['removed'])} % removed)"))
+    off = [f"{k} @ {x}" for k, v in grid.items() for x in v if not v[x].get("error") and abs(v[x]["reported_removed"] - v[x]["removed"]) > 1e-9]
+    if off:
+        lines.append("- onnxprune's reported MACs differ from its counter on the written file: " + ", ".join(off))
     errs = [f"{k} @ {x}: {v[x]['error']}" for k, v in grid.items() for x in v if v[x].get("error") and not v[x].get("skipped")]
-    errs += [f"{e['setting']} @ anchor point: {e['error']}" for e in res["equal_macs"] if e.get("error")]
+    errs += [f"{e['setting']} @ anchor point: {e['error']}" for e in res["equal_macs"] + res["native"] if e.get("error")]
     if errs:
         lines += ["", "onnxprune errors and timeouts:"] + [f"- {e}" for e in errs]
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- main
+def build_and_check(net: KerasCNN, layers: list[dict], weights: dict, x_all: np.ndarray) -> dict:
+    """Export the rebuild, compare torch / ONNX / numpy-on-h5 outputs, and describe the graph."""
+    from onnxprune.count import count_params
+
+    export(net, ONNX_PATH)
+    with torch.no_grad():
+        y_torch = net(torch.from_numpy(x_all)).numpy()
+    y = session(ONNX_PATH).run(None, {"input": x_all})[0]
+    y_np = numpy_reference(layers, weights, x_all[:32])
+    ops: dict[str, int] = {}
+    for n in onnx.load(str(ONNX_PATH)).graph.node:
+        ops[n.op_type] = ops.get(n.op_type, 0) + 1
+    model, pred, top2 = load_model(ONNX_PATH)[0], y.argmax(1), np.sort(y, 1)[:, -2:]
+    graph = {"ops": ops, "params": count_params(model), "macs": count_macs(model),
+             "torch_params": sum(p.numel() for p in net.parameters()), "bn_unfused": ops.get("BatchNormalization", 0) == 6,
+             "max_abs_diff_torch_onnx": float(np.abs(y_torch - y).max()),
+             "max_abs_diff_numpy_h5_onnx": float(np.abs(y_np - y[:32]).max()), "output_max": float(y.max()),
+             "pred_hist_400": {CLASSES[c]: int((pred == c).sum()) for c in range(10) if (pred == c).any()},
+             "all_zero_outputs_400": int((y.max(1) <= 0).sum()), "top2_ties_400": int((top2[:, 0] == top2[:, 1]).sum())}
+    log(f"graph: {json.dumps(graph)}")
+    if max(graph["max_abs_diff_torch_onnx"], graph["max_abs_diff_numpy_h5_onnx"]) > 1e-3 * max(1.0, graph["output_max"]):
+        raise SystemExit("rebuild/export mismatch")
+    return graph
+
+
+def best_setting(grid: dict[str, dict], x: float) -> str:
+    ok = {k: v[str(x)] for k, v in grid.items() if not v[str(x)].get("error")}
+    return min(ok.items(), key=lambda kv: rank_key(kv[1]))[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke test: points 35,65; wanda, l1, mipp only")
     ap.add_argument("--skip", default="", help="settings to leave out, e.g. 'relative/lstsq,mipp/lstsq'")
-    ap.add_argument("--timeout", type=float, default=300.0,
-                    help="seconds per onnxprune call; after a timeout the method's remaining calls are skipped")
+    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per onnxprune call (see the docstring)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -496,94 +523,64 @@ def main(argv: list[str] | None = None) -> int:
     methods = ("wanda", "l1", "mipp") if args.quick else METHODS
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     CACHE.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    load = [os.getloadavg()]
-
-    # model + data
+    t0, load = time.perf_counter(), [os.getloadavg()]
     layers, weights = read_h5(h5_path())
     net = KerasCNN(layers, weights).eval()
     x_all, x_eval, calib = prepare_data()
-    export(net, ONNX_PATH)
-    with torch.no_grad():
-        y_torch = net(torch.from_numpy(x_all)).numpy()
-    y_onnx = session(ONNX_PATH).run(None, {"input": x_all})[0]
-    y_np = numpy_reference(layers, weights, x_all[:32])
-    pred = y_onnx.argmax(1)
-    g = onnx.load(str(ONNX_PATH))
-    ops: dict[str, int] = {}
-    for n in g.graph.node:
-        ops[n.op_type] = ops.get(n.op_type, 0) + 1
-    model, _ = load_model(ONNX_PATH)
-    from onnxprune.count import count_params
-
-    graph = {"ops": ops, "params": count_params(model), "macs": count_macs(model),
-             "torch_params": sum(p.numel() for p in net.parameters()),
-             "bn_unfused": ops.get("BatchNormalization", 0) == 6,
-             "max_abs_diff_torch_onnx": float(np.abs(y_torch - y_onnx).max()),
-             "max_abs_diff_numpy_h5_onnx": float(np.abs(y_np - y_onnx[:32]).max()),
-             "output_scale": float(np.abs(y_onnx).max()),
-             "pred_hist_400": {CLASSES[c]: int((pred == c).sum()) for c in range(10) if (pred == c).any()},
-             "all_zero_outputs_400": int((y_onnx.max(1) <= 0).sum()),
-             "top2_ties_400": int((np.sort(y_onnx, 1)[:, -1] == np.sort(y_onnx, 1)[:, -2]).sum())}
-    log(f"graph: {json.dumps(graph)}")
-    if graph["max_abs_diff_torch_onnx"] > 1e-3 * max(1.0, graph["output_scale"]) or graph["max_abs_diff_numpy_h5_onnx"] > 1e-3 * max(1.0, graph["output_scale"]):
-        raise SystemExit("rebuild/export mismatch")
+    graph = build_and_check(net, layers, weights, x_all)
     ev = Evaluator(x_eval)
-
-    res: dict[str, Any] = {"points": points, "graph": graph, "onnxprune": {}, "anchors": {}, "equal_macs": []}
+    res: dict[str, Any] = {"points": points, "graph": graph, "onnxprune": {}, "anchors": {}, "equal_macs": [], "native": [],
+                           "skipped_by_option": sorted(skip), "timeout_s": args.timeout}
+    stamp = lambda: f"[{time.perf_counter() - t0:6.0f}s]"  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="cifar10-", dir=CACHE) as d:
-        work = Path(d)
-        timed_out: dict[str, str] = {}
+        work, timed_out = Path(d), {}
         for m in methods:
-            for c in COMPS:
-                name = f"{m}/{c}"
-                if name in skip:
-                    continue
-                res["onnxprune"][name] = row = {}
+            for c in (c for c in COMPS if f"{m}/{c}" not in skip):
+                res["onnxprune"][f"{m}/{c}"] = row = {}
                 for x in points:
-                    if m in timed_out:
-                        row[str(x)] = {"error": f"skipped: {timed_out[m]} timed out", "skipped": True, "seconds": float("nan")}
+                    why = timed_out.get(m) or timed_out.get(f"{m}/{c}")
+                    if why:
+                        row[str(x)] = {"error": f"skipped: {why} timed out", "skipped": True, "seconds": float("nan")}
                         continue
                     row[str(x)] = r = run_onnxprune(ev, work, m, c, 1 - x, args.timeout)
-                    if r.get("timeout"):
-                        timed_out[m] = f"{name} at {x:.0%}"
-                    log(f"[{time.perf_counter() - t0:6.0f}s] {name} {x:.0%}: " + (r["error"] if r["error"] else
-                        f"agree {pct(r['agree'])} relL2 {r['rel_l2']:.3f} removed {pct(r['removed'])} {r['seconds']:.1f}s"))
+                    if r.get("timeout"):  # a timeout without compensation is the method's own cost: skip the method
+                        timed_out[m if c == "none" else f"{m}/{c}"] = f"{m}/{c} at {x:.0%}"
+                    log(f"{stamp()} {m}/{c} {x:.0%}: " + (r["error"] or f"agree {pct(r['agree'])} relL2 {r['rel_l2']:.3f} "
+                                                          f"removed {pct(r['removed'])} {r['seconds']:.1f}s"))
                 load.append(os.getloadavg())
         grid_knobs = [round(0.1 * k, 1) for k in range(1, 10)] + [0.95, 0.99]
-        iters = 6 if args.quick else 10
         runners = [OnnxsimAnchor(ev, work, calib, False), OnnxsimAnchor(ev, work, calib, True), TorchPruningAnchor(ev, work, net)]
         for a in runners:
             res["anchors"][a.name] = entry = {}
             for x in points:
-                knob, r = match(a, x, grid_knobs, iters)
+                knob, r = match(a, x, grid_knobs, 6 if args.quick else 10)
                 entry[str(x)] = dict(r, knob=knob, reached=knob is not None)
-                log(f"[{time.perf_counter() - t0:6.0f}s] {a.name} {x:.0%}: knob {knob} agree {pct(r['agree'])} removed {pct(r['removed'])}")
+                log(f"{stamp()} {a.name} {x:.0%}: knob {knob} agree {pct(r['agree'])} removed {pct(r['removed'])}")
             entry["sweep"] = [dict(a(k), knob=k) for k in grid_knobs]
             load.append(os.getloadavg())
-        # onnxprune's best setting at each point, re-run at each reached anchor's own kept MACs
-        for a in runners:
+        for a in runners:  # onnxprune's best setting at each point, re-run at each reached anchor point's own MACs
             for x in points:
                 m = res["anchors"][a.name][str(x)]
-                if not m["reached"]:
-                    continue
-                ok = {k: v[str(x)] for k, v in res["onnxprune"].items() if not v[str(x)].get("error")}
-                bname = min(ok.items(), key=lambda kv: rank_key(kv[1]))[0]
-                r = run_onnxprune(ev, work, *bname.split("/"), 1 - m["removed"], args.timeout)
-                res["equal_macs"].append(dict(r, anchor=a.name, point=x, setting=bname, anchor_removed=m["removed"], anchor_agree=m["agree"]))
-    res["seconds"] = time.perf_counter() - t0
-    res["loadavg"] = load
+                if m["reached"]:
+                    name = best_setting(res["onnxprune"], x)
+                    r = run_onnxprune(ev, work, *name.split("/"), 1 - m["removed"], args.timeout)
+                    res["equal_macs"].append(dict(r, anchor=a.name, point=x, setting=name, anchor_removed=m["removed"], anchor_agree=m["agree"]))
+            if not any(res["anchors"][a.name][str(x)]["reached"] for x in points):
+                for k in (0.5, 0.9):  # an anchor that reaches no point: onnxprune wanda/none at its native MACs
+                    m = a(k)
+                    if 0 < m["removed"] < 1:
+                        r = run_onnxprune(ev, work, "wanda", "none", 1 - m["removed"], args.timeout)
+                        res["native"].append(dict(r, anchor=a.name, knob=k, setting="wanda/none", anchor_removed=m["removed"], anchor_agree=m["agree"]))
+        load.append(os.getloadavg())
     from importlib.metadata import version
 
-    res["versions"] = {p: version(p) for p in ("onnxprune", "onnxruntime", "onnxsim", "torch-pruning", "torch", "cifar-10-model")}
-    res["date_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
-    text = report(res)
-    print(f"### cifar-10-model 7.4 Keras CNN ({graph['params']:,} params, {graph['macs']:,} MACs), "
-          f"{'quick' if args.quick else 'full'} run\n")
-    print(text)
-    print(f"\ntotal {res['seconds']:.0f} s; load average samples (1/5/15 min): "
-          + ", ".join(f"{l[0]:.2f}" for l in load) + f"; versions {res['versions']}")
+    res |= {"seconds": time.perf_counter() - t0, "loadavg": load, "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+            "versions": {p: version(p) for p in ("onnxprune", "onnxruntime", "onnxsim", "torch-pruning", "torch", "cifar-10-model")}}
     (JSON_PATH.with_name("cifar10_quick.json") if args.quick else JSON_PATH).write_text(json.dumps(res, indent=1, default=float))
+    print(f"### cifar-10-model 7.4 Keras CNN ({graph['params']:,} params, {graph['macs']:,} MACs), {'quick' if args.quick else 'full'} run\n")
+    print(report(res))
+    print(f"\ntotal {res['seconds']:.0f} s; 1-min load average samples during the run: "
+          + ", ".join(f"{l[0]:.2f}" for l in load) + f"; versions {res['versions']}")
     return 0
 
 
