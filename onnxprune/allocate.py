@@ -42,7 +42,7 @@ from .calibrate import Statistics
 from .compensate import LSTSQ_RIDGE, _taps, enough_rows
 from .consumers import ConsumerView, consumer_views
 from .groups import Analysis, Group
-from .select import choose
+from .select import choose, round_for
 
 LADDER = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)  # removed shares probed per group
 PROBE_SAMPLES = 32  # calibration samples the probes run on
@@ -208,25 +208,45 @@ def allocate(
             best, hi = at, mid
         else:
             lo = mid
-    # Give rungs back, the one saving the most damage first, while the target holds.
-    improved = True
-    while improved:
-        improved = False
-        options = sorted(
-            ((rungs[gid][j][1] - rungs[gid][j - 1][1], gid) for gid, j in best.items() if j > 0), reverse=True)
-        for gain, gid in options:
-            trial = dict(best)
-            trial[gid] -= 1
-            if gain > 0 and measure(removal(trial)) <= target:
-                best, improved = trial, True
+    # Rungs are coarse (1/8 of a group), so the rung solution can remove well beyond the
+    # target.  Give channels back, a group's alignment step at a time, where the damage
+    # curve (linear between the probed rungs) is steepest, while the target still holds.
+    by_id = {g.id: g for g in groups}
+    counts = {gid: len(rungs[gid][j][0]) for gid, j in best.items()}
+    cache: dict[tuple[int, int], np.ndarray] = {}
+
+    def chosen(gid: int, k: int) -> np.ndarray:
+        if (gid, k) not in cache:
+            cache[gid, k] = choose([by_id[gid]], scores, {gid: k}, min_keep=min_keep, round_to=round_to)[gid]
+        return cache[gid, k]
+
+    def curve(gid: int, k: float) -> float:
+        xs = [len(r[0]) for r in rungs[gid]]
+        return float(np.interp(k, xs, [r[1] for r in rungs[gid]]))
+
+    final = {gid: rungs[gid][j][0] for gid, j in best.items()}
+    while True:
+        options = []
+        for gid, k in counts.items():
+            step = max(round_for(by_id[gid], round_to), 1)
+            back = chosen(gid, k - step) if k - step >= len(rungs[gid][0][0]) else None
+            if back is not None and len(back) < len(final[gid]):
+                options.append((curve(gid, len(final[gid])) - curve(gid, len(back)), gid, k - step, back))
+        options.sort(key=lambda o: (-o[0], o[1]))
+        for gain, gid, k, back in options:
+            trial = {**final, gid: back}
+            if measure(trial) <= target:
+                final, counts[gid] = trial, k
                 break
-    predicted = sum(rungs[gid][j][1] for gid, j in best.items())
+        else:
+            break
+    predicted = sum(curve(gid, len(r)) for gid, r in final.items())
     report = {
         "probes": probes, "probe_samples": sum(next(iter(b.values())).shape[0] for b in samples),
         "predicted_error": predicted,
         "not_probed": [g.id for g in groups if g.id not in reach],
     }
-    return removal(best), report
+    return final, report
 
 
 def _sites_by_group(analysis: Analysis, groups: list[Group], sites: list[_Site]) -> dict[int, list[_Site]]:
