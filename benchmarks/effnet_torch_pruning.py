@@ -208,9 +208,10 @@ def best_line(x: float, rows: list[dict]) -> str:
         op_row = next((r for r in ok if r["setting"] == f"onnxprune l1/none @TP-{mode} MACs"), None)
         if tp_row and op_row:
             beats = (op_row["agreement"], -op_row["rel_l2"]) > (tp_row["agreement"], -tp_row["rel_l2"])
+            tie = " (agreement tied: decided by rel. L2 only)" if op_row["agreement"] == tp_row["agreement"] else ""
             parts.append(f"same criterion at TP-{mode}'s MACs ({tp_row['removed']:.1%} removed): onnxprune l1/none "
                          f"{op_row['agreement']:.0%} / {op_row['rel_l2']:.3f} vs TP {tp_row['agreement']:.0%} / "
-                         f"{tp_row['rel_l2']:.3f} -> onnxprune {'beats' if beats else 'does NOT beat'} TP")
+                         f"{tp_row['rel_l2']:.3f} -> onnxprune {'beats' if beats else 'does NOT beat'} TP{tie}")
     return "; ".join(parts)
 
 
