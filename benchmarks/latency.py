@@ -36,6 +36,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import onnxruntime as ort  # noqa: E402
 
@@ -43,37 +44,22 @@ import onnxprune  # noqa: E402
 from onnxprune.count import count_macs  # noqa: E402
 from onnxprune.data import Preprocess  # noqa: E402
 from onnxprune.load import load_model  # noqa: E402
+from quality import latency_pair, session  # noqa: E402
 
 MODELS = ROOT / "models"
 CACHE = ROOT / "benchmarks" / ".cache"
 ROUND_TO = (None, 1, 8, 16)  # None: onnxprune's automatic rounding (its default)
 
 
-def session(path: Path):
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def speedup(before: Path, after: Path, feed: dict, seconds: float = 4.0) -> tuple[float, float, float]:
-    """Median latency before, after (s) and the median per-pair speedup, alternating runs
-    for about ``seconds``."""
-    a, b = session(before), session(after)
-    for _ in range(3):
-        a.run(None, feed)
-        b.run(None, feed)
-    ta, tb = [], []
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end or len(ta) < 15:
-        t = time.perf_counter()
-        a.run(None, feed)
-        ta.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        b.run(None, feed)
-        tb.append(time.perf_counter() - t)
-    return float(np.median(ta)), float(np.median(tb)), float(np.median(np.array(ta) / np.array(tb)))
+    """``quality.latency_pair`` (alternating runs, one intra-op thread) with as many pairs
+    as fit in about ``seconds``: median latency before, after (s), median per-pair speedup."""
+    s = session(before)
+    s.run(None, feed)
+    t = time.perf_counter()
+    s.run(None, feed)
+    one = time.perf_counter() - t
+    return latency_pair(before, after, feed, max(15, int(seconds / 2 / max(one, 1e-6))))
 
 
 def models(keys: list[str]) -> list[dict]:
