@@ -39,7 +39,7 @@ import onnx_ir as ir
 
 from . import _ort
 from .calibrate import Statistics
-from .compensate import LSTSQ_RIDGE, _taps, enough_rows
+from .compensate import _taps, enough_rows, ridged
 from .consumers import ConsumerView, consumer_views
 from .groups import Analysis, Group
 from .select import choose, round_for
@@ -269,9 +269,7 @@ def _replacement(site: _Site, drop: np.ndarray, compensate: str) -> tuple[np.nda
         r, s = np.flatnonzero(drop), np.flatnonzero(~drop)
         p[r, r] = 0.0
         if compensate == "lstsq" and site.cov is not None and enough_rows(site.rows, len(s) * _taps(site.view)):
-            css = site.cov[np.ix_(s, s)].copy()
-            css[np.diag_indices_from(css)] += LSTSQ_RIDGE * max(float(np.trace(css)) / max(len(s), 1), 1e-12)
-            b = np.linalg.solve(css, site.cov[np.ix_(s, r)]).T  # [R, S]
+            b = np.linalg.solve(ridged(site.cov[np.ix_(s, s)]), site.cov[np.ix_(s, r)]).T  # [R, S]
             p[np.ix_(r, s)] = b
             shift[r] = site.mean[r] - b @ site.mean[s]
         elif compensate != "none":

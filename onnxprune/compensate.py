@@ -113,6 +113,26 @@ def _append_add(node: ir.Node, delta: np.ndarray, graph: ir.Graph) -> None:
 
 LSTSQ_MAX_FEATURES = 4096  # Gram matrices above this size fall back to bias compensation
 LSTSQ_RIDGE = 1e-3  # λ relative to the mean variance of the kept inputs
+
+
+def ridged(cov: np.ndarray) -> np.ndarray:
+    """``cov`` with the least-squares ridge added to its diagonal, in place (λ =
+    LSTSQ_RIDGE × the mean variance): the one regularisation every refit and estimate uses."""
+    cov[np.diag_indices_from(cov)] += LSTSQ_RIDGE * max(float(np.trace(cov)) / max(len(cov), 1), 1e-12)
+    return cov
+
+
+def weight_rows(view) -> np.ndarray:
+    """A consumer's weight as [outputs, features], columns in the Gram statistics' order
+    (Conv: channel-major c·kh·kw + tap; Gemm/MatMul: one per input channel)."""
+    from ._graph import attr_int
+
+    w = view.weight()
+    if view.node.op_type == "Conv":
+        return w.reshape(w.shape[0], -1)
+    if view.node.op_type == "Gemm" and attr_int(view.node, "transB", 0):
+        return w
+    return w.T
 # Fewer rows than this per kept feature and the fit is mostly ridge: measured on
 # all-MiniLM-L6-v2 with 24 calibration sentences (~300 tokens for 1536 inputs), lstsq gave a
 # cosine of 0.75 where bias gave 0.91.  Such consumers get bias compensation.
@@ -207,22 +227,15 @@ def lstsq_refits(analysis: Analysis, stats: Statistics, removed: np.ndarray) -> 
             continue
         w = view.weight()
         op = node.op_type
-        if op == "Conv":
-            o = w.shape[0]
-            taps = w.shape[2] * w.shape[3]
-            wf = w.reshape(o, -1)
-            keep_cols = np.repeat(~drop, taps)
-        elif op == "Gemm" and attr_int(node, "transB", 0):
-            wf, keep_cols = w, ~drop
-        else:  # Gemm without transB, MatMul: W is [K, N]
-            wf, keep_cols = w.T, ~drop
+        wf = weight_rows(view)
+        keep_cols = np.repeat(~drop, wf.shape[1] // len(drop))  # k·k columns per channel of a Conv
         cov = gram.covariance()
         mu = gram.mean()
         s = np.flatnonzero(keep_cols)
         rhs = (wf @ cov)[:, s].T
         css = cov[np.ix_(s, s)]
         del cov  # the C×C temporaries of a wide input (a flattened Conv map) dominate peak memory
-        css[np.diag_indices_from(css)] += LSTSQ_RIDGE * max(float(np.trace(css)) / max(len(s), 1), 1e-12)
+        ridged(css)
         w_new = scipy.linalg.solve(css, rhs, assume_a="pos", overwrite_a=True, check_finite=False).T  # W Σ[:,S] (Σ_SS+λI)⁻¹
         b_old = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
         b_old = np.zeros(wf.shape[0]) if b_old is None else np.broadcast_to(np.asarray(b_old, np.float64).reshape(-1), (wf.shape[0],))

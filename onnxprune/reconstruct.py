@@ -32,7 +32,7 @@ import onnx_ir as ir
 from . import _ort
 from ._graph import attr_int, const_array, replace_const
 from .calibrate import _plan_runs
-from .compensate import LSTSQ_RIDGE, _append_add, _lstsq_kind, _new_input
+from .compensate import _append_add, _lstsq_kind, _new_input, ridged
 from .consumers import consumer_views
 from .data import Sample
 from .errors import InputError
@@ -103,8 +103,7 @@ class RefitTarget:
         else:
             cpp = s["pp"] / n - np.outer(mp, mp)
             cyp = s["yp"] / n - np.outer(my, mp)
-            lam = LSTSQ_RIDGE * max(float(np.trace(cpp)) / max(len(mp), 1), 1e-12)
-            a = np.linalg.solve(cpp + lam * np.eye(len(mp)), cyp.T).T
+            a = np.linalg.solve(ridged(cpp), cyp.T).T
         return a, my - a @ mp
 
     @staticmethod

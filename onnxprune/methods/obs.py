@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..calibrate import StatRequest, Statistics
-from ..compensate import LSTSQ_RIDGE, lstsq_requests
+from ..compensate import lstsq_requests, ridged, weight_rows
 from ..consumers import ConsumerView
 from ..groups import Analysis
 from . import Method, MethodOptions, register
@@ -34,10 +34,8 @@ class _Site:
     """One consumer's elimination state: refitted weights and inverse covariance."""
 
     def __init__(self, w: np.ndarray, cov: np.ndarray, blocks: dict[int, np.ndarray]) -> None:
-        h = cov.copy()
-        h[np.diag_indices_from(h)] += LSTSQ_RIDGE * max(float(np.trace(h)) / max(len(h), 1), 1e-12)
         self.w = w.copy()  # [out, features]
-        self.hinv = np.linalg.inv(h)
+        self.hinv = np.linalg.inv(ridged(cov.copy()))
         self.blocks = blocks  # class root -> feature columns
         self.single = all(len(j) == 1 for j in blocks.values())
 
@@ -61,19 +59,6 @@ class _Site:
         self.w[:, j] = 0.0
         self.hinv[j, :] = 0.0
         self.hinv[:, j] = 0.0
-
-
-def _weights(view: ConsumerView) -> np.ndarray:
-    """The consumer's weight as [outputs, features] in the Gram statistics' column order."""
-    from .._graph import attr_int
-
-    w = view.weight()
-    op = view.node.op_type
-    if op == "Conv":
-        return w.reshape(w.shape[0], -1)
-    if op == "Gemm" and attr_int(view.node, "transB", 0):
-        return w
-    return w.T
 
 
 class Obs(Method):
@@ -103,7 +88,7 @@ class Obs(Method):
                     cols.setdefault(class_group[r], {}).setdefault(r, []).extend(range(k * taps, (k + 1) * taps))
             if not cols:
                 continue
-            w, cov = _weights(view), gram.covariance()
+            w, cov = weight_rows(view), gram.covariance()
             for gid, blocks in cols.items():  # one state per group: each group's order assumes the others whole
                 by_group.setdefault(gid, []).append(_Site(w, cov, {c: np.array(j) for c, j in blocks.items()}))
         scores: dict[int, float] = {}
