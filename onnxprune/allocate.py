@@ -245,6 +245,8 @@ def allocate(
         "probes": probes, "probe_samples": sum(next(iter(b.values())).shape[0] for b in samples),
         "predicted_error": predicted,
         "not_probed": [g.id for g in groups if g.id not in reach],
+        # per group: channels removed, of how many, and the damage its curve predicts there
+        "groups": {gid: (len(r), len(by_id[gid].classes), curve(gid, len(r))) for gid, r in final.items()},
     }
     return final, report
 

@@ -53,14 +53,20 @@ class ChannelGram:
         self.n[k] += r.shape[0]
         self.batches += 1
 
+    def positions(self, total: int, batch: int) -> np.ndarray:
+        """The row indices (of ``total``) sampled for batch number ``batch``: the same for
+        every tensor with as many rows, so rows of an output line up with its input's."""
+        if total <= self.max_rows:
+            return np.arange(total)
+        rng = np.random.default_rng(self.seed + batch)
+        return np.sort(rng.choice(total, self.max_rows, replace=False))
+
     def sampled_rows(self, x: np.ndarray, batch: int, samples: bool = False):
         """Rows [P, C] of ``x`` at the positions sampled for batch number ``batch``; with
         ``samples``, also the index (along axis 0) of the sample each row comes from."""
         rows = _rows(x, self.axis)
-        pick = np.arange(rows.shape[0])
-        if rows.shape[0] > self.max_rows:
-            rng = np.random.default_rng(self.seed + batch)
-            pick = np.sort(rng.choice(rows.shape[0], self.max_rows, replace=False))
+        pick = self.positions(rows.shape[0], batch)
+        if len(pick) < rows.shape[0]:
             rows = rows[pick]
         if not samples:
             return rows
@@ -142,6 +148,14 @@ class PatchGram(ChannelGram):
         n = len(spatial)
         return [(self.pads[i], self.pads[i + n]) for i in range(n)]
 
+    def out_size(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        """The Conv's output height and width for an input of ``shape`` [N, C, H, W]."""
+        pad = self._padding(tuple(shape[2:]))
+        return tuple(  # type: ignore[return-value]
+            (size + lo + hi - (k - 1) * d - 1) // s + 1
+            for size, (lo, hi), k, s, d in zip(shape[2:], pad, self.kernel, self.strides, self.dilations)
+        )
+
     def patch_rows(self, x: np.ndarray, batch: int, samples: bool = False):
         """im2col rows [P, C·kh·kw] of ``x`` at the output positions sampled for batch
         number ``batch`` (the same positions for every tensor of that batch shape); with
@@ -151,11 +165,8 @@ class PatchGram(ChannelGram):
         pad = self._padding(x.shape[2:])
         xp = np.pad(x, [(0, 0), (0, 0), *pad])
         (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.strides, self.dilations
-        oh = (xp.shape[2] - (kh - 1) * dh - 1) // sh + 1
-        ow = (xp.shape[3] - (kw - 1) * dw - 1) // sw + 1
-        total = x.shape[0] * oh * ow
-        rng = np.random.default_rng(self.seed + batch)
-        pick = np.arange(total) if total <= self.max_rows else np.sort(rng.choice(total, self.max_rows, replace=False))
+        oh, ow = self.out_size(x.shape)
+        pick = self.positions(x.shape[0] * oh * ow, batch)
         b, rem = np.divmod(pick, oh * ow)
         i, j = np.divmod(rem, ow)
         taps = [(a * dh, c * dw) for a in range(kh) for c in range(kw)]

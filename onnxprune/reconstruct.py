@@ -14,12 +14,19 @@ pruned graph, on the same samples and positions (for a k×k Conv: im2col patches
 In closed form, with ``y = W x`` at sampled rows:
 ``W' = C_yx' (C_x'x' + λI)⁻¹`` and ``b' = b + E[y] − W' E[x']`` (C: centred covariances),
 the reconstruction of ThiNet / channel pruning (He et al. 2017) without the selection step.
-All consumers are refitted from one joint pass; each further pass sees the previous pass's
-refits upstream.
+
+When the consumer's output is added to a residual stream (``Add(W x + b, s)``, through at
+most its own bias ``Add``), the target also carries the error the stream brings along,
+``y = W x + (s − s')`` with ``s'`` the stream in the pruned graph: the skip path passes
+upstream errors on unchanged, and this is the one layer that can take them out, so the
+refit matches the sum the block hands on rather than its own branch.
+
+Consumers are refitted in waves, front to back; each wave sees the previous waves' refits.
 """
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -36,7 +43,7 @@ from .compensate import _append_add, _lstsq_kind, _new_input, ridged
 from .consumers import consumer_views
 from .data import Sample
 from .errors import InputError
-from .gram import ChannelGram, PatchGram
+from .gram import ChannelGram, PatchGram, _rows
 from .groups import Analysis
 from .layout import SliceParam
 
@@ -55,6 +62,8 @@ class RefitTarget:
     w: np.ndarray  # [O_kept, F]: rows are kept outputs, columns input features (Conv: c·kh·kw + tap)
     b: np.ndarray  # [O_kept]
     keep_cols: np.ndarray  # bool [F]: the features the pruned consumer still reads
+    skip: str | None = None  # residual stream added to the output (same name in both graphs)
+    keep_rows: np.ndarray | None = None  # bool [O]: the outputs kept (the original skip's channels)
     rows_seen: int = 0
     samples_seen: int = 0
     sums: list = field(default_factory=list)  # two folds (even / odd sampled rows)
@@ -65,15 +74,21 @@ class RefitTarget:
             return PatchGram(self.node, shards=1, max_rows=REFIT_ROWS)
         return ChannelGram(self.axis, shards=1, max_rows=REFIT_ROWS)
 
-    def update(self, ext: ChannelGram, x: np.ndarray, xp: np.ndarray, batch: int) -> None:
-        """Fold in one batch: ``x`` from the original graph, ``xp`` from the pruned one."""
+    def update(self, ext: ChannelGram, x: np.ndarray, xp: np.ndarray, batch: int,
+               skip: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """Fold in one batch: ``x`` from the original graph, ``xp`` from the pruned one, and
+        the residual stream the output is added to in each (``skip``), if any."""
         if self.kind == "patch":
             (r, owner), rp = ext.patch_rows(x, batch, samples=True), ext.patch_rows(xp, batch)
+            out_rows = x.shape[0] * math.prod(ext.out_size(x.shape))
         else:
             (r, owner), rp = ext.sampled_rows(x, batch, samples=True), ext.sampled_rows(xp, batch)
+            out_rows = x.size // max(x.shape[self.axis], 1)
         if rp.shape[1] != int(self.keep_cols.sum()):
             raise ValueError(f"pruned input of {self.node.name!r} has {rp.shape[1]} features, expected {int(self.keep_cols.sum())}")
         y = r.astype(np.float64) @ self.w.T
+        if skip is not None:
+            y += self._stream_error(ext, *skip, out_rows, batch)
         rp = rp.astype(np.float64)
         if not self.sums:
             o, f = y.shape[1], rp.shape[1]
@@ -92,6 +107,17 @@ class RefitTarget:
             s["pp"] += pf.T @ pf
             s["yp"] += yf.T @ pf
         self.rows_seen += len(r)
+
+    def _stream_error(self, ext: ChannelGram, s: np.ndarray, sp: np.ndarray, out_rows: int, batch: int) -> np.ndarray | float:
+        """``s − s'`` at the sampled output positions, kept channels only."""
+        axis = 1 if self.kind == "patch" else self.axis
+        so, spr = _rows(s, axis), _rows(sp, axis)
+        kept = int(self.keep_rows.sum())
+        if so.shape != (out_rows, len(self.keep_rows)) or spr.shape != (out_rows, kept):
+            self.skip = None  # a broadcasting Add: not one stream value per output; fit the branch alone
+            return 0.0
+        pick = ext.positions(out_rows, batch)
+        return so[pick][:, self.keep_rows].astype(np.float64) - spr[pick].astype(np.float64)
 
     def _fit(self, s: dict, mode: str) -> tuple[np.ndarray, np.ndarray]:
         """(A, c) with ``W x ≈ A x' + c`` on the rows summed in ``s``: the ridge least-squares
@@ -155,8 +181,28 @@ def refit_targets(analysis: Analysis, removed: np.ndarray) -> list[RefitTarget]:
         b = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
         b = np.zeros(wf.shape[0]) if b is None else np.broadcast_to(np.asarray(b, np.float64).reshape(-1), (wf.shape[0],))
         rows = keep(out_atoms[id(node)]) if id(node) in out_atoms else np.ones(wf.shape[0], dtype=bool)
-        targets.append(RefitTarget(node, view.value.name, kind, view.axis, wf[rows], b[rows].copy(), keep_cols))
+        skip = _residual(node)
+        targets.append(RefitTarget(node, view.value.name, kind, view.axis, wf[rows], b[rows].copy(), keep_cols,
+                                   skip=skip.name if skip is not None else None, keep_rows=rows))
     return targets
+
+
+def _residual(node: ir.Node) -> ir.Value | None:
+    """The stream the node's output is added to: the other operand of the ``Add`` it feeds
+    alone, looking through one ``Add`` of a constant (its bias); None if there is none."""
+    out = node.outputs[0]
+    for _ in range(2):
+        uses = list(out.uses())
+        if len(uses) != 1 or uses[0].node.op_type != "Add" or out.is_graph_output():
+            return None
+        add, idx = uses[0].node, uses[0].idx
+        other = add.inputs[1 - idx]
+        if other is None:
+            return None
+        if const_array(other) is None:
+            return other
+        out = add.outputs[0]
+    return None
 
 
 def _fattr(node: ir.Node, name: str) -> float:
@@ -184,18 +230,23 @@ def refit_on_pruned(
     """
     if not targets:
         return 0, 0
-    waves = _waves(pruned.graph, targets)
-    if len(waves) > 1:
-        batch_iter = _replayable(batch_iter, memory_budget)
     orig_values = {v.name: v for v in _all_values(original.graph)}
     missing = [t.source for t in targets if t.source not in orig_values]
     if missing:
         raise InputError(f"lstsq: tensor {missing[0]!r} of the original graph not found")
+    pruned_names = {v.name for v in _all_values(pruned.graph)}
+    for t in targets:
+        if t.skip not in orig_values or t.skip not in pruned_names:
+            t.skip = None
+    waves = _waves(pruned.graph, targets)
+    if len(waves) > 1:
+        batch_iter = _replayable(batch_iter, memory_budget)
     with tempfile.TemporaryDirectory(prefix="onnxprune-refit-") as d:
         for k, wave in enumerate(waves):
+            skips = [t.skip for t in wave if t.skip is not None]
             # onnxruntime runs every node whatever is fetched: cut both graphs after the wave.
-            so = _prefix_session(original, [t.source for t in wave], Path(d) / f"o{k}", providers)
-            sp = _prefix_session(pruned, [t.node.inputs[0].name for t in wave], Path(d) / f"p{k}", providers)
+            so = _prefix_session(original, [t.source for t in wave] + skips, Path(d) / f"o{k}", providers)
+            sp = _prefix_session(pruned, [t.node.inputs[0].name for t in wave] + skips, Path(d) / f"p{k}", providers)
             _joint_pass(wave, orig_values, so, sp, batch_iter(), memory_budget, batch_size)
             del so, sp
             shutil.rmtree(Path(d) / f"o{k}")
@@ -238,23 +289,32 @@ def _replayable(batch_iter: Callable[[], Iterator[Sample]], budget: int) -> Call
 
 
 def _waves(graph: ir.Graph, targets: list[RefitTarget]) -> list[list[RefitTarget]]:
-    """Targets by the number of targets upstream of them (graph order is topological)."""
+    """Targets by the number of targets upstream of them or of the stream they add to
+    (graph order is topological)."""
     by_node = {id(t.node): t for t in targets}
     level: dict[int, int] = {}
+    known: dict[str, int] = {}
     waves: dict[int, list[RefitTarget]] = {}
     for node in graph:
         lv = max((level.get(id(v), 0) for v in node.inputs if v is not None), default=0)
         t = by_node.get(id(node))
         if t is not None:
+            if t.skip is not None and t.skip in known:
+                lv = max(lv, known[t.skip])
+            elif t.skip is not None:
+                t.skip = None  # computed after the consumer in graph order: not worth a second sweep
             waves.setdefault(lv, []).append(t)
             lv += 1
         for out in node.outputs:
-            level[id(out)] = lv
+            level[id(out)] = known[out.name] = lv
+    for v in graph.inputs:
+        known.setdefault(v.name, 0)
     return [waves[k] for k in sorted(waves)]
 
 
 def _joint_pass(targets, orig_values, so, sp, batches: Iterator[Sample], memory_budget: int, batch_size: int) -> None:
     pairs = [(t, orig_values[t.source], t.node.inputs[0]) for t in targets]
+    so_out, sp_out = {o.name for o in so.get_outputs()}, {o.name for o in sp.get_outputs()}
     # One budget for both graphs' fetched tensors: plan on the original's (the larger ones).
     runs = _plan_runs(list({id(o): o for _, o, _ in pairs}.values()), batch_size, memory_budget // 2)
     by_value = {}
@@ -264,11 +324,13 @@ def _joint_pass(targets, orig_values, so, sp, batches: Iterator[Sample], memory_
     for k, batch in enumerate(batches):
         for run in runs:
             chunk = [item for o in run for item in by_value[id(o)]]
-            xs = so.run([o.name for _, o, _ in chunk], batch)
-            xps = sp.run([p.name for _, _, p in chunk], batch)
+            skips = list(dict.fromkeys(t.skip for t, _, _ in chunk if t.skip in so_out and t.skip in sp_out))
+            xs = so.run([o.name for _, o, _ in chunk] + skips, batch)
+            xps = sp.run([p.name for _, _, p in chunk] + skips, batch)
+            streams = dict(zip(skips, zip(xs[len(chunk):], xps[len(chunk):])))
             for (t, _, _), x, xp in zip(chunk, xs, xps):
-                t.update(extractors[id(t)], x, xp, k)
-            del xs, xps
+                t.update(extractors[id(t)], x, xp, k, streams.get(t.skip))
+            del xs, xps, streams
 
 
 def _all_values(graph: ir.Graph):

@@ -207,3 +207,73 @@ def test_held_out_folds_split_samples_not_rows():
     node = ir.serde.deserialize_node(conv)
     rows, owner = PatchGram(node, max_rows=5).patch_rows(np.ones((2, 3, 4, 4), np.float32), 0, samples=True)
     assert rows.shape == (5, 3) and set(owner.tolist()) <= {0, 1}
+
+
+def _residual_net(tmp_path):
+    """x → Relu(Gemm p) → Gemm q = s;  y = Gemm j(Relu(Gemm e(s))) + s: pruning p puts an
+    error into the stream s that the skip path carries past the block unchanged."""
+    g = G(seed=5)
+    x = g.input("x", ["N", 8])
+    s = g.gemm(g.op("Relu", [g.gemm(x, 8, 12, name="p")]), 12, 8, name="q")
+    u = g.gemm(g.op("Relu", [g.gemm(s, 8, 12, name="e")]), 12, 8, name="j")
+    return save(g.model([g.op("Add", [u, s], name="add")]), tmp_path / "m.onnx")
+
+
+def test_refit_of_a_residual_branch_takes_out_the_stream_error(tmp_path, monkeypatch):
+    """A consumer whose output is added to a residual stream is fitted to the block's sum:
+    target ``j(t) + s − s'`` from its pruned input ``t'``, so it also cancels what pruning
+    upstream did to the stream.  Checked against a direct ridge solve, and the output error
+    must fall compared with fitting the branch alone."""
+    import onnxprune
+    import onnxprune.reconstruct as rc
+    from onnxprune.compensate import LSTSQ_RIDGE
+
+    rng = np.random.default_rng(4)
+    src = _residual_net(tmp_path)
+    calib = [{"x": rng.standard_normal((128, 8)).astype(np.float32)} for _ in range(4)]
+
+    def pruned(out):
+        onnxprune.prune(src, out, method="l1", ratio=0.5, calib=calib, eval_data=calib[:1], compensate="lstsq",
+                        latency=False, round_to=1)
+        return np.concatenate([run(out, b)[0] for b in calib]).astype(np.float64)
+
+    y0 = np.concatenate([run(src, b)[0] for b in calib]).astype(np.float64)
+    with_stream = pruned(tmp_path / "stream.onnx")
+    monkeypatch.setattr(rc, "_residual", lambda node: None)
+    branch_only = pruned(tmp_path / "branch.onnx")
+    err = {k: np.linalg.norm(v - y0) for k, v in (("stream", with_stream), ("branch", branch_only))}
+    assert err["stream"] < err["branch"], err  # j is the last layer: fitting the sum is optimal in-sample
+
+    # j's weights are the ridge least-squares fit of the block's sum, from j's pruned input.
+    model = onnx.load(str(tmp_path / "stream.onnx"))
+    j = next(n for n in model.graph.node if n.name == "j")
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in (j.input[0], "q_out"))
+    onnx.save(model, str(tmp_path / "exposed.onnx"))
+    sess = session(str(tmp_path / "exposed.onnx"))
+    tp, sp = (np.concatenate(a).astype(np.float64) for a in zip(*(sess.run([j.input[0], "q_out"], b) for b in calib)))
+    so = np.concatenate([run(src, b)[0] - 0 for b in calib]).astype(np.float64)  # y = u + s in the original
+    target = so - sp  # j must produce y − s'
+    mx, mt = tp.mean(0), target.mean(0)
+    cxx = (tp - mx).T @ (tp - mx) / len(tp)
+    ctx = (target - mt).T @ (tp - mx) / len(tp)
+    w_best = np.linalg.solve(cxx + LSTSQ_RIDGE * np.trace(cxx) / len(mx) * np.eye(len(mx)), ctx.T).T
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    np.testing.assert_allclose(inits[j.input[1]], w_best, rtol=2e-3, atol=2e-4 * np.abs(w_best).max())
+    np.testing.assert_allclose(inits[j.input[2]], mt - w_best @ mx, rtol=2e-3, atol=2e-4 * np.abs(mt).max())
+
+
+def test_residual_detection_looks_through_the_bias_add_only():
+    import onnx_ir as ir
+
+    from onnxprune.reconstruct import _residual
+
+    g = G()
+    x = g.input("x", ["N", 4])
+    m = g.op("MatMul", [x, g.const(g.w(4, 4))], name="m")
+    b = g.op("Add", [m, g.const(g.w(4))], name="bias")
+    y = g.op("Add", [b, x], name="res")
+    other = g.op("MatMul", [x, g.const(g.w(4, 4))], name="n")
+    model = ir.serde.deserialize_model(g.model([y, g.op("Relu", [other])]))
+    nodes = {n.name: n for n in model.graph}
+    assert _residual(nodes["m"]).name == "x"
+    assert _residual(nodes["n"]) is None  # feeds a Relu, not an Add
