@@ -231,6 +231,26 @@ def build_photos(force: bool = False, n: int = N_PHOTOS) -> None:
           + ", ".join(s for s, _ in sources) + ")")
 
 
+def build_extra_photos(n: int) -> Path:
+    """``photos_extra/``: ``n`` more seeded crops of the same sources, for calibration only
+    (never in an eval split), to measure how the refit scales with calibration data."""
+    from PIL import Image
+
+    folder = CACHE / "photos_extra"
+    existing = sorted(folder.glob("extra_*.jpg")) if folder.exists() else []
+    if len(existing) == n:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    for p in existing:
+        p.unlink()
+    sources = source_photos()
+    rng = np.random.default_rng(SEED + 1)
+    for i in range(n):
+        _, img = sources[i % len(sources)]
+        Image.fromarray(_augment(img, rng)).save(folder / f"extra_{i:04d}.jpg", format="JPEG", quality=92)
+    return folder
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--force", action="store_true", help="rebuild even what exists")
