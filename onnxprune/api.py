@@ -321,7 +321,11 @@ def prune(
         deltas = bias_deltas(analysis, stats, all_removed)
     elif stats is not None and compensate == "lstsq":
         refits, deltas = lstsq_refits(analysis, stats, all_removed)
-    targets = refit_targets(analysis, all_removed) if stats is not None and compensate == "lstsq" else []
+    targets = []
+    if stats is not None and compensate == "lstsq":
+        targets = refit_targets(analysis, all_removed)
+    elif stats is not None and compensate == "bias":  # consumers feeding a Relu: keep the post-ReLU mean
+        targets = refit_targets(analysis, all_removed, relu_only=True)
     apply_removal(analysis, all_removed)
     times["rewrite"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -338,10 +342,16 @@ def prune(
             targets, original, model,
             lambda: split_held_out(batches(source_items(calib, specs, preprocess)(), specs, bs, max_samples), hold, fixed),
             providers=providers, memory_budget=int(memory_budget_mb * 2**20), batch_size=bs,
+            modes=("bias",) if compensate == "bias" else ("lstsq", "bias"),
         )
-        refit_note = f"{n_ls} consumers refitted by least squares from their inputs in the pruned graph"
-        if n_bias:
-            refit_note += f", {n_bias} by bias only (it predicted held-out rows better)"
+        if compensate == "bias":
+            refit_note = f"{n_bias} consumers feeding a Relu: bias refitted in the pruned graph to keep the post-ReLU mean"
+        else:
+            refit_note = f"{n_ls} consumers refitted by least squares from their inputs in the pruned graph"
+            if n_bias:
+                refit_note += f", {n_bias} by bias only (it predicted held-out rows better)"
+    elif targets and compensate == "bias":
+        refit_note = "bias from the original graph's statistics only: the calibration source can be read only once"
     elif targets:
         refit_note = "refitted from the original graph's statistics only: the calibration source can be read only once"
     times["compensate"] = time.perf_counter() - t

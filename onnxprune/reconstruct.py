@@ -22,6 +22,15 @@ upstream errors on unchanged, and this is the one layer that can take them out, 
 refit matches the sum the block hands on rather than its own branch.
 
 Consumers are refitted in waves, front to back; each wave sees the previous waves' refits.
+
+``--compensate bias`` uses the same pass, bias only, at the consumers whose output goes
+straight into a ``Relu``: matching the mean of the pre-activation is not enough there.
+Removing inputs takes variance out of the pre-activation, and with its mean held fixed a
+ReLU then passes on less (Jensen: ``E[relu(E[y|x'])] <= E[relu(y)]``), so the next layer reads
+inputs whose means drifted, and the drift compounds with depth.  Those consumers get the
+shift that keeps the post-ReLU mean instead, ``E[relu(y' + c)] = E[relu(y)]`` per output,
+with both sides Gaussian from the first two moments (``E[relu(N(m, s²))] = m·Φ(m/s) + s·φ(m/s)``),
+``y`` the original pre-activation and ``y'`` the pruned graph's, on the calibration set.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 import onnx_ir as ir
+import scipy.special
 
 from . import _ort
 from ._graph import attr_int, const_array, replace_const
@@ -68,6 +78,7 @@ class RefitTarget:
     samples_seen: int = 0
     sums: list = field(default_factory=list)  # two folds (even / odd sampled rows)
     mode: str = ""  # "lstsq" or "bias": what the held-out comparison chose
+    relu: bool = False  # bias mode keeps the post-ReLU mean (set for --compensate bias only)
 
     def extractor(self) -> ChannelGram:
         if self.kind == "patch":
@@ -92,8 +103,8 @@ class RefitTarget:
         rp = rp.astype(np.float64)
         if not self.sums:
             o, f = y.shape[1], rp.shape[1]
-            self.sums = [dict(n=0, yy=0.0, y=np.zeros(o), p=np.zeros(f), pp=np.zeros((f, f)), yp=np.zeros((o, f)))
-                         for _ in range(2)]
+            self.sums = [dict(n=0, yy=0.0, y=np.zeros(o), y2=np.zeros(o), p=np.zeros(f), pp=np.zeros((f, f)),
+                              yp=np.zeros((o, f))) for _ in range(2)]
         # Folds by sample, not by row: the tokens (positions) of one sentence (image) are
         # alike, and a fold that shares samples with the other flatters the refit.
         fold_of = (self.samples_seen + owner) % 2
@@ -103,6 +114,7 @@ class RefitTarget:
             s["n"] += len(yf)
             s["yy"] += float(np.einsum("ij,ij->", yf, yf))
             s["y"] += yf.sum(axis=0)
+            s["y2"] += np.einsum("ij,ij->j", yf, yf)
             s["p"] += pf.sum(axis=0)
             s["pp"] += pf.T @ pf
             s["yp"] += yf.T @ pf
@@ -126,6 +138,11 @@ class RefitTarget:
         mp, my = s["p"] / n, s["y"] / n
         if mode == "bias":
             a = self.w[:, self.keep_cols]
+            if self.relu:
+                cpp = s["pp"] / n - np.outer(mp, mp)
+                v0 = np.maximum(s["y2"] / n - my * my, 0.0)
+                v1 = np.maximum(np.einsum("of,fg,og->o", a, cpp, a), 0.0)
+                return a, relu_mean_shift(my + self.b, v0, a @ mp + self.b, v1)
         else:
             cpp = s["pp"] / n - np.outer(mp, mp)
             cyp = s["yp"] / n - np.outer(my, mp)
@@ -139,22 +156,49 @@ class RefitTarget:
         sq = float(np.sum((a @ s["pp"]) * a)) + 2.0 * float(c @ (a @ s["p"])) + s["n"] * float(c @ c)
         return s["yy"] - 2.0 * fit + sq
 
-    def solve(self) -> tuple[np.ndarray, np.ndarray]:
+    def solve(self, modes: tuple[str, ...] = ("lstsq", "bias")) -> tuple[np.ndarray, np.ndarray]:
         """(W' [O_kept, F'], b' [O_kept]): the least-squares refit, unless the plain bias
         fit predicts held-out samples better (2-fold, even / odd samples) — with few rows per
-        feature the refit overfits (all-MiniLM-L6-v2 on 24 sentences)."""
+        feature the refit overfits (all-MiniLM-L6-v2 on 24 sentences).  ``modes=("bias",)``:
+        the bias fit only (``--compensate bias``)."""
         s0, s1 = self.sums
         err = {mode: self._error(*self._fit(s0, mode), s1) + self._error(*self._fit(s1, mode), s0)
-               for mode in ("lstsq", "bias")}
+               for mode in modes}
         self.mode = min(err, key=err.get) if s0["n"] and s1["n"] else "bias"
         total = {k: s0[k] + s1[k] for k in s0}
         a, c = self._fit(total, self.mode)
         return a, self.b + c
 
 
-def refit_targets(analysis: Analysis, removed: np.ndarray) -> list[RefitTarget]:
+def relu_mean_shift(m0: np.ndarray, v0: np.ndarray, m1: np.ndarray, v1: np.ndarray) -> np.ndarray:
+    """Per output, the shift ``c`` with ``E[relu(N(m1 + c, v1))] = E[relu(N(m0, v0))]``
+    (``E[relu(N(m, s²))] = m·Φ(m/s) + s·φ(m/s)``, increasing in m: bisection)."""
+    def g(m, s):
+        s = np.maximum(s, 1e-12)
+        z = m / s
+        return m * scipy.special.ndtr(z) + s * np.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+
+    s0, s1 = np.sqrt(v0), np.sqrt(v1)
+    target = g(m0, s0)
+    span = np.abs(m0) + np.abs(m1) + 10.0 * (s0 + s1) + 1.0
+    lo, hi = -span, span.copy()
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        up = g(m1 + mid, s1) < target
+        lo, hi = np.where(up, mid, lo), np.where(up, hi, mid)
+    return (lo + hi) / 2
+
+
+def _feeds_relu(node: ir.Node) -> bool:
+    out = node.outputs[0]
+    uses = list(out.uses())
+    return len(uses) == 1 and uses[0].node.op_type == "Relu" and not out.is_graph_output()
+
+
+def refit_targets(analysis: Analysis, removed: np.ndarray, relu_only: bool = False) -> list[RefitTarget]:
     """The consumers that lose inputs and that least squares can refit, with their
-    original weights; call before the rewrite."""
+    original weights; call before the rewrite.  ``relu_only`` (``--compensate bias``): only
+    the consumers whose output goes straight into a Relu, marked to keep the post-ReLU mean."""
     from .rewrite import keep_function
 
     gone = np.zeros(len(analysis.roots), dtype=bool)
@@ -168,6 +212,8 @@ def refit_targets(analysis: Analysis, removed: np.ndarray) -> list[RefitTarget]:
         kind = _lstsq_kind(view)
         node = view.node
         if not drop.any() or kind is None or view.value.is_graph_input():
+            continue
+        if relu_only and not _feeds_relu(node):
             continue
         if node.op_type == "Gemm" and (_fattr(node, "alpha") != 1.0 or _fattr(node, "beta") != 1.0):
             continue
@@ -183,7 +229,7 @@ def refit_targets(analysis: Analysis, removed: np.ndarray) -> list[RefitTarget]:
         rows = keep(out_atoms[id(node)]) if id(node) in out_atoms else np.ones(wf.shape[0], dtype=bool)
         skip = _residual(node)
         targets.append(RefitTarget(node, view.value.name, kind, view.axis, wf[rows], b[rows].copy(), keep_cols,
-                                   skip=skip.name if skip is not None else None, keep_rows=rows))
+                                   skip=skip.name if skip is not None else None, keep_rows=rows, relu=relu_only))
     return targets
 
 
@@ -219,6 +265,7 @@ def refit_on_pruned(
     providers: list[str],
     memory_budget: int,
     batch_size: int,
+    modes: tuple[str, ...] = ("lstsq", "bias"),
 ) -> tuple[int, int]:
     """Refit ``targets`` in ``pruned`` (in place), front to back; returns how many got the
     least-squares refit and how many the bias fit (see :meth:`RefitTarget.solve`).
@@ -253,7 +300,7 @@ def refit_on_pruned(
             shutil.rmtree(Path(d) / f"p{k}")
             for t in wave:
                 if t.rows_seen:
-                    _write(t, *t.solve(), pruned.graph)
+                    _write(t, *t.solve(modes), pruned.graph)
                 t.sums = []
     return sum(1 for t in targets if t.mode == "lstsq"), sum(1 for t in targets if t.mode == "bias")
 

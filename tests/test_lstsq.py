@@ -277,3 +277,60 @@ def test_residual_detection_looks_through_the_bias_add_only():
     nodes = {n.name: n for n in model.graph}
     assert _residual(nodes["m"]).name == "x"
     assert _residual(nodes["n"]) is None  # feeds a Relu, not an Add
+
+
+def test_relu_mean_shift_keeps_the_mean_after_the_relu():
+    """``c`` with E[relu(N(m1 + c, v1))] = E[relu(N(m0, v0))], checked by quadrature."""
+    from scipy import integrate, stats
+
+    from onnxprune.reconstruct import relu_mean_shift
+
+    m0, v0 = np.array([0.3, -1.0, 2.0, -0.2]), np.array([1.0, 0.5, 4.0, 0.01])
+    m1, v1 = np.array([0.1, -1.5, 2.5, 0.4]), np.array([0.4, 0.5, 1.0, 0.0])
+    c = relu_mean_shift(m0, v0, m1, v1)
+
+    def relu_mean(m, v):
+        if v == 0:
+            return max(m, 0.0)
+        s = np.sqrt(v)
+        return integrate.quad(lambda y: y * stats.norm.pdf(y, m, s), 0, np.inf)[0]
+
+    for i in range(len(m0)):
+        assert relu_mean(m1[i] + c[i], v1[i]) == pytest.approx(relu_mean(m0[i], v0[i]), rel=1e-6, abs=1e-9)
+
+
+def test_bias_keeps_the_post_relu_mean_where_the_plain_delta_loses_it(tmp_path, monkeypatch):
+    """A consumer followed by a Relu: removing inputs takes variance out of its
+    pre-activation, and with the mean held (the plain delta) the Relu passes on less.
+    ``--compensate bias`` refits that consumer's bias in the pruned graph to keep the mean
+    after the Relu, which the next layer reads."""
+    import onnxprune
+    import onnxprune.reconstruct as rc
+
+    g = G(seed=2)
+    x = g.input("x", ["N", 8])
+    h = g.op("Relu", [g.gemm(x, 8, 16, name="p")])
+    r = g.op("Relu", [g.gemm(h, 16, 6, name="c")], name="r")
+    src = save(g.model([g.gemm(r, 6, 3, name="out")]), tmp_path / "m.onnx")
+    rng = np.random.default_rng(8)
+    calib = [{"x": rng.standard_normal((256, 8)).astype(np.float32)} for _ in range(4)]
+
+    def relu_means(path):
+        model = onnx.load(str(path))
+        model.graph.output.append(onnx.helper.make_tensor_value_info("r_out", onnx.TensorProto.FLOAT, None))
+        onnx.save(model, str(tmp_path / "exposed.onnx"))
+        sess = session(str(tmp_path / "exposed.onnx"))
+        return np.concatenate([sess.run(["r_out"], b)[0] for b in calib]).mean(0)
+
+    def prune(out):
+        _, res = onnxprune.prune(src, out, method="random", seed=1, ratio=0.5, calib=calib, eval_data=calib[:1],
+                                 compensate="bias", latency=False, round_to=1, exclude=["c"])
+        return res
+
+    res = prune(tmp_path / "relu.onnx")
+    assert "post-ReLU mean" in res.compensation_note
+    monkeypatch.setattr(rc, "_feeds_relu", lambda node: False)
+    prune(tmp_path / "delta.onnx")
+    want = relu_means(src)
+    err = {k: np.abs(relu_means(tmp_path / f"{k}.onnx") - want).max() for k in ("relu", "delta")}
+    assert err["relu"] < 0.5 * err["delta"], err
