@@ -385,3 +385,29 @@ def test_shipped_cnn_half_macs(tmp_path):
     assert r.macs_after / r.macs_before <= 0.5
     assert r.fidelity["accuracy_before"] == pytest.approx(0.988)
     assert r.fidelity["accuracy_after"] >= 0.95
+
+
+def test_fold_downdates_are_the_same_when_dead_positions_are_dropped():
+    """Dropping removed positions from the downdated matrices changes the cost only."""
+    from onnxprune.methods.mipp import _FoldBase, _LinearFolds
+
+    rng = np.random.default_rng(3)
+
+    def spd(n):
+        a = rng.standard_normal((n, n))
+        return a @ a.T / n + 0.1 * np.eye(n)
+
+    s = 24
+    base = _FoldBase([(spd(s), spd(s), 0.01) for _ in range(3)], np.arange(s))
+    w = rng.standard_normal((5, s))
+    runs = []
+    for compact in (0, 8):
+        lf = _LinearFolds(base, w)
+        lf.COMPACT = compact
+        seq = []
+        for k in (3, 17, 0, 9, 22, 5, 11, 14, 1, 20, 7, 2):
+            seq.append(lf.delta(np.array([k, k + 1]) if k == 14 else np.array([k])))
+            lf.commit(np.array([k, k + 1]) if k == 14 else np.array([k]))
+        runs.append((np.array(seq), len(lf.idx)))
+    np.testing.assert_allclose(runs[1][0], runs[0][0], rtol=1e-9, atol=1e-12)
+    assert runs[0][1] == s and runs[1][1] < s  # dropped only with compaction

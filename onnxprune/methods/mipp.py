@@ -408,9 +408,11 @@ class _LinearFolds:
     ``tr(M (T − B T_S: − T_:S Bᵀ + B T_SS Bᵀ))`` by ``2 tr(M E Gᵀ) + tr(M E T_SS Eᵀ)`` =
     ``2 tr(V R[:, k] K) + ⟨K Z_kk K, Y2_kk⟩`` with ``Z = BᵀMB`` and ``R = GᵀMB``.  Only the
     s×s matrices P, Z, R, TP, Y2 are kept (stacked over folds, indexed by position in the
-    initial S; a removed position is never read again) and updated in place, so a test costs
-    O(|k|²·s) and a removal O(|k|·s²).
+    current S, removed positions zeroed and dropped in batches) and updated in place, so a test
+    costs O(|k|²·s) and a removal O(|k|·s²) with s shrinking as S does.
     """
+
+    COMPACT = 8  # drop dead positions once 1/COMPACT of them are dead (0: never; benchmarks/mipp_downdate.py)
 
     def __init__(self, base: _FoldBase, w: np.ndarray) -> None:
         self.idx = base.idx
@@ -419,6 +421,7 @@ class _LinearFolds:
         self.Z = np.matmul(wb.transpose(0, 2, 1), wb)
         self.R = np.matmul(wg.transpose(0, 2, 1), wb)
         self._pending: tuple | None = None
+        self.dead = np.zeros(len(self.idx), dtype=bool)  # removed, not yet dropped
 
     def delta(self, feats: np.ndarray) -> np.ndarray:
         """Held-out loss increase per fold (in M's units) when ``feats`` leave S."""
@@ -455,6 +458,15 @@ class _LinearFolds:
         self.P -= Vt @ KV
         self.P[:, pos, :] = 0.0
         self.P[:, :, pos] = 0.0
+        self.dead[pos] = True
+        # Removed positions are never read again: once an eighth of them are dead, drop them
+        # (a copy of five s×s stacks), so the later updates work on smaller matrices.
+        if self.COMPACT and self.dead.sum() * self.COMPACT >= len(self.dead):
+            keep = ~self.dead
+            self.idx, self.dead = self.idx[keep], np.zeros(int(keep.sum()), dtype=bool)
+            for name in ("P", "Z", "R", "TP", "Y2"):
+                a = getattr(self, name)
+                setattr(self, name, np.ascontiguousarray(a[:, keep][:, :, keep]))
 
 
 @dataclass
