@@ -49,7 +49,7 @@ import scipy.special
 from . import _ort
 from ._graph import attr_int, const_array, replace_const
 from .calibrate import _plan_runs
-from .compensate import _append_add, _lstsq_kind, _new_input, ridged
+from .compensate import _append_add, _lstsq_kind, _new_input, ridged, weight_rows
 from .consumers import consumer_views
 from .data import Sample
 from .errors import InputError
@@ -217,13 +217,8 @@ def refit_targets(analysis: Analysis, removed: np.ndarray, relu_only: bool = Fal
             continue
         if node.op_type == "Gemm" and (_fattr(node, "alpha") != 1.0 or _fattr(node, "beta") != 1.0):
             continue
-        w = view.weight()
-        if node.op_type == "Conv":
-            wf, keep_cols = w.reshape(w.shape[0], -1), np.repeat(~drop, w.shape[2] * w.shape[3])
-        elif node.op_type == "Gemm" and attr_int(node, "transB", 0):
-            wf, keep_cols = w, ~drop
-        else:  # Gemm without transB, MatMul: W is [K, N]
-            wf, keep_cols = w.T, ~drop
+        wf = weight_rows(view)
+        keep_cols = np.repeat(~drop, wf.shape[1] // len(drop))  # k·k columns per channel of a Conv
         b = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
         b = np.zeros(wf.shape[0]) if b is None else np.broadcast_to(np.asarray(b, np.float64).reshape(-1), (wf.shape[0],))
         rows = keep(out_atoms[id(node)]) if id(node) in out_atoms else np.ones(wf.shape[0], dtype=bool)
