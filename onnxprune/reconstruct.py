@@ -58,6 +58,11 @@ from .groups import Analysis
 from .layout import SliceParam
 
 REFIT_ROWS = 4096  # sampled rows (positions, tokens) per batch and consumer
+# Folds of the lstsq-or-bias choice: each fit leaves one fold out, so it sees (K-1)/K of the
+# samples.  With two folds least squares was judged on half the data and lost to the bias
+# fit at consumers where the full-data refit wins by far (EfficientNet-Lite0's late
+# projections: 7 consumers fell back to bias and the logit error doubled, 0.30 → 0.69).
+REFIT_FOLDS = 8
 
 
 @dataclass
@@ -76,7 +81,7 @@ class RefitTarget:
     keep_rows: np.ndarray | None = None  # bool [O]: the outputs kept (the original skip's channels)
     rows_seen: int = 0
     samples_seen: int = 0
-    sums: list = field(default_factory=list)  # two folds (even / odd sampled rows)
+    sums: list = field(default_factory=list)  # REFIT_FOLDS folds of samples (sample index mod K)
     mode: str = ""  # "lstsq" or "bias": what the held-out comparison chose
     relu: bool = False  # bias mode keeps the post-ReLU mean (set for --compensate bias only)
 
@@ -104,10 +109,10 @@ class RefitTarget:
         if not self.sums:
             o, f = y.shape[1], rp.shape[1]
             self.sums = [dict(n=0, yy=0.0, y=np.zeros(o), y2=np.zeros(o), p=np.zeros(f), pp=np.zeros((f, f)),
-                              yp=np.zeros((o, f))) for _ in range(2)]
+                              yp=np.zeros((o, f))) for _ in range(REFIT_FOLDS)]
         # Folds by sample, not by row: the tokens (positions) of one sentence (image) are
         # alike, and a fold that shares samples with the other flatters the refit.
-        fold_of = (self.samples_seen + owner) % 2
+        fold_of = (self.samples_seen + owner) % REFIT_FOLDS
         self.samples_seen += x.shape[0]
         for fold, s in enumerate(self.sums):
             yf, pf = y[fold_of == fold], rp[fold_of == fold]
@@ -158,14 +163,17 @@ class RefitTarget:
 
     def solve(self, modes: tuple[str, ...] = ("lstsq", "bias")) -> tuple[np.ndarray, np.ndarray]:
         """(W' [O_kept, F'], b' [O_kept]): the least-squares refit, unless the plain bias
-        fit predicts held-out samples better (2-fold, even / odd samples) — with few rows per
-        feature the refit overfits (all-MiniLM-L6-v2 on 24 sentences).  ``modes=("bias",)``:
-        the bias fit only (``--compensate bias``)."""
-        s0, s1 = self.sums
-        err = {mode: self._error(*self._fit(s0, mode), s1) + self._error(*self._fit(s1, mode), s0)
-               for mode in modes}
-        self.mode = min(err, key=err.get) if s0["n"] and s1["n"] else "bias"
-        total = {k: s0[k] + s1[k] for k in s0}
+        fit predicts held-out samples better (K-fold by sample, each fit leaving one fold
+        out) — with few rows per feature the refit overfits (all-MiniLM-L6-v2 on 24
+        sentences).  ``modes=("bias",)``: the bias fit only (``--compensate bias``)."""
+        total = {k: sum(s[k] for s in self.sums) for k in self.sums[0]}
+        filled = [s for s in self.sums if s["n"]]
+        if len(modes) == 1 or len(filled) < 2:
+            self.mode = modes[0] if len(modes) == 1 else "bias"
+        else:
+            err = {mode: sum(self._error(*self._fit({k: total[k] - s[k] for k in s}, mode), s) for s in filled)
+                   for mode in modes}
+            self.mode = min(err, key=err.get)
         a, c = self._fit(total, self.mode)
         return a, self.b + c
 

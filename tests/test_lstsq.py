@@ -185,11 +185,44 @@ def test_refit_keeps_the_bias_fit_when_least_squares_would_overfit():
     np.testing.assert_allclose(b, x[:, ~keep].mean(0) @ w[:, ~keep].T, atol=1e-12)
 
 
+def test_choice_judges_least_squares_on_nearly_all_the_data():
+    """96 samples, 40 kept features, the removed inputs partly predictable from the kept:
+    the full-data refit beats the bias fit on fresh samples, but a refit on half the
+    samples does not; the choice must leave only one of several folds out to see that."""
+    from onnxprune.reconstruct import RefitTarget
+
+    def draw(rng, n):
+        kept = rng.standard_normal((n, 40))
+        return kept, np.concatenate([kept, kept[:, :8] + 0.6 * rng.standard_normal((n, 8))], axis=1)
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((4, 48))
+    keep = np.arange(48) < 40
+    kept, x = draw(rng, 96)
+    fresh_kept, fresh_x = draw(np.random.default_rng(99), 4000)
+    errors = {}
+    for mode in ("lstsq", "bias"):
+        t = _target(w, keep)
+        _feed(t, x, kept, batches=3)
+        a, b = t.solve(modes=(mode,))
+        errors[mode] = float(np.mean((fresh_kept @ a.T + b - fresh_x @ w.T) ** 2))
+    assert errors["lstsq"] < 0.8 * errors["bias"]
+    t = _target(w, keep)
+    _feed(t, x, kept, batches=3)
+    t.solve()
+    assert t.mode == "lstsq"
+    half = _target(w, keep)  # what a two-fold choice sees: a fit on 48 samples
+    _feed(half, x[::2], kept[::2])
+    a, b = half.solve(modes=("lstsq",))
+    assert np.mean((kept[1::2] @ a.T + b - x[1::2] @ w.T) ** 2) > np.mean((kept[1::2] @ w[:, keep].T
+        + (x[::2, 40:].mean(0) @ w[:, 40:].T) - x[1::2] @ w.T) ** 2)
+
+
 def test_held_out_folds_split_samples_not_rows():
     """The lstsq/bias choice is judged on held-out *samples*: the tokens of one sentence
     (positions of one image) are alike, and folds that share samples flatter the refit."""
     from onnxprune.gram import ChannelGram, PatchGram
-    from onnxprune.reconstruct import RefitTarget
+    from onnxprune.reconstruct import REFIT_FOLDS, RefitTarget
 
     x = np.arange(3 * 5 * 4, dtype=np.float32).reshape(3, 5, 4)  # [B, T, C]
     rows, owner = ChannelGram(2, max_rows=7).sampled_rows(x, 0, samples=True)
@@ -198,9 +231,9 @@ def test_held_out_folds_split_samples_not_rows():
     target = RefitTarget(node=None, source="x", kind="rows", axis=2, w=np.eye(4), b=np.zeros(4),
                          keep_cols=np.array([True, True, True, False]))
     ext = ChannelGram(2, max_rows=4096)
-    target.update(ext, x, x[..., :3], 0)  # samples 0, 2 -> fold 0; sample 1 -> fold 1
-    target.update(ext, x[:1], x[:1, :, :3], 1)  # the 4th sample overall -> fold 1
-    assert [s["n"] for s in target.sums] == [10, 10]
+    target.update(ext, x, x[..., :3], 0)  # samples 0, 1, 2 -> folds 0, 1, 2
+    target.update(ext, x[:1], x[:1, :, :3], 1)  # the 4th sample overall -> fold 3
+    assert [s["n"] for s in target.sums] == [5, 5, 5, 5] + [0] * (REFIT_FOLDS - 4)
     conv = onnx.helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[1, 1])
     import onnx_ir as ir
 
