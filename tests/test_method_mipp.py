@@ -411,3 +411,34 @@ def test_fold_downdates_are_the_same_when_dead_positions_are_dropped():
         runs.append((np.array(seq), len(lf.idx)))
     np.testing.assert_allclose(runs[1][0], runs[0][0], rtol=1e-9, atol=1e-12)
     assert runs[0][1] == s and runs[1][1] < s  # dropped only with compaction
+
+
+def test_sweep_cache_reuses_only_sweeps_whose_path_cannot_change(tmp_path):
+    """Bisection steps whose α falls between two p-values of an earlier sweep's path get
+    that sweep's result without a new sweep, and the results equal fresh sweeps."""
+    path, data = _independent(tmp_path)
+    opts = MethodOptions()
+    analysis, views, stats = _calibrate(path, data, opts, 40)
+    ctx = mipp.build_context(analysis, stats, views, opts)
+    run = mipp.SweepCache(ctx, analysis.groups)
+    lo, hi = mipp.LOG_ALPHA_MIN, 0.0
+    alphas = []
+    for _ in range(mipp.BISECT_STEPS):  # a bisection towards about half the channels
+        mid = (lo + hi) / 2
+        alphas.append(10.0**mid)
+        n = sum(len(v) for v in run(10.0**mid).values())
+        lo, hi = (mid, hi) if n >= 4 else (lo, mid)
+    counts = set()
+    for a in alphas:
+        fresh = mipp.sweep(ctx, analysis.groups, a)
+        counts.add(sum(len(v) for v in fresh.values()))
+        assert {k: v.tolist() for k, v in run(a).items()} == {k: v.tolist() for k, v in fresh.items()}
+    assert len(counts) >= 3  # the steps straddle thresholds: a cache that reused blindly would fail above
+    assert run.sweeps < len(alphas) / 2, run.sweeps
+
+
+def test_budget_report_counts_sweeps(tmp_path):
+    path, data = _convnet(tmp_path)
+    _, r = onnxprune.prune(path, method="mipp", calib=data, batch_size=4, target_macs=0.6, latency=False)
+    rep = r.method_report["mipp"]
+    assert 1 <= rep["sweeps"] <= mipp.BISECT_STEPS + 1
