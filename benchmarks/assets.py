@@ -19,7 +19,8 @@ What it builds (each step is skipped when its output exists):
   and rescales of the photographs bundled with scikit-image (``skimage.data``, those that load
   offline), scikit-learn (``load_sample_images``: china, flower) and matplotlib
   (``grace_hopper.jpg``). Shorter side between 256 and 384 px, JPEG quality 92.
-  Split used by the benchmarks: index % 4 == 3 → evaluation (100), the rest → calibration (300).
+  Split used by the benchmarks (``eval_split``): a staggered fourth of each source's crops →
+  evaluation (99), the rest → calibration (301).
   The two halves are different crops of the SAME ~20 source photos, not independent images.
 
 Both exports are sanity-checked with onnxruntime: skimage ``chelsea()`` must come out as a cat
@@ -51,9 +52,21 @@ CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian ca
 ESPRESSO = 967
 
 
-def eval_split(index: int) -> bool:
-    """The benchmarks' split of ``photos/``: every fourth photo is for evaluation."""
-    return index % 4 == 3
+def eval_split(index: int, n_sources: int) -> bool:
+    """The benchmarks' split of ``photos/``: a fourth of each source's crops is for
+    evaluation.  Photo ``index`` is crop ``index // n_sources`` of source ``index % n_sources``
+    (the builder cycles the sources); the eval crops are staggered by source so every
+    source gives 4-5 of the ~100.  (Until 2026-12-02 the split was ``index % 4 == 3``: with
+    22 sources that put all evaluation photos on the 11 odd sources, which then had half as
+    many calibration crops as the others.)"""
+    return (index // n_sources + index % n_sources) % 4 == 3
+
+
+def photo_split() -> dict[str, bool]:
+    """``{file name: is an evaluation photo}`` for ``photos/``, from its ``.sources.tsv``."""
+    rows = [line.split("\t") for line in (PHOTOS / ".sources.tsv").read_text().splitlines() if line]
+    n_sources = len({r[1] for r in rows})
+    return {r[0]: eval_split(i, n_sources) for i, r in enumerate(rows)}
 
 
 # ----------------------------------------------------------------------------- model
@@ -225,7 +238,7 @@ def build_photos(force: bool = False, n: int = N_PHOTOS) -> None:
         buf = io.BytesIO()
         Image.fromarray(out).save(buf, format="JPEG", quality=92)
         path.write_bytes(buf.getvalue())
-        lines.append(f"{path.name}\t{name}\t{out.shape[1]}x{out.shape[0]}\t{'eval' if eval_split(i) else 'calib'}")
+        lines.append(f"{path.name}\t{name}\t{out.shape[1]}x{out.shape[0]}\t{'eval' if eval_split(i, len(sources)) else 'calib'}")
     (PHOTOS / ".sources.tsv").write_text("\n".join(lines) + "\n")
     print(f"built:  {PHOTOS.relative_to(ROOT.parent)}/ ({n} photos from {len(sources)} sources: "
           + ", ".join(s for s, _ in sources) + ")")

@@ -18,7 +18,7 @@ runs, for ``wanda`` with ``bias`` and ``lstsq`` compensation and ``l1`` with ``b
 
 (calibration: the 300 photos with index % 4 != 3; evaluation: the other 100, see
 ``assets.py``; the two folders are symlinks into ``photos/``), and records the top-1
-agreement with the unpruned model on the 100 evaluation photos, the relative L2 error of the
+agreement with the unpruned model on the 99 evaluation photos, the relative L2 error of the
 logits, onnxprune's MAC count before/after, an independent MAC count (every Conv/Gemm's output
 shape as onnxruntime computes it on a real photo, × its weight's fan-in), and the latency of
 both models (median, interleaved, batch 1 and 32, real photos) next to onnxprune's own figure.
@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import onnxprune  # noqa: E402
-from assets import EFFNET, EFFNET_DYNAMO, PHOTOS, eval_split  # noqa: E402
+from assets import EFFNET, EFFNET_DYNAMO, PHOTOS, photo_split  # noqa: E402
 from onnxprune import _ort  # noqa: E402
 from onnxprune.data import Preprocess, batches, input_specs, source_items  # noqa: E402
 
@@ -55,9 +55,9 @@ TARGET = 0.7
 
 def split_folders(n_calib: int | None, n_eval: int | None) -> tuple[Path, Path]:
     """photos_calib/ and photos_eval/: symlinks into photos/ (rebuilt every run)."""
-    photos = sorted(PHOTOS.glob("photo_*.jpg"))
-    calib = [p for i, p in enumerate(photos) if not eval_split(i)][:n_calib]
-    held = [p for i, p in enumerate(photos) if eval_split(i)][:n_eval]
+    photos, split = sorted(PHOTOS.glob("photo_*.jpg")), photo_split()
+    calib = [p for p in photos if not split[p.name]][:n_calib]
+    held = [p for p in photos if split[p.name]][:n_eval]
     out = []
     for name, files in (("photos_calib", calib), ("photos_eval", held)):
         d = CACHE / name

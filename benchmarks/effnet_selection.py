@@ -9,8 +9,8 @@ allocation by measured sensitivity (``--target-macs`` with data, ``onnxprune/all
         [--selections uniform,global,sensitivity] [--extra-calib N]
 
 The uniform ratio is found by bisection on onnxprune's own MACs estimate, then both
-selections run through ``onnxprune.prune`` on the 300 calibration photos and are scored by
-top-1 agreement with the unpruned model on the 100 held-out photos (``effnet.py``'s split).
+selections run through ``onnxprune.prune`` on the 301 calibration photos and are scored by
+top-1 agreement with the unpruned model on the 99 held-out photos (``assets.eval_split``: a fourth of each source's crops).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--round-to", type=int, default=None, help="default: onnxprune's automatic rounding")
     ap.add_argument("--selections", default="uniform,global,sensitivity", help="a subset, comma separated")
     ap.add_argument("--extra-calib", type=int, default=0,
-                    help="add this many more seeded crops of the same source photos to the 300 calibration photos")
+                    help="add this many more seeded crops of the same source photos to the 301 calibration photos")
     args = ap.parse_args(argv)
     wanted = set(args.selections.split(","))
     ratio = uniform_ratio(args.target, args.round_to) if "uniform" in wanted else None
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             (both / p.name).symlink_to(p.resolve())
         calib = both
     print(f"{sum(1 for _ in calib.iterdir())} calibration photos, {sum(1 for _ in held.iterdir())} held out", flush=True)
-    print("| selection | --compensate | MACs kept | top-1 agreement | rel. L2 (logits) | on the 300 calibration photos: agreement / rel. L2 | latency speedup | prune s | of which select s |")
+    print("| selection | --compensate | MACs kept | top-1 agreement | rel. L2 (logits) | on the split's calibration photos: agreement / rel. L2 | latency speedup | prune s | of which select s |")
     print("|---|---|---|---|---|---|---|---|---|")
     out = ROOT / "benchmarks" / ".cache"
     for comp in args.compensate:

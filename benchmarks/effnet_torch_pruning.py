@@ -15,7 +15,7 @@ For each point x (percent of MACs removed; default 30 and 50):
   (``quality.match``) until the file's MACs (onnxprune's counter) are at most 1 - x.
 * onnxprune on ``effnet_lite0.onnx`` with ``target_macs = 1 - x``, ``round_to=1``:
   ``l1/none`` without data (also at each Torch-Pruning file's exact kept MACs, for the
-  same-criterion comparison), and with the 300 calibration photos (``eval_samples=0``):
+  same-criterion comparison), and with the 301 calibration photos (``eval_samples=0``):
   ``l1/bias``, ``l1/lstsq``, ``wanda/lstsq`` (per-group shares allocated by measured
   sensitivity) and ``l1/lstsq`` with ``global_=True`` (the global-threshold selection).
 
@@ -55,7 +55,7 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
 import onnxprune  # noqa: E402
-from assets import EFFNET, PHOTOS, _torch_model, eval_split  # noqa: E402
+from assets import EFFNET, PHOTOS, _torch_model, photo_split  # noqa: E402
 from effnet import PRE  # noqa: E402
 from onnxprune.count import count_macs, count_params  # noqa: E402
 from onnxprune.data import batches, input_specs, source_items  # noqa: E402
@@ -86,16 +86,16 @@ def session(path: Path) -> ort.InferenceSession:
 
 
 def own_split() -> tuple[Path, Path]:
-    """effnet.split_folders()'s split (300 calibration / 100 evaluation photos), in our own folders."""
-    photos = sorted(PHOTOS.glob("photo_*.jpg"))
+    """effnet.split_folders()'s split (301 calibration / 99 evaluation photos), in our own folders."""
+    photos, split = sorted(PHOTOS.glob("photo_*.jpg")), photo_split()
     out = []
     for name, keep in (("tp_photos_calib", False), ("tp_photos_eval", True)):
         d = CACHE / name
         d.mkdir(exist_ok=True)
         for old in d.iterdir():
             old.unlink()
-        for i, p in enumerate(photos):
-            if eval_split(i) == keep:
+        for p in photos:
+            if split[p.name] == keep:
                 (d / p.name).symlink_to(Path("..") / "photos" / p.name)
         out.append(d)
     return out[0], out[1]
