@@ -63,6 +63,15 @@ REFIT_ROWS = 4096  # sampled rows (positions, tokens) per batch and consumer
 # fit at consumers where the full-data refit wins by far (EfficientNet-Lite0's late
 # projections: 7 consumers fell back to bias and the logit error doubled, 0.30 → 0.69).
 REFIT_FOLDS = 8
+# Each fold keeps its own F×F and O×F sums: the fold count drops (to 2 at least) where 8 folds
+# of a wide consumer would pass this many bytes (a 4096-input MatMul: 134 MB a fold).
+REFIT_FOLD_BYTES = 512 * 2**20
+
+
+def fold_count(outputs: int, features: int) -> int:
+    """Folds of the lstsq-or-bias choice for a consumer of this size (see REFIT_FOLDS)."""
+    per_fold = 8 * (features * features + outputs * features)
+    return int(max(2, min(REFIT_FOLDS, REFIT_FOLD_BYTES // max(per_fold, 1))))
 
 
 @dataclass
@@ -81,7 +90,7 @@ class RefitTarget:
     keep_rows: np.ndarray | None = None  # bool [O]: the outputs kept (the original skip's channels)
     rows_seen: int = 0
     samples_seen: int = 0
-    sums: list = field(default_factory=list)  # REFIT_FOLDS folds of samples (sample index mod K)
+    sums: list = field(default_factory=list)  # fold_count() folds of samples (sample index mod K)
     mode: str = ""  # "lstsq" or "bias": what the held-out comparison chose
     relu: bool = False  # bias mode keeps the post-ReLU mean (set for --compensate bias only)
 
@@ -109,10 +118,10 @@ class RefitTarget:
         if not self.sums:
             o, f = y.shape[1], rp.shape[1]
             self.sums = [dict(n=0, yy=0.0, y=np.zeros(o), y2=np.zeros(o), p=np.zeros(f), pp=np.zeros((f, f)),
-                              yp=np.zeros((o, f))) for _ in range(REFIT_FOLDS)]
+                              yp=np.zeros((o, f))) for _ in range(fold_count(o, f))]
         # Folds by sample, not by row: the tokens (positions) of one sentence (image) are
         # alike, and a fold that shares samples with the other flatters the refit.
-        fold_of = (self.samples_seen + owner) % REFIT_FOLDS
+        fold_of = (self.samples_seen + owner) % len(self.sums)
         self.samples_seen += x.shape[0]
         for fold, s in enumerate(self.sums):
             yf, pf = y[fold_of == fold], rp[fold_of == fold]

@@ -218,6 +218,15 @@ def test_choice_judges_least_squares_on_nearly_all_the_data():
         + (x[::2, 40:].mean(0) @ w[:, 40:].T) - x[1::2] @ w.T) ** 2)
 
 
+def test_fold_count_bounds_the_memory_of_wide_consumers():
+    from onnxprune.reconstruct import REFIT_FOLD_BYTES, REFIT_FOLDS, fold_count
+
+    assert fold_count(192, 1152) == REFIT_FOLDS  # EfficientNet-Lite0's widest refit: 11 MB a fold
+    k = fold_count(4096, 4096)
+    assert 2 <= k < REFIT_FOLDS and k * 8 * 2 * 4096 * 4096 <= REFIT_FOLD_BYTES
+    assert fold_count(16384, 16384) == 2  # never fewer than two: the choice needs a held-out side
+
+
 def test_held_out_folds_split_samples_not_rows():
     """The lstsq/bias choice is judged on held-out *samples*: the tokens of one sentence
     (positions of one image) are alike, and folds that share samples flatter the refit."""
