@@ -348,8 +348,11 @@ def prune(
             refit_note = f"{n_bias} consumers feeding a Relu: bias refitted in the pruned graph to keep the post-ReLU mean"
         else:
             refit_note = f"{n_ls} consumers refitted by least squares from their inputs in the pruned graph"
-            if n_bias:
-                refit_note += f", {n_bias} by bias only (it predicted held-out rows better)"
+            n_zeros = sum(t.keep_zeros for t in targets)
+            if n_bias - n_zeros:
+                refit_note += f", {n_bias - n_zeros} by bias only (it predicted held-out samples better)"
+            if n_zeros:
+                refit_note += f", {n_zeros} by bias only to keep their zero weights (sparse)"
     elif targets and compensate == "bias":
         refit_note = "bias from the original graph's statistics only: the calibration source can be read only once"
     elif targets:

@@ -139,6 +139,22 @@ def weight_rows(view) -> np.ndarray:
 LSTSQ_ROWS_PER_FEATURE = 4
 
 
+# A consumer whose weight is sparse on purpose keeps its zeros: a least-squares refit would
+# write every connection back, so it gets the bias fit.  On purpose means zeros onnxprune
+# wrote itself (relief's ``--granularity connection`` marks the node with KEEP_ZEROS) or at
+# least this share of exact zeros (a model pruned before).  Trained dense weights hold a few
+# incidental zeros: EfficientNet-Lite0's convolutions 0.1–6 %.
+SPARSE_SHARE = 0.25
+KEEP_ZEROS = "onnxprune.keep_zeros"
+
+
+def holds_zeros(node: ir.Node, weight: np.ndarray) -> bool:
+    """Whether the consumer ``node`` with ``weight`` is sparse on purpose (see SPARSE_SHARE)."""
+    if node.meta.get(KEEP_ZEROS):
+        return True
+    return weight.size > 0 and np.count_nonzero(weight == 0) >= SPARSE_SHARE * weight.size
+
+
 def enough_rows(rows: float, features: int) -> bool:
     """Whether ``rows`` sampled rows can fit ``features`` inputs by least squares."""
     return rows >= LSTSQ_ROWS_PER_FEATURE * features
@@ -216,7 +232,8 @@ def lstsq_refits(analysis: Analysis, stats: Statistics, removed: np.ndarray) -> 
             continue
         gram = stats.extra.get(f"lstsq:{i}")
         node = view.node
-        if gram is None or gram.gram is None or not enough_rows(gram.total()[2], int((~drop).sum()) * _taps(view)):
+        if (gram is None or gram.gram is None or not enough_rows(gram.total()[2], int((~drop).sum()) * _taps(view))
+                or holds_zeros(node, view.weight())):
             st = stats.tensors.get(view.tensor)
             if st is not None:
                 d = view.contribution(st.mean, drop)

@@ -49,7 +49,7 @@ import scipy.special
 from . import _ort
 from ._graph import attr_int, const_array, replace_const
 from .calibrate import _plan_runs
-from .compensate import _append_add, _lstsq_kind, _new_input, ridged, weight_rows
+from .compensate import _append_add, _lstsq_kind, _new_input, holds_zeros, ridged, weight_rows
 from .consumers import consumer_views
 from .data import Sample
 from .errors import InputError
@@ -93,6 +93,7 @@ class RefitTarget:
     sums: list = field(default_factory=list)  # fold_count() folds of samples (sample index mod K)
     mode: str = ""  # "lstsq" or "bias": what the held-out comparison chose
     relu: bool = False  # bias mode keeps the post-ReLU mean (set for --compensate bias only)
+    keep_zeros: bool = False  # sparse on purpose (compensate.holds_zeros): the bias fit only
 
     def extractor(self) -> ChannelGram:
         if self.kind == "patch":
@@ -241,7 +242,8 @@ def refit_targets(analysis: Analysis, removed: np.ndarray, relu_only: bool = Fal
         rows = keep(out_atoms[id(node)]) if id(node) in out_atoms else np.ones(wf.shape[0], dtype=bool)
         skip = _residual(node)
         targets.append(RefitTarget(node, view.value.name, kind, view.axis, wf[rows], b[rows].copy(), keep_cols,
-                                   skip=skip.name if skip is not None else None, keep_rows=rows, relu=relu_only))
+                                   skip=skip.name if skip is not None else None, keep_rows=rows, relu=relu_only,
+                                   keep_zeros=holds_zeros(node, wf)))
     return targets
 
 
@@ -312,7 +314,7 @@ def refit_on_pruned(
             shutil.rmtree(Path(d) / f"p{k}")
             for t in wave:
                 if t.rows_seen:
-                    _write(t, *t.solve(modes), pruned.graph)
+                    _write(t, *t.solve(("bias",) if t.keep_zeros else modes), pruned.graph)
                 t.sums = []
     return sum(1 for t in targets if t.mode == "lstsq"), sum(1 for t in targets if t.mode == "bias")
 

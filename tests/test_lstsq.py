@@ -376,3 +376,63 @@ def test_bias_keeps_the_post_relu_mean_where_the_plain_delta_loses_it(tmp_path, 
     want = relu_means(src)
     err = {k: np.abs(relu_means(tmp_path / f"{k}.onnx") - want).max() for k in ("relu", "delta")}
     assert err["relu"] < 0.5 * err["delta"], err
+
+
+def _sparse_consumer(tmp_path, sparse: bool):
+    """x → Gemm p (8) → Relu → Gemm c (4); p's rows 0 and 1 are the weakest (l1 removes
+    them); c holds exact zeros at (o + k) % 3 == 0 when ``sparse``."""
+    rng = np.random.default_rng(11)
+    g = G(seed=11)
+    x = g.input("x", ["N", 6])
+    wp = rng.standard_normal((8, 6)).astype(np.float32)
+    wp[:2] *= 0.05
+    h = g.op("Relu", [g.gemm(x, 6, 8, name="p", weight=wp)])
+    wc = rng.standard_normal((4, 8)).astype(np.float32)
+    if sparse:
+        wc[(np.arange(4)[:, None] + np.arange(8)[None, :]) % 3 == 0] = 0
+    y = g.gemm(h, 8, 4, name="c", weight=wc)
+    src = save(g.model([y]), tmp_path / f"sparse{int(sparse)}.onnx")
+    data = [{"x": rng.standard_normal((16, 6)).astype(np.float32)} for _ in range(8)]
+    return src, data, wc
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_lstsq_keeps_the_zeros_of_a_sparse_consumer(tmp_path, sparse):
+    """A dense refit would write every connection of a weight that is sparse on purpose
+    (relief's connection granularity, a model pruned before): such a consumer gets the bias
+    fit, and its zeros stay zeros; a dense consumer still gets least squares."""
+    import onnxprune
+
+    src, data, wc = _sparse_consumer(tmp_path, sparse)
+    out = tmp_path / "out.onnx"
+    _, r = onnxprune.prune(src, out, method="l1", ratio=0.25, round_to=1, calib=data, compensate="lstsq", latency=False)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
+    node = next(n for n in onnx.load(str(out)).graph.node if n.name == "c")
+    w_new = inits[node.input[1]]
+    assert w_new.shape == (4, 6)
+    if sparse:
+        np.testing.assert_array_equal(w_new[wc[:, 2:] == 0], 0)
+        np.testing.assert_array_equal(w_new, wc[:, 2:])  # the bias fit keeps the kept weights
+        assert "keep their zero weights" in r.compensation_note
+    else:
+        assert not np.allclose(w_new, wc[:, 2:])  # refitted
+        assert "1 consumers refitted by least squares" in r.compensation_note
+
+
+def test_holds_zeros_marks_deliberate_sparsity_only():
+    """Zeros onnxprune wrote (relief's connection granularity marks the node) or a quarter of
+    the weight: sparse on purpose.  A few incidental zeros (EfficientNet-Lite0's convolutions
+    hold 0.1–6 %) are not, so those consumers keep least squares."""
+    import onnx_ir as ir
+
+    from onnxprune.compensate import KEEP_ZEROS, holds_zeros
+
+    w = np.arange(1, 101, dtype=np.float32).reshape(10, 10)
+    w.flat[:6] = 0
+    node = ir.node("Gemm", [])
+    assert not holds_zeros(node, w)
+    w.flat[:25] = 0
+    assert holds_zeros(node, w)
+    w.flat[6:25] = 1
+    node.meta[KEEP_ZEROS] = True
+    assert holds_zeros(node, w)

@@ -56,6 +56,7 @@ import onnx_ir as ir
 
 from .._graph import attr_int, attr_ints, attr_str, const_array, dims, replace_const
 from ..calibrate import StatRequest, Statistics
+from ..compensate import KEEP_ZEROS
 from ..consumers import ConsumerView
 from ..errors import InputError
 from ..groups import Analysis, Group
@@ -504,6 +505,7 @@ def _zero_connections(view: ConsumerView, pruned: np.ndarray, graph: ir.Graph) -
     else:  # Gemm without transB, MatMul: W [K, O]
         w[pruned.T] = 0
     replace_const(node, 1, w, graph)
+    node.meta[KEEP_ZEROS] = True  # compensation must not write these connections back
     # A shared weight got a private copy: drop the original once nothing reads it.
     if node.inputs[1] is not old and not old.uses() and not old.is_graph_output() and old.is_initializer() \
             and old not in graph.inputs:
