@@ -348,7 +348,7 @@ def prune(
             refit_note = f"{n_bias} consumers feeding a Relu: bias refitted in the pruned graph to keep the post-ReLU mean"
         else:
             refit_note = f"{n_ls} consumers refitted by least squares from their inputs in the pruned graph"
-            n_zeros = sum(t.keep_zeros for t in targets)
+            n_zeros = sum(t.keep_zeros and t.mode == "bias" for t in targets)
             if n_bias - n_zeros:
                 refit_note += f", {n_bias - n_zeros} by bias only (it predicted held-out samples better)"
             if n_zeros:

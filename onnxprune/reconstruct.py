@@ -175,7 +175,10 @@ class RefitTarget:
         """(W' [O_kept, F'], b' [O_kept]): the least-squares refit, unless the plain bias
         fit predicts held-out samples better (K-fold by sample, each fit leaving one fold
         out) — with few rows per feature the refit overfits (all-MiniLM-L6-v2 on 24
-        sentences).  ``modes=("bias",)``: the bias fit only (``--compensate bias``)."""
+        sentences).  ``modes=("bias",)``: the bias fit only (``--compensate bias``); a target
+        that keeps its zeros (``keep_zeros``) gets the bias fit whatever ``modes`` says."""
+        if self.keep_zeros:
+            modes = ("bias",)
         total = {k: sum(s[k] for s in self.sums) for k in self.sums[0]}
         filled = [s for s in self.sums if s["n"]]
         if len(modes) == 1 or len(filled) < 2:
@@ -314,7 +317,7 @@ def refit_on_pruned(
             shutil.rmtree(Path(d) / f"p{k}")
             for t in wave:
                 if t.rows_seen:
-                    _write(t, *t.solve(("bias",) if t.keep_zeros else modes), pruned.graph)
+                    _write(t, *t.solve(modes), pruned.graph)
                 t.sums = []
     return sum(1 for t in targets if t.mode == "lstsq"), sum(1 for t in targets if t.mode == "bias")
 
