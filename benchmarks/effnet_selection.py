@@ -6,16 +6,21 @@ allocation by measured sensitivity (``--target-macs`` with data, ``onnxprune/all
 
     .venv/bin/python benchmarks/assets.py
     .venv/bin/python benchmarks/effnet_selection.py [--target 0.7] [--compensate bias lstsq]
-        [--selections uniform,global,sensitivity] [--extra-calib N]
+        [--selections uniform,global,sensitivity] [--extra-calib N] [--more-sources N [--calib-more]]
 
 The uniform ratio is found by bisection on onnxprune's own MACs estimate, then both
 selections run through ``onnxprune.prune`` on the 301 calibration photos and are scored by
 top-1 agreement with the unpruned model on the 99 held-out photos (``assets.eval_split``: a fourth of each source's crops).
+``--more-sources N`` also scores the pruned model on the held-out fourth of N crops of 14
+other, object-centric photographs (``assets.MORE_SOURCES``, read from pinned wheels), and
+``--calib-more`` adds their other three fourths to the calibration photos: distinct images,
+not more crops of the same 22.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -27,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import onnxprune  # noqa: E402
-from assets import EFFNET, build_extra_photos  # noqa: E402
-from effnet import PRE, split_folders  # noqa: E402
+from assets import EFFNET, build_extra_photos, build_more_photos  # noqa: E402
+from effnet import CACHE, PRE, link_folder, split_folders  # noqa: E402
 from onnxprune.count import count_macs, estimate_after  # noqa: E402
 from onnxprune.groups import analyze_groups  # noqa: E402
 from onnxprune.load import load_model  # noqa: E402
@@ -72,25 +77,42 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--selections", default="uniform,global,sensitivity", help="a subset, comma separated")
     ap.add_argument("--extra-calib", type=int, default=0,
                     help="add this many more seeded crops of the same source photos to the 301 calibration photos")
+    ap.add_argument("--more-sources", type=int, default=0,
+                    help="build this many crops of the 14 other photographs (assets.MORE_SOURCES) and score "
+                         "the pruned model on their evaluation fourth too")
+    ap.add_argument("--calib-more", action="store_true",
+                    help="with --more-sources: their calibration fourths join the calibration photos")
     args = ap.parse_args(argv)
     wanted = set(args.selections.split(","))
     ratio = uniform_ratio(args.target, args.round_to) if "uniform" in wanted else None
     if ratio is not None:
         print(f"uniform ratio {ratio:.4f} for {args.target:g} of the MACs", flush=True)
-    calib, held = split_folders(None, None)
+    with tempfile.TemporaryDirectory(prefix="effnet-selection-", dir=CACHE) as work:
+        run(args, ratio, wanted, Path(work))
+    return 0
+
+
+def run(args: argparse.Namespace, ratio: float | None, wanted: set[str], work: Path) -> None:
+    """The runs, with the photo folders (symlinks) and the pruned model in ``work``."""
+    calib, held = split_folders(None, None, work)
     in_calib = calib
     if args.extra_calib:
-        both = calib.parent / "photos_calib_plus"
-        both.mkdir(exist_ok=True)
-        for old in both.iterdir():
-            old.unlink()
-        for p in [*calib.iterdir(), *build_extra_photos(args.extra_calib).glob("extra_*.jpg")]:
-            (both / p.name).symlink_to(p.resolve())
-        calib = both
+        extra = build_extra_photos(args.extra_calib).glob("extra_*.jpg")
+        calib = link_folder(work / "photos_calib_plus", [*calib.iterdir(), *extra])
+    more_held = None
+    if args.more_sources:
+        folder = build_more_photos(args.more_sources)
+        rows = [line.split("\t") for line in (folder / ".sources.tsv").read_text().splitlines() if line]
+        more_held = link_folder(work / "photos_more_eval", [folder / r[0] for r in rows if r[2] == "eval"])
+        if args.calib_more:
+            calib = link_folder(work / "photos_calib_more",
+                                [*calib.iterdir(), *(folder / r[0] for r in rows if r[2] != "eval")])
     print(f"{sum(1 for _ in calib.iterdir())} calibration photos, {sum(1 for _ in held.iterdir())} held out", flush=True)
-    print("| selection | --compensate | MACs kept | top-1 agreement | rel. L2 (logits) | on the split's calibration photos: agreement / rel. L2 | latency speedup | prune s | of which select s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    out = ROOT / "benchmarks" / ".cache"
+    more_col = f" held-out crops of the other photographs ({sum(1 for _ in more_held.iterdir())}): agreement / rel. L2 |" if more_held else ""
+    print("| selection | --compensate | MACs kept | top-1 agreement | rel. L2 (logits) | on the split's calibration photos: agreement / rel. L2 |"
+          f"{more_col} latency speedup | prune s | of which select s |")
+    print("|---|---|---|---|---|---|" + ("---|" if more_held else "") + "---|---|---|")
+    out = work / "effnet_selection.onnx"
     for comp in args.compensate:
         for key, how, budget in (("uniform", "uniform --ratio", {"ratio": ratio}),
                                  ("global", "global threshold (--target-macs --global)", {"target_macs": args.target, "global_": True}),
@@ -98,16 +120,19 @@ def main(argv: list[str] | None = None) -> int:
             if key not in wanted:
                 continue
             t = time.perf_counter()
-            _, res = onnxprune.prune(EFFNET, out / "effnet_selection.onnx", method="wanda", calib=str(calib),
+            _, res = onnxprune.prune(EFFNET, out, method="wanda", calib=str(calib),
                                      preprocess=PRE, compensate=comp, eval_data=str(held), batch_size=32,
                                      round_to=args.round_to, **budget)
             seconds = time.perf_counter() - t
-            seen = in_sample(out / "effnet_selection.onnx", in_calib)
+            seen = in_sample(out, in_calib)
+            more = ""
+            if more_held:
+                m = in_sample(out, more_held)
+                more = f" {m.agreement:.1%} / {m.rel_l2:.3f} |"
             print(f"| {how} | {comp} | {res.macs_after / res.macs_before:.1%} | {res.fidelity['agreement']:.1%} | "
-                  f"{res.fidelity['rel_l2']:.3f} | {seen.agreement:.1%} / {seen.rel_l2:.3f} | "
+                  f"{res.fidelity['rel_l2']:.3f} | {seen.agreement:.1%} / {seen.rel_l2:.3f} |{more} "
                   f"{res.latency['speedup']:.2f}× | {seconds:.0f} | "
                   f"{res.seconds['select']:.0f} |", flush=True)
-    return 0
 
 
 if __name__ == "__main__":

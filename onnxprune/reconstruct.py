@@ -49,7 +49,7 @@ import scipy.special
 from . import _ort
 from ._graph import attr_int, const_array, replace_const
 from .calibrate import _plan_runs
-from .compensate import _append_add, _lstsq_kind, _new_input, holds_zeros, ridged, weight_rows
+from .compensate import _append_add, _lstsq_kind, _new_input, holds_zeros, weight_rows
 from .consumers import consumer_views
 from .data import Sample
 from .errors import InputError
@@ -66,6 +66,13 @@ REFIT_FOLDS = 8
 # Each fold keeps its own F×F and O×F sums: the fold count drops (to 2 at least) where 8 folds
 # of a wide consumer would pass this many bytes (a 4096-input MatMul: 134 MB a fold).
 REFIT_FOLD_BYTES = 512 * 2**20
+
+
+# The least-squares refit is shrunk toward the original kept weights, ``min ‖y − A x'‖² +
+# λ‖A − W_kept‖²``, λ a factor of the kept inputs' mean variance; the K folds pick the factor
+# per consumer, or the bias fit (λ = ∞).  Shrinking toward W_kept, not 0, is what keeps a
+# consumer fitted on few distinct images near the weights it was trained with.
+REFIT_SHRINK = (1e-3, 1e-2, 1e-1, 1.0)
 
 
 def fold_count(outputs: int, features: int) -> int:
@@ -92,6 +99,7 @@ class RefitTarget:
     samples_seen: int = 0
     sums: list = field(default_factory=list)  # fold_count() folds of samples (sample index mod K)
     mode: str = ""  # "lstsq" or "bias": what the held-out comparison chose
+    shrink: float | None = None  # the chosen REFIT_SHRINK factor (mode "lstsq")
     relu: bool = False  # bias mode keeps the post-ReLU mean (set for --compensate bias only)
     keep_zeros: bool = False  # sparse on purpose (compensate.holds_zeros): the bias fit only
 
@@ -146,22 +154,24 @@ class RefitTarget:
         pick = ext.positions(out_rows, batch)
         return so[pick][:, self.keep_rows].astype(np.float64) - spr[pick].astype(np.float64)
 
-    def _fit(self, s: dict, mode: str) -> tuple[np.ndarray, np.ndarray]:
-        """(A, c) with ``W x ≈ A x' + c`` on the rows summed in ``s``: the ridge least-squares
-        fit, or the original kept weights with the mean difference moved into the bias."""
+    def _fit(self, s: dict, shrink: float | None) -> tuple[np.ndarray, np.ndarray]:
+        """(A, c) with ``W x ≈ A x' + c`` on the rows summed in ``s``: the least-squares fit
+        shrunk toward the original kept weights by ``shrink`` (see REFIT_SHRINK), or, with
+        ``None``, those weights with the mean difference moved into the bias."""
         n = max(s["n"], 1)
         mp, my = s["p"] / n, s["y"] / n
-        if mode == "bias":
-            a = self.w[:, self.keep_cols]
+        a = self.w[:, self.keep_cols]
+        cpp = s["pp"] / n - np.outer(mp, mp)
+        if shrink is None:
             if self.relu:
-                cpp = s["pp"] / n - np.outer(mp, mp)
                 v0 = np.maximum(s["y2"] / n - my * my, 0.0)
                 v1 = np.maximum(np.einsum("of,fg,og->o", a, cpp, a), 0.0)
                 return a, relu_mean_shift(my + self.b, v0, a @ mp + self.b, v1)
         else:
-            cpp = s["pp"] / n - np.outer(mp, mp)
+            lam = shrink * max(float(np.trace(cpp)) / max(len(cpp), 1), 1e-12)
             cyp = s["yp"] / n - np.outer(my, mp)
-            a = np.linalg.solve(ridged(cpp), cyp.T).T
+            cpp[np.diag_indices_from(cpp)] += lam
+            a = np.linalg.solve(cpp, (cyp + lam * a).T).T
         return a, my - a @ mp
 
     @staticmethod
@@ -172,22 +182,31 @@ class RefitTarget:
         return s["yy"] - 2.0 * fit + sq
 
     def solve(self, modes: tuple[str, ...] = ("lstsq", "bias")) -> tuple[np.ndarray, np.ndarray]:
-        """(W' [O_kept, F'], b' [O_kept]): the least-squares refit, unless the plain bias
-        fit predicts held-out samples better (K-fold by sample, each fit leaving one fold
-        out) — with few rows per feature the refit overfits (all-MiniLM-L6-v2 on 24
-        sentences).  ``modes=("bias",)``: the bias fit only (``--compensate bias``); a target
-        that keeps its zeros (``keep_zeros``) gets the bias fit whatever ``modes`` says."""
+        """(W' [O_kept, F'], b' [O_kept]): the least-squares refit shrunk toward the kept
+        weights by the REFIT_SHRINK factor, or the plain bias fit, whichever predicts held-out
+        samples best (K-fold by sample, each fit leaving one fold out) — with few rows per
+        feature the plain refit overfits (all-MiniLM-L6-v2 on 24 sentences).
+        ``modes=("bias",)``: the bias fit only (``--compensate bias``); ``("lstsq",)``: a
+        shrink factor only; a target that keeps its zeros (``keep_zeros``) gets the bias fit
+        whatever ``modes`` says."""
         if self.keep_zeros:
             modes = ("bias",)
         total = {k: sum(s[k] for s in self.sums) for k in self.sums[0]}
         filled = [s for s in self.sums if s["n"]]
-        if len(modes) == 1 or len(filled) < 2:
-            self.mode = modes[0] if len(modes) == 1 else "bias"
+        grid = [None] + (list(REFIT_SHRINK) if "lstsq" in modes else [])
+        if "bias" not in modes:
+            grid = grid[1:]
+        if len(grid) == 1 or len(filled) < 2:  # nothing to compare on: bias if allowed, else the plain fit
+            self.shrink = grid[0]
         else:
-            err = {mode: sum(self._error(*self._fit({k: total[k] - s[k] for k in s}, mode), s) for s in filled)
-                   for mode in modes}
-            self.mode = min(err, key=err.get)
-        a, c = self._fit(total, self.mode)
+            err = {k: 0.0 for k in range(len(grid))}
+            for s in filled:
+                rest = {k: total[k] - s[k] for k in s}
+                for k, shrink in enumerate(grid):
+                    err[k] += self._error(*self._fit(rest, shrink), s)
+            self.shrink = grid[min(err, key=err.get)]
+        self.mode = "bias" if self.shrink is None else "lstsq"
+        a, c = self._fit(total, self.shrink)
         return a, self.b + c
 
 

@@ -101,11 +101,14 @@ def test_lstsq_beats_bias_on_the_shipped_cnn(tmp_path):
     assert acc["lstsq"] >= before - 0.015
 
 
-def test_refit_uses_the_inputs_of_the_final_pruned_graph(tmp_path):
+def test_refit_uses_the_inputs_of_the_final_pruned_graph(tmp_path, monkeypatch):
     """Every refitted consumer solves its least-squares problem on the inputs it gets in
     the *written* graph (after the refits upstream of it), not on the original's."""
     import onnxprune
-    from onnxprune.compensate import LSTSQ_RIDGE
+    from onnxprune import reconstruct
+
+    # A vanishing shrinkage: the fit is then plain least squares, whatever it shrinks toward.
+    monkeypatch.setattr(reconstruct, "REFIT_SHRINK", (1e-9,))
 
     rng = np.random.default_rng(3)
     g = G()
@@ -132,8 +135,7 @@ def test_refit_uses_the_inputs_of_the_final_pruned_graph(tmp_path):
     mx, mt = xs.mean(0), target.mean(0)
     cxx = (xs - mx).T @ (xs - mx) / len(xs)
     ctx = (target - mt).T @ (xs - mx) / len(xs)
-    lam = LSTSQ_RIDGE * np.trace(cxx) / len(mx)
-    w_best = np.linalg.solve(cxx + lam * np.eye(len(mx)), ctx.T).T
+    w_best = np.linalg.solve(cxx, ctx.T).T
     b_best = mt - w_best @ mx
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in pruned.graph.initializer}
     node = next(n for n in pruned.graph.node if n.name == "c")
@@ -185,11 +187,16 @@ def test_refit_keeps_the_bias_fit_when_least_squares_would_overfit():
     np.testing.assert_allclose(b, x[:, ~keep].mean(0) @ w[:, ~keep].T, atol=1e-12)
 
 
-def test_choice_judges_least_squares_on_nearly_all_the_data():
+def test_choice_judges_least_squares_on_nearly_all_the_data(monkeypatch):
     """96 samples, 40 kept features, the removed inputs partly predictable from the kept:
     the full-data refit beats the bias fit on fresh samples, but a refit on half the
-    samples does not; the choice must leave only one of several folds out to see that."""
+    samples does not; the choice must leave only one of several folds out to see that.
+    (Shrinkage fixed at its smallest factor: shrunk fits rescue the half-data refit, see
+    test_shrinkage_toward_the_kept_weights_beats_both_ends.)"""
+    from onnxprune import reconstruct
     from onnxprune.reconstruct import RefitTarget
+
+    monkeypatch.setattr(reconstruct, "REFIT_SHRINK", reconstruct.REFIT_SHRINK[:1])
 
     def draw(rng, n):
         kept = rng.standard_normal((n, 40))
@@ -216,6 +223,49 @@ def test_choice_judges_least_squares_on_nearly_all_the_data():
     a, b = half.solve(modes=("lstsq",))
     assert np.mean((kept[1::2] @ a.T + b - x[1::2] @ w.T) ** 2) > np.mean((kept[1::2] @ w[:, keep].T
         + (x[::2, 40:].mean(0) @ w[:, 40:].T) - x[1::2] @ w.T) ** 2)
+
+
+def test_shrinkage_toward_the_kept_weights_beats_both_ends():
+    """48 samples, 40 kept features, the removed inputs partly predictable from the kept: on
+    fresh samples a fit shrunk toward the original kept weights beats both the plain fit
+    and the bias fit, the folds pick a factor above the smallest, and its fit is the closed form
+    ``(C_yp + λ W_kept)(C_pp + λ I)⁻¹``."""
+    from onnxprune.reconstruct import REFIT_SHRINK
+
+    def draw(rng, n):
+        kept = rng.standard_normal((n, 40))
+        return kept, np.concatenate([kept, kept[:, :8] + 0.6 * rng.standard_normal((n, 8))], axis=1)
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((4, 48))
+    keep = np.arange(48) < 40
+    kept, x = draw(rng, 48)
+    fresh_kept, fresh_x = draw(np.random.default_rng(99), 4000)
+
+    def fresh_error(modes):
+        t = _target(w, keep)
+        _feed(t, x, kept, batches=3)
+        a, b = t.solve(modes=modes)
+        return float(np.mean((fresh_kept @ a.T + b - fresh_x @ w.T) ** 2)), t
+
+    chosen, t = fresh_error(("lstsq", "bias"))
+    assert t.mode == "lstsq" and t.shrink > REFIT_SHRINK[0]
+    bias, _ = fresh_error(("bias",))
+    plain = _target(w, keep)
+    _feed(plain, x, kept, batches=3)
+    total = {k: sum(s[k] for s in plain.sums) for k in plain.sums[0]}
+    a0, c0 = plain._fit(total, REFIT_SHRINK[0])
+    assert chosen < 0.8 * bias
+    assert chosen < 0.8 * float(np.mean((fresh_kept @ a0.T + c0 - fresh_x @ w.T) ** 2))
+    # The closed form, by hand.
+    mx, my = kept.mean(0), (x @ w.T).mean(0)
+    cpp = (kept - mx).T @ (kept - mx) / len(kept)
+    cyp = (x @ w.T - my).T @ (kept - mx) / len(kept)
+    lam = t.shrink * np.trace(cpp) / 40
+    a_hand = (cyp + lam * w[:, keep]) @ np.linalg.inv(cpp + lam * np.eye(40))
+    a, c = plain._fit(total, t.shrink)
+    np.testing.assert_allclose(a, a_hand, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(c, my - a_hand @ mx, rtol=1e-8, atol=1e-10)
 
 
 def test_fold_count_bounds_the_memory_of_wide_consumers():
@@ -268,8 +318,8 @@ def test_refit_of_a_residual_branch_takes_out_the_stream_error(tmp_path, monkeyp
     must fall compared with fitting the branch alone."""
     import onnxprune
     import onnxprune.reconstruct as rc
-    from onnxprune.compensate import LSTSQ_RIDGE
 
+    monkeypatch.setattr(rc, "REFIT_SHRINK", (1e-9,))  # plain least squares, to check by hand
     rng = np.random.default_rng(4)
     src = _residual_net(tmp_path)
     calib = [{"x": rng.standard_normal((128, 8)).astype(np.float32)} for _ in range(4)]
@@ -298,7 +348,7 @@ def test_refit_of_a_residual_branch_takes_out_the_stream_error(tmp_path, monkeyp
     mx, mt = tp.mean(0), target.mean(0)
     cxx = (tp - mx).T @ (tp - mx) / len(tp)
     ctx = (target - mt).T @ (tp - mx) / len(tp)
-    w_best = np.linalg.solve(cxx + LSTSQ_RIDGE * np.trace(cxx) / len(mx) * np.eye(len(mx)), ctx.T).T
+    w_best = np.linalg.solve(cxx, ctx.T).T
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
     np.testing.assert_allclose(inits[j.input[1]], w_best, rtol=2e-3, atol=2e-4 * np.abs(w_best).max())
     np.testing.assert_allclose(inits[j.input[2]], mt - w_best @ mx, rtol=2e-3, atol=2e-4 * np.abs(mt).max())
