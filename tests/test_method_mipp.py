@@ -442,3 +442,19 @@ def test_budget_report_counts_sweeps(tmp_path):
     _, r = onnxprune.prune(path, method="mipp", calib=data, batch_size=4, target_macs=0.6, latency=False)
     rep = r.method_report["mipp"]
     assert 1 <= rep["sweeps"] <= mipp.BISECT_STEPS + 1
+
+
+def test_budget_bisection_stops_within_its_tolerance(tmp_path, monkeypatch):
+    """Once a selection meets the target within BUDGET_TOL the bisection stops: a loose
+    tolerance takes fewer sweeps and still meets the target; an exact one (0) runs on and
+    lands at least as close."""
+    path, data = _convnet(tmp_path)
+    out = {}
+    for tol in (0.0, 0.5):
+        monkeypatch.setattr(mipp, "BUDGET_TOL", tol)
+        _, r = onnxprune.prune(path, method="mipp", calib=data, batch_size=4, target_macs=0.6, latency=False)
+        kept = r.macs_after / r.macs_before
+        assert kept <= 0.6
+        out[tol] = (r.method_report["mipp"]["sweeps"], kept)
+    assert out[0.5][0] < out[0.0][0], out
+    assert out[0.0][1] >= out[0.5][1], out
