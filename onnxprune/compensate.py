@@ -50,9 +50,9 @@ def bias_deltas(analysis: Analysis, stats: Statistics, removed: np.ndarray) -> l
     for view in consumer_views(analysis):
         st = stats.tensors.get(view.tensor)
         drop = gone[analysis.roots[view.atoms]]
-        if st is None or not drop.any():
+        if st is None or not loses_inputs(view, drop):
             continue
-        d = view.contribution(st.mean, drop)
+        d = lost_contribution(view, st.mean, drop)
         if id(view.node) in deltas:
             deltas[id(view.node)].delta += d
         else:
@@ -122,12 +122,13 @@ def ridged(cov: np.ndarray) -> np.ndarray:
     return cov
 
 
-def weight_rows(view) -> np.ndarray:
-    """A consumer's weight as [outputs, features], columns in the Gram statistics' order
-    (Conv: channel-major c·kh·kw + tap; Gemm/MatMul: one per input channel)."""
+def weight_rows(view, w: np.ndarray | None = None) -> np.ndarray:
+    """A consumer's weight (or ``w``, an array of its shape) as [outputs, features], columns
+    in the Gram statistics' order (Conv: channel-major c·kh·kw + tap; Gemm/MatMul: one per
+    input channel)."""
     from ._graph import attr_int
 
-    w = view.weight()
+    w = view.weight() if w is None else w
     if view.node.op_type == "Conv":
         return w.reshape(w.shape[0], -1)
     if view.node.op_type == "Gemm" and attr_int(view.node, "transB", 0):
@@ -146,6 +147,27 @@ LSTSQ_ROWS_PER_FEATURE = 4
 # incidental zeros: EfficientNet-Lite0's convolutions 0.1–6 %.
 SPARSE_SHARE = 0.25
 KEEP_ZEROS = "onnxprune.keep_zeros"
+
+
+# The weights a method wrote as zero in this round (relief's ``--granularity connection``),
+# as an array of the weight's shape that is zero elsewhere: compensation puts back their mean
+# contribution, as it does for removed channels.
+ZEROED = "onnxprune.zeroed"
+
+
+def lost_contribution(view, mean: np.ndarray, drop: np.ndarray) -> np.ndarray:
+    """What the consumer's pre-activation loses on average: the removed channels ``drop``
+    and the connections zeroed this round (ZEROED)."""
+    d = view.contribution(mean, drop)
+    zeroed = view.node.meta.get(ZEROED)
+    if zeroed is not None:
+        d = d + view.contribution(mean, np.ones_like(drop), w=zeroed)
+    return d
+
+
+def loses_inputs(view, drop: np.ndarray) -> bool:
+    """Whether the consumer loses input channels or had connections zeroed this round."""
+    return bool(drop.any()) or ZEROED in view.node.meta
 
 
 def holds_zeros(node: ir.Node, weight: np.ndarray) -> bool:
@@ -228,7 +250,7 @@ def lstsq_refits(analysis: Analysis, stats: Statistics, removed: np.ndarray) -> 
     fallback: dict[int, BiasDelta] = {}
     for i, view in enumerate(consumer_views(analysis)):
         drop = gone[analysis.roots[view.atoms]]
-        if not drop.any():
+        if not loses_inputs(view, drop):
             continue
         gram = stats.extra.get(f"lstsq:{i}")
         node = view.node
@@ -236,7 +258,7 @@ def lstsq_refits(analysis: Analysis, stats: Statistics, removed: np.ndarray) -> 
                 or holds_zeros(node, view.weight())):
             st = stats.tensors.get(view.tensor)
             if st is not None:
-                d = view.contribution(st.mean, drop)
+                d = lost_contribution(view, st.mean, drop)
                 if id(node) in fallback:
                     fallback[id(node)].delta += d
                 else:

@@ -44,10 +44,11 @@ class ConsumerView:
         moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
         return (moved**2).sum(axis=1)
 
-    def contribution(self, mean: np.ndarray, drop: np.ndarray) -> np.ndarray:
+    def contribution(self, mean: np.ndarray, drop: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
         """W[:, drop]·E[x_drop] per consumer output: what removing ``drop`` takes away from
-        the pre-activation on average (Conv: summed over taps; ConvTranspose: per position)."""
-        w = self.weight()
+        the pre-activation on average (Conv: summed over taps; ConvTranspose: per position).
+        ``w``: another array of the weight's shape in place of W."""
+        w = self.weight() if w is None else w
         op = self.node.op_type
         m = np.where(drop, mean, 0.0)
         if op == "Conv":

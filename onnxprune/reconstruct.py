@@ -49,7 +49,7 @@ import scipy.special
 from . import _ort
 from ._graph import attr_int, const_array, replace_const
 from .calibrate import _plan_runs
-from .compensate import _append_add, _lstsq_kind, _new_input, holds_zeros, weight_rows
+from .compensate import ZEROED, _append_add, _lstsq_kind, _new_input, holds_zeros, loses_inputs, weight_rows
 from .consumers import consumer_views
 from .data import Sample
 from .errors import InputError
@@ -102,6 +102,9 @@ class RefitTarget:
     shrink: float | None = None  # the chosen REFIT_SHRINK factor (mode "lstsq")
     relu: bool = False  # bias mode keeps the post-ReLU mean (set for --compensate bias only)
     keep_zeros: bool = False  # sparse on purpose (compensate.holds_zeros): the bias fit only
+    # The weights as written, where connections were zeroed this round (compensate.ZEROED):
+    # ``w`` is then the weight before the zeroing (the target), and the fits start from these.
+    written: np.ndarray | None = None
 
     def extractor(self) -> ChannelGram:
         if self.kind == "patch":
@@ -160,7 +163,7 @@ class RefitTarget:
         ``None``, those weights with the mean difference moved into the bias."""
         n = max(s["n"], 1)
         mp, my = s["p"] / n, s["y"] / n
-        a = self.w[:, self.keep_cols]
+        a = (self.w if self.written is None else self.written)[:, self.keep_cols]
         cpp = s["pp"] / n - np.outer(mp, mp)
         if shrink is None:
             if self.relu:
@@ -251,13 +254,17 @@ def refit_targets(analysis: Analysis, removed: np.ndarray, relu_only: bool = Fal
         drop = gone[analysis.roots[view.atoms]]
         kind = _lstsq_kind(view)
         node = view.node
-        if not drop.any() or kind is None or view.value.is_graph_input():
+        if not loses_inputs(view, drop) or kind is None or view.value.is_graph_input():
             continue
         if relu_only and not _feeds_relu(node):
             continue
         if node.op_type == "Gemm" and (_fattr(node, "alpha") != 1.0 or _fattr(node, "beta") != 1.0):
             continue
         wf = weight_rows(view)
+        written = None
+        if ZEROED in node.meta:  # the target is the output before relief zeroed connections
+            written = wf
+            wf = wf + weight_rows(view, node.meta[ZEROED])
         keep_cols = np.repeat(~drop, wf.shape[1] // len(drop))  # k·k columns per channel of a Conv
         b = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
         b = np.zeros(wf.shape[0]) if b is None else np.broadcast_to(np.asarray(b, np.float64).reshape(-1), (wf.shape[0],))
@@ -265,7 +272,8 @@ def refit_targets(analysis: Analysis, removed: np.ndarray, relu_only: bool = Fal
         skip = _residual(node)
         targets.append(RefitTarget(node, view.value.name, kind, view.axis, wf[rows], b[rows].copy(), keep_cols,
                                    skip=skip.name if skip is not None else None, keep_rows=rows, relu=relu_only,
-                                   keep_zeros=holds_zeros(node, wf)))
+                                   keep_zeros=holds_zeros(node, wf if written is None else written),
+                                   written=None if written is None else written[rows]))
     return targets
 
 

@@ -183,6 +183,47 @@ def test_dense_connection_granularity(tmp_path: Path) -> None:
     assert 1 - rep2["connections_remaining"] / rep["connections_total"] == pytest.approx(0.5)
 
 
+@pytest.mark.parametrize("compensate", ["bias", "lstsq"])
+@pytest.mark.parametrize("steps", [1, 2])
+def test_zeroed_connections_are_compensated(tmp_path: Path, compensate: str, steps: int) -> None:
+    """The zeroed connection (j=1, k0) takes W2[1, 0]·E[h0] = 0.5·2 out of row 1 on average,
+    and the removed channel k1 takes W2[:, 1]·E[h1] = [-1, 0]: fc2's bias becomes
+    B2 + [-1, 0] + [0, 1] = [0, -1], by the bias delta and by the bias fit alike, while the
+    zero stays.  A second round (``--steps 2``) zeroes nothing new and must not put the
+    first round's connection back a second time."""
+    path = save(fc_model(), tmp_path / "fc.onnx")
+    out = tmp_path / "out.onnx"
+    _, r = onnxprune.prune(path, out, method="relief", calib=[{"x": X_FC}], compensate=compensate, steps=steps,
+                           latency=False, method_options=MethodOptions(alpha_fc=0.7, granularity="connection"))
+    np.testing.assert_array_equal(initializer(out, "fc2", 1), [[2, 4], [0, -8]])
+    np.testing.assert_allclose(initializer(out, "fc2", 2), [0, -1], atol=1e-6)
+
+
+def test_connection_granularity_keeps_earlier_zeros_under_lstsq(tmp_path: Path) -> None:
+    """A consumer with one zero connection left by an earlier round (1 of 24 weights, far
+    below compensate.SPARSE_SHARE) loses a channel: under connection granularity it gets the
+    bias fit and its zero stays; under channel granularity least squares refits it."""
+    rng = np.random.default_rng(0)
+    w2 = rng.standard_normal((4, 6)).astype(np.float32)
+    w2[0, 0] = 0
+    g = G()
+    x = g.input("x", ["N", 6])
+    w1 = np.diag([3, 3, 3, 3, 3, 0.1]).astype(np.float32)  # channel 5 has the smallest I_k
+    h = g.op("Relu", [g.op("Gemm", [x, g.const(w1), g.const(np.zeros(6, np.float32))], name="fc1", transB=1)])
+    y = g.op("Gemm", [h, g.const(w2), g.const(np.zeros(4, np.float32))], name="fc2", transB=1)
+    path = save(g.model([y]), tmp_path / "m.onnx")
+    xs = rng.standard_normal((128, 6)).astype(np.float32)
+    xs[:, 5] = xs[:, 0] + 0.1 * xs[:, 5]  # the removed channel is predictable from channel 0
+    data = [{"x": xs[i : i + 32]} for i in range(0, 128, 32)]
+    for granularity, zero_stays in (("connection", True), ("channel", False)):
+        out = tmp_path / f"{granularity}.onnx"
+        onnxprune.prune(path, out, method="relief", ratio=1 / 6, round_to=1, calib=data, compensate="lstsq",
+                        latency=False, method_options=MethodOptions(granularity=granularity))
+        w = initializer(out, "fc2", 1)
+        assert w.shape == (4, 5)
+        assert (w[0, 0] == 0) == zero_stays, (granularity, w[0, 0])
+
+
 @pytest.mark.parametrize("alpha", [0.0, 1.5])
 def test_alpha_out_of_range(tmp_path: Path, alpha: float) -> None:
     path = save(fc_model(), tmp_path / "fc.onnx")

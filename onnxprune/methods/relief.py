@@ -56,7 +56,7 @@ import onnx_ir as ir
 
 from .._graph import attr_int, attr_ints, attr_str, const_array, dims, replace_const
 from ..calibrate import StatRequest, Statistics
-from ..compensate import KEEP_ZEROS
+from ..compensate import KEEP_ZEROS, ZEROED
 from ..consumers import ConsumerView
 from ..errors import InputError
 from ..groups import Analysis, Group
@@ -236,6 +236,10 @@ class Relief(Method):
             written = by_rule & ~vs.zero if write else np.zeros_like(struct)
             if written.any():
                 _zero_connections(vs.view, written, graph)
+            elif write and (vs.zero & ~struct).any():
+                # Zeros an earlier round (--steps reloads the file) or an earlier prune wrote:
+                # a refit must keep them too, however few they are.
+                vs.view.node.meta[KEEP_ZEROS] = True
             pruned = struct | written | vs.zero
             n["total"] += o * k
             n["removed"] += int(struct.sum())
@@ -494,6 +498,7 @@ def _zero_connections(view: ConsumerView, pruned: np.ndarray, graph: ir.Graph) -
     """Write zeros into the consumer's weight for every pruned ``(j, k)`` (whole kernel at a Conv)."""
     node = view.node
     old = node.inputs[1]
+    before = np.array(const_array(old), dtype=np.float64)  # a copy: replace_const may write in place
     w = np.array(const_array(old), copy=True)
     op = node.op_type
     if op == "Conv":
@@ -506,6 +511,7 @@ def _zero_connections(view: ConsumerView, pruned: np.ndarray, graph: ir.Graph) -
         w[pruned.T] = 0
     replace_const(node, 1, w, graph)
     node.meta[KEEP_ZEROS] = True  # compensation must not write these connections back
+    node.meta[ZEROED] = before - w  # ... but puts back their mean
     # A shared weight got a private copy: drop the original once nothing reads it.
     if node.inputs[1] is not old and not old.uses() and not old.is_graph_output() and old.is_initializer() \
             and old not in graph.inputs:
