@@ -289,47 +289,40 @@ def more_source_photos() -> list[tuple[str, np.ndarray]]:
     return out
 
 
-def build_more_photos(n: int) -> Path:
-    """``photos_more/``: ``n`` seeded crops of ``MORE_SOURCES`` (cycled like ``photos/``), with a
-    ``.sources.tsv`` that marks ``eval_split``'s fourth of each source for evaluation."""
+def _crops(folder: Path, stem: str, sources_of, seed: int, n: int) -> Path:
+    """``folder``: ``n`` seeded crops (``_augment``) cycling over ``sources_of()``, named
+    ``{stem}_{i:04d}.jpg``, with a ``.sources.tsv`` (file, source, ``eval_split``'s side);
+    kept as they are when ``n`` already exist."""
     from PIL import Image
 
-    existing = sorted(PHOTOS_MORE.glob("more_*.jpg")) if PHOTOS_MORE.exists() else []
-    if len(existing) == n:
-        return PHOTOS_MORE
-    PHOTOS_MORE.mkdir(parents=True, exist_ok=True)
-    for p in existing:
-        p.unlink()
-    sources = more_source_photos()
-    rng = np.random.default_rng(SEED + 2)
-    lines = []
-    for i in range(n):
-        name, img = sources[i % len(sources)]
-        path = PHOTOS_MORE / f"more_{i:04d}.jpg"
-        Image.fromarray(_augment(img, rng)).save(path, format="JPEG", quality=92)
-        lines.append(f"{path.name}\t{name}\t{'eval' if eval_split(i, len(sources)) else 'calib'}")
-    (PHOTOS_MORE / ".sources.tsv").write_text("\n".join(lines) + "\n")
-    return PHOTOS_MORE
-
-
-def build_extra_photos(n: int) -> Path:
-    """``photos_extra/``: ``n`` more seeded crops of the same sources, for calibration only
-    (never in an eval split), to measure how the refit scales with calibration data."""
-    from PIL import Image
-
-    folder = CACHE / "photos_extra"
-    existing = sorted(folder.glob("extra_*.jpg")) if folder.exists() else []
+    existing = sorted(folder.glob(f"{stem}_*.jpg")) if folder.exists() else []
     if len(existing) == n:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     for p in existing:
         p.unlink()
-    sources = source_photos()
-    rng = np.random.default_rng(SEED + 1)
+    sources = sources_of()
+    rng = np.random.default_rng(seed)
+    lines = []
     for i in range(n):
-        _, img = sources[i % len(sources)]
-        Image.fromarray(_augment(img, rng)).save(folder / f"extra_{i:04d}.jpg", format="JPEG", quality=92)
+        name, img = sources[i % len(sources)]
+        path = folder / f"{stem}_{i:04d}.jpg"
+        Image.fromarray(_augment(img, rng)).save(path, format="JPEG", quality=92)
+        lines.append(f"{path.name}\t{name}\t{'eval' if eval_split(i, len(sources)) else 'calib'}")
+    (folder / ".sources.tsv").write_text("\n".join(lines) + "\n")
     return folder
+
+
+def build_more_photos(n: int) -> Path:
+    """``photos_more/``: ``n`` seeded crops of ``MORE_SOURCES`` (cycled like ``photos/``); its
+    ``.sources.tsv`` marks ``eval_split``'s fourth of each source for evaluation."""
+    return _crops(PHOTOS_MORE, "more", more_source_photos, SEED + 2, n)
+
+
+def build_extra_photos(n: int) -> Path:
+    """``photos_extra/``: ``n`` more seeded crops of the same sources, for calibration only
+    (never in an eval split), to measure how the refit scales with calibration data."""
+    return _crops(CACHE / "photos_extra", "extra", source_photos, SEED + 1, n)
 
 
 def main(argv: list[str] | None = None) -> int:

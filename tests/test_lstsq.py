@@ -187,6 +187,12 @@ def test_refit_keeps_the_bias_fit_when_least_squares_would_overfit():
     np.testing.assert_allclose(b, x[:, ~keep].mean(0) @ w[:, ~keep].T, atol=1e-12)
 
 
+def _partly_predictable(rng, n):
+    """40 kept features and 8 removed ones, each a kept feature plus noise."""
+    kept = rng.standard_normal((n, 40))
+    return kept, np.concatenate([kept, kept[:, :8] + 0.6 * rng.standard_normal((n, 8))], axis=1)
+
+
 def test_choice_judges_least_squares_on_nearly_all_the_data(monkeypatch):
     """96 samples, 40 kept features, the removed inputs partly predictable from the kept:
     the full-data refit beats the bias fit on fresh samples, but a refit on half the
@@ -194,19 +200,14 @@ def test_choice_judges_least_squares_on_nearly_all_the_data(monkeypatch):
     (Shrinkage fixed at its smallest factor: shrunk fits rescue the half-data refit, see
     test_shrinkage_toward_the_kept_weights_beats_both_ends.)"""
     from onnxprune import reconstruct
-    from onnxprune.reconstruct import RefitTarget
 
     monkeypatch.setattr(reconstruct, "REFIT_SHRINK", reconstruct.REFIT_SHRINK[:1])
-
-    def draw(rng, n):
-        kept = rng.standard_normal((n, 40))
-        return kept, np.concatenate([kept, kept[:, :8] + 0.6 * rng.standard_normal((n, 8))], axis=1)
 
     rng = np.random.default_rng(3)
     w = rng.standard_normal((4, 48))
     keep = np.arange(48) < 40
-    kept, x = draw(rng, 96)
-    fresh_kept, fresh_x = draw(np.random.default_rng(99), 4000)
+    kept, x = _partly_predictable(rng, 96)
+    fresh_kept, fresh_x = _partly_predictable(np.random.default_rng(99), 4000)
     errors = {}
     for mode in ("lstsq", "bias"):
         t = _target(w, keep)
@@ -232,15 +233,11 @@ def test_shrinkage_toward_the_kept_weights_beats_both_ends():
     ``(C_yp + λ W_kept)(C_pp + λ I)⁻¹``."""
     from onnxprune.reconstruct import REFIT_SHRINK
 
-    def draw(rng, n):
-        kept = rng.standard_normal((n, 40))
-        return kept, np.concatenate([kept, kept[:, :8] + 0.6 * rng.standard_normal((n, 8))], axis=1)
-
     rng = np.random.default_rng(3)
     w = rng.standard_normal((4, 48))
     keep = np.arange(48) < 40
-    kept, x = draw(rng, 48)
-    fresh_kept, fresh_x = draw(np.random.default_rng(99), 4000)
+    kept, x = _partly_predictable(rng, 48)
+    fresh_kept, fresh_x = _partly_predictable(np.random.default_rng(99), 4000)
 
     def fresh_error(modes):
         t = _target(w, keep)
