@@ -270,9 +270,13 @@ def refit_targets(analysis: Analysis, removed: np.ndarray, relu_only: bool = Fal
         b = np.zeros(wf.shape[0]) if b is None else np.broadcast_to(np.asarray(b, np.float64).reshape(-1), (wf.shape[0],))
         rows = keep(out_atoms[id(node)]) if id(node) in out_atoms else np.ones(wf.shape[0], dtype=bool)
         skip = _residual(node)
+        keep_zeros = holds_zeros(node, wf if written is None else written)
+        # A target held to the bias fit keeps the post-ReLU mean where a Relu follows, as
+        # --compensate bias does.
+        relu = relu_only or (keep_zeros and _feeds_relu(node))
         targets.append(RefitTarget(node, view.value.name, kind, view.axis, wf[rows], b[rows].copy(), keep_cols,
-                                   skip=skip.name if skip is not None else None, keep_rows=rows, relu=relu_only,
-                                   keep_zeros=holds_zeros(node, wf if written is None else written),
+                                   skip=skip.name if skip is not None else None, keep_rows=rows, relu=relu,
+                                   keep_zeros=keep_zeros,
                                    written=None if written is None else written[rows]))
     return targets
 

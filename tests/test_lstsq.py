@@ -483,3 +483,24 @@ def test_holds_zeros_marks_deliberate_sparsity_only():
     w.flat[6:25] = 1
     node.meta[KEEP_ZEROS] = True
     assert holds_zeros(node, w)
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_a_zero_keeping_consumer_before_a_relu_keeps_the_post_relu_mean(tmp_path, sparse):
+    """Under lstsq, a consumer held to the bias fit for its zeros gets the post-ReLU mean
+    shift where a Relu follows, as --compensate bias gives it; a dense one does not need it."""
+    from onnxprune.reconstruct import refit_targets
+
+    g = G(seed=2)
+    x = g.input("x", ["N", 6])
+    h = g.op("Relu", [g.gemm(x, 6, 8, name="p")])
+    wc = np.random.default_rng(2).standard_normal((4, 8)).astype(np.float32)
+    if sparse:
+        wc[:, ::2] = 0
+    u = g.op("Relu", [g.gemm(h, 8, 4, name="c", weight=wc)])
+    src = save(g.model([g.gemm(u, 4, 2, name="d")]), tmp_path / "m.onnx")
+    model, _ = load_model(src)
+    analysis = analyze_groups(model)
+    group = next(gr for gr in analysis.groups if gr.producers[0].name == "p")
+    (target,) = [t for t in refit_targets(analysis, group.classes[:2]) if t.node.name == "c"]
+    assert target.keep_zeros == sparse and target.relu == sparse
