@@ -100,7 +100,7 @@ class RefitTarget:
     sums: list = field(default_factory=list)  # fold_count() folds of samples (sample index mod K)
     mode: str = ""  # "lstsq" or "bias": what the held-out comparison chose
     shrink: float | None = None  # the chosen REFIT_SHRINK factor (mode "lstsq")
-    relu: bool = False  # bias mode keeps the post-ReLU mean (set for --compensate bias only)
+    relu: bool = False  # the bias fit keeps the post-ReLU mean (--compensate bias; zero-keeping targets before a Relu)
     keep_zeros: bool = False  # sparse on purpose (compensate.holds_zeros): the bias fit only
     # The weights as written, where connections were zeroed this round (compensate.ZEROED):
     # ``w`` is then the weight before the zeroing (the target), and the fits start from these.
