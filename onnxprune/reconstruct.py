@@ -196,9 +196,7 @@ class RefitTarget:
             modes = ("bias",)
         total = {k: sum(s[k] for s in self.sums) for k in self.sums[0]}
         filled = [s for s in self.sums if s["n"]]
-        grid = [None] + (list(REFIT_SHRINK) if "lstsq" in modes else [])
-        if "bias" not in modes:
-            grid = grid[1:]
+        grid = ([None] if "bias" in modes else []) + (list(REFIT_SHRINK) if "lstsq" in modes else [])
         if len(grid) == 1 or len(filled) < 2:  # nothing to compare on: bias if allowed, else the plain fit
             self.shrink = grid[0]
         else:

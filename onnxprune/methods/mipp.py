@@ -132,8 +132,8 @@ ROWS_PER_SAMPLE = 2  # rows (positions, tokens) drawn per calibration sample at 
 DENSE_MAX_FEATURES = 4096  # Gemm/MatMul input features held as a dense covariance
 BISECT_STEPS = 24  # bisection steps on log10 α in [LOG_ALPHA_MIN, 0]
 # The bisection stops once a selection meets the target within this share of the original
-# (MACs or params): closer does not matter at the allocation's own precision (a rung or an
-# alignment step), and each further sweep costs ~30 s on the CIFAR-10 CNN's 1024-wide group.
+# (MACs or params): the other budget paths land no closer (a rung or an alignment step), and
+# each further sweep costs ~30 s on the CIFAR-10 CNN's 1024-wide group.
 BUDGET_TOL = 0.005
 LOG_ALPHA_MIN = -300.0
 MLP_MAX_CHANNELS = 64
