@@ -6,6 +6,7 @@ import contextlib
 import io
 import logging
 import math
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -727,6 +728,31 @@ def fold_constant_nodes(graph: ir.Graph) -> int:
 _SMALL_INIT = 1024  # larger initializers travel to the symbolic pass as typed inputs only
 
 
+def _symbolic_shape_inference():
+    """onnxruntime's ``SymbolicShapeInference`` class, loaded from its file alone: the
+    ``onnxruntime.tools`` package imports torch whenever torch is installed, seconds of
+    start-up for one class that needs only onnx and numpy."""
+    import importlib.util
+    import sys
+
+    name = "onnxprune._ort_symbolic_shape_infer"
+    if name not in sys.modules:
+        spec = importlib.util.find_spec("onnxruntime")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        path = Path(list(spec.submodule_search_locations)[0]) / "tools" / "symbolic_shape_infer.py"
+        if not path.is_file():
+            return None
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception:  # noqa: BLE001 - a build without the tools' dependencies
+            return None
+        sys.modules[name] = module
+    return getattr(sys.modules[name], "SymbolicShapeInference", None)
+
+
 def supplement_shapes(model: ir.Model) -> int:
     """Fill the dims onnx's shape inference left unknown from onnxruntime's symbolic
     shape inference; returns the number of values whose shape got more specific.
@@ -745,9 +771,8 @@ def supplement_shapes(model: ir.Model) -> int:
     ]
     if not unknown:
         return 0
-    try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-    except Exception:  # onnxruntime missing or built without its tools
+    SymbolicShapeInference = _symbolic_shape_inference()
+    if SymbolicShapeInference is None:  # onnxruntime missing or built without its tools
         return 0
     proto = _structure_proto(model)
     try:

@@ -29,19 +29,17 @@ holds.
 from __future__ import annotations
 
 import math
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
 
-from . import _ort
 from .calibrate import Statistics
 from .compensate import _taps, enough_rows, ridged
 from .consumers import ConsumerView, consumer_views
 from .groups import Analysis, Group
+from .segments import SegmentPass, node_reads, session_from_view
 from .select import choose, round_for
 
 LADDER = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)  # removed shares probed per group
@@ -73,45 +71,163 @@ def _channel_gram(gram) -> tuple[np.ndarray, np.ndarray]:
     return cov, mu
 
 
-def _probe_model(analysis: Analysis, views: list[ConsumerView], folder: Path) -> tuple[Path, dict[int, tuple]]:
-    """Write the probe graph (the analysed model is restored afterwards); returns its path
-    and, per emulated view index, (P name, c name, (P shape, c shape), channels last).
-    Views whose tensor is not float32 with channels on axis 1 or last are not emulated."""
-    graph = analysis.model.graph
-    f32 = ir.TensorType(ir.DataType.FLOAT)
-    added_nodes: list[ir.Node] = []
-    added_inputs: list[ir.Value] = []
-    swapped: list[tuple[ir.Node, ir.Value]] = []
-    sites: dict[int, tuple] = {}
+class _Tails:
+    """The probe runs of the allocation: for each group, the part of the graph from its
+    first consumer on (its *tail*), with ``x' = P·x + c`` inserted before that group's
+    consumers only, run on the original's tensors at the cut.  Those come from one segment
+    pass of the original graph over the probe samples (:class:`segments.SegmentPass`), so
+    nothing before a group's consumers runs again for its rungs."""
+
+    def __init__(self, analysis: Analysis, samples: list, providers: list[str], budget: int) -> None:
+        self.model = analysis.model
+        self.graph = analysis.model.graph
+        self.samples = samples
+        self.providers = providers
+        self.order = {id(n): i for i, n in enumerate(self.graph)}
+        self.runs = 0
+        self.passes = SegmentPass(self.model, samples, providers=providers, budget=budget, label="probe samples")
+        whole = session_from_view(self.model, list(self.graph.inputs), list(self.graph.outputs), list(self.graph), providers)
+        names = [o.name for o in self.graph.outputs]
+        self.y0 = [dict(zip(names, (o.astype(np.float64) for o in whole.run(names, b)))) for b in samples]
+        self.scale = sum(float((y**2).sum()) for ys in self.y0 for y in ys.values()) or 1.0
+
+    def close(self) -> None:
+        self.passes.close()
+
+    def plan(self, sites: list[_Site]) -> tuple[list[ir.Node], list[ir.Value]]:
+        """The tail of ``sites`` (nodes that read, directly or not, a site consumer's
+        output, and the consumers) and the tensors it reads from before the cut."""
+        starts = {id(s.view.node) for s in sites}
+        inside: set[int] = set()
+        nodes = []
+        for node in self.graph:
+            reads = node_reads(node)
+            if id(node) in starts or any(id(v) in inside for v in reads):
+                nodes.append(node)
+                inside.update(id(o) for o in node.outputs)
+        frontier = {v.name: v for n in nodes for v in node_reads(n)
+                    if id(v) not in inside and not (v.producer() is None and v.const_value is not None and not v.is_graph_input())}
+        return nodes, list(frontier.values())
+
+    def session(self, sites: list[_Site], nodes: list[ir.Node], frontier: list[ir.Value]):
+        """A session of the tail with P and c fed per run at each site (graph restored)."""
+        f32 = ir.TensorType(ir.DataType.FLOAT)
+        added: dict[int, list[ir.Node]] = {}
+        params: list[ir.Value] = []
+        swapped = []
+        for s in sites:
+            p = ir.Value(name=s.weight, shape=ir.Shape(s.shapes[0]), type=f32)
+            cb = ir.Value(name=s.bias, shape=ir.Shape(s.shapes[1]), type=f32)
+            mix = ir.node("MatMul" if s.last else "Conv", [s.view.value, p])
+            add = ir.node("Add", [mix.outputs[0], cb])
+            mix.outputs[0].name, add.outputs[0].name = f"{s.weight}_mix", f"{s.weight}_out"  # detached: unnamed
+            added.setdefault(id(s.view.node), []).extend([mix, add])
+            params += [p, cb]
+            swapped.append((s.view.node, s.view.value))
+            s.view.node.replace_input_with(0, add.outputs[0])
+        ordered = [m for n in nodes for m in added.get(id(n), []) + [n]]
+        produced = {id(o) for n in nodes for o in n.outputs}
+        self.outputs = [o for o in self.graph.outputs if id(o) in produced]
+        try:
+            return session_from_view(self.model, frontier + params, self.outputs, ordered, self.providers)
+        finally:
+            for node, value in swapped:
+                node.replace_input_with(0, value)
+
+    def probe_fn(self, sites: list[_Site], analysis: Analysis, compensate: str, later: list[str]):
+        """``removed -> [{output name: y}]`` (one dict per probe batch): the model's outputs
+        the tail of ``sites`` computes with ``removed`` emulated there."""
+        nodes, frontier = self.plan(sites)
+        cached = self.passes.advance([v.name for v in frontier], later)
+        sess = self.session(sites, nodes, frontier)
+        names = [o.name for o in self.outputs]
+
+        def outputs(removed: np.ndarray) -> list[dict[str, np.ndarray]]:
+            gone = np.zeros(len(analysis.roots), dtype=bool)
+            gone[removed] = True
+            gone[0] = False
+            params = {}
+            for s in sites:  # the same for every batch
+                p, c = _replacement(s, gone[analysis.roots[s.view.atoms]], compensate)
+                params[s.weight] = np.ascontiguousarray(p.T if s.last else p).reshape(s.shapes[0])
+                params[s.bias] = c.reshape(s.shapes[1])
+            out = []
+            for b in range(len(self.samples)):
+                feed = {v.name: cached[v.name][b] for v in frontier} | params
+                out.append(dict(zip(names, sess.run(names, feed))))
+                self.runs += 1
+            return out
+
+        return outputs
+
+    def damage_fn(self, sites: list[_Site], analysis: Analysis, compensate: str, later: list[str]):
+        """``removed -> damage`` for a group whose consumers are ``sites``: ‖y − y₀‖² / ‖y₀‖²
+        over every output and probe sample (the square of verify's relative L2 error)."""
+        outputs = self.probe_fn(sites, analysis, compensate, later)
+
+        def damage(removed: np.ndarray) -> float:
+            total = 0.0
+            for b, ys in enumerate(outputs(removed)):
+                total += sum(float(((y.astype(np.float64) - self.y0[b][n]) ** 2).sum()) for n, y in ys.items())
+            return total / self.scale
+
+        return damage
+
+
+def _sites(analysis: Analysis, views: list[ConsumerView], stats: Statistics, compensate: str) -> list[_Site]:
+    """The consumers the probes can emulate: float32 tensors with channels on axis 1 or
+    last, with the mean (and, for lstsq, channel covariance) of their input."""
+    sites = []
     for i, v in enumerate(views):
         rank = len(v.value.shape) if v.value.shape is not None else 0
         c = len(v.atoms)
         if v.value.dtype != ir.DataType.FLOAT or rank < 2 or v.axis not in (1, rank - 1):
             continue
         last = v.axis == rank - 1
-        p_shape = [c, c] if last else [c, c] + [1] * (rank - 2)
-        c_shape = [c] + [1] * (rank - 1 - v.axis)
-        p = ir.Value(name=f"onnxprune_probe_p{i}", shape=ir.Shape(p_shape), type=f32)
-        cb = ir.Value(name=f"onnxprune_probe_c{i}", shape=ir.Shape(c_shape), type=f32)
-        mix = ir.node("MatMul" if last else "Conv", [v.value, p])
-        nodes = [mix, ir.node("Add", [mix.outputs[0], cb])]
-        graph.insert_before(v.node, nodes)
-        added_nodes += nodes
-        added_inputs += [p, cb]
-        swapped.append((v.node, v.value))
-        v.node.replace_input_with(0, nodes[-1].outputs[0])
-        sites[i] = (p.name, cb.name, (p_shape, c_shape), last)
-    graph.inputs.extend(added_inputs)
+        shapes = ([c, c] if last else [c, c] + [1] * (rank - 2), [c] + [1] * (rank - 1 - v.axis))
+        gram = stats.extra.get(f"lstsq:{i}") if compensate == "lstsq" else None
+        mean = stats.tensors[v.tensor].mean if v.tensor in stats.tensors else np.zeros(c)
+        cov, rows = None, 0.0
+        if gram is not None and gram.gram is not None:
+            cov, mean = _channel_gram(gram)
+            rows = gram.total()[2]
+        sites.append(_Site(v, f"onnxprune_probe_p{i}", f"onnxprune_probe_c{i}", shapes, last, mean, cov, rows))
+    return sites
+
+
+def _measure_rungs(analysis: Analysis, groups: list[Group], sites_of: dict[int, list[_Site]], scores, samples,
+                   measure, *, compensate: str, providers: list[str], min_keep: int, round_to: int | None,
+                   memory_budget: int, progress) -> tuple[dict[int, list[tuple[np.ndarray, float, float]]], int]:
+    """Per group (by id), its rungs: (removal, damage, saving), the first one only its dead
+    channels; and the number of probes run.  Groups are probed in the order of their first
+    consumer, so the original's pass over the probe samples only moves forward."""
+    base = measure({})
+    rungs: dict[int, list[tuple[np.ndarray, float, float]]] = {}
+    probes = 0
+    tails = _Tails(analysis, samples, providers, memory_budget)
     try:
-        path = folder / "probe.onnx"
-        ir.save(analysis.model, path, external_data="probe.onnx.data")
+        first = {g.id: min((tails.order[id(s.view.node)] for s in sites_of[g.id]), default=0) for g in groups}
+        ordered = sorted(groups, key=lambda g: (first[g.id], g.id))
+        plans = {g.id: tails.plan(sites_of[g.id])[1] for g in ordered if sites_of[g.id]}
+        for k, g in enumerate(ordered):
+            dead = choose([g], scores, {g.id: 0}, min_keep=min_keep, round_to=round_to)[g.id]
+            rungs[g.id] = [(dead, 0.0, base - measure({g.id: dead}))]
+            if g.id in plans:  # else no consumer to emulate it at: only its dead channels go
+                later = [v.name for h in ordered[k + 1:] if h.id in plans for v in plans[h.id]]
+                damage = tails.damage_fn(sites_of[g.id], analysis, compensate, later)
+                seen = {len(dead)}
+                for share in LADDER:
+                    sel = choose([g], scores, {g.id: int(math.floor(share * len(g.classes)))}, min_keep=min_keep, round_to=round_to)[g.id]
+                    if len(sel) in seen:
+                        continue
+                    seen.add(len(sel))
+                    rungs[g.id].append((sel, damage(sel), base - measure({g.id: sel})))
+                    probes += 1
+            if progress is not None:
+                progress(k + 1, len(ordered))
     finally:
-        for node, value in swapped:
-            node.replace_input_with(0, value)
-        for value in added_inputs:
-            graph.inputs.remove(value)
-        graph.remove(added_nodes, safe=True)
-    return path, sites
+        tails.close()
+    return {g.id: rungs[g.id] for g in groups}, probes
 
 
 def allocate(
@@ -125,69 +241,23 @@ def allocate(
     providers: list[str],
     min_keep: int = 1,
     round_to: int | None = None,
+    memory_budget: int = 1 << 30,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[dict[int, np.ndarray], dict]:
     """Group id -> class roots to remove so that ``measure(removed)`` (the kept fraction of
     MACs or params) is at most ``target`` with the least summed measured damage; also a
-    report (probes, damage predicted, groups that could not be probed)."""
+    report (probes, damage predicted, groups that could not be probed).
+    ``progress(done, total)`` is told after each group."""
     views = consumer_views(analysis)
     samples = stats.kept
     if not samples:
         raise ValueError("allocate needs calibration samples kept by calibrate(keep=...)")
     groups = [g for g in analysis.groups if g.prunable and g.id in scores]
-    with tempfile.TemporaryDirectory(prefix="onnxprune-probe-") as d:
-        path, emulated = _probe_model(analysis, views, Path(d))
-        sess = _ort.session(str(path), providers)
-        sites: list[_Site] = []
-        for i, (p, c, shapes, last) in emulated.items():
-            v = views[i]
-            gram = stats.extra.get(f"lstsq:{i}") if compensate == "lstsq" else None
-            mean = stats.tensors[v.tensor].mean if v.tensor in stats.tensors else np.zeros(len(v.atoms))
-            cov, rows = None, 0.0
-            if gram is not None and gram.gram is not None:
-                cov, mean = _channel_gram(gram)
-                rows = gram.total()[2]
-            sites.append(_Site(v, p, c, shapes, last, mean, cov, rows))
-        sites_of = _sites_by_group(analysis, groups, sites)
-        reach = {g.id for g in groups if sites_of[g.id]}
-
-        def outputs(removed: np.ndarray) -> list[np.ndarray]:
-            gone = np.zeros(len(analysis.roots), dtype=bool)
-            gone[removed] = True
-            gone[0] = False
-            outs = []
-            for batch in samples:
-                feed = dict(batch)
-                for s in sites:
-                    p, c = _replacement(s, gone[analysis.roots[s.view.atoms]], compensate)
-                    feed[s.weight] = np.ascontiguousarray(p.T if s.last else p).reshape(s.shapes[0])
-                    feed[s.bias] = c.reshape(s.shapes[1])
-                outs += [o.astype(np.float64) for o in sess.run(None, feed)]  # batches may differ in shape
-            return outs
-
-        y0 = outputs(np.zeros(0, dtype=np.int64))
-        scale = sum(float((y**2).sum()) for y in y0) or 1.0
-
-        def damage(removed: np.ndarray) -> float:
-            """‖y − y₀‖² / ‖y₀‖² over every output and probe sample: the square of the relative
-            L2 error verify reports (summed over outputs where it takes the worst)."""
-            return sum(float(((y - r) ** 2).sum()) for y, r in zip(y0, outputs(removed))) / scale
-
-        base = measure({})
-        rungs: dict[int, list[tuple[np.ndarray, float, float]]] = {}  # removal, damage, saving
-        probes = 0
-        for g in groups:
-            dead = choose([g], scores, {g.id: 0}, min_keep=min_keep, round_to=round_to)[g.id]
-            rungs[g.id] = [(dead, 0.0, base - measure({g.id: dead}))]
-            if g.id not in reach:
-                continue  # no consumer to emulate it at: only its dead channels go
-            seen = {len(dead)}
-            for share in LADDER:
-                sel = choose([g], scores, {g.id: int(math.floor(share * len(g.classes)))}, min_keep=min_keep, round_to=round_to)[g.id]
-                if len(sel) in seen:
-                    continue
-                seen.add(len(sel))
-                rungs[g.id].append((sel, damage(sel), base - measure({g.id: sel})))
-                probes += 1
+    sites_of = _sites_by_group(analysis, groups, _sites(analysis, views, stats, compensate))
+    reach = {g.id for g in groups if sites_of[g.id]}
+    rungs, probes = _measure_rungs(analysis, groups, sites_of, scores, samples, measure, compensate=compensate,
+                                   providers=providers, min_keep=min_keep, round_to=round_to,
+                                   memory_budget=memory_budget, progress=progress)
 
     def pick(lam: float) -> dict[int, int]:
         return {gid: int(np.argmin([dmg - lam * save for _, dmg, save in rs])) for gid, rs in rungs.items()}

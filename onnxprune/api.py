@@ -31,6 +31,7 @@ from .load import check_output_path, load_model, save_model
 from .methods import REGISTRY, MethodOptions
 from .reconstruct import refit_on_pruned, refit_targets
 from .rewrite import apply_removal, refresh_shapes
+from .segments import BatchStore
 from .select import select, select_for_target
 from .verify import Fidelity, check_pruned, check_restructured, measure_fidelity, median_latency, run_original
 
@@ -257,7 +258,7 @@ def prune(
         why = f" (first reason: {reasons[0]})" if reasons else ""
         raise InputError(f"nothing to prune: none of the {len(analysis.groups)} channel groups is prunable{why}")
 
-    stats, held, specs = None, [], None
+    stats, held, specs, store = None, [], None, None
     if calib is not None:
         t = time.perf_counter()
         specs = input_specs(_ort.session(str(model_path), providers))
@@ -269,6 +270,8 @@ def prune(
         if compensate == "lstsq":  # the same Gram statistics once, when the method asks for them too
             asked = {r.key for r in requests}
             requests = requests + [r for r in lstsq_requests(analysis) if r.key not in asked]
+        # The calibrated batches, kept for the refit's passes: the source is read once.
+        store = BatchStore(int(memory_budget_mb * 2**20) // 3) if compensate != "none" else None
         stats, held = calibrate(
             model, tensors, batches(items, specs, bs, max_samples),
             batch_size=bs, providers=providers, memory_budget=int(memory_budget_mb * 2**20),
@@ -276,6 +279,7 @@ def prune(
             fixed_batch=any(sp.dims and sp.dims[0] is not None for sp in specs), requests=requests,
             statistics=statistics_for(method),
             keep=PROBE_SAMPLES if (target_macs is not None or target_params is not None) and not global_ else 0,
+            record=store,
         )
         times["calibrate"] = time.perf_counter() - t
 
@@ -300,7 +304,8 @@ def prune(
             removed, ratio = own
         elif stats is not None and stats.kept:
             removed, probe = allocate(analysis, scores, stats, kept_fraction, target, compensate=compensate,
-                                      providers=providers, min_keep=min_keep, round_to=round_to)
+                                      providers=providers, min_keep=min_keep, round_to=round_to,
+                                      memory_budget=int(memory_budget_mb * 2**20))
             ratio = len(_flat(removed)) / max(sum(len(g.classes) for g in analysis.groups if g.prunable), 1)
             rule += (f", allocated by measured sensitivity ({probes_text(probe)})")
         else:
@@ -334,14 +339,10 @@ def prune(
         apply_refits(analysis, refits, all_removed)
         refresh_shapes(model)
     refit_note = None
-    if targets and _rereadable(calib):
+    if targets and store is not None:
         original, _ = load_model(model_path)
-        fixed = any(sp.dims and sp.dims[0] is not None for sp in specs)
-        hold = 0 if eval_data is not None else eval_samples
         n_ls, n_bias = refit_on_pruned(
-            targets, original, model,
-            lambda: split_held_out(batches(source_items(calib, specs, preprocess)(), specs, bs, max_samples), hold, fixed),
-            providers=providers, memory_budget=int(memory_budget_mb * 2**20), batch_size=bs,
+            targets, original, model, store, providers=providers, memory_budget=int(memory_budget_mb * 2**20),
             modes=("bias",) if compensate == "bias" else ("lstsq", "bias"),
         )
         if compensate == "bias":
@@ -353,10 +354,8 @@ def prune(
                 refit_note += f", {n_bias - n_zeros} by bias only (it predicted held-out samples better)"
             if n_zeros:
                 refit_note += f", {n_zeros} by bias only to keep their zero weights (sparse)"
-    elif targets and compensate == "bias":
-        refit_note = "bias from the original graph's statistics only: the calibration source can be read only once"
-    elif targets:
-        refit_note = "refitted from the original graph's statistics only: the calibration source can be read only once"
+    if store is not None:
+        store.close()
     times["compensate"] = time.perf_counter() - t
 
     t = time.perf_counter()

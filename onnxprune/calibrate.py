@@ -393,6 +393,7 @@ def calibrate(
     requests: list[StatRequest] = (),
     statistics: Iterable[str] = STATISTICS,
     keep: int = 0,
+    record: Any = None,
 ) -> tuple[Statistics, list[Sample]]:
     """Gather statistics of ``tensors`` (name -> (value, channel axis)) over the batches,
     and feed every batch of a requested tensor to its extra accumulators.
@@ -409,6 +410,9 @@ def calibrate(
 
     ``keep``: the first ``keep`` samples calibrated on are also kept, as batches, in
     ``Statistics.kept`` (the select stage's sensitivity probes run on them).
+
+    ``record``: a :class:`segments.BatchStore` that receives every batch calibrated on, so
+    later passes (the refit) replay them without reading the source again.
 
     When ``hold_out`` > 0, every fifth sample (every fifth batch for a model with a fixed
     batch size), up to ``hold_out`` samples, is kept aside for verification instead of
@@ -459,6 +463,8 @@ def calibrate(
 
             for batch in split_held_out(counted(batch_iter), hold_out, fixed_batch, held):
                 n = next(iter(batch.values())).shape[0]
+                if record is not None:
+                    record.append(batch)
                 if stats.samples < keep:
                     cut = n if fixed_batch else keep - stats.samples  # a fixed batch size cannot be cut
                     stats.kept.append({name: arr[:cut] for name, arr in batch.items()})

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
-import scipy.linalg
 
 from ._graph import const_array, new_initializer, replace_const
 from .calibrate import Statistics
@@ -275,6 +274,8 @@ def lstsq_refits(analysis: Analysis, stats: Statistics, removed: np.ndarray) -> 
         css = cov[np.ix_(s, s)]
         del cov  # the C×C temporaries of a wide input (a flattened Conv map) dominate peak memory
         ridged(css)
+        import scipy.linalg  # here, not at import: the CLI starts faster
+
         w_new = scipy.linalg.solve(css, rhs, assume_a="pos", overwrite_a=True, check_finite=False).T  # W Σ[:,S] (Σ_SS+λI)⁻¹
         b_old = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
         b_old = np.zeros(wf.shape[0]) if b_old is None else np.broadcast_to(np.asarray(b_old, np.float64).reshape(-1), (wf.shape[0],))

@@ -36,19 +36,13 @@ with both sides Gaussian from the first two moments (``E[relu(N(m, s²))] = m·�
 from __future__ import annotations
 
 import math
-import shutil
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Sequence
 
 import numpy as np
 import onnx_ir as ir
-import scipy.special
 
-from . import _ort
 from ._graph import attr_int, const_array, replace_const
-from .calibrate import _plan_runs
 from .compensate import ZEROED, _append_add, _lstsq_kind, _new_input, holds_zeros, loses_inputs, weight_rows
 from .consumers import consumer_views
 from .data import Sample
@@ -56,6 +50,7 @@ from .errors import InputError
 from .gram import ChannelGram, PatchGram, _rows
 from .groups import Analysis
 from .layout import SliceParam
+from .segments import SegmentPass
 
 REFIT_ROWS = 4096  # sampled rows (positions, tokens) per batch and consumer
 # Folds of the lstsq-or-bias choice: each fit leaves one fold out, so it sees (K-1)/K of the
@@ -105,6 +100,9 @@ class RefitTarget:
     # The weights as written, where connections were zeroed this round (compensate.ZEROED):
     # ``w`` is then the weight before the zeroing (the target), and the fits start from these.
     written: np.ndarray | None = None
+    shift_y: np.ndarray | None = None  # the first batch's means, subtracted before summing
+    shift_p: np.ndarray | None = None
+    _w32: np.ndarray | None = None
 
     def extractor(self) -> ChannelGram:
         if self.kind == "patch":
@@ -123,25 +121,35 @@ class RefitTarget:
             out_rows = x.size // max(x.shape[self.axis], 1)
         if rp.shape[1] != int(self.keep_cols.sum()):
             raise ValueError(f"pruned input of {self.node.name!r} has {rp.shape[1]} features, expected {int(self.keep_cols.sum())}")
-        y = r.astype(np.float64) @ self.w.T
+        # Products in float32 (twice the speed of float64), summed into float64 per batch,
+        # on values shifted by the first batch's means so centring later loses nothing.
+        y = (r.astype(np.float32, copy=False) @ self.w32.T).astype(np.float64)
         if skip is not None:
             y += self._stream_error(ext, *skip, out_rows, batch)
-        rp = rp.astype(np.float64)
         if not self.sums:
             o, f = y.shape[1], rp.shape[1]
+            self.shift_y, self.shift_p = y.mean(axis=0), rp.astype(np.float64).mean(axis=0)
             self.sums = [dict(n=0, yy=0.0, y=np.zeros(o), y2=np.zeros(o), p=np.zeros(f), pp=np.zeros((f, f)),
                               yp=np.zeros((o, f))) for _ in range(fold_count(o, f))]
+        ys = (y - self.shift_y).astype(np.float32)
+        ps = (rp - self.shift_p.astype(np.float32)).astype(np.float32, copy=False)
         # Folds by sample, not by row: the tokens (positions) of one sentence (image) are
         # alike, and a fold that shares samples with the other flatters the refit.
         fold_of = (self.samples_seen + owner) % len(self.sums)
         self.samples_seen += x.shape[0]
+        order = np.argsort(fold_of, kind="stable")
+        ends = np.cumsum(np.bincount(fold_of, minlength=len(self.sums)))
+        ys, ps = ys[order], ps[order]
         for fold, s in enumerate(self.sums):
-            yf, pf = y[fold_of == fold], rp[fold_of == fold]
+            lo = ends[fold - 1] if fold else 0
+            yf, pf = ys[lo : ends[fold]], ps[lo : ends[fold]]
+            if not len(yf):
+                continue
             s["n"] += len(yf)
-            s["yy"] += float(np.einsum("ij,ij->", yf, yf))
-            s["y"] += yf.sum(axis=0)
-            s["y2"] += np.einsum("ij,ij->j", yf, yf)
-            s["p"] += pf.sum(axis=0)
+            s["yy"] += float(np.einsum("ij,ij->", yf, yf, dtype=np.float64))
+            s["y"] += yf.sum(axis=0, dtype=np.float64)
+            s["y2"] += np.einsum("ij,ij->j", yf, yf, dtype=np.float64)
+            s["p"] += pf.sum(axis=0, dtype=np.float64)
             s["pp"] += pf.T @ pf
             s["yp"] += yf.T @ pf
         self.rows_seen += len(r)
@@ -157,29 +165,38 @@ class RefitTarget:
         pick = ext.positions(out_rows, batch)
         return so[pick][:, self.keep_rows].astype(np.float64) - spr[pick].astype(np.float64)
 
+    @property
+    def w32(self) -> np.ndarray:
+        if self._w32 is None:
+            self._w32 = self.w.astype(np.float32)
+        return self._w32
+
     def _fit(self, s: dict, shrink: float | None) -> tuple[np.ndarray, np.ndarray]:
         """(A, c) with ``W x ≈ A x' + c`` on the rows summed in ``s``: the least-squares fit
         shrunk toward the original kept weights by ``shrink`` (see REFIT_SHRINK), or, with
         ``None``, those weights with the mean difference moved into the bias."""
+        import scipy.linalg  # here, not at import: the CLI starts faster
+
         n = max(s["n"], 1)
-        mp, my = s["p"] / n, s["y"] / n
+        mp, my = s["p"] / n, s["y"] / n  # of the shifted values: the covariances need no shift
         a = (self.w if self.written is None else self.written)[:, self.keep_cols]
         cpp = s["pp"] / n - np.outer(mp, mp)
         if shrink is None:
             if self.relu:
                 v0 = np.maximum(s["y2"] / n - my * my, 0.0)
                 v1 = np.maximum(np.einsum("of,fg,og->o", a, cpp, a), 0.0)
-                return a, relu_mean_shift(my + self.b, v0, a @ mp + self.b, v1)
+                m0, m1 = my + self.shift_y, a @ (mp + self.shift_p)
+                return a, relu_mean_shift(m0 + self.b, v0, m1 + self.b, v1)
         else:
             lam = shrink * max(float(np.trace(cpp)) / max(len(cpp), 1), 1e-12)
             cyp = s["yp"] / n - np.outer(my, mp)
             cpp[np.diag_indices_from(cpp)] += lam
-            a = np.linalg.solve(cpp, (cyp + lam * a).T).T
-        return a, my - a @ mp
+            a = scipy.linalg.solve(cpp, (cyp + lam * a).T, assume_a="pos", overwrite_a=True, check_finite=False).T
+        return a, (my + self.shift_y) - a @ (mp + self.shift_p)
 
-    @staticmethod
-    def _error(a: np.ndarray, c: np.ndarray, s: dict) -> float:
+    def _error(self, a: np.ndarray, c: np.ndarray, s: dict) -> float:
         """Σ‖y − (A x' + c)‖² over the rows summed in ``s``, from the sums alone."""
+        c = c - self.shift_y + a @ self.shift_p  # the sums are of shifted values
         fit = float(np.sum(a * s["yp"])) + float(c @ s["y"])
         sq = float(np.sum((a @ s["pp"]) * a)) + 2.0 * float(c @ (a @ s["p"])) + s["n"] * float(c @ c)
         return s["yy"] - 2.0 * fit + sq
@@ -217,6 +234,8 @@ def relu_mean_shift(m0: np.ndarray, v0: np.ndarray, m1: np.ndarray, v1: np.ndarr
     def g(m, s):
         s = np.maximum(s, 1e-12)
         z = m / s
+        import scipy.special  # here, not at import: the CLI starts faster
+
         return m * scipy.special.ndtr(z) + s * np.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
 
     s0, s1 = np.sqrt(v0), np.sqrt(v1)
@@ -306,12 +325,12 @@ def refit_on_pruned(
     targets: list[RefitTarget],
     original: ir.Model,
     pruned: ir.Model,
-    batch_iter: Callable[[], Iterator[Sample]],
+    batches: Sequence[Sample],
     *,
     providers: list[str],
     memory_budget: int,
-    batch_size: int,
     modes: tuple[str, ...] = ("lstsq", "bias"),
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[int, int]:
     """Refit ``targets`` in ``pruned`` (in place), front to back; returns how many got the
     least-squares refit and how many the bias fit (see :meth:`RefitTarget.solve`).
@@ -319,7 +338,11 @@ def refit_on_pruned(
     Targets are refitted in waves: a wave holds the consumers whose inputs depend on no
     consumer still to be refitted, so each fit sees its final upstream.  (Refitting all at
     once lets a deep layer learn to undo an upstream error that its own refit then removes:
-    measured on EfficientNet-Lite0, that doubled the output error.)
+    measured on EfficientNet-Lite0, that doubled the output error.)  Both graphs run
+    segment by segment on cached tensors (:class:`segments.SegmentPass`): every batch goes
+    through every node of each graph once, whatever the number of waves; the pruned graph's
+    next segment is built after the wave before it was written.  ``progress(done, total)``
+    is told after each wave.
     """
     if not targets:
         return 0, 0
@@ -332,53 +355,28 @@ def refit_on_pruned(
         if t.skip not in orig_values or t.skip not in pruned_names:
             t.skip = None
     waves = _waves(pruned.graph, targets)
-    if len(waves) > 1:
-        batch_iter = _replayable(batch_iter, memory_budget)
-    with tempfile.TemporaryDirectory(prefix="onnxprune-refit-") as d:
+    needs_o = [[t.source for t in w] + [t.skip for t in w if t.skip] for w in waves]
+    with SegmentPass(original, batches, providers=providers, budget=memory_budget // 2, label="original graph") as po, \
+            SegmentPass(pruned, batches, providers=providers, budget=memory_budget // 2, label="pruned graph") as pp:
         for k, wave in enumerate(waves):
-            skips = [t.skip for t in wave if t.skip is not None]
-            # onnxruntime runs every node whatever is fetched: cut both graphs after the wave.
-            so = _prefix_session(original, [t.source for t in wave] + skips, Path(d) / f"o{k}", providers)
-            sp = _prefix_session(pruned, [t.node.inputs[0].name for t in wave] + skips, Path(d) / f"p{k}", providers)
-            _joint_pass(wave, orig_values, so, sp, batch_iter(), memory_budget, batch_size)
-            del so, sp
-            shutil.rmtree(Path(d) / f"o{k}")
-            shutil.rmtree(Path(d) / f"p{k}")
+            later_o = [n for need in needs_o[k + 1:] for n in need]
+            # The pruned graph's names are read now: a refit may have appended a bias Add.
+            later_p = [t.node.inputs[0].name for w in waves[k + 1:] for t in w] + later_o
+            xo = po.advance(needs_o[k], later_o)
+            xp = pp.advance([t.node.inputs[0].name for t in wave] + [t.skip for t in wave if t.skip], later_p)
+            extractors = {id(t): t.extractor() for t in wave}
+            for b in range(len(batches)):
+                for t in wave:
+                    stream = (xo[t.skip][b], xp[t.skip][b]) if t.skip else None
+                    t.update(extractors[id(t)], xo[t.source][b], xp[t.node.inputs[0].name][b], b, stream)
+            del xo, xp
             for t in wave:
                 if t.rows_seen:
                     _write(t, *t.solve(modes), pruned.graph)
                 t.sums = []
+            if progress is not None:
+                progress(k + 1, len(waves))
     return sum(1 for t in targets if t.mode == "lstsq"), sum(1 for t in targets if t.mode == "bias")
-
-
-def _prefix_session(model: ir.Model, names: list[str], folder: Path, providers: list[str]):
-    """An onnxruntime session that outputs only the tensors ``names`` of ``model``;
-    onnxruntime then drops every node they do not depend on."""
-    graph = model.graph
-    values = {v.name: v for v in _all_values(graph)}
-    saved = list(graph.outputs)
-    graph.outputs.clear()
-    graph.outputs.extend(values[n] for n in dict.fromkeys(names))
-    try:
-        folder.mkdir()
-        path = folder / "part.onnx"
-        ir.save(model, path, external_data="part.onnx.data")
-    finally:
-        graph.outputs.clear()
-        graph.outputs.extend(saved)
-    return _ort.session(str(path), providers)
-
-
-def _replayable(batch_iter: Callable[[], Iterator[Sample]], budget: int) -> Callable[[], Iterator[Sample]]:
-    """Keep the calibration batches in memory when they fit ``budget`` bytes (every wave
-    reads them: decoding images again per wave would cost more than the refit)."""
-    cached, size = [], 0
-    for batch in batch_iter():
-        size += sum(a.nbytes for a in batch.values())
-        if size > budget:
-            return batch_iter
-        cached.append(batch)
-    return lambda: iter(cached)
 
 
 def _waves(graph: ir.Graph, targets: list[RefitTarget]) -> list[list[RefitTarget]]:
@@ -403,27 +401,6 @@ def _waves(graph: ir.Graph, targets: list[RefitTarget]) -> list[list[RefitTarget
     for v in graph.inputs:
         known.setdefault(v.name, 0)
     return [waves[k] for k in sorted(waves)]
-
-
-def _joint_pass(targets, orig_values, so, sp, batches: Iterator[Sample], memory_budget: int, batch_size: int) -> None:
-    pairs = [(t, orig_values[t.source], t.node.inputs[0]) for t in targets]
-    so_out, sp_out = {o.name for o in so.get_outputs()}, {o.name for o in sp.get_outputs()}
-    # One budget for both graphs' fetched tensors: plan on the original's (the larger ones).
-    runs = _plan_runs(list({id(o): o for _, o, _ in pairs}.values()), batch_size, memory_budget // 2)
-    by_value = {}
-    for t, o, p in pairs:
-        by_value.setdefault(id(o), []).append((t, o, p))
-    extractors = {id(t): t.extractor() for t in targets}
-    for k, batch in enumerate(batches):
-        for run in runs:
-            chunk = [item for o in run for item in by_value[id(o)]]
-            skips = list(dict.fromkeys(t.skip for t, _, _ in chunk if t.skip in so_out and t.skip in sp_out))
-            xs = so.run([o.name for _, o, _ in chunk] + skips, batch)
-            xps = sp.run([p.name for _, _, p in chunk] + skips, batch)
-            streams = dict(zip(skips, zip(xs[len(chunk):], xps[len(chunk):])))
-            for (t, _, _), x, xp in zip(chunk, xs, xps):
-                t.update(extractors[id(t)], x, xp, k, streams.get(t.skip))
-            del xs, xps, streams
 
 
 def _all_values(graph: ir.Graph):

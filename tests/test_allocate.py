@@ -11,7 +11,7 @@ import pytest
 import onnxprune
 from builders import G, save
 from onnxprune._ort import session
-from onnxprune.allocate import _probe_model, _replacement, _Site, allocate
+from onnxprune.allocate import _replacement, _Site, _sites, _Tails, allocate
 from onnxprune.calibrate import calibrate
 from onnxprune.compensate import lstsq_requests
 from onnxprune.consumers import consumer_views
@@ -56,21 +56,15 @@ def _calibrated(path, data, lstsq=False, keep=32):
 
 
 def _probe_outputs(analysis, views, stats, removed, compensate, tmp_path):
-    """The probe graph's output for ``removed`` class roots on the kept samples."""
-    path, emulated = _probe_model(analysis, views, tmp_path)
-    sess = session(str(path))
-    gone = np.zeros(len(analysis.roots), dtype=bool)
-    gone[removed] = True
-    feed = dict(stats.kept[0])
-    for i, (p, c, shapes, last) in emulated.items():
-        v = views[i]
-        gram = stats.extra.get(f"lstsq:{i}")
-        cov = None if gram is None else gram.covariance()
-        mean = stats.tensors[v.tensor].mean if gram is None else gram.mean()
-        site = _Site(v, p, c, shapes, last, mean, cov, 0.0 if gram is None else gram.total()[2])
-        pm, cm = _replacement(site, gone[analysis.roots[v.atoms]], compensate)
-        feed[p], feed[c] = np.ascontiguousarray(pm.T if last else pm).reshape(shapes[0]), cm.reshape(shapes[1])
-    return sess.run(None, feed)[0]
+    """The probe's output for ``removed`` class roots on the first kept batch: the tail of
+    every emulable consumer, run on the original's tensors at the cut."""
+    sites = _sites(analysis, views, stats, compensate)
+    tails = _Tails(analysis, stats.kept, CPU, 2**30)
+    try:
+        ys = tails.probe_fn(sites, analysis, compensate, [])(removed)
+    finally:
+        tails.close()
+    return ys[0][analysis.model.graph.outputs[0].name]
 
 
 @pytest.mark.parametrize("compensate", ["none", "bias"])
@@ -126,9 +120,9 @@ def test_probe_lstsq_recovers_linearly_dependent_channels(tmp_path):
 
 def test_probe_model_leaves_the_analysed_model_as_it_was(tmp_path):
     path = _mlp(tmp_path)
-    analysis, views, _ = _calibrated(path, _data())
+    analysis, views, stats = _calibrated(path, _data())
     before = ir.serde.serialize_model(analysis.model).SerializeToString()
-    _probe_model(analysis, views, tmp_path)
+    _probe_outputs(analysis, views, stats, np.zeros(0, np.int64), "bias", tmp_path)
     assert ir.serde.serialize_model(analysis.model).SerializeToString() == before
 
 

@@ -49,7 +49,9 @@ def assert_exact(tmp_path: Path, proto: onnx.ModelProto, producer: str, channels
     outputs are unchanged and the model has fewer parameters.  Returns the pruned path."""
     reference, pruned, out = remove_exact(tmp_path, proto, producer, channels)
     diff = max_diff(reference, pruned)
-    assert diff <= TOL, f"removing zero-weight channels {channels} of {producer} moved the outputs by {diff}"
+    # float32 sums in another order (fewer terms, another kernel): relative to the outputs' size
+    scale = max(1.0, max(float(np.abs(r).max()) for r in reference))
+    assert diff <= TOL * scale, f"removing zero-weight channels {channels} of {producer} moved the outputs by {diff} (scale {scale:.3g})"
     assert params(out) < params(tmp_path / "in.onnx")
     return out
 

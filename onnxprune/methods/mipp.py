@@ -115,7 +115,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import optimize, special
 
 from .._graph import attr_int, node_label
 from ..calibrate import Statistics, StatRequest
@@ -360,6 +359,8 @@ def keep_confidence(d: np.ndarray, tol: float = REL_TOL) -> float:
     if not sd > 0.0 or not math.isfinite(sd):
         return 1.0 if mean > tol else 0.0
     t = (mean - tol) / (sd / math.sqrt(n))
+    from scipy import special  # here, not at import: the CLI starts faster
+
     return float(special.stdtr(n - 1, t))
 
 
@@ -370,6 +371,8 @@ def _p_value(d: np.ndarray, tol: float = REL_TOL) -> float:
     sd = float(d.std(ddof=1)) if n > 1 else 0.0
     if not sd > 0.0 or not math.isfinite(sd):
         return 0.0 if mean > tol else 1.0
+    from scipy import special
+
     return float(special.stdtr(n - 1, -(mean - tol) / (sd / math.sqrt(n))))  # P(T_{n-1} >= t)
 
 
@@ -646,6 +649,8 @@ def _mlp_fit(x: np.ndarray, y: np.ndarray, seed: int, start: dict | None = None)
         grads = {"A": x.T @ dr, "W1": x.T @ dz + 2 * MLP_DECAY * p["W1"], "b1": dz.sum(0),
                  "W2": z.T @ dr + 2 * MLP_DECAY * p["W2"], "c": dr.sum(0)}
         return loss, np.concatenate([grads[k].reshape(-1) for k, _ in shapes])
+
+    from scipy import optimize
 
     res = optimize.minimize(fun, theta0, jac=True, method="L-BFGS-B", options={"maxiter": MLP_ITERS})
     return unpack(res.x)

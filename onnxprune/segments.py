@@ -1,0 +1,333 @@
+"""Run a graph piece by piece over cached tensors: the block-wise pass of SparseGPT, Wanda
+and FLAP, for any ONNX graph.
+
+A :class:`SegmentPass` holds, for every calibration batch, the tensors of one graph that are
+still needed (its *frontier*), starting from the graph inputs.  ``advance(names)`` runs the
+nodes that ``names`` depend on and that have not run yet, as one real sub-model (a
+*segment*: its inputs are frontier tensors, its outputs the tensors still needed after it),
+once per batch, and drops every cached tensor nothing later reads.  So every sample passes
+through every node once, however many times the caller stops to look (the least-squares
+refit stops once per wave of consumers; the allocation once per group).
+
+A segment is built when it is needed, from the graph as it is then: a caller may rewrite
+nodes that have not run yet (the refit writes a wave's new weights before the pass reaches
+them).
+
+The cache stays in memory up to ``budget`` bytes; past it, new tensors go to
+memory-mapped ``.npy`` files in a private temp folder, removed when the pass closes (also
+on an exception or a signal that raises one).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+import weakref
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from . import _ort
+from .errors import InputError
+
+Sample = dict[str, np.ndarray]
+
+
+class TensorCache:
+    """Per-batch arrays by tensor name, in memory up to ``budget`` bytes, then spilled to
+    memory-mapped files in a private folder (created on first spill)."""
+
+    def __init__(self, budget: int, prefix: str = "onnxprune-cache-") -> None:
+        self.budget = budget
+        self.prefix = prefix
+        self.arrays: dict[str, list[np.ndarray]] = {}
+        self.shared: set[str] = set()  # names whose arrays the caller owns: not counted
+        self.in_memory = 0
+        self.spilled = 0
+        self.peak = 0
+        self._folder: Path | None = None
+        self._files = 0
+
+    def put(self, name: str, batch: int, array: np.ndarray, shared: bool = False) -> None:
+        """Store ``array`` as batch ``batch`` of ``name`` (batches arrive in order).
+        ``shared``: the caller keeps the array alive anyway (input batches): never spilled."""
+        rows = self.arrays.setdefault(name, [])
+        assert len(rows) == batch, "batches arrive in order"
+        if shared:
+            self.shared.add(name)
+        elif self.in_memory + array.nbytes > self.budget:
+            array = self._spill(array)
+            self.spilled += array.nbytes
+        else:
+            self.in_memory += array.nbytes
+        self.peak = max(self.peak, self.in_memory)
+        rows.append(array)
+
+    def _spill(self, array: np.ndarray) -> np.ndarray:
+        if self._folder is None:
+            self._folder = Path(tempfile.mkdtemp(prefix=self.prefix))
+            # Removed at close(), else when the cache is collected or the interpreter exits.
+            self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._folder), True)
+        self._files += 1
+        path = self._folder / f"t{self._files}.npy"
+        mm = np.lib.format.open_memmap(path, mode="w+", dtype=array.dtype, shape=array.shape)
+        mm[...] = array
+        mm.flush()
+        return mm
+
+    def get(self, name: str) -> list[np.ndarray]:
+        return self.arrays[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.arrays
+
+    def drop(self, name: str) -> None:
+        if name in self.shared:
+            self.shared.discard(name)
+            self.arrays.pop(name, None)
+            return
+        for a in self.arrays.pop(name, ()):
+            if isinstance(a, np.memmap):
+                path = a.filename
+                del a
+                if path and os.path.exists(path):
+                    os.unlink(path)
+            else:
+                self.in_memory -= a.nbytes
+
+    def close(self) -> None:
+        self.arrays.clear()
+        self.in_memory = 0
+        if self._folder is not None:
+            self._cleanup()
+            self._folder = None
+
+
+def _subgraph_reads(node: ir.Node) -> list[ir.Value]:
+    """Values of enclosing graphs that ``node``'s subgraphs (If/Loop/Scan bodies) read."""
+    out: list[ir.Value] = []
+    for attr in node.attributes.values():
+        graphs = []
+        if attr.type == ir.AttributeType.GRAPH:
+            graphs = [attr.value]
+        elif attr.type == ir.AttributeType.GRAPHS:
+            graphs = list(attr.value)
+        for g in graphs:
+            defined = {id(v) for v in g.inputs} | {id(v) for v in g.initializers.values()}
+            for inner in g:
+                defined.update(id(o) for o in inner.outputs)
+            for inner in g:
+                for v in list(inner.inputs) + _subgraph_reads(inner):
+                    if v is not None and id(v) not in defined:
+                        out.append(v)
+    return out
+
+
+def node_reads(node: ir.Node) -> list[ir.Value]:
+    """Every value ``node`` reads: its inputs and what its subgraphs read from outside."""
+    reads = [v for v in node.inputs if v is not None]
+    if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
+        reads += _subgraph_reads(node)
+    return reads
+
+
+def _is_const(value: ir.Value) -> bool:
+    return value.producer() is None and value.const_value is not None and not value.is_graph_input()
+
+
+def session_from_view(model: ir.Model, inputs: Sequence[ir.Value], outputs: Sequence[ir.Value],
+                      nodes: Sequence[ir.Node], providers: list[str], folder: Path | None = None):
+    """An onnxruntime session for the sub-model of ``model`` made of ``nodes`` (in graph
+    order), reading ``inputs`` and returning ``outputs``.  Serialised in memory; written to
+    ``folder`` (external data) only when it would pass protobuf's 2 GiB."""
+    consts: dict[int, ir.Value] = {}
+    for n in nodes:
+        for v in node_reads(n):
+            if _is_const(v):
+                consts[id(v)] = v
+    view = ir.GraphView(list(inputs), list(outputs), nodes=list(nodes), initializers=list(consts.values()),
+                        opset_imports=dict(model.opset_imports), name="segment")
+    proto = onnx.ModelProto()
+    proto.ir_version = model.ir_version
+    for domain, version in model.opset_imports.items():
+        proto.opset_import.add(domain=domain, version=version)
+    ir.serde.serialize_graph_into(proto.graph, view)
+    for f in model.functions.values():
+        ir.serde.serialize_function_into(proto.functions.add(), f)
+    rt = _ort.ort()
+    opts = rt.SessionOptions()
+    opts.log_severity_level = 3
+    if proto.ByteSize() < 2**31 - 2**26 or folder is None:
+        return rt.InferenceSession(proto.SerializeToString(), sess_options=opts, providers=providers)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "segment.onnx"
+    onnx.save_model(proto, path, save_as_external_data=True, location="segment.onnx.data")
+    return rt.InferenceSession(str(path), sess_options=opts, providers=providers)
+
+
+class SegmentPass:
+    """One graph, run segment by segment over the same batches (see the module docstring).
+
+    ``batches``: the input batches (kept by reference, never copied).  ``providers``: the
+    onnxruntime execution providers.  ``budget``: bytes of computed tensors kept in memory
+    before the cache spills to disk.
+    """
+
+    def __init__(self, model: ir.Model, batches: Sequence[Sample], *, providers: list[str], budget: int,
+                 label: str = "graph") -> None:
+        self.model = model
+        self.graph = model.graph
+        self.providers = providers
+        self.label = label
+        self.n_batches = len(batches)
+        self.cache = TensorCache(budget)
+        self.done: set[int] = set()  # ids of nodes already run
+        self.values = {v.name: v for v in self._all_values()}
+        for v in self.graph.inputs:
+            for k, b in enumerate(batches):
+                if v.name in b:
+                    self.cache.put(v.name, k, b[v.name], shared=True)
+        self.segments = 0  # sub-models run
+        self.nodes_run = 0  # nodes in them (each node runs in one segment only)
+        self.seconds = 0.0  # running segments, building their sessions included
+        self.build_seconds = 0.0
+
+    def _all_values(self) -> Iterable[ir.Value]:
+        yield from self.graph.inputs
+        for node in self.graph:
+            yield from node.outputs
+
+    def __enter__(self) -> "SegmentPass":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.cache.close()
+
+    def value(self, name: str) -> ir.Value:
+        v = self.values.get(name)
+        if v is None:  # a node added since (the refit's bias Add)
+            self.values = {v.name: v for v in self._all_values()}
+            v = self.values[name]
+        return v
+
+    def _pending(self, targets: Iterable[ir.Value]) -> list[ir.Node]:
+        """Nodes not run yet that ``targets`` depend on, in graph order."""
+        need: set[int] = set()
+        stack = [v for v in targets if v.name not in self.cache]
+        seen: set[int] = set()
+        while stack:
+            v = stack.pop()
+            if id(v) in seen:
+                continue
+            seen.add(id(v))
+            node = v.producer()
+            if node is None or id(node) in self.done or id(node) in need:
+                continue
+            need.add(id(node))
+            stack.extend(r for r in node_reads(node) if r.name not in self.cache)
+        return [n for n in self.graph if id(n) in need]
+
+    def advance(self, names: Sequence[str], later: Sequence[str] = ()) -> dict[str, list[np.ndarray]]:
+        """Compute the tensors ``names`` for every batch (running only what has not run) and
+        return them, per name one array per batch.  ``later``: tensors a later call will
+        ask for; everything else no pending node reads is dropped from the cache."""
+        wanted = [self.value(n) for n in dict.fromkeys(names)]
+        nodes = self._pending(wanted)
+        if nodes:
+            self._run(nodes, wanted, later)
+        out = {n: self.cache.get(n) for n in dict.fromkeys(names)}
+        self._release(set(names) | set(later))
+        return out
+
+    def _run(self, nodes: list[ir.Node], wanted: list[ir.Value], later: Sequence[str]) -> None:
+        t0 = time.perf_counter()
+        inside = {id(o) for n in nodes for o in n.outputs}
+        inputs: dict[str, ir.Value] = {}
+        for n in nodes:
+            for v in node_reads(n):
+                if id(v) not in inside and not _is_const(v):
+                    if v.name not in self.cache:
+                        raise InputError(f"segment pass: {v.name!r} is neither computed nor fed")
+                    inputs[v.name] = v
+        for n in nodes:
+            self.done.add(id(n))
+        keep = self._live(set(later) | {v.name for v in wanted})
+        outputs = [o for n in nodes for o in n.outputs if o.name and (o.name in keep)]
+        t1 = time.perf_counter()
+        sess = session_from_view(self.model, list(inputs.values()), outputs, nodes, self.providers)
+        self.build_seconds += time.perf_counter() - t1
+        names = [o.name for o in outputs]
+        for k in range(self.n_batches):
+            feed = {name: self.cache.get(name)[k] for name in inputs}
+            try:
+                got = sess.run(names, feed)
+            except Exception as exc:
+                raise InputError(f"onnxruntime failed on a segment of the {self.label}: "
+                                 f"{' '.join(str(exc).split())[:300]}") from exc
+            for name, arr in zip(names, got):
+                self.cache.put(name, k, arr)
+            del got, feed
+        self.segments += 1
+        self.nodes_run += len(nodes)
+        self.seconds += time.perf_counter() - t0
+
+    def _live(self, extra: set[str]) -> set[str]:
+        """Names a node not run yet reads, plus ``extra``."""
+        live = set(extra)
+        for node in self.graph:
+            if id(node) not in self.done:
+                live.update(v.name for v in node_reads(node))
+        return live
+
+    def _release(self, keep: set[str]) -> None:
+        live = self._live(keep)
+        for name in [n for n in self.cache.arrays if n not in live]:
+            self.cache.drop(name)
+
+
+class BatchStore:
+    """Input batches kept for replay (the refit and the allocation read the calibration
+    batches again): in memory up to ``budget`` bytes, the rest memory-mapped on disk.
+    Read once from the source, whatever number of passes follow."""
+
+    def __init__(self, budget: int) -> None:
+        self.cache = TensorCache(budget, prefix="onnxprune-batches-")
+        self.names: list[str] = []
+        self.count = 0
+
+    def append(self, batch: Sample) -> None:
+        if not self.names:
+            self.names = list(batch)
+        for name in self.names:
+            self.cache.put(name, self.count, batch[name])
+        self.count += 1
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, k: int) -> Sample:
+        return {name: self.cache.get(name)[k] for name in self.names}
+
+    def __iter__(self):
+        return (self[k] for k in range(self.count))
+
+    @property
+    def samples(self) -> int:
+        return sum(next(iter(self[k].values())).shape[0] for k in range(self.count))
+
+    def close(self) -> None:
+        self.cache.close()
+
+    def __enter__(self) -> "BatchStore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

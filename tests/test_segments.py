@@ -1,0 +1,264 @@
+"""The segment pass: a graph run piece by piece over cached tensors gives what whole-graph
+runs give, runs every node once, keeps its cache within the budget, and leaves no spill
+file behind; the least-squares refit on it writes the weights a whole-graph reference
+computation writes (residual, concat, attention with two inputs, a subgraph)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper
+
+import onnxprune.reconstruct as rc
+from builders import G, save
+from onnxprune._ort import ort
+from onnxprune.groups import analyze_groups
+from onnxprune.load import load_model
+from onnxprune.rewrite import apply_removal, refresh_shapes
+from onnxprune.segments import BatchStore, SegmentPass, TensorCache, node_reads
+from test_attention import attention
+
+CPU = ["CPUExecutionProvider"]
+
+
+def residual_concat() -> onnx.ModelProto:
+    """conv → relu → conv, added to the stem (residual), concatenated with a side conv,
+    then two more convs: several refit waves, a stream and a concat."""
+    g = G(seed=1)
+    x = g.input("x", ["N", 3, 8, 8])
+    stem = g.op("Relu", [g.conv(x, 3, 8, name="stem")])
+    a = g.op("Relu", [g.conv(stem, 8, 8, name="a")])
+    b = g.conv(a, 8, 8, name="b")
+    s = g.op("Relu", [g.op("Add", [b, stem], name="res")])
+    side = g.op("Relu", [g.conv(stem, 8, 4, k=1, name="side")])
+    cat = g.op("Concat", [s, side], axis=1, name="cat")
+    c = g.op("Relu", [g.conv(cat, 12, 8, name="c")])
+    return g.model([g.conv(c, 8, 4, k=1, name="head")])
+
+
+def with_if() -> onnx.ModelProto:
+    """A Conv whose output an ``If`` branch reads from the enclosing graph."""
+    g = G(seed=2)
+    x = g.input("x", ["N", 2, 6, 6])
+    h = g.op("Relu", [g.conv(x, 2, 6, name="p")])
+    flag = g.input("flag", [], dtype=TensorProto.BOOL)
+    then_out = helper.make_tensor_value_info("t_out", TensorProto.FLOAT, None)
+    else_out = helper.make_tensor_value_info("e_out", TensorProto.FLOAT, None)
+    then = helper.make_graph([helper.make_node("Relu", [h], ["t_out"])], "then", [], [then_out])
+    other = helper.make_graph([helper.make_node("Neg", [h], ["e_out"])], "else", [], [else_out])
+    y = g.op("If", [flag], name="branch", then_branch=then, else_branch=other)
+    return g.model([g.conv(y, 6, 3, name="q")])
+
+
+def _batches(proto: onnx.ModelProto, n: int = 3, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n):
+        feed = {}
+        for inp in proto.graph.input:
+            dims = [d.dim_value or (5 if i == 0 else 4) for i, d in enumerate(inp.type.tensor_type.shape.dim)]
+            if inp.type.tensor_type.elem_type == TensorProto.BOOL:
+                feed[inp.name] = np.array(k % 2 == 0)
+            elif inp.name == "mask":
+                feed[inp.name] = (rng.random(dims) < 0.8).astype(np.float32)
+            else:
+                feed[inp.name] = rng.standard_normal(dims).astype(np.float32)
+        out.append(feed)
+    return out
+
+
+def exposed_session(model: ir.Model, names: list[str]):
+    """The whole graph with ``names`` as its outputs (the reference: no segments)."""
+    graph = model.graph
+    values = {v.name: v for v in graph.inputs} | {o.name: o for n in graph for o in n.outputs}
+    saved = list(graph.outputs)
+    graph.outputs.clear()
+    graph.outputs.extend(values[n] for n in dict.fromkeys(names))
+    try:
+        data = ir.to_proto(model).SerializeToString()
+    finally:
+        graph.outputs.clear()
+        graph.outputs.extend(saved)
+    return ort().InferenceSession(data, providers=CPU)
+
+
+MODELS = {"residual_concat": residual_concat, "attention": lambda: attention("runtime"), "if": with_if}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_segments_give_the_whole_graph_values_and_run_each_node_once(tmp_path, name):
+    proto = MODELS[name]()
+    model, _ = load_model(save(proto, tmp_path / "m.onnx"))
+    batches = _batches(proto)
+    produced = [o.name for n in model.graph for o in n.outputs if o.name]
+    reference = exposed_session(model, produced)
+    with SegmentPass(model, batches, providers=CPU, budget=1 << 30) as sp:
+        # Stop every few tensors, as the refit's waves do; ask for old ones again too.
+        steps = [produced[i : i + 3] for i in range(0, len(produced), 3)]
+        for k, names in enumerate(steps):
+            later = [n for s in steps[k + 1 :] for n in s]
+            got = sp.advance(names, later)
+            for b, batch in enumerate(batches):
+                want = reference.run(names, batch)
+                for n, w in zip(names, want):
+                    np.testing.assert_allclose(got[n][b], w, rtol=1e-5, atol=1e-5)
+        ran = len(sp.done)
+        assert sp.nodes_run == ran <= len(list(model.graph))  # no node ran twice
+        assert sp.segments <= len(steps)
+
+
+def test_the_cache_drops_what_nothing_later_reads(tmp_path):
+    model, _ = load_model(save(residual_concat(), tmp_path / "m.onnx"))
+    with SegmentPass(model, _batches(residual_concat()), providers=CPU, budget=1 << 30) as sp:
+        names = {n.name: n for n in model.graph}
+        sp.advance([names["c"].outputs[0].name])
+        live = set(sp.cache.arrays)
+        # After c ran, only c's output (for the Relu and head still pending) is live: the
+        # stem, the residual stream and the concat are gone.
+        assert live == {names["c"].outputs[0].name}, live
+
+
+def test_cache_spills_past_the_budget_and_removes_its_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    model, _ = load_model(save(residual_concat(), tmp_path / "m.onnx"))
+    batches = _batches(residual_concat())
+    budget = 4000  # bytes: one [5, 8, 8, 8] float32 tensor is 10,240
+    with SegmentPass(model, batches, providers=CPU, budget=budget) as sp:
+        stem = next(n for n in model.graph if n.name == "stem").outputs[0].name
+        got = sp.advance([stem], ["head_out"])
+        assert sp.cache.spilled > 0 and sp.cache.peak <= budget
+        assert any(isinstance(a, np.memmap) for a in got[stem])
+        assert list((tmp_path / "tmp").iterdir())  # the spill folder exists while it runs
+        sp.advance(["head_out"])
+    assert not list((tmp_path / "tmp").iterdir())  # and is gone after the pass
+
+    with pytest.raises(RuntimeError):
+        with SegmentPass(model, batches, providers=CPU, budget=0) as sp:
+            sp.advance([stem])
+            raise RuntimeError("boom")
+    assert not list((tmp_path / "tmp").iterdir())  # also after an exception
+
+
+def test_spill_files_do_not_outlive_a_process_that_exits_without_closing(tmp_path):
+    """A cache that spilled and was never closed is removed when the interpreter exits."""
+    code = textwrap.dedent(
+        """
+        import sys, numpy as np
+        from onnxprune.segments import TensorCache
+        c = TensorCache(0)
+        c.put("x", 0, np.ones(1000, np.float32))
+        print(c._folder, flush=True)
+        sys.exit(0)
+        """
+    )
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    folder = Path(out.stdout.strip())
+    assert folder.parent == tmp_path and not folder.exists()
+
+
+def test_batch_store_replays_what_it_was_given_within_its_budget():
+    rng = np.random.default_rng(0)
+    batches = [{"x": rng.standard_normal((4, 100)).astype(np.float32)} for _ in range(5)]
+    with BatchStore(budget=3 * 1600) as store:
+        for b in batches:
+            store.append(b)
+        assert len(store) == 5 and store.samples == 20
+        assert store.cache.peak <= 3 * 1600 and store.cache.spilled == 2 * 1600
+        for a, b in zip(store, batches):
+            np.testing.assert_array_equal(a["x"], b["x"])
+
+
+def test_subgraph_reads_are_segment_inputs(tmp_path):
+    model, _ = load_model(save(with_if(), tmp_path / "m.onnx"))
+    branch = next(n for n in model.graph if n.op_type == "If")
+    conv = next(n for n in model.graph if n.name == "p")
+    relu = next(iter(conv.outputs[0].uses())).node
+    assert relu.outputs[0] in node_reads(branch)
+
+
+# --- the refit on segments against a whole-graph reference ---------------------------------
+
+
+def _reference_refit(targets, original: ir.Model, pruned: ir.Model, batches) -> None:
+    """The refit as computed before segments: every wave runs both whole graphs from the
+    inputs, with the wave's tensors exposed."""
+    for wave in rc._waves(pruned.graph, targets):
+        skips = [t.skip for t in wave if t.skip]
+        names_o = [t.source for t in wave] + skips
+        names_p = [t.node.inputs[0].name for t in wave] + skips
+        so, sp = exposed_session(original, names_o), exposed_session(pruned, names_p)
+        extractors = {id(t): t.extractor() for t in wave}
+        for b, batch in enumerate(batches):
+            xo = dict(zip(names_o, _run(so, names_o, batch)))
+            xp = dict(zip(names_p, _run(sp, names_p, batch)))
+            for t in wave:
+                stream = (xo[t.skip], xp[t.skip]) if t.skip else None
+                t.update(extractors[id(t)], xo[t.source], xp[t.node.inputs[0].name], b, stream)
+        for t in wave:
+            if t.rows_seen:
+                rc._write(t, *t.solve(), pruned.graph)
+            t.sums = []
+
+
+def _run(sess, names, batch):
+    unique = list(dict.fromkeys(names))
+    got = dict(zip(unique, sess.run(unique, batch)))
+    return [got[n] for n in names]
+
+
+def _pruned(path: Path, share: float = 0.5):
+    model, _ = load_model(path)
+    analysis = analyze_groups(model, ())
+    removed = np.concatenate([g.classes[: int(len(g.classes) * share)] for g in analysis.groups if g.prunable]).astype(np.int64)
+    targets = rc.refit_targets(analysis, removed)
+    apply_removal(analysis, removed)
+    refresh_shapes(model)
+    return model, targets
+
+
+def _weights(model: ir.Model) -> dict[str, np.ndarray]:
+    return {name: v.const_value.numpy() for name, v in model.graph.initializers.items() if v.const_value is not None}
+
+
+@pytest.mark.parametrize("name", ["residual_concat", "attention"])
+def test_refit_on_segments_writes_the_reference_weights(tmp_path, name):
+    proto = MODELS[name]()
+    path = save(proto, tmp_path / "m.onnx")
+    batches = _batches(proto, n=4)
+    model_a, targets_a = _pruned(path)
+    assert targets_a, "the test needs consumers to refit"
+    original, _ = load_model(path)
+    rc.refit_on_pruned(targets_a, original, model_a, batches, providers=CPU, memory_budget=1 << 30)
+    model_b, targets_b = _pruned(path)
+    _reference_refit(targets_b, original, model_b, batches)
+    assert [t.mode for t in targets_a] == [t.mode for t in targets_b]
+    wa, wb = _weights(model_a), _weights(model_b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        np.testing.assert_allclose(wa[k], wb[k], rtol=1e-5, atol=1e-6 * max(1.0, float(np.abs(wb[k]).max())), err_msg=k)
+
+
+def test_refit_on_segments_is_the_same_when_everything_spills(tmp_path):
+    proto = residual_concat()
+    path = save(proto, tmp_path / "m.onnx")
+    batches = _batches(proto, n=4)
+    original, _ = load_model(path)
+    model_a, targets_a = _pruned(path)
+    rc.refit_on_pruned(targets_a, original, model_a, batches, providers=CPU, memory_budget=1 << 30)
+    model_b, targets_b = _pruned(path)
+    rc.refit_on_pruned(targets_b, original, model_b, batches, providers=CPU, memory_budget=0)
+    for k, w in _weights(model_a).items():
+        np.testing.assert_array_equal(w, _weights(model_b)[k])
