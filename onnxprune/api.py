@@ -33,7 +33,7 @@ from .reconstruct import refit_on_pruned, refit_targets
 from .rewrite import apply_removal, refresh_shapes
 from .segments import BatchStore
 from .select import select, select_for_target
-from .verify import Fidelity, check_pruned, check_restructured, measure_fidelity, median_latency, run_original
+from .verify import Fidelity, check_pruned, check_restructured, measure_fidelity, paired_latency, run_original
 
 
 @dataclass
@@ -331,6 +331,9 @@ def prune(
         targets = refit_targets(analysis, all_removed)
     elif stats is not None and compensate == "bias":  # consumers feeding a Relu: keep the post-ReLU mean
         targets = refit_targets(analysis, all_removed, relu_only=True)
+    # The refit runs the original graph beside the pruned one: a copy, not a second parse
+    # and normalisation of the file.
+    original = ir.from_proto(ir.to_proto(model)) if targets and store is not None else None
     apply_removal(analysis, all_removed)
     times["rewrite"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -339,8 +342,7 @@ def prune(
         apply_refits(analysis, refits, all_removed)
         refresh_shapes(model)
     refit_note = None
-    if targets and store is not None:
-        original, _ = load_model(model_path)
+    if original is not None:
         n_ls, n_bias = refit_on_pruned(
             targets, original, model, store, providers=providers, memory_budget=int(memory_budget_mb * 2**20),
             modes=("bias",) if compensate == "bias" else ("lstsq", "bias"),
@@ -377,7 +379,7 @@ def prune(
             measured["forced"] = _gate(fid, max_error, min_agreement, force)
         if latency:
             lat_feed = held[0] if held else feed
-            measured["latency"] = (median_latency(_reference or model_path, lat_feed), median_latency(path, lat_feed))
+            measured["latency"] = paired_latency(_reference or model_path, path, lat_feed)
 
     try:
         if output_path is not None:

@@ -155,15 +155,20 @@ def measure_fidelity(original: str | os.PathLike, pruned: str | os.PathLike, bat
     return fid
 
 
-def median_latency(path: str | os.PathLike, feed: dict[str, np.ndarray], runs: int = 15, budget_s: float = 5.0) -> float:
-    """Median wall time of one run on ``feed`` (after warm-up), in seconds."""
-    sess = _ort.session(str(path))
-    for _ in range(2):
+def paired_latency(original: str | os.PathLike, pruned: str | os.PathLike, feed: dict[str, np.ndarray],
+                   runs: int = 7, budget_s: float = 2.0) -> tuple[float, float]:
+    """Median wall time of one run on ``feed`` of each model (after one warm-up), the two
+    models' runs interleaved so that load on the machine hits both alike.  ``runs`` per
+    model at most, fewer past ``budget_s`` (3 at least): every run costs a batch of
+    inferences, which a prune in CI pays for."""
+    sessions = [_ort.session(str(original)), _ort.session(str(pruned))]
+    for sess in sessions:
         sess.run(None, feed)
-    times = []
+    times: list[list[float]] = [[], []]
     start = time.perf_counter()
-    while len(times) < runs and (time.perf_counter() - start < budget_s or len(times) < 3):
-        t = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+    while len(times[0]) < runs and (time.perf_counter() - start < budget_s or len(times[0]) < 3):
+        for sess, out in zip(sessions, times):
+            t = time.perf_counter()
+            sess.run(None, feed)
+            out.append(time.perf_counter() - t)
+    return float(np.median(times[0])), float(np.median(times[1]))
