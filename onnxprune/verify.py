@@ -142,17 +142,25 @@ def measure_fidelity(original: str | os.PathLike, pruned: str | os.PathLike, bat
             agree += int((pa == pb).sum())
             if labels is not None:
                 lab = labels[n : n + m]
+                if len(lab) != m:
+                    raise InputError(_labels_mismatch(len(labels), f"more than {len(labels)}"))
                 correct_a += int((pa == lab).sum())
                 correct_b += int((pb == lab).sum())
         n += m
     if n == 0:
         raise InputError("no samples to verify the pruned model on")
+    if labels is not None and len(labels) != n:
+        raise InputError(_labels_mismatch(len(labels), str(n)))
     rel = float(np.max(np.sqrt(diff2 / np.maximum(ref2, 1e-30))))
     has_cls = classifier is not None and classifier >= 0
     fid = Fidelity(n, rel, float(np.min(cos_sum / n)), agree / n if has_cls else None)
     if labels is not None and has_cls:
         fid.accuracy_before, fid.accuracy_after = correct_a / n, correct_b / n
     return fid
+
+
+def _labels_mismatch(n_labels: int, n_samples: str) -> str:
+    return f"--labels holds {n_labels} labels but the eval data holds {n_samples} samples: they must line up one to one"
 
 
 def median_latency(path: str | os.PathLike, feed: dict[str, np.ndarray], runs: int = 15, budget_s: float = 5.0) -> float:
