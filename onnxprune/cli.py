@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import sys
+import warnings
+from typing import Iterator
 
 import click
 from rich.console import Console
 
-from . import api
+from . import _ort, api
 from .criteria import METHODS
 from .compensate import COMPENSATIONS
 from .data import Preprocess
@@ -39,6 +43,37 @@ def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
         return tuple(float(x) for x in text.split(","))
     except ValueError:
         raise InputError(f"{name} takes comma-separated numbers, got '{text}'") from None
+
+
+@contextlib.contextmanager
+def _quiet_third_party() -> Iterator[None]:
+    """Every failure is one line: third-party warnings, log records (onnx_ir's "Skipping
+    serialization") and onnxruntime's log stay silent unless ``-v`` loosens them."""
+    previous = logging.root.manager.disable
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.disable(logging.CRITICAL)
+        _ort.set_log_severity(4)
+        try:
+            yield
+        finally:
+            logging.disable(previous)
+            _ort.set_log_severity(4)
+
+
+def _verbose(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    """``-v``: let third-party warnings, log records and onnxruntime's warnings through."""
+    if value:
+        warnings.simplefilter("default")
+        logging.disable(logging.NOTSET)
+        _ort.set_log_severity(2)
+    return value
+
+
+_verbose_option = click.option(
+    "--verbose", "-v", is_flag=True, expose_value=False, callback=_verbose, is_eager=True,
+    help="also show third-party warnings and log lines (onnxruntime, onnx_ir)",
+)
 
 
 @cli.command("prune")
@@ -86,6 +121,7 @@ def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="write a PNG: kept channels per group, error vs MACs removed")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed for random scores and test inputs")
 @click.option("--quiet", "-q", is_flag=True, help="print nothing but errors")
+@_verbose_option
 def prune_cmd(input_model, output_model, method, ratio, global_, target_macs, target_params, min_keep, round_to,
               exclude, calib, max_samples, batch_size, memory_budget, device, compensate, resize, crop, mean_, std_,
               scale, layout, channels, eval_data, labels, max_error, min_agreement, force, report_path, seed, quiet,
@@ -138,6 +174,7 @@ def prune_cmd(input_model, output_model, method, ratio, global_, target_macs, ta
 @click.argument("input_model", type=click.Path(dir_okay=True, path_type=str))
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="mark groups whose producer matches as excluded")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="also write the analysis as JSON")
+@_verbose_option
 def analyze_cmd(input_model, exclude, json_path):
     """List every channel group, the prunable share of params and MACs, and what blocks the rest."""
     report = api.analyze(input_model, exclude)
@@ -149,7 +186,8 @@ def analyze_cmd(input_model, exclude, json_path):
 def main(argv: list[str] | None = None) -> int:
     """Entry point: every failure is one line on stderr with a meaningful exit code."""
     try:
-        cli.main(args=argv, prog_name="onnxprune", standalone_mode=False)
+        with _quiet_third_party():
+            cli.main(args=argv, prog_name="onnxprune", standalone_mode=False)
         return 0
     except click.exceptions.NoArgsIsHelpError as exc:  # pragma: no cover - click >= 8.2
         click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
