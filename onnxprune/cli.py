@@ -5,14 +5,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import warnings
 from typing import Iterator
 
 import click
 from rich.console import Console
 
-from . import _ort, api
+from . import _ort, _signals, api
 from .criteria import METHODS
 from .compensate import COMPENSATIONS
 from .data import Preprocess
@@ -186,18 +188,24 @@ def analyze_cmd(input_model, exclude, json_path):
 def main(argv: list[str] | None = None) -> int:
     """Entry point: every failure is one line on stderr with a meaningful exit code."""
     try:
-        with _quiet_third_party():
+        with _run_tempdir(), _quiet_third_party():
             cli.main(args=argv, prog_name="onnxprune", standalone_mode=False)
         return 0
+    except _signals.Interrupted as exc:  # the console script's handlers: SIGINT/SIGTERM
+        return _stopped(exc)
     except click.exceptions.NoArgsIsHelpError as exc:  # pragma: no cover - click >= 8.2
         click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
         return 0
     except click.ClickException as exc:
         click.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
         return InputError.exit_code
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
+        if isinstance(exc.__context__, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+            return _stopped(exc.__context__)
         click.echo("error: aborted", err=True)
         return 1
+    except KeyboardInterrupt as exc:
+        return _stopped(exc)
     except OnnxPruneError as exc:
         click.echo(f"error: {' '.join(str(exc).split())}", err=True)
         return exc.exit_code
@@ -208,5 +216,39 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _stopped(exc: BaseException) -> int:
+    line, code = _signals.message(exc)
+    click.echo(line, err=True)
+    return code
+
+
+@contextlib.contextmanager
+def _run_tempdir() -> Iterator[None]:
+    """Every temporary file of the run goes into one private folder, removed at the end
+    whatever happens: a signal that cuts an inner cleanup short still leaves nothing.
+
+    ``TMPDIR`` points there too, before onnxruntime is imported: its telemetry writes a
+    ``.ses`` file into the temp folder on import (onnxruntime 1.32, Linux).
+    """
+    previous, previous_env, folder = tempfile.tempdir, os.environ.get("TMPDIR"), None
+    try:
+        with _signals.deferred():
+            folder = tempfile.mkdtemp(prefix="onnxprune-run-")
+            tempfile.tempdir = os.environ["TMPDIR"] = folder
+        yield
+    finally:
+        with _signals.deferred():
+            tempfile.tempdir = previous
+            if previous_env is None:
+                os.environ.pop("TMPDIR", None)
+            else:
+                os.environ["TMPDIR"] = previous_env
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
 def entry() -> None:
-    sys.exit(main())
+    """The console script (kept for ``onnxprune.cli:entry`` callers)."""
+    from ._entry import entry as run
+
+    run()

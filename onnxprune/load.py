@@ -21,6 +21,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
 from ._graph import fold_attention_idioms, prepare_graph, supplement_shapes
+from ._signals import deferred
 from .errors import InputError
 
 MIN_OPSET = 11
@@ -162,12 +163,13 @@ def check_output_path(input_path: str | os.PathLike, output_path: str | os.PathL
     parent = dst.resolve().parent
     if not parent.is_dir():
         raise InputError(f"output folder does not exist: {parent}")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".onnxprune-probe-", dir=parent)
-    except OSError as exc:
-        raise InputError(f"output folder is not writable: {parent} ({exc.strerror})") from exc
-    os.close(fd)
-    os.unlink(probe)
+    with deferred():  # a signal between the two calls would leave the probe behind
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".onnxprune-probe-", dir=parent)
+        except OSError as exc:
+            raise InputError(f"output folder is not writable: {parent} ({exc.strerror})") from exc
+        os.close(fd)
+        os.unlink(probe)
 
 
 def model_bytes(model: ir.Model) -> int:
@@ -189,14 +191,19 @@ def save_model(
     """
     out = Path(output_path)
     external = external or model_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    tmpdir = Path(tempfile.mkdtemp(prefix=".onnxprune-", dir=out.resolve().parent))
+    tmpdir = None
     try:
+        with deferred():  # the folder exists only once the finally below will remove it
+            tmpdir = Path(tempfile.mkdtemp(prefix=".onnxprune-", dir=out.resolve().parent))
         tmp_model = tmpdir / out.name
         data_name = f"{out.name}.data" if external else None
         ir.save(model, tmp_model, external_data=data_name)
         validate(tmp_model)
-        if data_name:
-            os.replace(tmpdir / data_name, out.resolve().parent / data_name)
-        os.replace(tmp_model, out)
+        with deferred():  # no signal between the two renames: never new data beside an old model
+            if data_name:
+                os.replace(tmpdir / data_name, out.resolve().parent / data_name)
+            os.replace(tmp_model, out)
     finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        with deferred():
+            if tmpdir is not None:
+                shutil.rmtree(tmpdir, ignore_errors=True)
