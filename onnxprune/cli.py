@@ -20,6 +20,7 @@ from .compensate import COMPENSATIONS
 from .data import Preprocess
 from .methods import MethodOptions
 from .errors import InputError, OnnxPruneError
+from .load import check_side_outputs
 from .report import plot, print_analysis, print_result, write_json
 
 
@@ -162,6 +163,7 @@ def prune_cmd(input_model, output_model, method, ratio, global_, target_macs, ta
             confidence=confidence, mi_estimator=mi_estimator,
         ),
     )
+    check_side_outputs(input_model, output_model, [("--report", report_path), ("--plot", plot_path)])
     _, result = api.prune(input_model, output_model, **kwargs)
     if plot_path:
         sweep = api.error_sweep(input_model, kwargs, result) if (calib or eval_data) else []
@@ -179,6 +181,7 @@ def prune_cmd(input_model, output_model, method, ratio, global_, target_macs, ta
 @_verbose_option
 def analyze_cmd(input_model, exclude, json_path):
     """List every channel group, the prunable share of params and MACs, and what blocks the rest."""
+    check_side_outputs(input_model, None, [("--json", json_path)])
     report = api.analyze(input_model, exclude)
     if json_path:
         write_json(report.to_dict(), json_path)

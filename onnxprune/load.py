@@ -153,25 +153,89 @@ def normalise(model: ir.Model) -> None:
         supplement_shapes(model)
 
 
+def _same(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: by inode where both exist (hardlinks), else resolved."""
+    if a.exists() and b.exists() and os.path.samefile(a, b):
+        return True
+    return a.resolve() == b.resolve()
+
+
+def data_path(output_path: str | os.PathLike) -> Path:
+    """Where the output's external data goes when it has any: ``NAME.data`` beside it."""
+    out = Path(output_path)
+    return out.with_name(out.name + ".data")
+
+
+def input_files(model_path: str | os.PathLike) -> list[Path]:
+    """The model file and every external-data file it names (as far as it parses)."""
+    p = Path(model_path)
+    files = [p]
+    try:
+        proto = onnx.load(str(p), load_external_data=False)
+    except Exception:  # not a model: load_model says so, in one line, later
+        return files
+    for tensor in _tensors(proto.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = {e.key: e.value for e in tensor.external_data}.get("location", "")
+            if location and (p.parent / location) not in files:
+                files.append(p.parent / location)
+    return files
+
+
 def check_output_path(input_path: str | os.PathLike, output_path: str | os.PathLike) -> None:
     """Refuse an output that would overwrite the input or cannot be written, before any work."""
     src, dst = Path(input_path), Path(output_path)
     if dst.exists() and src.exists() and os.path.samefile(src, dst) or src.resolve() == dst.resolve():
         raise InputError(f"output path is the input model: {dst} (onnxprune never modifies its input)")
+    for f in input_files(src)[1:]:
+        if _same(f, dst):
+            raise InputError(f"output path is the input model's external data file: {dst} (onnxprune never modifies its input)")
+    for f in input_files(src):
+        if _same(f, data_path(dst)):
+            raise InputError(
+                f"the output's data file would be {data_path(dst)}, which is an input file "
+                "(onnxprune never modifies its input): choose another output name"
+            )
     if dst.is_dir():
         raise InputError(f"output path is a folder: {dst}")
+    _check_writable_folder(dst, "output")
+
+
+def _check_writable_folder(dst: Path, what: str) -> None:
     parent = dst.resolve().parent
     if not parent.is_dir():
-        raise InputError(f"output folder does not exist: {parent}")
+        raise InputError(f"{what} folder does not exist: {parent}")
     with deferred():  # a signal between the two calls would leave the probe behind
         try:
             fd, probe = tempfile.mkstemp(prefix=".onnxprune-probe-", dir=parent)
         except OSError as exc:
-            raise InputError(f"output folder is not writable: {parent} ({exc.strerror})") from exc
+            raise InputError(f"{what} folder is not writable: {parent} ({exc.strerror})") from exc
         os.close(fd)
         os.unlink(probe)
 
 
+def check_side_outputs(
+    input_path: str | os.PathLike, output_path: str | os.PathLike | None,
+    extras: list[tuple[str, str | os.PathLike | None]],
+) -> None:
+    """Refuse a report/plot/JSON path that names an input file, the output, the output's
+    data file or another of these paths, or whose folder is missing or not writable:
+    checked before any work, so nothing is touched."""
+    taken = [(f"the input {'model' if i == 0 else 'external data file'}", f)
+             for i, f in enumerate(input_files(input_path))]
+    if output_path is not None:
+        taken += [("the output model", Path(output_path)), ("the output's data file", data_path(output_path))]
+    for flag, path in extras:
+        if path is None:
+            continue
+        p = Path(path)
+        for what, other in taken:
+            if _same(p, other):
+                raise InputError(f"{flag} {p} is {what}: choose another path")
+        if p.is_dir():
+            raise InputError(f"{flag} {p} is a folder")
+        _check_writable_folder(p, flag)
+        taken.append((f"the {flag} path", p))
 def model_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
