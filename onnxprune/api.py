@@ -231,16 +231,16 @@ def prune(
     """
     exclude = checks.patterns(exclude)
     _check_options(model_path, output_path, method, ratio, min_keep, round_to, seed, steps, preprocess, method_options)
+    _check_data_options(
+        method, calib, compensate, batch_size, max_samples, memory_budget_mb,
+        target_macs, target_params, eval_data, labels, max_error, min_agreement, eval_samples,
+    )
     if steps > 1:
         args = {k: v for k, v in locals().items() if k not in ("model_path", "output_path", "steps", "_reference")}
         return _prune_in_steps(model_path, output_path, steps, args)
     opts = method_options or MethodOptions()
     opts.min_keep, opts.seed = min_keep, seed
     plugin = REGISTRY.get(method)
-    _check_data_options(
-        method, calib, compensate, batch_size, max_samples, memory_budget_mb,
-        target_macs, target_params, eval_data, labels, max_error, min_agreement, eval_samples,
-    )
     times: dict[str, float] = {}
     t = time.perf_counter()
     if output_path is not None:

@@ -137,3 +137,9 @@ def test_labels_not_matching_eval_set(capsys, tmp_path, n):
     )
     assert f"holds {n} labels" in line
     assert (f"more than {n} samples" if n < len(full) else f"holds {len(full)} samples") in line
+
+
+def test_api_checks_before_steps(tmp_path):
+    src = save(_cnn(), tmp_path / "m.onnx")
+    with pytest.raises(onnxprune.InputError, match="--target-macs"):
+        onnxprune.prune(src, None, steps=2, calib=[], target_macs="0.5")

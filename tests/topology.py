@@ -49,7 +49,9 @@ def assert_exact(tmp_path: Path, proto: onnx.ModelProto, producer: str, channels
     outputs are unchanged and the model has fewer parameters.  Returns the pruned path."""
     reference, pruned, out = remove_exact(tmp_path, proto, producer, channels)
     diff = max_diff(reference, pruned)
-    assert diff <= TOL, f"removing zero-weight channels {channels} of {producer} moved the outputs by {diff}"
+    # float32 rounding is relative: outputs in the hundreds move by ~1e-5 from reordered sums alone.
+    scale = max(1.0, max(float(np.max(np.abs(r))) for r in reference))
+    assert diff <= TOL * scale, f"removing zero-weight channels {channels} of {producer} moved the outputs by {diff}"
     assert params(out) < params(tmp_path / "in.onnx")
     return out
 
