@@ -753,6 +753,41 @@ def _symbolic_shape_inference():
     return getattr(sys.modules[name], "SymbolicShapeInference", None)
 
 
+def _symbolic_infer(cls, proto):
+    """``SymbolicShapeInference.infer_shapes(proto, auto_merge=True)`` without its file write.
+
+    When the inference is incomplete, onnxruntime's ``infer_shapes`` saves the model as
+    ``sym_shape_infer_temp.onnx`` (+ data) into the current directory, following any
+    symlink planted there, before it raises.  Its steps are run here instead, returning
+    None where it would save; if onnxruntime's internals ever change, the public call
+    runs with the current directory switched to a private temporary folder.
+    """
+    steps = ("_preprocess", "_infer_impl", "_update_output_from_vi")
+    if not all(hasattr(cls, step) for step in steps):
+        return _in_private_cwd(lambda: cls.infer_shapes(proto, auto_merge=True, guess_output_rank=False))
+    engine = cls(2**31 - 1, True, False, 0)  # int_max, auto_merge, guess_output_rank, verbose
+    engine._preprocess(proto)
+    complete = False
+    while engine.run_:
+        complete = engine._infer_impl()
+    engine._update_output_from_vi()
+    return engine.out_mp_ if complete else None
+
+
+def _in_private_cwd(call):
+    """Run ``call`` with the current directory in a fresh temporary folder (removed after)."""
+    import os
+    import tempfile
+
+    here = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="onnxprune-cwd-") as d:
+        os.chdir(d)
+        try:
+            return call()
+        finally:
+            os.chdir(here)
+
+
 def supplement_shapes(model: ir.Model) -> int:
     """Fill the dims onnx's shape inference left unknown from onnxruntime's symbolic
     shape inference; returns the number of values whose shape got more specific.
@@ -778,7 +813,7 @@ def supplement_shapes(model: ir.Model) -> int:
     try:
         logging.getLogger("onnxruntime.tools.symbolic_shape_infer").setLevel(logging.CRITICAL)
         with contextlib.redirect_stdout(io.StringIO()):
-            inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=True, guess_output_rank=False)
+            inferred = _symbolic_infer(SymbolicShapeInference, proto)
     except Exception:
         return 0
     if inferred is None:

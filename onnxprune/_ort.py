@@ -6,6 +6,10 @@ from types import ModuleType
 
 from .errors import InputError
 
+# onnxruntime's own log lines would break the one-line-per-failure contract: fatal only
+# (4), unless the CLI's -v lowers it to warnings (2).
+LOG_SEVERITY = 4
+
 
 def ort() -> ModuleType:
     """The onnxruntime module, or an InputError telling how to install it."""
@@ -19,9 +23,20 @@ def ort() -> ModuleType:
     return onnxruntime
 
 
+def set_log_severity(level: int) -> None:
+    """Severity of onnxruntime's log for every later session and its default logger."""
+    global LOG_SEVERITY
+    LOG_SEVERITY = level
+    try:
+        import onnxruntime
+    except ImportError:  # pragma: no cover - reported by ort() when it is needed
+        return
+    onnxruntime.set_default_logger_severity(level)
+
+
 def session(path: str, providers: list[str] | None = None):
     """An InferenceSession on ``path`` with quiet logging."""
     rt = ort()
     opts = rt.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = LOG_SEVERITY
     return rt.InferenceSession(path, sess_options=opts, providers=providers or ["CPUExecutionProvider"])

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from . import _ort
+from . import _ort, checks
 from ._graph import RESTRUCTURED, node_label
 from .allocate import PROBE_SAMPLES, allocate, probes_text
 from .calibrate import calibrate, providers_for, split_held_out
@@ -133,6 +133,8 @@ def _prunable_share(analysis: Analysis) -> tuple[int, int]:
 
 def analyze(model_path: str | os.PathLike, exclude: tuple[str, ...] | list[str] = ()) -> AnalysisReport:
     """Find every channel group of the model at ``model_path`` and what blocks the others."""
+    checks.path_like("model_path", model_path)
+    exclude = checks.patterns(exclude)
     model, _ = load_model(model_path)
     params, macs = count_params(model), count_macs(model)  # counted where prune counts them
     analysis = analyze_groups(model, exclude)
@@ -140,36 +142,41 @@ def analyze(model_path: str | os.PathLike, exclude: tuple[str, ...] | list[str] 
     return AnalysisReport(analysis.groups, params, macs, pp, pm)
 
 
-def _check_options(method: str, ratio: float, min_keep: int, round_to: int | None) -> None:
-    if method not in METHODS:
-        raise InputError(f"unknown method '{method}': choose one of {', '.join(METHODS)}")
-    if not (0.0 <= ratio < 1.0):
-        raise InputError(f"--ratio must be in [0, 1), got {ratio}")
-    if min_keep < 1:
-        raise InputError(f"--min-keep must be at least 1, got {min_keep}")
-    if round_to is not None and round_to < 1:
-        raise InputError(f"--round-to must be at least 1, got {round_to}")
+def _check_options(
+    model_path, output_path, method: str, ratio: float, min_keep: int, round_to: int | None, seed: int,
+    steps: int, preprocess: Any, method_options: Any,
+) -> None:
+    """The options that need no data, checked before any work (types included: the API's callers)."""
+    checks.path_like("model_path", model_path)
+    checks.path_like("output_path", output_path, optional=True)
+    checks.choice("--method", method, METHODS)
+    checks.real("--ratio", ratio, 0.0, 1.0, hi_open=True)
+    checks.integer("--min-keep", min_keep, 1)
+    checks.integer("--round-to", round_to, 1, optional=True)
+    checks.integer("--seed", seed)
+    checks.integer("--steps", steps, 1)
+    checks.preprocess(preprocess)
+    checks.method_options(method_options)
 
 
 def _check_data_options(
     method: str, calib, compensate: str, batch_size: int, max_samples, memory_budget_mb: float,
-    target_macs, target_params, eval_data, labels, max_error, min_agreement,
+    target_macs, target_params, eval_data, labels, max_error, min_agreement, eval_samples: int = 0,
 ) -> None:
-    if compensate not in COMPENSATIONS:
-        raise InputError(f"--compensate must be one of {', '.join(COMPENSATIONS)}, got '{compensate}'")
+    checks.choice("--compensate", compensate, tuple(COMPENSATIONS))
     if method in DATA_DRIVEN and calib is None:
         raise InputError(f"--method {method} scores channels from activations: give calibration data with --calib")
-    if batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
-    if max_samples is not None and max_samples < 1:
-        raise InputError(f"--max-samples must be at least 1, got {max_samples}")
-    if memory_budget_mb <= 0:
-        raise InputError(f"--memory-budget must be positive, got {memory_budget_mb}")
+    checks.integer("--batch-size", batch_size, 1)
+    checks.integer("--max-samples", max_samples, 1, optional=True)
+    checks.integer("eval_samples", eval_samples, 0)
+    checks.real("--memory-budget", memory_budget_mb, 0.0, lo_open=True)
     if target_macs is not None and target_params is not None:
         raise InputError("give --target-macs or --target-params, not both")
     for name, t in (("--target-macs", target_macs), ("--target-params", target_params)):
-        if t is not None and not (0.0 < t <= 1.0):
-            raise InputError(f"{name} is the fraction to keep, in (0, 1]; got {t}")
+        checks.real(name, t, 0.0, 1.0, lo_open=True, optional=True)  # the fraction to keep
+    checks.real("--max-error", max_error, 0.0, optional=True)
+    checks.real("--min-agreement", min_agreement, 0.0, 1.0, optional=True)
+    checks.labels(labels)
     if labels is not None and eval_data is None:
         raise InputError("--labels needs --eval: labels must line up with the evaluation samples")
     if (max_error is not None or min_agreement is not None) and calib is None and eval_data is None:
@@ -223,19 +230,18 @@ def prune(
     default) rounds groups a Conv produces or reads to 16 (onnxruntime's NCHWc kernels)
     and leaves the rest free (:func:`select.round_for`).
     """
-    _check_options(method, ratio, min_keep, round_to)
-    if steps < 1:
-        raise InputError(f"--steps must be at least 1, got {steps}")
+    exclude = checks.patterns(exclude)
+    _check_options(model_path, output_path, method, ratio, min_keep, round_to, seed, steps, preprocess, method_options)
+    _check_data_options(
+        method, calib, compensate, batch_size, max_samples, memory_budget_mb,
+        target_macs, target_params, eval_data, labels, max_error, min_agreement, eval_samples,
+    )
     if steps > 1:
         args = {k: v for k, v in locals().items() if k not in ("model_path", "output_path", "steps", "_reference")}
         return _prune_in_steps(model_path, output_path, steps, args)
     opts = method_options or MethodOptions()
     opts.min_keep, opts.seed = min_keep, seed
     plugin = REGISTRY.get(method)
-    _check_data_options(
-        method, calib, compensate, batch_size, max_samples, memory_budget_mb,
-        target_macs, target_params, eval_data, labels, max_error, min_agreement,
-    )
     times: dict[str, float] = {}
     t = time.perf_counter()
     if output_path is not None:

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import shutil
 import sys
+import tempfile
+import warnings
+from typing import Iterator
 
 import click
 from rich.console import Console
 
-from . import api
+from . import _ort, _signals, api
 from .criteria import METHODS
 from .compensate import COMPENSATIONS
 from .data import Preprocess
 from .methods import MethodOptions
 from .errors import InputError, OnnxPruneError
+from .load import check_side_outputs
 from .report import plot, print_analysis, print_result, write_json
 
 
@@ -39,6 +46,37 @@ def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
         return tuple(float(x) for x in text.split(","))
     except ValueError:
         raise InputError(f"{name} takes comma-separated numbers, got '{text}'") from None
+
+
+@contextlib.contextmanager
+def _quiet_third_party() -> Iterator[None]:
+    """Every failure is one line: third-party warnings, log records (onnx_ir's "Skipping
+    serialization") and onnxruntime's log stay silent unless ``-v`` loosens them."""
+    previous = logging.root.manager.disable
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.disable(logging.CRITICAL)
+        _ort.set_log_severity(4)
+        try:
+            yield
+        finally:
+            logging.disable(previous)
+            _ort.set_log_severity(4)
+
+
+def _verbose(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    """``-v``: let third-party warnings, log records and onnxruntime's warnings through."""
+    if value:
+        warnings.simplefilter("default")
+        logging.disable(logging.NOTSET)
+        _ort.set_log_severity(2)
+    return value
+
+
+_verbose_option = click.option(
+    "--verbose", "-v", is_flag=True, expose_value=False, callback=_verbose, is_eager=True,
+    help="also show third-party warnings and log lines (onnxruntime, onnx_ir)",
+)
 
 
 @cli.command("prune")
@@ -86,6 +124,7 @@ def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="write a PNG: kept channels per group, error vs MACs removed")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed for random scores and test inputs")
 @click.option("--quiet", "-q", is_flag=True, help="print nothing but errors")
+@_verbose_option
 def prune_cmd(input_model, output_model, method, ratio, global_, target_macs, target_params, min_keep, round_to,
               exclude, calib, max_samples, batch_size, memory_budget, device, compensate, resize, crop, mean_, std_,
               scale, layout, channels, eval_data, labels, max_error, min_agreement, force, report_path, seed, quiet,
@@ -124,6 +163,7 @@ def prune_cmd(input_model, output_model, method, ratio, global_, target_macs, ta
             confidence=confidence, mi_estimator=mi_estimator,
         ),
     )
+    check_side_outputs(input_model, output_model, [("--report", report_path), ("--plot", plot_path)])
     _, result = api.prune(input_model, output_model, **kwargs)
     if plot_path:
         sweep = api.error_sweep(input_model, kwargs, result) if (calib or eval_data) else []
@@ -138,8 +178,10 @@ def prune_cmd(input_model, output_model, method, ratio, global_, target_macs, ta
 @click.argument("input_model", type=click.Path(dir_okay=True, path_type=str))
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="mark groups whose producer matches as excluded")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="also write the analysis as JSON")
+@_verbose_option
 def analyze_cmd(input_model, exclude, json_path):
     """List every channel group, the prunable share of params and MACs, and what blocks the rest."""
+    check_side_outputs(input_model, None, [("--json", json_path)])
     report = api.analyze(input_model, exclude)
     if json_path:
         write_json(report.to_dict(), json_path)
@@ -149,17 +191,24 @@ def analyze_cmd(input_model, exclude, json_path):
 def main(argv: list[str] | None = None) -> int:
     """Entry point: every failure is one line on stderr with a meaningful exit code."""
     try:
-        cli.main(args=argv, prog_name="onnxprune", standalone_mode=False)
+        with _run_tempdir(), _quiet_third_party():
+            cli.main(args=argv, prog_name="onnxprune", standalone_mode=False)
         return 0
+    except _signals.Interrupted as exc:  # the console script's handlers: SIGINT/SIGTERM
+        return _stopped(exc)
     except click.exceptions.NoArgsIsHelpError as exc:  # pragma: no cover - click >= 8.2
         click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
         return 0
     except click.ClickException as exc:
         click.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
         return InputError.exit_code
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
+        if isinstance(exc.__context__, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+            return _stopped(exc.__context__)
         click.echo("error: aborted", err=True)
         return 1
+    except KeyboardInterrupt as exc:
+        return _stopped(exc)
     except OnnxPruneError as exc:
         click.echo(f"error: {' '.join(str(exc).split())}", err=True)
         return exc.exit_code
@@ -170,5 +219,39 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _stopped(exc: BaseException) -> int:
+    line, code = _signals.message(exc)
+    click.echo(line, err=True)
+    return code
+
+
+@contextlib.contextmanager
+def _run_tempdir() -> Iterator[None]:
+    """Every temporary file of the run goes into one private folder, removed at the end
+    whatever happens: a signal that cuts an inner cleanup short still leaves nothing.
+
+    ``TMPDIR`` points there too, before onnxruntime is imported: its telemetry writes a
+    ``.ses`` file into the temp folder on import (onnxruntime 1.32, Linux).
+    """
+    previous, previous_env, folder = tempfile.tempdir, os.environ.get("TMPDIR"), None
+    try:
+        with _signals.deferred():
+            folder = tempfile.mkdtemp(prefix="onnxprune-run-")
+            tempfile.tempdir = os.environ["TMPDIR"] = folder
+        yield
+    finally:
+        with _signals.deferred():
+            tempfile.tempdir = previous
+            if previous_env is None:
+                os.environ.pop("TMPDIR", None)
+            else:
+                os.environ["TMPDIR"] = previous_env
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
 def entry() -> None:
-    sys.exit(main())
+    """The console script (kept for ``onnxprune.cli:entry`` callers)."""
+    from ._entry import entry as run
+
+    run()

@@ -9,6 +9,8 @@ not grow with the number of samples.
 from __future__ import annotations
 
 import os
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -18,6 +20,10 @@ import numpy as np
 from .errors import InputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+# Bounds on what one calibration file may unpack to, checked before it is read: a 2 MB
+# .npz can hold a 2 GB member, a small PNG a gigapixel image.
+MAX_ARRAY_BYTES = 1 << 30
+MAX_IMAGE_PIXELS = 64 * 2**20
 Sample = dict[str, np.ndarray]
 
 
@@ -84,6 +90,7 @@ def _folder_items(folder: Path, specs: list[InputSpec], pre: Preprocess | None) 
                     )
                 yield str(path), {specs[0].name: np.load(path, allow_pickle=False)}
             else:
+                check_npz_size(path)
                 with np.load(path, allow_pickle=False) as z:
                     yield str(path), {k: z[k] for k in z.files}
         except InputError:
@@ -92,16 +99,50 @@ def _folder_items(folder: Path, specs: list[InputSpec], pre: Preprocess | None) 
             raise InputError(f"{path}: cannot be read as a numpy array ({' '.join(str(exc).split())[:200]})") from exc
 
 
+def check_npz_size(path: Path, bound: int | None = None) -> None:
+    """Refuse an .npz whose members unpack to more than ``bound`` bytes in all, read from the
+    zip directory and each member's .npy header before any array is decompressed."""
+    bound = MAX_ARRAY_BYTES if bound is None else bound
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError):
+        return  # not a zip: np.load says so, in one line
+    total = 0
+    with zf:
+        for info in zf.infolist():
+            declared = info.file_size
+            if info.filename.endswith(".npy") and info.file_size <= bound:
+                declared = max(declared, _declared_bytes(zf, info))
+            total += declared
+            if total > bound:
+                raise InputError(
+                    f"{path}: unpacks to more than {bound >> 20} MiB (member '{info.filename}': {declared:,} bytes); "
+                    "split the calibration data into smaller files"
+                )
+
+
+def _declared_bytes(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> int:
+    """The array size an .npy member's header announces (numpy allocates that much first)."""
+    try:
+        with zf.open(info) as f:
+            fmt = np.lib.format
+            version = fmt.read_magic(f)
+            reader = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
+            if reader is None:
+                return 0
+            shape, _, dtype = reader(f)
+    except Exception:  # a bad header: np.load reports it
+        return 0
+    return int(np.prod(shape, dtype=object)) * dtype.itemsize
+
+
 def load_image(path: Path, spec: InputSpec, pre: Preprocess) -> np.ndarray:
     """One image as a sample of ``spec`` (no batch axis)."""
     try:
         from PIL import Image
     except ImportError as exc:  # pragma: no cover - pillow is a dependency
         raise InputError("reading images needs Pillow: pip install pillow") from exc
-    try:
-        img = Image.open(path).convert("RGB")
-    except Exception as exc:
-        raise InputError(f"{path}: not a readable image ({' '.join(str(exc).split())[:200]})") from exc
+    img = _open_image(path, Image)
     if pre.resize:
         w, h = img.size
         s = pre.resize / min(w, h)
@@ -117,6 +158,25 @@ def load_image(path: Path, spec: InputSpec, pre: Preprocess) -> np.ndarray:
     if pre.layout.upper() == "NCHW":
         arr = arr.transpose(2, 0, 1)
     return np.ascontiguousarray(arr).astype(spec.dtype)
+
+
+def _open_image(path: Path, Image):
+    """``path`` as an RGB image, refused in one line above MAX_IMAGE_PIXELS (checked on the
+    header, before decoding) and with Pillow's decompression-bomb warning as that error."""
+    too_big = f"{path}: image too large (more than {MAX_IMAGE_PIXELS // 2**20} megapixels)"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+            if img.size[0] * img.size[1] > MAX_IMAGE_PIXELS:
+                raise InputError(f"{too_big}: {img.size[0]}x{img.size[1]}")
+            return img.convert("RGB")
+    except InputError:
+        raise
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise InputError(too_big) from exc
+    except Exception as exc:
+        raise InputError(f"{path}: not a readable image ({' '.join(str(exc).split())[:200]})") from exc
 
 
 def _reader_items(reader: Any) -> Iterator[tuple[str, Sample]]:

@@ -21,6 +21,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
 from ._graph import fold_attention_idioms, prepare_graph, supplement_shapes
+from ._signals import deferred
 from .errors import InputError
 
 MIN_OPSET = 11
@@ -152,24 +153,89 @@ def normalise(model: ir.Model) -> None:
         supplement_shapes(model)
 
 
+def _same(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: by inode where both exist (hardlinks), else resolved."""
+    if a.exists() and b.exists() and os.path.samefile(a, b):
+        return True
+    return a.resolve() == b.resolve()
+
+
+def data_path(output_path: str | os.PathLike) -> Path:
+    """Where the output's external data goes when it has any: ``NAME.data`` beside it."""
+    out = Path(output_path)
+    return out.with_name(out.name + ".data")
+
+
+def input_files(model_path: str | os.PathLike) -> list[Path]:
+    """The model file and every external-data file it names (as far as it parses)."""
+    p = Path(model_path)
+    files = [p]
+    try:
+        proto = onnx.load(str(p), load_external_data=False)
+    except Exception:  # not a model: load_model says so, in one line, later
+        return files
+    for tensor in _tensors(proto.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = {e.key: e.value for e in tensor.external_data}.get("location", "")
+            if location and (p.parent / location) not in files:
+                files.append(p.parent / location)
+    return files
+
+
 def check_output_path(input_path: str | os.PathLike, output_path: str | os.PathLike) -> None:
     """Refuse an output that would overwrite the input or cannot be written, before any work."""
     src, dst = Path(input_path), Path(output_path)
     if dst.exists() and src.exists() and os.path.samefile(src, dst) or src.resolve() == dst.resolve():
         raise InputError(f"output path is the input model: {dst} (onnxprune never modifies its input)")
+    for f in input_files(src)[1:]:
+        if _same(f, dst):
+            raise InputError(f"output path is the input model's external data file: {dst} (onnxprune never modifies its input)")
+    for f in input_files(src):
+        if _same(f, data_path(dst)):
+            raise InputError(
+                f"the output's data file would be {data_path(dst)}, which is an input file "
+                "(onnxprune never modifies its input): choose another output name"
+            )
     if dst.is_dir():
         raise InputError(f"output path is a folder: {dst}")
+    _check_writable_folder(dst, "output")
+
+
+def _check_writable_folder(dst: Path, what: str) -> None:
     parent = dst.resolve().parent
     if not parent.is_dir():
-        raise InputError(f"output folder does not exist: {parent}")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".onnxprune-probe-", dir=parent)
-    except OSError as exc:
-        raise InputError(f"output folder is not writable: {parent} ({exc.strerror})") from exc
-    os.close(fd)
-    os.unlink(probe)
+        raise InputError(f"{what} folder does not exist: {parent}")
+    with deferred():  # a signal between the two calls would leave the probe behind
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".onnxprune-probe-", dir=parent)
+        except OSError as exc:
+            raise InputError(f"{what} folder is not writable: {parent} ({exc.strerror})") from exc
+        os.close(fd)
+        os.unlink(probe)
 
 
+def check_side_outputs(
+    input_path: str | os.PathLike, output_path: str | os.PathLike | None,
+    extras: list[tuple[str, str | os.PathLike | None]],
+) -> None:
+    """Refuse a report/plot/JSON path that names an input file, the output, the output's
+    data file or another of these paths, or whose folder is missing or not writable:
+    checked before any work, so nothing is touched."""
+    taken = [(f"the input {'model' if i == 0 else 'external data file'}", f)
+             for i, f in enumerate(input_files(input_path))]
+    if output_path is not None:
+        taken += [("the output model", Path(output_path)), ("the output's data file", data_path(output_path))]
+    for flag, path in extras:
+        if path is None:
+            continue
+        p = Path(path)
+        for what, other in taken:
+            if _same(p, other):
+                raise InputError(f"{flag} {p} is {what}: choose another path")
+        if p.is_dir():
+            raise InputError(f"{flag} {p} is a folder")
+        _check_writable_folder(p, flag)
+        taken.append((f"the {flag} path", p))
 def model_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
@@ -189,14 +255,19 @@ def save_model(
     """
     out = Path(output_path)
     external = external or model_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    tmpdir = Path(tempfile.mkdtemp(prefix=".onnxprune-", dir=out.resolve().parent))
+    tmpdir = None
     try:
+        with deferred():  # the folder exists only once the finally below will remove it
+            tmpdir = Path(tempfile.mkdtemp(prefix=".onnxprune-", dir=out.resolve().parent))
         tmp_model = tmpdir / out.name
         data_name = f"{out.name}.data" if external else None
         ir.save(model, tmp_model, external_data=data_name)
         validate(tmp_model)
-        if data_name:
-            os.replace(tmpdir / data_name, out.resolve().parent / data_name)
-        os.replace(tmp_model, out)
+        with deferred():  # no signal between the two renames: never new data beside an old model
+            if data_name:
+                os.replace(tmpdir / data_name, out.resolve().parent / data_name)
+            os.replace(tmp_model, out)
     finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        with deferred():
+            if tmpdir is not None:
+                shutil.rmtree(tmpdir, ignore_errors=True)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
+from pathlib import Path
+from typing import Callable
 
 from rich.console import Console
 from rich.table import Table
 
+from ._signals import deferred
 from .api import AnalysisReport, PruneResult
 
 
@@ -92,9 +96,35 @@ def print_result(result: PruneResult, console: Console | None = None) -> None:
 
 
 def write_json(data: dict, path: str | os.PathLike) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
+    """Write ``data`` as JSON to ``path``, atomically."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    atomic_write(path, write)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Let ``write`` fill a hidden temp file beside ``path``, then rename it into place:
+    a failure or a signal leaves the old file (or none), never a truncated one."""
+    target = Path(path)
+    tmp = None
+    try:
+        with deferred():  # the file exists only once the finally below will remove it
+            fd, name = tempfile.mkstemp(prefix=".onnxprune-", suffix=target.suffix, dir=target.resolve().parent)
+            os.close(fd)
+            tmp = Path(name)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # what open() would have given, not mkstemp's 0600
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        with deferred():
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
 
 
 def plot(result: PruneResult, sweep: list[tuple[float, float, float | None]], path: str | os.PathLike) -> None:
@@ -134,5 +164,5 @@ def plot(result: PruneResult, sweep: list[tuple[float, float, float | None]], pa
         b.text(0.5, 0.5, "no held-out data: give --calib or --eval", ha="center", va="center")
         b.set_axis_off()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)

@@ -23,22 +23,48 @@ _DTYPES = {
 }
 
 
+# The synthetic feed of the reference run: a tiny model declaring a huge fixed input must
+# not make it allocate gigabytes.
+MAX_FEED_BYTES = 256 * 2**20
+
+
 def random_feed(session, seed: int = 0, batch: int = 2, free_dim: int = 64) -> dict[str, np.ndarray]:
-    """Inputs for ``session``: symbolic batch dims become ``batch``, other symbolic dims ``free_dim``."""
+    """Inputs for ``session``: symbolic batch dims become ``batch``, other symbolic dims ``free_dim``.
+
+    Refused (InputError) above MAX_FEED_BYTES in all; floats are drawn in float32 (float64
+    only for double inputs), never drawn wide and cast.
+    """
     rng = np.random.default_rng(seed)
-    feed = {}
+    shapes = {}
     for inp in session.get_inputs():
         dtype = _DTYPES.get(inp.type)
         if dtype is None:
             raise InputError(f"input '{inp.name}' has type {inp.type}, which onnxprune cannot feed")
         shape = [d if isinstance(d, int) and d > 0 else (batch if i == 0 else free_dim) for i, d in enumerate(inp.shape)]
-        if np.issubdtype(dtype, np.floating):
-            feed[inp.name] = np.asarray(rng.standard_normal(shape), dtype=dtype)
+        shapes[inp.name] = (shape, dtype)
+    _check_feed_size(shapes)
+    feed = {}
+    for name, (shape, dtype) in shapes.items():
+        if dtype in (np.float32, np.float64):
+            feed[name] = rng.standard_normal(shape, dtype=dtype)
+        elif np.issubdtype(dtype, np.floating):
+            feed[name] = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
         elif dtype is np.bool_:
-            feed[inp.name] = np.asarray(rng.random(shape) < 0.5)
+            feed[name] = rng.integers(0, 2, size=shape, dtype=np.uint8).astype(np.bool_)
         else:
-            feed[inp.name] = np.asarray(rng.integers(0, 2, size=shape), dtype=dtype)
+            feed[name] = rng.integers(0, 2, size=shape, dtype=dtype)
     return feed
+
+
+def _check_feed_size(shapes: dict[str, tuple[list[int], type]]) -> None:
+    sizes = {name: int(np.prod(shape, dtype=object)) * np.dtype(dtype).itemsize for name, (shape, dtype) in shapes.items()}
+    if sum(sizes.values()) > MAX_FEED_BYTES:
+        name = max(sizes, key=sizes.get)
+        raise InputError(
+            f"input '{name}' {shapes[name][0]} needs {sizes[name] / 2**20:,.0f} MiB for the synthetic test batch "
+            f"that checks the pruned model (bound: {MAX_FEED_BYTES >> 20} MiB in all): onnxprune cannot check "
+            "models whose declared inputs are this large"
+        )
 
 
 def run_original(path: str | os.PathLike, seed: int = 0) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
@@ -142,17 +168,25 @@ def measure_fidelity(original: str | os.PathLike, pruned: str | os.PathLike, bat
             agree += int((pa == pb).sum())
             if labels is not None:
                 lab = labels[n : n + m]
+                if len(lab) != m:
+                    raise InputError(_labels_mismatch(len(labels), f"more than {len(labels)}"))
                 correct_a += int((pa == lab).sum())
                 correct_b += int((pb == lab).sum())
         n += m
     if n == 0:
         raise InputError("no samples to verify the pruned model on")
+    if labels is not None and len(labels) != n:
+        raise InputError(_labels_mismatch(len(labels), str(n)))
     rel = float(np.max(np.sqrt(diff2 / np.maximum(ref2, 1e-30))))
     has_cls = classifier is not None and classifier >= 0
     fid = Fidelity(n, rel, float(np.min(cos_sum / n)), agree / n if has_cls else None)
     if labels is not None and has_cls:
         fid.accuracy_before, fid.accuracy_after = correct_a / n, correct_b / n
     return fid
+
+
+def _labels_mismatch(n_labels: int, n_samples: str) -> str:
+    return f"--labels holds {n_labels} labels but the eval data holds {n_samples} samples: they must line up one to one"
 
 
 def paired_latency(original: str | os.PathLike, pruned: str | os.PathLike, feed: dict[str, np.ndarray],

@@ -1,0 +1,76 @@
+"""SIGINT/SIGTERM for the command line: one line, exit 130/143, nothing left behind.
+
+The handlers raise :class:`Interrupted`, a BaseException (not an Exception: the
+``except Exception`` of a stage that only means "this did not work" must not swallow a
+stop request), so ``with`` blocks and ``finally`` clauses on the way out remove every
+temporary folder.  After the first signal both are ignored, so a second Ctrl-C cannot
+cut that cleanup short; code that must not be cut at all (a commit of renames, the
+removal of a temp folder) runs inside :func:`deferred`, which holds a signal until it
+ends.  Only the CLI installs the handlers: this module imports nothing heavy, so they are
+in place before numpy, onnx and onnxruntime load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from typing import Iterator
+
+_NAMES = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
+_state = {"depth": 0, "pending": None}
+
+
+class Interrupted(BaseException):
+    """A SIGINT or SIGTERM reached the CLI; ``exit_code`` is 128 + the signal number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(_NAMES.get(signum, f"signal {signum}"))
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
+def _handler(signum: int, frame) -> None:
+    for sig in _NAMES:  # the first signal wins; later ones must not interrupt the cleanup
+        signal.signal(sig, signal.SIG_IGN)
+    if _state["depth"]:
+        _state["pending"] = _state["pending"] or signum
+        return
+    raise Interrupted(signum)
+
+
+def install() -> None:
+    """Route SIGINT and SIGTERM to :class:`Interrupted` (main thread only)."""
+    for sig in _NAMES:
+        # An inherited SIG_IGN is a choice of the caller (nohup, a shell's background job): kept.
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, _handler)
+
+
+def ignore() -> None:
+    """Ignore both signals from now on (the work is done; only the exit is left)."""
+    for sig in _NAMES:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block ends, then raise :class:`Interrupted`.
+
+    Without the CLI's handlers (the Python API) this changes nothing.
+    """
+    _state["depth"] += 1
+    try:
+        yield
+    finally:
+        _state["depth"] -= 1
+        pending = _state["pending"]
+        if pending and not _state["depth"]:
+            _state["pending"] = None
+            raise Interrupted(pending)
+
+
+def message(exc: BaseException) -> tuple[str, int]:
+    """The CLI's line and exit code for an Interrupted or a KeyboardInterrupt."""
+    if isinstance(exc, Interrupted):
+        return f"error: {exc}", exc.exit_code
+    return "error: interrupted", 128 + signal.SIGINT
