@@ -277,7 +277,7 @@ def prune(
             asked = {r.key for r in requests}
             requests = requests + [r for r in lstsq_requests(analysis) if r.key not in asked]
         # The calibrated batches, kept for the refit's passes: the source is read once.
-        store = BatchStore(int(memory_budget_mb * 2**20) // 3) if compensate != "none" else None
+        store = BatchStore(int(memory_budget_mb * 2**20) // 4) if compensate != "none" else None
         stats, held = calibrate(
             model, tensors, batches(items, specs, bs, max_samples),
             batch_size=bs, providers=providers, memory_budget=int(memory_budget_mb * 2**20),
@@ -350,7 +350,8 @@ def prune(
     refit_note = None
     if original is not None:
         n_ls, n_bias = refit_on_pruned(
-            targets, original, model, store, providers=providers, memory_budget=int(memory_budget_mb * 2**20),
+            # The kept batches hold a quarter of the budget: the two graphs' caches share the rest.
+            targets, original, model, store, providers=providers, memory_budget=int(memory_budget_mb * 2**20) * 3 // 4,
             modes=("bias",) if compensate == "bias" else ("lstsq", "bias"),
         )
         if compensate == "bias":

@@ -21,6 +21,19 @@ def _rows(x: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(x, axis, -1).reshape(-1, c)
 
 
+def rows_at(x: np.ndarray, axis: int, pick: np.ndarray) -> np.ndarray:
+    """``_rows(x, axis)[pick]`` without the copy of the whole tensor that moving a leading
+    channel axis last makes (``pick`` sorted, as :meth:`ChannelGram.positions` gives)."""
+    c = x.shape[axis]
+    total = x.size // max(c, 1)
+    if len(pick) == total:
+        return _rows(x, axis)
+    if axis == 1 and x.ndim >= 3:
+        b, pos = np.divmod(pick, total // x.shape[0])
+        return x.reshape(x.shape[0], c, -1)[b, :, pos]
+    return _rows(x, axis)[pick]
+
+
 @dataclass
 class ChannelGram:
     """Σ x xᵀ, Σ x and the row count per shard, over at most ``max_rows`` sampled rows per batch.
@@ -66,10 +79,8 @@ class ChannelGram:
     def sampled_rows(self, x: np.ndarray, batch: int, samples: bool = False):
         """Rows [P, C] of ``x`` at the positions sampled for batch number ``batch``; with
         ``samples``, also the index (along axis 0) of the sample each row comes from."""
-        rows = _rows(x, self.axis)
-        pick = self.positions(rows.shape[0], batch)
-        if len(pick) < rows.shape[0]:
-            rows = rows[pick]
+        pick = self.positions(x.size // max(x.shape[self.axis], 1), batch)
+        rows = rows_at(x, self.axis, pick)
         if not samples:
             return rows
         # Rows are positions in C order over the other axes: axis 0 leads unless it is the channel axis.
@@ -165,7 +176,7 @@ class PatchGram(ChannelGram):
         if x.ndim != 4:
             raise ValueError("PatchGram supports 2-D convolutions")
         pad = self._padding(x.shape[2:])
-        xp = np.pad(x, [(0, 0), (0, 0), *pad])
+        xp = np.pad(x, [(0, 0), (0, 0), *pad]) if any(lo or hi for lo, hi in pad) else x  # pad copies the batch
         (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.strides, self.dilations
         oh, ow = self.out_size(x.shape)
         pick = self.positions(x.shape[0] * oh * ow, batch)

@@ -47,7 +47,7 @@ from .compensate import ZEROED, _append_add, _lstsq_kind, _new_input, holds_zero
 from .consumers import consumer_views
 from .data import Sample
 from .errors import InputError
-from .gram import ChannelGram, PatchGram, _rows
+from .gram import ChannelGram, PatchGram, rows_at
 from .groups import Analysis
 from .layout import SliceParam
 from .segments import SegmentPass
@@ -157,13 +157,13 @@ class RefitTarget:
     def _stream_error(self, ext: ChannelGram, s: np.ndarray, sp: np.ndarray, out_rows: int, batch: int) -> np.ndarray | float:
         """``s − s'`` at the sampled output positions, kept channels only."""
         axis = 1 if self.kind == "patch" else self.axis
-        so, spr = _rows(s, axis), _rows(sp, axis)
         kept = int(self.keep_rows.sum())
-        if so.shape != (out_rows, len(self.keep_rows)) or spr.shape != (out_rows, kept):
+        if (s.size // max(s.shape[axis], 1), s.shape[axis]) != (out_rows, len(self.keep_rows)) or \
+                (sp.size // max(sp.shape[axis], 1), sp.shape[axis]) != (out_rows, kept):
             self.skip = None  # a broadcasting Add: not one stream value per output; fit the branch alone
             return 0.0
         pick = ext.positions(out_rows, batch)
-        return so[pick][:, self.keep_rows].astype(np.float64) - spr[pick].astype(np.float64)
+        return rows_at(s, axis, pick)[:, self.keep_rows].astype(np.float64) - rows_at(sp, axis, pick).astype(np.float64)
 
     @property
     def w32(self) -> np.ndarray:
