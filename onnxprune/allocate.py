@@ -36,7 +36,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .calibrate import Statistics
-from .compensate import _taps, enough_rows, ridged
+from .compensate import _taps, enough_rows, ridged, weight_rows
 from .consumers import ConsumerView, consumer_views
 from .groups import Analysis, Group
 from .segments import SegmentPass, node_reads, session_from_view
@@ -58,6 +58,17 @@ class _Site:
     mean: np.ndarray
     cov: np.ndarray | None  # channel covariance (lstsq)
     rows: float  # sampled rows behind cov
+    second: np.ndarray | None = None  # per channel: what a removal loses there (variance, or E[x²] without compensation)
+    _energy: np.ndarray | None = None  # per channel: Σ of the consumer's squared weights
+
+    def local_error(self, drop: np.ndarray) -> float:
+        """Σ over dropped channels of ‖W[:, c]‖² · ``second[c]``: the error the removal puts
+        on the consumer's output, cross terms and the compensation's prediction left out."""
+        if self._energy is None:
+            w = weight_rows(self.view)
+            w = w.reshape(w.shape[0], len(drop), -1)
+            self._energy = np.einsum("oct,oct->c", w, w)
+        return float(np.sum(self._energy[drop] * self.second[drop]))
 
 
 def _channel_gram(gram) -> tuple[np.ndarray, np.ndarray]:
@@ -191,7 +202,11 @@ def _sites(analysis: Analysis, views: list[ConsumerView], stats: Statistics, com
         if gram is not None and gram.gram is not None:
             cov, mean = _channel_gram(gram)
             rows = gram.total()[2]
-        sites.append(_Site(v, f"onnxprune_probe_p{i}", f"onnxprune_probe_c{i}", shapes, last, mean, cov, rows))
+        t = stats.tensors.get(v.tensor)
+        second = t.var if t is not None else np.ones(c)
+        if compensate == "none":
+            second = second + mean**2
+        sites.append(_Site(v, f"onnxprune_probe_p{i}", f"onnxprune_probe_c{i}", shapes, last, mean, cov, rows, second))
     return sites
 
 
@@ -215,19 +230,61 @@ def _measure_rungs(analysis: Analysis, groups: list[Group], sites_of: dict[int, 
             if g.id in plans:  # else no consumer to emulate it at: only its dead channels go
                 later = [v.name for h in ordered[k + 1:] if h.id in plans for v in plans[h.id]]
                 damage = tails.damage_fn(sites_of[g.id], analysis, compensate, later)
-                seen = {len(dead)}
-                for share in LADDER:
-                    sel = choose([g], scores, {g.id: int(math.floor(share * len(g.classes)))}, min_keep=min_keep, round_to=round_to)[g.id]
-                    if len(sel) in seen:
-                        continue
-                    seen.add(len(sel))
-                    rungs[g.id].append((sel, damage(sel), base - measure({g.id: sel})))
-                    probes += 1
+                ladder = _ladder(g, scores, dead, min_keep, round_to)
+                measured = {i: damage(ladder[i]) for i in _probed(len(ladder))}
+                probes += len(measured)
+                local = [_local_error(sites_of[g.id], analysis, sel) for sel in ladder]
+                for sel, dmg in zip(ladder, _interpolated([len(s) for s in ladder], local, measured)):
+                    rungs[g.id].append((sel, dmg, base - measure({g.id: sel})))
             if progress is not None:
                 progress(k + 1, len(ordered))
     finally:
         tails.close()
     return {g.id: rungs[g.id] for g in groups}, probes
+
+
+def _ladder(g: Group, scores, dead: np.ndarray, min_keep: int, round_to: int | None) -> list[np.ndarray]:
+    """The group's removals at the LADDER shares (lowest scored first), each a different
+    count, none equal to the dead channels alone."""
+    seen, out = {len(dead)}, []
+    for share in LADDER:
+        sel = choose([g], scores, {g.id: int(math.floor(share * len(g.classes)))}, min_keep=min_keep, round_to=round_to)[g.id]
+        if len(sel) not in seen:
+            seen.add(len(sel))
+            out.append(sel)
+    return out
+
+
+def _probed(n: int) -> list[int]:
+    """Which of ``n`` rungs run through the graph: the first, the middle and the last."""
+    return sorted({0, n // 2, n - 1}) if n else []
+
+
+def _local_error(sites: list[_Site], analysis: Analysis, removed: np.ndarray) -> float:
+    gone = np.zeros(len(analysis.roots), dtype=bool)
+    gone[removed] = True
+    gone[0] = False
+    return sum(s.local_error(gone[analysis.roots[s.view.atoms]]) for s in sites)
+
+
+def _interpolated(counts: list[int], local: list[float], measured: dict[int, float]) -> list[float]:
+    """The damage of every rung: measured where probed; between two probed rungs,
+    interpolated along the local error in log-log (damage ∝ local^p piecewise), which
+    follows the measured curves within a few per cent (benchmarks/RESULTS.md, "Cost"); by
+    channel count where the local errors cannot carry it (zero, or not increasing)."""
+    idx = sorted(measured)
+    lx = [local[i] for i in idx]
+    ly = [measured[i] for i in idx]
+    loglog = all(v > 0 for v in lx + ly) and all(b > a for a, b in zip(lx, lx[1:]))
+    out = []
+    for i, (n, loc) in enumerate(zip(counts, local)):
+        if i in measured:
+            out.append(measured[i])
+        elif loglog and loc > 0:
+            out.append(float(np.exp(np.interp(np.log(loc), np.log(lx), np.log(ly)))))
+        else:
+            out.append(float(np.interp(n, [counts[j] for j in idx], ly)))
+    return out
 
 
 def allocate(
