@@ -33,8 +33,8 @@ Rows (every prune is the CLI in a subprocess, ``-q --report``, ``--target-macs``
   models/data/calib --target-macs 0.5`` (not quiet, as the README runs it; ``--report`` added),
   wall time end to end; and the import time of ``onnxprune.cli`` (``python -X importtime``).
 * ``bert``: a BERT-base-sized encoder (``transformers.BertConfig()`` defaults, random weights
-  seeded, TorchScript export with dynamic batch and sequence, cached as
-  ``.cache/bert_base_random.onnx``), 256 sentences of 32 tokens (MiniLM's tokenizer: BERT's
+  seeded, no pooler: 108.8 M parameters, output the last hidden state; TorchScript export with
+  dynamic batch and sequence, cached as ``.cache/bert_base_random.onnx``), 256 sentences of 32 tokens (MiniLM's tokenizer: BERT's
   uncased vocabulary), ``--eval`` = 64 held-out sentences, ``--target-macs 0.7``; wall time
   (a prune past ``--timeout`` is killed and reported as timed out) and peak RSS.
 * ``rss``: peak RSS of the EfficientNet prune with 2,048 calibration images (seeded crops and
@@ -49,6 +49,9 @@ and one warm-up run on the first batch are not). One plain pass is timed before 
 a row, new or baseline, and the row's ratio uses their median. Code under test: "new" is the
 repository holding this file (``PYTHONPATH`` = its root), "baseline" a git worktree of REV in
 ``.cache/baseline-REV`` (``PYTHONPATH`` = that worktree); both use this interpreter's venv.
+Run it on a quiet machine: other processes on the cores slow onnxruntime's thread pool, and so
+the plain pass, far more than the prune, which shrinks the ratio; the JSON and the printout keep
+the load average after each prune.
 """
 
 from __future__ import annotations
@@ -97,6 +100,7 @@ class Run:
     timed_out: bool = False
     report: dict = field(default_factory=dict)
     error: str = ""
+    load: float = field(default_factory=lambda: os.getloadavg()[1])  # 5-minute load average at the end
 
 
 def code_env(code_root: Path) -> dict:
@@ -120,26 +124,24 @@ def cli_prefix(code_root: Path) -> list[str]:
 
 def run_cli(prefix: list[str], args: list[str], code_root: Path, timeout: float, cwd: Path = ROOT) -> Run:
     """Run the CLI once with a JSON report; killed (its whole session) after ``timeout`` s."""
-    with tempfile.TemporaryDirectory(prefix="cost-run-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="cost-run-") as tmp, open(Path(tmp) / "log", "w+") as log:
         report = Path(tmp) / "report.json"
-        log = open(Path(tmp) / "log", "w+")
+        killed = threading.Event()
         t = time.perf_counter()
         proc = subprocess.Popen([*prefix, *args, "--report", str(report)], cwd=cwd, env=code_env(code_root),
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        killed = threading.Event()
         timer = threading.Timer(timeout, _kill, (proc.pid, killed))
         timer.start()
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage: its peak RSS
         wall = time.perf_counter() - t
         timer.cancel()
         proc.returncode = os.waitstatus_to_exitcode(status)
-        log.seek(0)
-        last = (log.read().strip().splitlines() or [""])[-1]
-        log.close()
         run = Run(wall, usage.ru_maxrss / 1024, proc.returncode, killed.is_set())
         if report.is_file():
             run.report = json.loads(report.read_text())
         elif proc.returncode != 0:
+            log.seek(0)
+            last = (log.read().strip().splitlines() or [""])[-1]
             run.error = f"timed out after {timeout:.0f} s" if run.timed_out else last
         return run
 
@@ -362,7 +364,7 @@ def measure(case: Case, codes: dict[str, tuple[Path, list[str], int]], opts, wor
             if case.quality and run.rc == 0:
                 run.report["bench_quality"] = case.quality(out)
             runs[label].append(run)
-            print(f"  {case.name} [{label}]: {run.wall:.1f} s, rc {run.rc}, peak RSS {run.rss_mib:.0f} MiB"
+            print(f"  {case.name} [{label}]: {run.wall:.1f} s, rc {run.rc}, peak RSS {run.rss_mib:.0f} MiB, load {run.load:.1f}"
                   + (f", {case.quality_name} {run.report['bench_quality']:.4f}" if 'bench_quality' in run.report else "")
                   + (f" ({run.error})" if run.error else ""), flush=True)
             for p in out.parent.glob(out.name + "*"):
@@ -385,7 +387,7 @@ def summarize(runs: list[Run], plain: float) -> dict:
     return {
         "prune_s": wall, "ratio": wall / plain if plain == plain and plain > 0 else None,
         "all_s": [r.wall for r in runs], "rss_mib": max(r.rss_mib for r in runs),
-        "rc": [r.rc for r in runs], "timed_out": any(r.timed_out for r in runs),
+        "rc": [r.rc for r in runs], "load_5min": [r.load for r in runs], "timed_out": any(r.timed_out for r in runs),
         "errors": [r.error for r in runs if r.error], "stages_s": stages,
         "quality": last.get("bench_quality"), "fidelity": last.get("fidelity"),
         "macs_kept": macs["after"] / macs["before"] if macs else None,
@@ -530,6 +532,9 @@ def extras(results: list[dict]) -> str:
             if base:
                 out.append(f"peak RSS 2,048 / 256 images [{lab}]: {c['rss_mib'] / base['rss_mib']:.2f}×")
     for r in results:
+        loads = ", ".join(f"{lab} {' / '.join(f'{x:.1f}' for x in c['load_5min'])}" for lab, c in r["codes"].items())
+        out.append(f"{r['row']}: plain passes {' / '.join(f'{x:.2f}' for x in r['plain_all_s'])} s; "
+                   f"5-minute load average after each prune: {loads} (on {os.cpu_count()} CPUs)")
         if "imports" in r:
             for lab, v in r["imports"].items():
                 out.append(f"import onnxprune.cli [{lab}]: {v['import_cli_s']:.2f} s (-X importtime), "
