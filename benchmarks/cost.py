@@ -506,7 +506,8 @@ def table(results: list[dict], old: dict | None) -> str:
             codes.append(next((o["codes"]["new"] for o in old["results"] if o["row"] == r["row"]), {}))
         for c in codes:
             t = ("timed out " if c.get("timed_out") else "") + fmt(c.get("prune_s"))
-            cells += [t, fmt(c.get("ratio"), ".0f") + "×" if c.get("ratio") else "–",
+            at_least = "≥ " if c.get("timed_out") else ""  # a killed prune: its time so far
+            cells += [t, at_least + fmt(c.get("ratio"), ".0f") + "×" if c.get("ratio") else "–",
                       fmt(c.get("quality"), ".4f"), fmt(c.get("macs_kept"), ".1%"), fmt(c.get("rss_mib"), ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
