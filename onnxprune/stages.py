@@ -73,13 +73,13 @@ class PruneState:
     rule: str = ""
     # rewrite / compensate
     method_report: dict | None = None
-    refits: list = field(default_factory=list)
-    deltas: list = field(default_factory=list)
-    targets: list = field(default_factory=list)
-    original: ir.Model | None = None
+    refits: list = field(default_factory=list)  # least-squares weight refits from the statistics
+    deltas: list = field(default_factory=list)  # bias corrections from the statistics
+    targets: list = field(default_factory=list)  # consumers refitted again on the pruned graph
+    original: ir.Model | None = None  # a copy of the loaded model, run beside the pruned one for that refit
     refit_note: str | None = None
     # verify / report
-    measured: dict[str, Any] = field(default_factory=dict)
+    measured: dict[str, Any] = field(default_factory=dict)  # fidelity, forced (gate), latency
     times: dict[str, float] = field(default_factory=dict)
     result: PruneResult | None = None
 
