@@ -17,6 +17,7 @@ from rich.console import Console
 from . import _ort, _signals, api
 from .criteria import METHODS
 from .compensate import COMPENSATIONS
+from .config import PruneConfig
 from .data import Preprocess
 from .methods import MethodOptions
 from .errors import InputError, OnnxPruneError
@@ -97,7 +98,7 @@ _verbose_option = click.option(
 @click.option("--calib", type=click.Path(path_type=str), help="calibration data: folder of .npy/.npz files or images")
 @click.option("--max-samples", type=int, help="use at most this many calibration samples")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="samples per onnxruntime run")
-@click.option("--memory-budget", "memory_budget", type=float, default=1024, show_default=True, help="MiB of exposed tensors per run")
+@click.option("--memory-budget", "memory_budget_mb", type=float, default=1024, show_default=True, help="MiB of exposed tensors per run")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--compensate", type=click.Choice(list(COMPENSATIONS)), default="lstsq", show_default=True, help="training-free compensation at each consumer (bias: much faster, less exact)")
 @click.option("--alpha-conv", type=float, help="relief: share of each conv unit's importance its kept connections must reach")
@@ -125,53 +126,42 @@ _verbose_option = click.option(
 @click.option("--seed", type=int, default=0, show_default=True, help="seed for random scores and test inputs")
 @click.option("--quiet", "-q", is_flag=True, help="print nothing but errors")
 @_verbose_option
-def prune_cmd(input_model, output_model, method, ratio, global_, target_macs, target_params, min_keep, round_to,
-              exclude, calib, max_samples, batch_size, memory_budget, device, compensate, resize, crop, mean_, std_,
-              scale, layout, channels, eval_data, labels, max_error, min_agreement, force, report_path, seed, quiet,
-              alpha_conv, alpha_fc, granularity, z_, tau, confidence, mi_estimator, steps, plot_path):
+def prune_cmd(**params) -> None:
     """Prune INPUT_MODEL and write the checked result to OUTPUT_MODEL."""
-    pre = Preprocess(
-        resize=resize, crop=crop, mean=_floats(mean_, "--mean") or (0.0, 0.0, 0.0),
-        std=_floats(std_, "--std") or (1.0, 1.0, 1.0), scale=scale, layout=layout, channels=channels,
-    )
-    kwargs = dict(
-        method=method or ("wanda" if calib else "l1"),
-        ratio=ratio,
-        global_=global_,
-        min_keep=min_keep,
-        round_to=round_to,
-        exclude=exclude,
-        seed=seed,
-        calib=calib,
-        preprocess=pre,
-        batch_size=batch_size,
-        max_samples=max_samples,
-        memory_budget_mb=memory_budget,
-        device=device,
-        compensate=compensate,
-        target_macs=target_macs,
-        target_params=target_params,
-        eval_data=eval_data,
-        labels=labels,
-        max_error=max_error,
-        min_agreement=min_agreement,
-        force=force,
-        progress=not quiet,
-        steps=steps,
-        method_options=MethodOptions(
-            alpha_conv=alpha_conv, alpha_fc=alpha_fc, granularity=granularity, z=z_, tau=tau,
-            confidence=confidence, mi_estimator=mi_estimator,
-        ),
-    )
-    check_side_outputs(input_model, output_model, [("--report", report_path), ("--plot", plot_path)])
-    _, result = api.prune(input_model, output_model, **kwargs)
-    if plot_path:
-        sweep = api.error_sweep(input_model, kwargs, result) if (calib or eval_data) else []
-        plot(result, sweep, plot_path)
-    if report_path:
-        write_json(result.to_dict(), report_path)
-    if not quiet:
+    options = cli_options(params)
+    check_side_outputs(params["input_model"], params["output_model"],
+                       [("--report", params["report_path"]), ("--plot", params["plot_path"])])
+    config = PruneConfig(**options)  # every option checked here, with the API's messages
+    _, result = api.prune_with(config, params["input_model"], params["output_model"])
+    if params["plot_path"]:
+        sweep = api.error_sweep(params["input_model"], config, result) if (config.calib or config.eval_data) else []
+        plot(result, sweep, params["plot_path"])
+    if params["report_path"]:
+        write_json(result.to_dict(), params["report_path"])
+    if not params["quiet"]:
         print_result(result, Console())
+
+
+# The prune command's params that are not options of ``prune`` (paths, output switches).
+_NOT_OPTIONS = ("input_model", "output_model", "report_path", "plot_path", "quiet")
+# Click param -> MethodOptions field: the seed methods' knobs.
+_METHOD_KNOBS = {"alpha_conv": "alpha_conv", "alpha_fc": "alpha_fc", "granularity": "granularity", "z_": "z",
+                 "tau": "tau", "confidence": "confidence", "mi_estimator": "mi_estimator"}
+_IMAGE_OPTIONS = ("resize", "crop", "mean_", "std_", "scale", "layout", "channels")
+
+
+def cli_options(params: dict) -> dict:
+    """The keyword options of ``api.prune`` from the prune command's click params: the image
+    options grouped into a :class:`Preprocess`, the method knobs into :class:`MethodOptions`."""
+    p = {k: v for k, v in params.items() if k not in _NOT_OPTIONS + _IMAGE_OPTIONS and k not in _METHOD_KNOBS}
+    pre = Preprocess(
+        resize=params["resize"], crop=params["crop"], mean=_floats(params["mean_"], "--mean") or (0.0, 0.0, 0.0),
+        std=_floats(params["std_"], "--std") or (1.0, 1.0, 1.0), scale=params["scale"], layout=params["layout"],
+        channels=params["channels"],
+    )
+    knobs = MethodOptions(**{f: params[k] for k, f in _METHOD_KNOBS.items()})
+    method = params["method"] or ("wanda" if params["calib"] else "l1")
+    return dict(p, method=method, preprocess=pre, method_options=knobs, progress=not params["quiet"])
 
 
 @cli.command("analyze")

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ._signals import deferred
-from .api import AnalysisReport, PruneResult
+from .result import AnalysisReport, PruneResult
 
 
 def _short(items: list[str], n: int = 3) -> str:

@@ -83,16 +83,16 @@ def test_probe_graph_is_the_pruned_model(tmp_path, compensate):
     s = np.zeros(len(fc2.classes))
     s[[1, 4, 7]] = -1.0
     scores[fc2.id] = s
-    import onnxprune.api as api
+    import onnxprune.stages as stages
 
-    real = api.score_groups
-    api.score_groups = lambda analysis, *a, **k: {g.id: (scores[g.id] if g.producers[0].name == "fc2" else np.full(len(g.classes), 1e9)) for g in analysis.groups if g.prunable}
+    real = stages.score_groups
+    stages.score_groups = lambda analysis, *a, **k: {g.id: (scores[g.id] if g.producers[0].name == "fc2" else np.full(len(g.classes), 1e9)) for g in analysis.groups if g.prunable}
     try:
         out = tmp_path / "p.onnx"
         onnxprune.prune(path, out, method="wanda", calib=data, compensate=compensate, ratio=0.3, eval_samples=0,
                         latency=False, exclude=["fc1"])
     finally:
-        api.score_groups = real
+        stages.score_groups = real
     want = session(str(out)).run(None, stats.kept[0])[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 

@@ -1,0 +1,79 @@
+"""What a run returns: :class:`PruneResult` (a prune) and :class:`AnalysisReport` (``analyze``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .groups import Group
+
+
+@dataclass
+class AnalysisReport:
+    """What ``onnxprune analyze`` prints: groups, blocked groups, prunable shares."""
+
+    groups: list[Group]
+    params: int
+    macs: int
+    prunable_params: int
+    prunable_macs: int
+
+    def to_dict(self) -> dict:
+        return {
+            "params": self.params,
+            "macs": self.macs,
+            "prunable_params": self.prunable_params,
+            "prunable_macs": self.prunable_macs,
+            "prunable_params_share": self.prunable_params / self.params if self.params else 0.0,
+            "prunable_macs_share": self.prunable_macs / self.macs if self.macs else 0.0,
+            "groups": [g.to_dict() for g in self.groups],
+        }
+
+
+@dataclass
+class PruneResult:
+    """What a prune did: counts before/after, per-group kept channels, blocked groups, timings."""
+
+    method: str
+    ratio: float
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    groups: list[dict]
+    output: str | None = None
+    file_size_before: int | None = None
+    file_size_after: int | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    compensation: str = "none"
+    compensation_note: str | None = None
+    calibration: dict | None = None
+    fidelity: dict | None = None
+    latency: dict | None = None
+    gate_forced: bool = False
+    method_report: dict | None = None
+    steps: int = 1
+    selection: str = ""
+
+    @property
+    def blocked(self) -> list[dict]:
+        return [g for g in self.groups if g["blocked"]]
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "ratio": self.ratio,
+            "params": {"before": self.params_before, "after": self.params_after},
+            "macs": {"before": self.macs_before, "after": self.macs_after},
+            "file_size": {"before": self.file_size_before, "after": self.file_size_after},
+            "output": self.output,
+            "groups": self.groups,
+            "seconds": self.seconds,
+            "compensation": self.compensation,
+            "compensation_note": self.compensation_note,
+            "calibration": self.calibration,
+            "fidelity": self.fidelity,
+            "latency": self.latency,
+            "method_report": self.method_report,
+            "steps": self.steps,
+            "selection": self.selection,
+        }

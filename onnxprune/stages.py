@@ -1,0 +1,464 @@
+"""The stages of a prune, in order, and the state they pass along.
+
+Each stage has a ``name`` (its key in ``PruneResult.seconds``), ``wanted(state)`` (whether
+it runs for this configuration) and one ``run(state)``.  The algorithms live in their own
+modules (load, groups, calibrate, criteria, select, allocate, rewrite, compensate,
+reconstruct, verify); a stage only calls them and keeps what they return in the state.
+The driver (:func:`onnxprune.api.run_stages`) times each stage.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from . import _ort
+from ._graph import RESTRUCTURED, node_label
+from .allocate import PROBE_SAMPLES, allocate, probes_text
+from .calibrate import Statistics, calibrate, providers_for
+from .compensate import apply_bias, apply_refits, bias_deltas, lstsq_refits, lstsq_requests
+from .config import PruneConfig
+from .consumers import ConsumerView, consumer_views
+from .count import count_macs, count_params, estimate_after
+from .criteria import score_groups, statistics_for
+from .data import InputSpec, batches, input_specs, source_items
+from .errors import GateError, InputError, VerificationError
+from .groups import Analysis, analyze_groups
+from .load import check_output_path, load_model, save_model
+from .methods import REGISTRY, Method, MethodOptions
+from .reconstruct import refit_on_pruned, refit_targets
+from .result import PruneResult
+from .rewrite import apply_removal, refresh_shapes
+from .progress import bar
+from .segments import BatchStore
+from .select import select, select_for_target
+from .verify import Fidelity, check_pruned, check_restructured, measure_fidelity, paired_latency, run_original
+
+
+@dataclass
+class PruneState:
+    """What the stages know so far; each stage reads earlier fields and fills its own."""
+
+    model_path: str | os.PathLike
+    output_path: str | os.PathLike | None
+    config: PruneConfig
+    reference_path: str | os.PathLike | None = None  # fidelity/latency baseline (--steps: the original)
+    # load
+    model: ir.Model | None = None
+    external: bool = False
+    feed: Any = None  # the synthetic input the original and the pruned graph are checked on
+    reference: Any = None  # the original's outputs on ``feed``
+    providers: list | None = None
+    # groups
+    params_before: int = 0
+    macs_before: int = 0
+    analysis: Analysis | None = None
+    # calibrate
+    stats: Statistics | None = None
+    held: list = field(default_factory=list)
+    specs: list[InputSpec] | None = None
+    store: BatchStore | None = None
+    # score / select
+    scores: dict[int, np.ndarray] = field(default_factory=dict)
+    views: list[ConsumerView] = field(default_factory=list)
+    removed: dict[int, np.ndarray] = field(default_factory=dict)  # group id -> removed class roots
+    all_removed: np.ndarray | None = None  # every removed class root, over all groups
+    ratio: float = 0.0  # the ratio reported: the requested one, or what a target came to
+    rule: str = ""
+    # rewrite / compensate
+    method_report: dict | None = None
+    refits: list = field(default_factory=list)  # least-squares weight refits from the statistics
+    deltas: list = field(default_factory=list)  # bias corrections from the statistics
+    targets: list = field(default_factory=list)  # consumers refitted again on the pruned graph
+    original: ir.Model | None = None  # a copy of the loaded model, run beside the pruned one for that refit
+    refit_note: str | None = None
+    # verify / report
+    measured: dict[str, Any] = field(default_factory=dict)  # fidelity, forced (gate), latency
+    times: dict[str, float] = field(default_factory=dict)
+    result: PruneResult | None = None
+
+    # set from the config
+    plugin: Method | None = field(init=False)  # None: a criterion that needs only basic statistics
+    opts: MethodOptions = field(init=False)
+
+    def __post_init__(self) -> None:
+        c = self.config
+        if self.reference_path is None:
+            self.reference_path = self.model_path
+        self.ratio = c.ratio
+        self.plugin = REGISTRY.get(c.method)
+        # A copy with the run's min_keep and seed: the caller's MethodOptions stay as given.
+        self.opts = replace(c.method_options or MethodOptions(), min_keep=c.min_keep, seed=c.seed)
+
+
+class Stage:
+    """One step of the prune: ``run`` reads and fills the state."""
+
+    name = ""
+
+    def wanted(self, state: PruneState) -> bool:
+        """Whether this stage runs for the state's configuration (and is timed)."""
+        return True
+
+    def run(self, state: PruneState) -> None:
+        raise NotImplementedError
+
+
+class Load(Stage):
+    """Parse the model, run the original on a synthetic feed, pick the providers."""
+
+    name = "load"
+
+    def run(self, state: PruneState) -> None:
+        if state.output_path is not None:
+            check_output_path(state.model_path, state.output_path)
+        state.model, state.external = load_model(state.model_path)
+        state.feed, state.reference = run_original(state.model_path, state.config.seed)
+        if state.model.graph.meta.get(RESTRUCTURED):
+            check_restructured(state.model, state.feed, state.reference)
+        state.providers = providers_for(state.config.device)
+
+
+class Analyze(Stage):
+    """Count the original and find the channel groups; refuse a model with none prunable."""
+
+    name = "groups"
+
+    def run(self, state: PruneState) -> None:
+        # load_model already folded constant index arithmetic and static shape reads and
+        # inferred shapes (the MACs need them); the analysis changes nothing these count.
+        state.params_before, state.macs_before = count_params(state.model), count_macs(state.model)
+        analysis = state.analysis = analyze_groups(state.model, state.config.exclude)
+        if not any(g.prunable for g in analysis.groups):
+            reasons = [r for g in analysis.groups for r in g.blocked][:1]
+            why = f" (first reason: {reasons[0]})" if reasons else ""
+            raise InputError(f"nothing to prune: none of the {len(analysis.groups)} channel groups is prunable{why}")
+
+
+class Calibrate(Stage):
+    """Run the calibration data through the instrumented original: statistics, held-out
+    samples, the probe samples and (for the refit) the batches themselves."""
+
+    name = "calibrate"
+
+    def wanted(self, state: PruneState) -> bool:
+        return state.config.calib is not None
+
+    def run(self, state: PruneState) -> None:
+        c = state.config
+        state.specs = specs = input_specs(_ort.session(str(state.model_path), state.providers))
+        bs = fixed_batch(specs, c.batch_size)
+        items = source_items(c.calib, specs, c.preprocess)()
+        views = consumer_views(state.analysis)
+        # The calibrated batches, kept for the refit's passes: the source is read once.
+        state.store = BatchStore(c.memory_budget // 4) if c.compensate != "none" else None
+        state.stats, state.held = calibrate(
+            state.model, {v.tensor: (v.value, v.axis) for v in views}, batches(items, specs, bs, c.max_samples),
+            batch_size=bs, providers=state.providers, memory_budget=c.memory_budget,
+            progress=c.progress, total=c.max_samples, hold_out=0 if c.eval_data is not None else c.eval_samples,
+            fixed_batch=any(sp.dims and sp.dims[0] is not None for sp in specs), requests=self._requests(state, views),
+            statistics=statistics_for(c.method),
+            keep=PROBE_SAMPLES if c.target is not None and not c.global_ else 0,  # the allocation's probes
+            record=state.store,
+        )
+
+    @staticmethod
+    def _requests(state: PruneState, views: list[ConsumerView]) -> list:
+        """The method's extra statistics, and the lstsq refit's Gram sums."""
+        requests = state.plugin.requests(state.analysis, views, state.opts) if state.plugin is not None else []
+        if state.config.compensate == "lstsq":  # the same Gram statistics once, when the method asks for them too
+            asked = {r.key for r in requests}
+            requests = requests + [r for r in lstsq_requests(state.analysis) if r.key not in asked]
+        return requests
+
+
+class Score(Stage):
+    """Score every prunable group's channel classes with the method."""
+
+    name = "score"
+
+    def run(self, state: PruneState) -> None:
+        c = state.config
+        state.scores = score_groups(state.analysis, c.method, c.seed, state.stats, state.opts)
+
+
+class Select(Stage):
+    """Choose the removed classes: by ratio, by a method's own rule, or to meet a target."""
+
+    name = "select"
+
+    def run(self, state: PruneState) -> None:
+        c, plugin = state.config, state.plugin
+        state.views = consumer_views(state.analysis) if plugin is not None else []
+        state.rule = f"global ratio {c.ratio:.3g}" if c.global_ else f"ratio {c.ratio:.3g}"
+        if c.target is not None:
+            state.rule = f"target {'MACs' if c.target_macs is not None else 'params'} {c.target:.3g}"
+            self._for_target(state)
+        elif plugin is not None and plugin.own_rule(state.opts):
+            state.removed = plugin.select(state.analysis, state.stats, state.views, state.opts, state.analysis.groups)
+            state.rule = f"{c.method}'s own rule"
+        else:
+            state.removed = select(state.analysis.groups, state.scores, c.ratio, global_=c.global_,
+                                   min_keep=c.min_keep, round_to=c.round_to)
+        state.all_removed = flat(state.removed)
+
+    @staticmethod
+    def _for_target(state: PruneState) -> None:
+        """The method's own budget knob, else the measured allocation (with calibration
+        data), else the global-threshold bisection."""
+        c, analysis, stats, plugin = state.config, state.analysis, state.stats, state.plugin
+        pick = 1 if c.target_macs is not None else 0
+        base = state.macs_before if c.target_macs is not None else state.params_before
+
+        def kept_fraction(sel: dict[int, np.ndarray]) -> float:
+            return estimate_after(analysis, flat(sel))[pick] / max(base, 1)
+
+        own = plugin.select_budget(analysis, stats, state.views, state.opts, analysis.groups, kept_fraction,
+                                   c.target) if plugin else None
+        if own is not None:
+            state.removed, state.ratio = own
+        elif stats is not None and stats.kept:
+            with bar("probing groups", c.progress) as tick:
+                state.removed, probe = allocate(analysis, state.scores, stats, kept_fraction, c.target,
+                                                compensate=c.compensate, providers=state.providers, min_keep=c.min_keep,
+                                                round_to=c.round_to, memory_budget=c.memory_budget, progress=tick)
+            prunable = sum(len(g.classes) for g in analysis.groups if g.prunable)
+            state.ratio = len(flat(state.removed)) / max(prunable, 1)
+            state.rule += f", allocated by measured sensitivity ({probes_text(probe)})"
+        else:
+            state.removed, state.ratio = select_for_target(analysis.groups, state.scores, kept_fraction, c.target,
+                                                           min_keep=c.min_keep, round_to=c.round_to)
+
+
+class Rewrite(Stage):
+    """Fit the compensation on the original's statistics, then remove the channels."""
+
+    name = "rewrite"
+
+    def run(self, state: PruneState) -> None:
+        c, analysis, stats, removed = state.config, state.analysis, state.stats, state.all_removed
+        if state.plugin is not None:
+            state.method_report = state.plugin.pre_rewrite(analysis, stats, state.views, state.opts, removed)
+        if stats is not None and c.compensate == "bias":
+            state.deltas = bias_deltas(analysis, stats, removed)
+            # consumers feeding a Relu: keep the post-ReLU mean
+            state.targets = refit_targets(analysis, removed, relu_only=True)
+        elif stats is not None and c.compensate == "lstsq":
+            state.refits, state.deltas = lstsq_refits(analysis, stats, removed)
+            state.targets = refit_targets(analysis, removed)
+        # The refit runs the original graph beside the pruned one: a copy, not a second parse
+        # and normalisation of the file.
+        if state.targets and state.store is not None:
+            state.original = ir.from_proto(ir.to_proto(state.model))
+        apply_removal(analysis, removed)
+
+
+class Compensate(Stage):
+    """Apply the fitted compensation, then refit consumers on the pruned graph's inputs."""
+
+    name = "compensate"
+
+    def run(self, state: PruneState) -> None:
+        if state.deltas or state.refits:
+            apply_bias(state.analysis, state.deltas, state.all_removed)
+            apply_refits(state.analysis, state.refits, state.all_removed)
+            refresh_shapes(state.model)
+        if state.original is not None:
+            self._refit(state)
+        if state.store is not None:
+            state.store.close()
+
+    @staticmethod
+    def _refit(state: PruneState) -> None:
+        bias_only = state.config.compensate == "bias"
+        with bar("refitting, wave by wave", state.config.progress) as tick:
+            # The kept batches hold a quarter of the budget: the two graphs' caches share the rest.
+            n_ls, n_bias = refit_on_pruned(
+                state.targets, state.original, state.model, state.store, providers=state.providers,
+                memory_budget=state.config.memory_budget * 3 // 4, modes=("bias",) if bias_only else ("lstsq", "bias"),
+                progress=tick,
+            )
+        if bias_only:
+            state.refit_note = f"{n_bias} consumers feeding a Relu: bias refitted in the pruned graph to keep the post-ReLU mean"
+            return
+        note = f"{n_ls} consumers refitted by least squares from their inputs in the pruned graph"
+        n_zeros = sum(t.keep_zeros and t.mode == "bias" for t in state.targets)
+        if n_bias - n_zeros:
+            note += f", {n_bias - n_zeros} by bias only (it predicted held-out samples better)"
+        if n_zeros:
+            note += f", {n_zeros} by bias only to keep their zero weights (sparse)"
+        state.refit_note = note
+
+
+class Verify(Stage):
+    """Write the pruned model (to a temp folder without an output path) only after it
+    passes the checks, the fidelity gate; measure the latency on the written file."""
+
+    name = "verify"
+
+    def run(self, state: PruneState) -> None:
+        labels = None if state.config.labels is None else load_labels(state.config.labels)
+        validate = lambda path: self._validate(state, path, labels)  # noqa: E731
+        try:
+            if state.output_path is not None:
+                save_model(state.model, state.output_path, external=state.external, validate=validate)
+            else:
+                with tempfile.TemporaryDirectory(prefix="onnxprune-") as d:
+                    save_model(state.model, Path(d) / "pruned.onnx", external=state.external, validate=validate)
+        except VerificationError as exc:
+            raise VerificationError(blame(state.model_path, state.config.exclude, state.removed, str(exc))) from exc
+
+    @staticmethod
+    def _validate(state: PruneState, path: Path, labels: np.ndarray | None) -> None:
+        c, held = state.config, state.held
+        check_pruned(path, state.feed, state.reference)
+        if c.eval_data is not None or held:
+            if c.eval_data is not None:
+                specs = state.specs or input_specs(_ort.session(str(state.model_path)))
+                eval_iter = batches(source_items(c.eval_data, specs, c.preprocess)(), specs,
+                                    fixed_batch(state.specs or [], c.batch_size))
+                source = "eval data"
+            else:
+                eval_iter, source = iter(held), "held-out calibration samples"
+            fid = measure_fidelity(state.reference_path, path, eval_iter, labels, state.providers)
+            fid.source = source
+            state.measured["fidelity"] = fid
+            state.measured["forced"] = gate(fid, c.max_error, c.min_agreement, c.force)
+        if c.latency:
+            state.measured["latency"] = paired_latency(state.reference_path, path, held[0] if held else state.feed)
+
+
+class Report(Stage):
+    """Build the :class:`PruneResult` (counts, kept channels per group, timings so far)."""
+
+    name = "report"
+
+    def run(self, state: PruneState) -> None:
+        c, model, stats = state.config, state.model, state.stats
+        fid, lat = state.measured.get("fidelity"), state.measured.get("latency")
+        state.result = PruneResult(
+            method=c.method,
+            ratio=state.ratio,
+            params_before=state.params_before,
+            params_after=count_params(model),
+            macs_before=state.macs_before,
+            macs_after=count_macs(model),
+            groups=self._groups(state),
+            output=str(state.output_path) if state.output_path is not None else None,
+            file_size_before=file_size(state.model_path, state.external),
+            file_size_after=file_size(state.output_path, state.external) if state.output_path is not None else None,
+            # The stages before this one: the report's own time is not part of the result.
+            seconds={k: round(v, 4) for k, v in state.times.items()},
+            compensation=c.compensate if stats is not None else "none",
+            compensation_note=state.refit_note,
+            calibration=None if stats is None else self._calibration(stats, state.held),
+            fidelity=None if fid is None else fid.to_dict(),
+            latency=None if lat is None else {"before_s": lat[0], "after_s": lat[1],
+                                               "speedup": lat[0] / lat[1] if lat[1] else None},
+            gate_forced=bool(state.measured.get("forced")),
+            method_report=state.method_report,
+            selection=state.rule,
+        )
+
+    @staticmethod
+    def _groups(state: PruneState) -> list[dict]:
+        """Each group's report entry, with its kept channels and dead (never active) ones."""
+        groups = []
+        for g in state.analysis.groups:
+            d = g.to_dict()
+            d["kept"] = int(len(g.classes) - len(state.removed.get(g.id, ())) + (g.n_channels - len(g.classes)))
+            if g.id in state.scores:
+                d["dead"] = int(np.isneginf(state.scores[g.id]).sum())
+            groups.append(d)
+        return groups
+
+    @staticmethod
+    def _calibration(stats: Statistics, held: list) -> dict:
+        return {
+            "samples": stats.samples, "seconds": round(stats.seconds, 4), "runs_per_batch": stats.runs_per_batch,
+            "tensors": len(stats.tensors), "held_out": sum(next(iter(b.values())).shape[0] for b in held),
+        }
+
+
+PIPELINE: tuple[Stage, ...] = (Load(), Analyze(), Calibrate(), Score(), Select(), Rewrite(), Compensate(), Verify(), Report())
+"""Every stage of a prune, in the order they run."""
+
+
+def flat(removed: dict[int, np.ndarray]) -> np.ndarray:
+    """Every group's removed class roots in one int64 array."""
+    return np.concatenate([r for r in removed.values()] or [np.zeros(0, np.int64)]).astype(np.int64)
+
+
+def fixed_batch(specs: list[InputSpec], batch_size: int) -> int:
+    """A model with a fixed batch dim gets batches of exactly that size."""
+    fixed = {s.dims[0] for s in specs if s.dims and s.dims[0] is not None}
+    return fixed.pop() if len(fixed) == 1 else batch_size
+
+
+def load_labels(labels: str | os.PathLike | np.ndarray) -> np.ndarray:
+    """The integer labels of the evaluation samples, flat."""
+    if isinstance(labels, np.ndarray):
+        return labels.reshape(-1)
+    p = Path(labels)
+    if not p.is_file():
+        raise InputError(f"labels file not found: {p}")
+    try:
+        arr = np.load(p, allow_pickle=False)
+    except Exception as exc:
+        raise InputError(f"{p}: not a .npy array of labels") from exc
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise InputError(f"{p}: labels must be integers, found {arr.dtype}")
+    return arr.reshape(-1)
+
+
+def gate(fid: Fidelity, max_error: float | None, min_agreement: float | None, force: bool) -> bool:
+    """Raise GateError on a violation unless ``force``; True when a violation was forced through."""
+    problems = []
+    if max_error is not None and fid.rel_l2 > max_error:
+        problems.append(f"relative L2 error {fid.rel_l2:.4g} > --max-error {max_error}")
+    if min_agreement is not None:
+        if fid.agreement is None:
+            problems.append("--min-agreement needs a classifier-shaped output [N, K]")
+        elif fid.agreement < min_agreement:
+            problems.append(f"top-1 agreement {fid.agreement:.4f} < --min-agreement {min_agreement}")
+    if problems and not force:
+        raise GateError(f"fidelity gate failed on {fid.samples} {fid.source}: {'; '.join(problems)}; nothing written (--force writes anyway)")
+    if problems:
+        print(f"warning: fidelity gate failed ({'; '.join(problems)}); written anyway because of --force", file=sys.stderr)
+    return bool(problems)
+
+
+def file_size(path: str | os.PathLike, external: bool) -> int:
+    """Bytes of the model file and its ``.data`` file, if any."""
+    p = Path(path)
+    total = p.stat().st_size
+    data = p.with_name(p.name + ".data")
+    if data.exists():
+        total += data.stat().st_size
+    return total
+
+
+def blame(model_path: str | os.PathLike, exclude: tuple[str, ...], removed: dict[int, np.ndarray], message: str) -> str:
+    """Find the first group whose removal alone breaks the graph, to name it."""
+    for gid, classes in sorted(removed.items()):
+        if not len(classes):
+            continue
+        model, _ = load_model(model_path)
+        analysis = analyze_groups(model, exclude)
+        feed, reference = run_original(model_path)
+        apply_removal(analysis, classes)
+        group = next(g for g in analysis.groups if g.id == gid)
+        try:
+            with tempfile.TemporaryDirectory(prefix="onnxprune-") as d:
+                save_model(model, Path(d) / "p.onnx", external=False, validate=lambda p: check_pruned(p, feed, reference))
+        except VerificationError as exc:
+            names = ", ".join(node_label(n) for n in group.producers)
+            return f"pruning group {gid} ({names}) broke the graph: {exc}; exclude it with --exclude"
+    return f"pruned graph failed verification: {message}"

@@ -1,0 +1,158 @@
+"""The prune as explicit stages: a frozen configuration checked once, a state the stages
+pass along, one timer in the driver, and the CLI building the same configuration as the API."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+import onnxprune
+from builders import G, save
+from onnxprune import api, stages
+from onnxprune.cli import main
+from onnxprune.config import PruneConfig
+from onnxprune.data import Preprocess
+from onnxprune.methods import MethodOptions
+
+
+def _net():
+    g = G()
+    x = g.input("x", ["N", 3, 8, 8])
+    a = g.op("Relu", [g.conv(x, 3, 16, name="c1")])
+    b = g.op("Relu", [g.conv(a, 16, 16, name="c2")])
+    return g.model([g.gemm(g.op("Flatten", [g.op("GlobalAveragePool", [b])]), 16, 4, name="fc")])
+
+
+def _data(n=3):
+    return [{"x": np.random.default_rng(i).standard_normal((8, 3, 8, 8)).astype(np.float32)} for i in range(n)]
+
+
+def test_config_is_frozen_and_normalised():
+    config = PruneConfig(exclude="c1*")
+    assert config.exclude == ("c1*",)  # a lone string is one pattern
+    assert PruneConfig(exclude=["a", "b"]).exclude == ("a", "b")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.ratio = 0.9  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("options, needle", [
+    (dict(ratio=1.0), "--ratio must be in [0, 1), got 1"),
+    (dict(method="nope"), "--method must be one of"),
+    (dict(method="wanda"), "give calibration data with --calib"),
+    (dict(target_macs=0.5, target_params=0.5), "give --target-macs or --target-params, not both"),
+    (dict(steps=0), "--steps must be at least 1, got 0"),
+    (dict(max_error=float("nan"), calib=[]), "--max-error must be a finite number"),
+    (dict(preprocess=Preprocess(std=(0.0,))), "--std divides the pixels"),
+    (dict(method_options=MethodOptions(alpha_fc=1.5)), "--alpha-fc must be in (0, 1]"),
+    (dict(exclude=[3]), "--exclude patterns must be strings"),
+])
+def test_bad_option_fails_at_construction(options, needle):
+    with pytest.raises(onnxprune.InputError) as err:
+        PruneConfig(**options)
+    assert needle in str(err.value)
+
+
+def test_replace_checks_the_variant():
+    config = PruneConfig(calib=[], target_macs=0.5)
+    assert dataclasses.replace(config, target_macs=0.25).target == 0.25
+    with pytest.raises(onnxprune.InputError, match="not both"):
+        dataclasses.replace(config, target_params=0.5)
+    with pytest.raises(onnxprune.InputError, match="--ratio"):
+        dataclasses.replace(config, ratio=-0.1)
+
+
+def test_config_checked_once_per_prune(tmp_path, monkeypatch):
+    src = save(_net(), tmp_path / "m.onnx")
+    calls = []
+    real = PruneConfig.__post_init__
+    monkeypatch.setattr(PruneConfig, "__post_init__", lambda self: (calls.append(1), real(self))[1])
+    onnxprune.prune(src, None, ratio=0.5, latency=False)
+    assert len(calls) == 1
+
+
+def test_driver_runs_the_stages_in_order_and_times_each(tmp_path):
+    src = save(_net(), tmp_path / "m.onnx")
+    order = []
+
+    class Watch(stages.Stage):
+        def __init__(self, inner):
+            self.inner, self.name = inner, inner.name
+
+        def wanted(self, state):
+            return self.inner.wanted(state)
+
+        def run(self, state):
+            order.append(self.name)
+            self.inner.run(state)
+
+    config = PruneConfig(method="wanda", calib=_data(), latency=False, eval_samples=8)
+    state = api.run_stages(stages.PruneState(src, tmp_path / "o.onnx", config), [Watch(s) for s in stages.PIPELINE])
+    names = ["load", "groups", "calibrate", "score", "select", "rewrite", "compensate", "verify"]
+    assert order == names + ["report"]
+    assert list(state.times) == names + ["report"] and all(t >= 0 for t in state.times.values())
+    assert list(state.result.seconds) == names  # the report's own time is not in it
+    assert (tmp_path / "o.onnx").exists() and state.result.params_after < state.result.params_before
+
+
+def test_calibrate_stage_runs_only_with_data(tmp_path):
+    src = save(_net(), tmp_path / "m.onnx")
+    _, result = onnxprune.prune(src, None, ratio=0.5, latency=False)
+    assert "calibrate" not in result.seconds
+    assert list(result.seconds) == ["load", "groups", "score", "select", "rewrite", "compensate", "verify"]
+
+
+def test_method_options_of_the_caller_are_not_changed(tmp_path):
+    src = save(_net(), tmp_path / "m.onnx")
+    knobs = MethodOptions()
+    onnxprune.prune(src, None, method="l1", ratio=0.5, min_keep=3, seed=7, method_options=knobs, latency=False)
+    assert (knobs.min_keep, knobs.seed) == (1, 0)
+
+
+class _Stop(BaseException):
+    """Ends the CLI run where it would start pruning (a BaseException: main() reports Exceptions)."""
+
+
+def _stop_with(seen: list):
+    def prune_with(config, *args, **kwargs):
+        seen.append(config)
+        raise _Stop
+
+    return prune_with
+
+
+def test_cli_builds_the_same_config_as_the_api(tmp_path, monkeypatch):
+    src, out = save(_net(), tmp_path / "m.onnx"), tmp_path / "o.onnx"
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    np.save(calib / "a.npy", _data(1)[0]["x"])
+    seen = []
+    monkeypatch.setattr(api, "prune_with", _stop_with(seen))
+    args = [str(src), str(out), "--method", "flap", "--target-macs", "0.6", "--global", "--min-keep", "2",
+            "--round-to", "4", "--exclude", "c1*", "--exclude", "fc", "--calib", str(calib), "--max-samples", "5",
+            "--batch-size", "2", "--memory-budget", "64", "--device", "cpu", "--compensate", "bias",
+            "--alpha-fc", "0.5", "--z", "2", "--tau", "0.1", "--confidence", "0.9", "--mi-estimator", "mlp",
+            "--granularity", "connection", "--resize", "10", "--crop", "8", "--mean", "0.5,0.4,0.3",
+            "--std", "0.2", "--scale", "1", "--layout", "NHWC", "--channels", "BGR", "--max-error", "0.5",
+            "--force", "--seed", "3", "--steps", "2", "-q"]
+    with pytest.raises(_Stop):
+        main(args)
+    want = PruneConfig(
+        method="flap", target_macs=0.6, global_=True, min_keep=2, round_to=4, exclude=["c1*", "fc"], calib=str(calib),
+        max_samples=5, batch_size=2, memory_budget_mb=64.0, device="cpu", compensate="bias", max_error=0.5,
+        force=True, seed=3, steps=2, progress=False,
+        preprocess=Preprocess(resize=10, crop=8, mean=(0.5, 0.4, 0.3), std=(0.2,), scale=1.0, layout="NHWC", channels="BGR"),
+        method_options=MethodOptions(alpha_fc=0.5, z=2.0, tau=0.1, confidence=0.9, mi_estimator="mlp", granularity="connection"),
+    )
+    assert seen == [want]
+
+
+def test_cli_defaults_are_the_api_defaults(tmp_path, monkeypatch):
+    src, out = save(_net(), tmp_path / "m.onnx"), tmp_path / "o.onnx"
+    seen = []
+    monkeypatch.setattr(api, "prune_with", _stop_with(seen))
+    with pytest.raises(_Stop):
+        main([str(src), str(out)])
+    # The CLI shows progress unless -q and always passes its (default) image options and knobs.
+    assert seen == [PruneConfig(progress=True, preprocess=Preprocess(), method_options=MethodOptions())]
