@@ -13,14 +13,13 @@ A segment is built when it is needed, from the graph as it is then: a caller may
 nodes that have not run yet (the refit writes a wave's new weights before the pass reaches
 them).
 
-The cache stays in memory up to ``budget`` bytes; past it, new tensors go to
-memory-mapped ``.npy`` files in a private temp folder, removed when the pass closes (also
-on an exception or a signal that raises one).
+The cache stays in memory up to ``budget`` bytes; past it, new tensors go to ``.npy``
+files in a private temp folder, read back one batch at a time, and removed when the pass
+closes (also on an exception or a signal that raises one).
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
@@ -38,14 +37,38 @@ from .errors import InputError
 Sample = dict[str, np.ndarray]
 
 
+class _Spilled:
+    """A batch written to disk: read back whole on each access, so the process holds one
+    spilled batch at a time (a memory map would keep every page it touched resident)."""
+
+    __slots__ = ("path", "nbytes")
+
+    def __init__(self, path: Path, nbytes: int) -> None:
+        self.path, self.nbytes = path, nbytes
+
+    def load(self) -> np.ndarray:
+        return np.load(self.path, allow_pickle=False)
+
+
+class Batches(list):
+    """One tensor's batches, in order; a spilled batch is read from disk when indexed."""
+
+    def __getitem__(self, k):  # type: ignore[override]
+        item = super().__getitem__(k)
+        return item.load() if isinstance(item, _Spilled) else item
+
+    def __iter__(self):
+        return (self[k] for k in range(len(self)))
+
+
 class TensorCache:
     """Per-batch arrays by tensor name, in memory up to ``budget`` bytes, then spilled to
-    memory-mapped files in a private folder (created on first spill)."""
+    ``.npy`` files in a private folder (created on first spill, removed at ``close``)."""
 
     def __init__(self, budget: int, prefix: str = "onnxprune-cache-") -> None:
         self.budget = budget
         self.prefix = prefix
-        self.arrays: dict[str, list[np.ndarray]] = {}
+        self.arrays: dict[str, Batches] = {}
         self.shared: set[str] = set()  # names whose arrays the caller owns: not counted
         self.in_memory = 0
         self.spilled = 0
@@ -56,49 +79,45 @@ class TensorCache:
     def put(self, name: str, batch: int, array: np.ndarray, shared: bool = False) -> None:
         """Store ``array`` as batch ``batch`` of ``name`` (batches arrive in order).
         ``shared``: the caller keeps the array alive anyway (input batches): never spilled."""
-        rows = self.arrays.setdefault(name, [])
+        rows = self.arrays.setdefault(name, Batches())
         assert len(rows) == batch, "batches arrive in order"
+        item: np.ndarray | _Spilled = array
         if shared:
             self.shared.add(name)
         elif self.in_memory + array.nbytes > self.budget:
-            array = self._spill(array)
+            item = self._spill(array)
             self.spilled += array.nbytes
         else:
             self.in_memory += array.nbytes
         self.peak = max(self.peak, self.in_memory)
-        rows.append(array)
+        rows.append(item)
 
-    def _spill(self, array: np.ndarray) -> np.ndarray:
+    def _spill(self, array: np.ndarray) -> _Spilled:
         if self._folder is None:
             self._folder = Path(tempfile.mkdtemp(prefix=self.prefix))
             # Removed at close(), else when the cache is collected or the interpreter exits.
             self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._folder), True)
         self._files += 1
         path = self._folder / f"t{self._files}.npy"
-        mm = np.lib.format.open_memmap(path, mode="w+", dtype=array.dtype, shape=array.shape)
-        mm[...] = array
-        mm.flush()
-        return mm
+        np.save(path, array, allow_pickle=False)
+        return _Spilled(path, array.nbytes)
 
-    def get(self, name: str) -> list[np.ndarray]:
+    def get(self, name: str) -> Batches:
         return self.arrays[name]
 
     def __contains__(self, name: str) -> bool:
         return name in self.arrays
 
     def drop(self, name: str) -> None:
+        rows = self.arrays.pop(name, Batches())
         if name in self.shared:
             self.shared.discard(name)
-            self.arrays.pop(name, None)
             return
-        for a in self.arrays.pop(name, ()):
-            if isinstance(a, np.memmap):
-                path = a.filename
-                del a
-                if path and os.path.exists(path):
-                    os.unlink(path)
+        for item in list.__iter__(rows):
+            if isinstance(item, _Spilled):
+                item.path.unlink(missing_ok=True)
             else:
-                self.in_memory -= a.nbytes
+                self.in_memory -= item.nbytes
 
     def close(self) -> None:
         self.arrays.clear()
@@ -295,7 +314,7 @@ class SegmentPass:
 
 class BatchStore:
     """Input batches kept for replay (the refit and the allocation read the calibration
-    batches again): in memory up to ``budget`` bytes, the rest memory-mapped on disk.
+    batches again): in memory up to ``budget`` bytes, the rest on disk (read back a batch at a time).
     Read once from the source, whatever number of passes follow."""
 
     def __init__(self, budget: int) -> None:
