@@ -313,23 +313,16 @@ def bert_export() -> Path:
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    bert = BertModel(BertConfig(), add_pooling_layer=False).eval()
+    import minilm
 
-    class Encoder(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.bert = bert
-
-        def forward(self, input_ids, attention_mask):
-            return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
+    encoder = minilm.hidden_state_encoder(BertModel(BertConfig(), add_pooling_layer=False).eval())
     ids = torch.randint(1000, 2000, (2, 32), generator=torch.Generator().manual_seed(1))
     names = ["input_ids", "attention_mask"]
     axes = {n: {0: "batch", 1: "seq"} for n in [*names, "last_hidden_state"]}
     CACHE.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(Encoder(), (ids, torch.ones_like(ids)), str(path), dynamo=False, opset_version=17,
+        torch.onnx.export(encoder, (ids, torch.ones_like(ids)), str(path), dynamo=False, opset_version=17,
                           input_names=names, output_names=["last_hidden_state"], dynamic_axes=axes)
     return path
 

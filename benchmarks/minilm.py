@@ -100,16 +100,9 @@ def tokenize(sentences: list[str]) -> dict[str, np.ndarray]:
     return {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
 
 
-def export(exporter: str) -> Path:
-    """The export for ``exporter`` in benchmarks/.cache/, built when missing."""
-    path = CACHE / f"minilm-{exporter}.onnx"
-    if path.is_file():
-        return path
+def hidden_state_encoder(bert):
+    """``bert`` as a module of (input_ids, attention_mask) returning the last hidden state."""
     import torch
-    from transformers import AutoModel
-
-    CACHE.mkdir(parents=True, exist_ok=True)
-    bert = AutoModel.from_pretrained(str(model_dir())).eval()
 
     class Encoder(torch.nn.Module):
         def __init__(self) -> None:
@@ -119,6 +112,19 @@ def export(exporter: str) -> Path:
         def forward(self, input_ids, attention_mask):
             return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
+    return Encoder()
+
+
+def export(exporter: str) -> Path:
+    """The export for ``exporter`` in benchmarks/.cache/, built when missing."""
+    path = CACHE / f"minilm-{exporter}.onnx"
+    if path.is_file():
+        return path
+    import torch
+    from transformers import AutoModel
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    encoder = hidden_state_encoder(AutoModel.from_pretrained(str(model_dir())).eval())
     feed = tokenize(SENTENCES[:4])
     args = (torch.from_numpy(feed["input_ids"]), torch.from_numpy(feed["attention_mask"]))
     names = ["input_ids", "attention_mask"]
@@ -128,13 +134,13 @@ def export(exporter: str) -> Path:
             axes = {n: {0: "batch", 1: "seq"} for n in names}
             axes["last_hidden_state"] = {0: "batch", 1: "seq"}
             torch.onnx.export(
-                Encoder(), args, str(path), dynamo=False, opset_version=17, input_names=names,
+                encoder, args, str(path), dynamo=False, opset_version=17, input_names=names,
                 output_names=["last_hidden_state"], dynamic_axes=axes,
             )
         else:
             batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=512)
             torch.onnx.export(
-                Encoder(), args, str(path), dynamo=True, input_names=names,
+                encoder, args, str(path), dynamo=True, input_names=names,
                 output_names=["last_hidden_state"],
                 dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}), verbose=False,
             )

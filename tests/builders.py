@@ -149,3 +149,17 @@ def calibrated(path: Path, data: list[dict], method: str, opts=None, batch_size:
         requests=REGISTRY[method].requests(analysis, views, opts or MethodOptions()),
     )
     return analysis, views, stats
+
+
+def small_cnn() -> onnx.ModelProto:
+    """Two 3×3 Convs, global pooling and a Gemm: the small net the stage and step tests prune."""
+    g = G()
+    x = g.input("x", ["N", 3, 8, 8])
+    a = g.op("Relu", [g.conv(x, 3, 16, name="c1")])
+    b = g.op("Relu", [g.conv(a, 16, 16, name="c2")])
+    return g.model([g.gemm(g.op("Flatten", [g.op("GlobalAveragePool", [b])]), 16, 4, name="fc")])
+
+
+def random_batches(n: int) -> list[dict[str, np.ndarray]]:
+    """``n`` seeded batches of 8 inputs for :func:`small_cnn`."""
+    return [{"x": np.random.default_rng(i).standard_normal((8, 3, 8, 8)).astype(np.float32)} for i in range(n)]

@@ -6,19 +6,15 @@ import numpy as np
 import pytest
 
 import onnxprune
-from builders import G, params, save
+from builders import G, random_batches, small_cnn, params, save
 
 
 def _net():
-    g = G()
-    x = g.input("x", ["N", 3, 8, 8])
-    a = g.op("Relu", [g.conv(x, 3, 16, name="c1")])
-    b = g.op("Relu", [g.conv(a, 16, 16, name="c2")])
-    return g.model([g.gemm(g.op("Flatten", [g.op("GlobalAveragePool", [b])]), 16, 4, name="fc")])
+    return small_cnn()
 
 
 def _data(n=4):
-    return [{"x": np.random.default_rng(i).standard_normal((8, 3, 8, 8)).astype(np.float32)} for i in range(n)]
+    return random_batches(n)
 
 
 def test_rounds_compound_to_the_ratio(tmp_path):
