@@ -34,8 +34,8 @@ def set_log_severity(level: int) -> None:
     onnxruntime.set_default_logger_severity(level)
 
 
-def session(path: str, providers: list[str] | None = None):
-    """An InferenceSession on ``path`` with quiet logging."""
+def session(path: str | bytes, providers: list[str] | None = None):
+    """An InferenceSession on ``path`` (or a serialised model) with quiet logging."""
     rt = ort()
     opts = rt.SessionOptions()
     opts.log_severity_level = LOG_SEVERITY

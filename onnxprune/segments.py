@@ -160,10 +160,11 @@ def _is_const(value: ir.Value) -> bool:
 
 
 def session_from_view(model: ir.Model, inputs: Sequence[ir.Value], outputs: Sequence[ir.Value],
-                      nodes: Sequence[ir.Node], providers: list[str], folder: Path | None = None):
+                      nodes: Sequence[ir.Node], providers: list[str]):
     """An onnxruntime session for the sub-model of ``model`` made of ``nodes`` (in graph
-    order), reading ``inputs`` and returning ``outputs``.  Serialised in memory; written to
-    ``folder`` (external data) only when it would pass protobuf's 2 GiB."""
+    order), reading ``inputs`` and returning ``outputs``.  Serialised in memory; past
+    protobuf's 2 GiB, written with external data to a private temp folder, removed once
+    onnxruntime has loaded it."""
     consts: dict[int, ir.Value] = {}
     for n in nodes:
         for v in node_reads(n):
@@ -178,15 +179,12 @@ def session_from_view(model: ir.Model, inputs: Sequence[ir.Value], outputs: Sequ
     ir.serde.serialize_graph_into(proto.graph, view)
     for f in model.functions.values():
         ir.serde.serialize_function_into(proto.functions.add(), f)
-    rt = _ort.ort()
-    opts = rt.SessionOptions()
-    opts.log_severity_level = 3
-    if proto.ByteSize() < 2**31 - 2**26 or folder is None:
-        return rt.InferenceSession(proto.SerializeToString(), sess_options=opts, providers=providers)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "segment.onnx"
-    onnx.save_model(proto, path, save_as_external_data=True, location="segment.onnx.data")
-    return rt.InferenceSession(str(path), sess_options=opts, providers=providers)
+    if proto.ByteSize() < 2**31 - 2**26:
+        return _ort.session(proto.SerializeToString(), providers)
+    with tempfile.TemporaryDirectory(prefix="onnxprune-segment-") as folder:
+        path = Path(folder) / "segment.onnx"
+        onnx.save_model(proto, path, save_as_external_data=True, location="segment.onnx.data")
+        return _ort.session(str(path), providers)
 
 
 class SegmentPass:
