@@ -29,13 +29,36 @@ class Interrupted(BaseException):
         self.exit_code = 128 + signum
 
 
+def _in_import_lock(frame) -> bool:
+    """Whether the interrupted code is importlib's own (a module lock's weakref callback):
+    an exception raised there is "ignored" with a message on stderr, and the run goes on."""
+    return frame is not None and frame.f_code.co_filename.startswith("<frozen importlib")
+
+
 def _handler(signum: int, frame) -> None:
     for sig in _NAMES:  # the first signal wins; later ones must not interrupt the cleanup
         signal.signal(sig, signal.SIG_IGN)
     if _state["depth"]:
         _state["pending"] = _state["pending"] or signum
         return
+    if _in_import_lock(frame):  # raise it a moment later, outside importlib
+        _state["pending"] = signum
+        signal.signal(signal.SIGALRM, _retry)
+        signal.setitimer(signal.ITIMER_REAL, 0.01)
+        return
     raise Interrupted(signum)
+
+
+def _retry(_signum: int, frame) -> None:
+    if _state["depth"]:  # a deferred block raises the pending signal when it ends
+        return
+    if _in_import_lock(frame):
+        signal.setitimer(signal.ITIMER_REAL, 0.01)
+        return
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    pending, _state["pending"] = _state["pending"], None
+    if pending:
+        raise Interrupted(pending)
 
 
 def install() -> None:

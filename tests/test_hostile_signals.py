@@ -125,3 +125,18 @@ def test_deferred_holds_a_signal_until_the_block_ends(handlers):
             os.kill(os.getpid(), signal.SIGTERM)
             done.append(np.sum(np.ones(3)))  # still runs: the signal is held
     assert done == [3.0]
+
+
+def test_a_signal_inside_importlib_is_raised_just_after_it(handlers):
+    """A signal that lands in importlib's own code (a module lock's weakref callback, where
+    a raised exception is only printed as "ignored" and the run goes on) is raised a moment
+    later, outside it: the run still stops with its one line."""
+    in_import = {}
+    # Code that reports the frame importlib's callbacks run in: the handler sees this frame.
+    exec(compile("os.kill(os.getpid(), signal.SIGTERM)\nfor _ in range(200000): pass\nin_import['done'] = True",
+                 "<frozen importlib._bootstrap>", "exec"), {"os": os, "signal": signal, "in_import": in_import})
+    assert in_import == {"done": True}  # not cut short inside importlib
+    with pytest.raises(_signals.Interrupted) as info:
+        time.sleep(5)  # the retry raises here, at the next bytecode outside importlib
+    assert info.value.exit_code == 143
+    assert signal.getsignal(signal.SIGALRM) is signal.SIG_DFL
