@@ -36,10 +36,11 @@ import numpy as np
 import onnx_ir as ir
 
 from .calibrate import Statistics
-from .compensate import _taps, enough_rows, ridged, weight_rows
+from ._graph import const_array
+from .compensate import _taps, enough_rows, ridged, rows_to_weight, weight_rows
 from .consumers import ConsumerView, consumer_views
 from .groups import Analysis, Group
-from .segments import SegmentPass, node_reads, session_from_view
+from .segments import SegmentPass, const_cone, node_reads, session_from_view, with_cone
 from .select import choose, round_for
 
 LADDER = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)  # removed shares probed per group
@@ -48,17 +49,24 @@ PROBE_SAMPLES = 32  # calibration samples the probes run on
 
 @dataclass
 class _Site:
-    """One consumer input rewritten by the probe graph."""
+    """One consumer input rewritten by the probe graph.
+
+    The probe feeds ``x̃ = m ⊙ x + c`` (m: the kept-channel mask, c: the removed channels'
+    constant) and, where the removed channels are predicted from the kept ones (lstsq),
+    the consumer's weight ``W·P̃`` in place of ``W`` (``P̃ = P + diag(removed)``): then
+    ``W P̃ x̃ = W (P x + c)`` exactly, since ``P`` ignores removed inputs and ``P̃`` passes
+    ``c`` through.  A channel-mixing ``P·x`` before the consumer would cost C/O times the
+    consumer itself (6× for an inverted residual's projection)."""
 
     view: ConsumerView
-    weight: str  # graph input names of P (Pᵀ when channels are last) and c
-    bias: str
-    shapes: tuple[list[int], list[int]]  # as fed: P, c
-    last: bool  # channels last: the graph computes x·Pᵀ
+    name: str  # prefix of the graph inputs fed per run: {name}_m (mask), {name}_c, {name}_w (weight)
+    shape: list[int]  # as fed: m and c (C along the channel axis, 1 elsewhere)
     mean: np.ndarray
     cov: np.ndarray | None  # channel covariance (lstsq)
     rows: float  # sampled rows behind cov
     second: np.ndarray | None = None  # per channel: what a removal loses there (variance, or E[x²] without compensation)
+    mixes: bool = False  # removed channels are predicted from the kept ones: the weight is fed too
+    _weight: np.ndarray | None = None  # the consumer's weight, read once
     _energy: np.ndarray | None = None  # per channel: Σ of the consumer's squared weights
 
     def local_error(self, drop: np.ndarray) -> float:
@@ -95,6 +103,7 @@ class _Tails:
         self.samples = samples
         self.providers = providers
         self.order = {id(n): i for i, n in enumerate(self.graph)}
+        self.cone = const_cone(self.graph)
         self.runs = 0
         self.passes = SegmentPass(self.model, samples, providers=providers, budget=budget, label="probe samples")
         whole = session_from_view(self.model, list(self.graph.inputs), list(self.graph.outputs), list(self.graph), providers)
@@ -116,34 +125,44 @@ class _Tails:
             if id(node) in starts or any(id(v) in inside for v in reads):
                 nodes.append(node)
                 inside.update(id(o) for o in node.outputs)
+        nodes = with_cone(self.graph, nodes, self.cone)
+        inside.update(id(o) for n in nodes for o in n.outputs)
         frontier = {v.name: v for n in nodes for v in node_reads(n)
                     if id(v) not in inside and not (v.producer() is None and v.const_value is not None and not v.is_graph_input())}
         return nodes, list(frontier.values())
 
     def session(self, sites: list[_Site], nodes: list[ir.Node], frontier: list[ir.Value]):
-        """A session of the tail with P and c fed per run at each site (graph restored)."""
+        """A session of the tail with m, c (and the mixing sites' weights) fed per run at
+        each site (graph restored)."""
         f32 = ir.TensorType(ir.DataType.FLOAT)
         added: dict[int, list[ir.Node]] = {}
         params: list[ir.Value] = []
         swapped = []
         for s in sites:
-            p = ir.Value(name=s.weight, shape=ir.Shape(s.shapes[0]), type=f32)
-            cb = ir.Value(name=s.bias, shape=ir.Shape(s.shapes[1]), type=f32)
-            mix = ir.node("MatMul" if s.last else "Conv", [s.view.value, p])
-            add = ir.node("Add", [mix.outputs[0], cb])
-            mix.outputs[0].name, add.outputs[0].name = f"{s.weight}_mix", f"{s.weight}_out"  # detached: unnamed
-            added.setdefault(id(s.view.node), []).extend([mix, add])
-            params += [p, cb]
-            swapped.append((s.view.node, s.view.value))
-            s.view.node.replace_input_with(0, add.outputs[0])
+            node = s.view.node
+            m = ir.Value(name=f"{s.name}_m", shape=ir.Shape(s.shape), type=f32)
+            cb = ir.Value(name=f"{s.name}_c", shape=ir.Shape(s.shape), type=f32)
+            mul = ir.node("Mul", [s.view.value, m])
+            add = ir.node("Add", [mul.outputs[0], cb])
+            mul.outputs[0].name, add.outputs[0].name = f"{s.name}_mul", f"{s.name}_out"  # detached: unnamed
+            added.setdefault(id(node), []).extend([mul, add])
+            params += [m, cb]
+            swapped.append((node, 0, s.view.value))
+            node.replace_input_with(0, add.outputs[0])
+            if s.mixes:
+                w = node.inputs[1]
+                fed = ir.Value(name=f"{s.name}_w", shape=ir.Shape(list(w.shape)), type=w.type)
+                params.append(fed)
+                swapped.append((node, 1, w))
+                node.replace_input_with(1, fed)
         ordered = [m for n in nodes for m in added.get(id(n), []) + [n]]
         produced = {id(o) for n in nodes for o in n.outputs}
         self.outputs = [o for o in self.graph.outputs if id(o) in produced]
         try:
             return session_from_view(self.model, frontier + params, self.outputs, ordered, self.providers)
         finally:
-            for node, value in swapped:
-                node.replace_input_with(0, value)
+            for node, index, value in swapped:
+                node.replace_input_with(index, value)
 
     def probe_fn(self, sites: list[_Site], analysis: Analysis, compensate: str, later: list[str]):
         """``removed -> [{output name: y}]`` (one dict per probe batch): the model's outputs
@@ -159,9 +178,12 @@ class _Tails:
             gone[0] = False
             params = {}
             for s in sites:  # the same for every batch
-                p, c = _replacement(s, gone[analysis.roots[s.view.atoms]], compensate)
-                params[s.weight] = np.ascontiguousarray(p.T if s.last else p).reshape(s.shapes[0])
-                params[s.bias] = c.reshape(s.shapes[1])
+                drop = gone[analysis.roots[s.view.atoms]]
+                pred, c = _prediction(s, drop, compensate)
+                params[f"{s.name}_m"] = (~drop).astype(np.float32).reshape(s.shape)
+                params[f"{s.name}_c"] = c.reshape(s.shape)
+                if s.mixes:
+                    params[f"{s.name}_w"] = _mixed_weight(s, drop, pred)
             out = []
             for b in range(len(self.samples)):
                 feed = {v.name: cached[v.name][b] for v in frontier} | params
@@ -194,19 +216,18 @@ def _sites(analysis: Analysis, views: list[ConsumerView], stats: Statistics, com
         c = len(v.atoms)
         if v.value.dtype != ir.DataType.FLOAT or rank < 2 or v.axis not in (1, rank - 1):
             continue
-        last = v.axis == rank - 1
-        shapes = ([c, c] if last else [c, c] + [1] * (rank - 2), [c] + [1] * (rank - 1 - v.axis))
+        shape = [c] + [1] * (rank - 1 - v.axis)
         gram = stats.extra.get(f"lstsq:{i}") if compensate == "lstsq" else None
         mean = stats.tensors[v.tensor].mean if v.tensor in stats.tensors else np.zeros(c)
         cov, rows = None, 0.0
-        if gram is not None and gram.gram is not None:
+        if gram is not None and not gram.empty:
             cov, mean = _channel_gram(gram)
             rows = gram.total()[2]
         t = stats.tensors.get(v.tensor)
         second = t.var if t is not None else np.ones(c)
         if compensate == "none":
             second = second + mean**2
-        sites.append(_Site(v, f"onnxprune_probe_p{i}", f"onnxprune_probe_c{i}", shapes, last, mean, cov, rows, second))
+        sites.append(_Site(v, f"onnxprune_probe{i}", shape, mean, cov, rows, second, mixes=cov is not None))
     return sites
 
 
@@ -388,22 +409,45 @@ def _sites_by_group(analysis: Analysis, groups: list[Group], sites: list[_Site])
     return out
 
 
+def _mixed_weight(site: _Site, drop: np.ndarray, pred: np.ndarray | None) -> np.ndarray:
+    """The consumer's weight ``W·P̃`` in its own layout and dtype: ``W[:, S] + W[:, R]·B``
+    on the kept columns, ``W[:, R]`` on the removed ones (``pred`` = B [R, S]; None: W)."""
+    if site._weight is None:
+        site._weight = const_array(site.view.node.inputs[1])
+    w = site._weight
+    if pred is None:
+        return w
+    rows = weight_rows(site.view, w.astype(np.float32))
+    taps = np.array(rows.reshape(rows.shape[0], len(drop), -1))  # [O, C, T], a copy
+    r, s = np.flatnonzero(drop), np.flatnonzero(~drop)
+    taps[:, s, :] += np.einsum("ort,rs->ost", taps[:, r, :], pred.astype(np.float32), optimize=True)
+    return np.ascontiguousarray(rows_to_weight(site.view.node, taps.reshape(rows.shape), w.shape).astype(w.dtype, copy=False))
+
+
+def _prediction(site: _Site, drop: np.ndarray, compensate: str) -> tuple[np.ndarray | None, np.ndarray]:
+    """B [R, S] predicting the removed channels from the kept ones (None where they get a
+    constant), and the constant c [C] (see the module docstring)."""
+    shift = np.zeros(len(drop))
+    if not drop.any():
+        return None, shift.astype(np.float32)
+    r, s = np.flatnonzero(drop), np.flatnonzero(~drop)
+    if compensate == "lstsq" and site.cov is not None and enough_rows(site.rows, len(s) * _taps(site.view)):
+        b = np.linalg.solve(ridged(site.cov[np.ix_(s, s)]), site.cov[np.ix_(s, r)]).T  # [R, S]
+        shift[r] = site.mean[r] - b @ site.mean[s]
+        return b, shift.astype(np.float32)
+    if compensate != "none":
+        shift[r] = site.mean[r]
+    return None, shift.astype(np.float32)
+
+
 def _replacement(site: _Site, drop: np.ndarray, compensate: str) -> tuple[np.ndarray, np.ndarray]:
-    """P [C, C] (float32) and c [C] for one site given the dropped channels (see the module
-    docstring)."""
-    c = len(drop)
-    p = np.eye(c)
-    shift = np.zeros(c)
-    if drop.any():
-        r, s = np.flatnonzero(drop), np.flatnonzero(~drop)
-        p[r, r] = 0.0
-        if compensate == "lstsq" and site.cov is not None and enough_rows(site.rows, len(s) * _taps(site.view)):
-            b = np.linalg.solve(ridged(site.cov[np.ix_(s, s)]), site.cov[np.ix_(s, r)]).T  # [R, S]
-            p[np.ix_(r, s)] = b
-            shift[r] = site.mean[r] - b @ site.mean[s]
-        elif compensate != "none":
-            shift[r] = site.mean[r]
-    return p.astype(np.float32), shift.astype(np.float32)
+    """P [C, C] (float32) and c [C] with ``x' = P·x + c`` what the compensation puts in the
+    consumer's input for the dropped channels (the probe feeds the same through the weight)."""
+    pred, shift = _prediction(site, drop, compensate)
+    p = np.diag((~drop).astype(np.float32))
+    if pred is not None:
+        p[np.ix_(drop, ~drop)] = pred
+    return p, shift
 
 
 def probes_text(report: dict) -> str:

@@ -133,6 +133,17 @@ def weight_rows(view, w: np.ndarray | None = None) -> np.ndarray:
     if view.node.op_type == "Gemm" and attr_int(view.node, "transB", 0):
         return w
     return w.T
+
+
+def rows_to_weight(node: ir.Node, rows: np.ndarray, shape) -> np.ndarray:
+    """The inverse of :func:`weight_rows`: [outputs, features] back to ``node``'s weight layout."""
+    from ._graph import attr_int
+
+    if node.op_type == "Conv" or (node.op_type == "Gemm" and attr_int(node, "transB", 0)):
+        return rows.reshape(shape)
+    return rows.T.reshape(shape)
+
+
 # Fewer rows than this per kept feature and the fit is mostly ridge: measured on
 # all-MiniLM-L6-v2 with 24 calibration sentences (~300 tokens for 1536 inputs), lstsq gave a
 # cosine of 0.75 where bias gave 0.91.  Such consumers get bias compensation.
@@ -205,6 +216,9 @@ def _lstsq_kind(view) -> str | None:
     return None
 
 
+GRAM_BUFFER = 2048  # rows gathered before one Gram product (gram.ChannelGram.buffer)
+
+
 def lstsq_requests(analysis: Analysis) -> list:
     """Gram statistics of every consumer input that least squares can refit."""
     from .calibrate import StatRequest
@@ -214,9 +228,9 @@ def lstsq_requests(analysis: Analysis) -> list:
     for i, view in enumerate(consumer_views(analysis)):
         kind = _lstsq_kind(view)
         if kind == "rows":
-            out.append(StatRequest(f"lstsq:{i}", view.value, lambda a=view.axis: ChannelGram(a, shards=1)))
+            out.append(StatRequest(f"lstsq:{i}", view.value, lambda a=view.axis: ChannelGram(a, shards=1, buffer=GRAM_BUFFER)))
         elif kind == "patch":
-            out.append(StatRequest(f"lstsq:{i}", view.value, lambda n=view.node: PatchGram(n, shards=1)))
+            out.append(StatRequest(f"lstsq:{i}", view.value, lambda n=view.node: PatchGram(n, shards=1, buffer=GRAM_BUFFER)))
     return out
 
 
@@ -253,7 +267,7 @@ def lstsq_refits(analysis: Analysis, stats: Statistics, removed: np.ndarray) -> 
             continue
         gram = stats.extra.get(f"lstsq:{i}")
         node = view.node
-        if (gram is None or gram.gram is None or not enough_rows(gram.total()[2], int((~drop).sum()) * _taps(view))
+        if (gram is None or gram.empty or not enough_rows(gram.total()[2], int((~drop).sum()) * _taps(view))
                 or holds_zeros(node, view.weight())):
             st = stats.tensors.get(view.tensor)
             if st is not None:

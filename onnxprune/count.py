@@ -6,7 +6,9 @@ Symbolic dims (a dynamic batch) count as 1, so MACs are per sample.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
+import numpy as np
 import onnx_ir as ir
 
 from ._graph import FOLD_LIMIT, all_graph_nodes, attr_int, dims, is_const, named_dims
@@ -89,39 +91,39 @@ def count_macs(model: ir.Model) -> int:
     return int(sum(node_macs(n) for n in model.graph))
 
 
-def estimate_after(analysis, removed) -> tuple[int, int]:
-    """Params and MACs after removing the classes in ``removed``, without rewriting.
+@dataclass
+class _Plan:
+    """The removal-independent part of :func:`estimate_after`: the counts before, and per
+    sliced constant its size, the atoms of each sliced axis and the MACs that shrink with it."""
 
-    Every sliced constant shrinks by the product of its axes' kept fractions; a
-    Conv/ConvTranspose/Gemm/MatMul's MACs are proportional to its weight's size, so they
-    shrink by the same factor as the weight.  Used to bisect budgets quickly.
-    """
+    params: int
+    macs: int
+    sliced: list[tuple[int, int, list[np.ndarray]]] = field(default_factory=list)  # (size, MACs, atoms per axis)
+    products: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (MACs, atoms): products of computed tensors
+
+
+def _plan(analysis) -> _Plan:
     from .layout import SliceParam
-    from .rewrite import keep_function
 
-    keep = keep_function(analysis, removed)
     model = analysis.model
-    frac: dict[tuple[int, int], dict[int, float]] = {}
-    values: dict[tuple[int, int], ir.Value] = {}
-    nodes: dict[tuple[int, int], ir.Node] = {}
+    axes: dict[tuple[int, int], dict[int, np.ndarray]] = {}
+    first: dict[tuple[int, int], SliceParam] = {}
     for e in analysis.edits:
         if isinstance(e, SliceParam):
             key = (id(e.node), e.index)
-            frac.setdefault(key, {})[e.axis] = float(keep(e.atoms).mean()) if len(e.atoms) else 1.0
-            values[key], nodes[key] = e.node.inputs[e.index], e.node
-    params = count_params(model)
-    macs = count_macs(model)
+            axes.setdefault(key, {})[e.axis] = np.asarray(e.atoms)
+            first.setdefault(key, e)
+    plan = _Plan(count_params(model), count_macs(model))
     seen: set[int] = set()
-    for key, axes in frac.items():
-        f = math.prod(axes.values())
-        value = values[key]
+    for key, by_axis in axes.items():
+        e = first[key]
+        value = e.node.inputs[e.index]
+        size = 0
         if value is not None and id(value) not in seen:
             seen.add(id(value))
             size = math.prod(d if isinstance(d, int) else 1 for d in (value.shape or ()))
-            params -= int(round(size * (1 - f)))
-        node = nodes[key]
-        if key[1] == 1 and node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
-            macs -= int(round(node_macs(node) * (1 - f)))
+        macs = node_macs(e.node) if key[1] == 1 and e.node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") else 0
+        plan.sliced.append((size, macs, list(by_axis.values())))
     # A product of two computed tensors (QKᵀ, attention·V) has no weight to slice: it
     # shrinks with the channels (heads) its operands carry.
     for node in model.graph:
@@ -129,5 +131,33 @@ def estimate_after(analysis, removed) -> tuple[int, int]:
             continue
         lay = analysis.layouts.get(node.inputs[0]) or analysis.layouts.get(node.inputs[1])
         if lay is not None and len(lay):
-            macs -= int(round(node_macs(node) * (1 - float(keep(lay.atoms).mean()))))
+            plan.products.append((node_macs(node), np.asarray(lay.atoms)))
+    return plan
+
+
+def estimate_after(analysis, removed) -> tuple[int, int]:
+    """Params and MACs after removing the classes in ``removed``, without rewriting.
+
+    Every sliced constant shrinks by the product of its axes' kept fractions; a
+    Conv/ConvTranspose/Gemm/MatMul's MACs are proportional to its weight's size, so they
+    shrink by the same factor as the weight.  Used to bisect budgets quickly: what does not
+    depend on ``removed`` is computed once per analysis.
+    """
+    from .rewrite import keep_function
+
+    if analysis.estimate_plan is None:
+        analysis.estimate_plan = _plan(analysis)
+    plan = analysis.estimate_plan
+    keep = keep_function(analysis, removed)
+
+    def kept(atoms: np.ndarray) -> float:
+        return float(keep(atoms).mean()) if len(atoms) else 1.0
+
+    params, macs = plan.params, plan.macs
+    for size, node_mac, atoms in plan.sliced:
+        f = math.prod(kept(a) for a in atoms)
+        params -= int(round(size * (1 - f)))
+        macs -= int(round(node_mac * (1 - f)))
+    for node_mac, atoms in plan.products:
+        macs -= int(round(node_mac * (1 - kept(atoms))))
     return params, macs

@@ -49,6 +49,12 @@ class ChannelGram:
     sum: np.ndarray | None = None  # [S, C]
     n: np.ndarray = field(default_factory=lambda: np.zeros(0))
     batches: int = 0
+    # With one shard: rows gathered over batches before one C×C product.  A batch of a few
+    # rows (a Gemm's samples) would otherwise pay a whole C×C accumulation for a rank-few
+    # update: on a 3136-wide input that was most of a small model's calibration.
+    buffer: int = 0
+    _pending: list = field(default_factory=list, repr=False)
+    _pending_rows: int = 0
 
     def _init(self, c: int) -> None:
         self.gram = np.zeros((self.shards, c, c))
@@ -57,16 +63,38 @@ class ChannelGram:
 
     def add_rows(self, rows: np.ndarray) -> None:
         """Fold rows [P, C] in (already sampled)."""
+        if self.buffer and self.shards == 1:
+            self._pending.append(np.array(rows, dtype=np.float32))
+            self._pending_rows += rows.shape[0]
+            self.batches += 1
+            if self._pending_rows >= self.buffer:
+                self.flush()
+            return
+        self._accumulate(rows, self.batches % self.shards)
+        self.batches += 1
+
+    def flush(self) -> None:
+        """Fold the buffered rows in (readers call it; nothing to do without a buffer)."""
+        if self._pending:
+            rows = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
+            self._pending, self._pending_rows = [], 0
+            self._accumulate(rows, 0)
+
+    @property
+    def empty(self) -> bool:
+        """Whether no row was folded in."""
+        self.flush()
+        return self.gram is None
+
+    def _accumulate(self, rows: np.ndarray, k: int) -> None:
         if self.gram is None:
             self._init(rows.shape[1])
-        k = self.batches % self.shards
         # float32 products (twice float64's speed) per batch, summed in float64: a batch's
         # rows are few enough (max_rows) for float32's own sum to stay near 1e-6 relative.
         r = rows.astype(np.float32, copy=False)
         self.gram[k] += r.T @ r
         self.sum[k] += r.sum(axis=0, dtype=np.float64)
         self.n[k] += r.shape[0]
-        self.batches += 1
 
     def positions(self, total: int, batch: int) -> np.ndarray:
         """The row indices (of ``total``) sampled for batch number ``batch``: the same for
@@ -92,6 +120,8 @@ class ChannelGram:
         self.add_rows(self.sampled_rows(x, self.batches))
 
     def merge(self, other: "ChannelGram") -> "ChannelGram":
+        self.flush()
+        other.flush()
         out = ChannelGram(self.axis, self.shards, self.max_rows, self.seed)
         if self.gram is None or other.gram is None:
             src = self if other.gram is None else other
@@ -104,12 +134,14 @@ class ChannelGram:
     # -- estimates -------------------------------------------------------------------
     def total(self) -> tuple[np.ndarray, np.ndarray, float]:
         """(Σ x xᵀ, Σ x, n) over all shards (a view of the only shard's arrays when there is one)."""
+        self.flush()
         if self.gram.shape[0] == 1:
             return self.gram[0], self.sum[0], float(self.n[0])
         return self.gram.sum(axis=0), self.sum.sum(axis=0), float(self.n.sum())
 
     def covariance(self, shard: int | None = None) -> np.ndarray:
         """Centred covariance, of one shard or of all."""
+        self.flush()
         if shard is None:
             g, s, n = self.total()
         else:
@@ -133,8 +165,8 @@ class PatchGram(ChannelGram):
     the statistics describe exactly what the kernel sees.
     """
 
-    def __init__(self, node, shards: int = 5, max_rows: int = 2048, seed: int = 0) -> None:
-        super().__init__(axis=1, shards=shards, max_rows=max_rows, seed=seed)
+    def __init__(self, node, shards: int = 5, max_rows: int = 2048, seed: int = 0, buffer: int = 0) -> None:
+        super().__init__(axis=1, shards=shards, max_rows=max_rows, seed=seed, buffer=buffer)
         kernel = attr_ints(node, "kernel_shape")
         if kernel is None:
             w = node.inputs[1].shape

@@ -64,6 +64,8 @@ class Analysis:
     edits: list[Edit]
     roots: np.ndarray  # atom id -> root atom id (its channel class)
     layouts: dict[ir.Value, Layout]
+    # What count.estimate_after needs that does not depend on the removal (built on first use).
+    estimate_plan: object = field(default=None, repr=False, compare=False)
 
     def class_of(self, atoms: np.ndarray) -> np.ndarray:
         return self.roots[atoms]

@@ -42,8 +42,8 @@ from typing import Callable, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from ._graph import attr_int, const_array, replace_const
-from .compensate import ZEROED, _append_add, _lstsq_kind, _new_input, holds_zeros, loses_inputs, weight_rows
+from ._graph import const_array, replace_const
+from .compensate import ZEROED, _append_add, _lstsq_kind, _new_input, holds_zeros, loses_inputs, rows_to_weight, weight_rows
 from .consumers import consumer_views
 from .data import Sample
 from .errors import InputError
@@ -103,6 +103,8 @@ class RefitTarget:
     shift_y: np.ndarray | None = None  # the first batch's means, subtracted before summing
     shift_p: np.ndarray | None = None
     _w32: np.ndarray | None = None
+    _pending: list = field(default_factory=list, repr=False)  # (y, x', fold) rows not yet summed
+    _pending_rows: int = 0
 
     def extractor(self) -> ChannelGram:
         if self.kind == "patch":
@@ -137,6 +139,20 @@ class RefitTarget:
         # alike, and a fold that shares samples with the other flatters the refit.
         fold_of = (self.samples_seen + owner) % len(self.sums)
         self.samples_seen += x.shape[0]
+        self.rows_seen += len(r)
+        # Buffered up to REFIT_ROWS rows: a batch of a few rows (a Gemm's samples) split in
+        # K folds would pay K F×F accumulations for a handful of rows each.
+        self._pending.append((ys, ps, fold_of))
+        self._pending_rows += len(ys)
+        if self._pending_rows >= REFIT_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Fold the buffered rows into the per-fold sums."""
+        if not self._pending:
+            return
+        ys, ps, fold_of = (np.concatenate(parts) for parts in zip(*self._pending))
+        self._pending, self._pending_rows = [], 0
         order = np.argsort(fold_of, kind="stable")
         ends = np.cumsum(np.bincount(fold_of, minlength=len(self.sums)))
         ys, ps = ys[order], ps[order]
@@ -152,7 +168,6 @@ class RefitTarget:
             s["p"] += pf.sum(axis=0, dtype=np.float64)
             s["pp"] += pf.T @ pf
             s["yp"] += yf.T @ pf
-        self.rows_seen += len(r)
 
     def _stream_error(self, ext: ChannelGram, s: np.ndarray, sp: np.ndarray, out_rows: int, batch: int) -> np.ndarray | float:
         """``s − s'`` at the sampled output positions, kept channels only."""
@@ -211,6 +226,7 @@ class RefitTarget:
         whatever ``modes`` says."""
         if self.keep_zeros:
             modes = ("bias",)
+        self.flush()
         total = {k: sum(s[k] for s in self.sums) for k in self.sums[0]}
         filled = [s for s in self.sums if s["n"]]
         grid = ([None] if "bias" in modes else []) + (list(REFIT_SHRINK) if "lstsq" in modes else [])
@@ -414,10 +430,7 @@ def _write(t: RefitTarget, w_new: np.ndarray, b_new: np.ndarray, graph: ir.Graph
     node = t.node
     old = const_array(node.inputs[1])
     dtype = old.dtype
-    if node.op_type == "Conv" or (node.op_type == "Gemm" and attr_int(node, "transB", 0)):
-        weight = w_new.reshape(old.shape)
-    else:
-        weight = w_new.T.reshape(old.shape)
+    weight = rows_to_weight(node, w_new, old.shape)
     replace_const(node, 1, np.ascontiguousarray(weight.astype(dtype)), graph)
     bias = b_new.astype(dtype)
     if node.op_type == "MatMul":

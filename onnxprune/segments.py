@@ -159,6 +159,34 @@ def _is_const(value: ir.Value) -> bool:
     return value.producer() is None and value.const_value is not None and not value.is_graph_input()
 
 
+def const_cone(graph: ir.Graph) -> set[int]:
+    """Ids of the nodes whose outputs follow from constants alone (``Constant`` nodes, a
+    ``Cast`` of a constant ...).  Sub-models include the ones they need rather than read
+    their outputs as inputs: a Clip's bounds or a Pad's pads fed at run time stop
+    onnxruntime from fusing and pre-packing, and a tail ran slower than the whole model."""
+    cone: set[int] = set()
+    for node in graph:
+        if node.op_type.startswith("Random") or any(
+                a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
+            continue
+        if all(v is None or _is_const(v) or id(v.producer()) in cone for v in node.inputs):
+            cone.add(id(node))
+    return cone
+
+
+def with_cone(graph: ir.Graph, nodes: Sequence[ir.Node], cone: set[int]) -> list[ir.Node]:
+    """``nodes`` plus the constant-cone nodes (:func:`const_cone`) they read from, in graph order."""
+    need = {id(n) for n in nodes}
+    stack = [v for n in nodes for v in node_reads(n)]
+    while stack:
+        v = stack.pop()
+        p = v.producer() if v is not None else None
+        if p is not None and id(p) in cone and id(p) not in need:
+            need.add(id(p))
+            stack.extend(node_reads(p))
+    return [n for n in graph if id(n) in need]
+
+
 def session_from_view(model: ir.Model, inputs: Sequence[ir.Value], outputs: Sequence[ir.Value],
                       nodes: Sequence[ir.Node], providers: list[str]):
     """An onnxruntime session for the sub-model of ``model`` made of ``nodes`` (in graph
@@ -204,6 +232,7 @@ class SegmentPass:
         self.n_batches = len(batches)
         self.cache = TensorCache(budget)
         self.done: set[int] = set()  # ids of nodes already run
+        self.cone = const_cone(self.graph)  # run inside every segment that reads them, never cached
         self.values = {v.name: v for v in self._all_values()}
         for v in self.graph.inputs:
             for k, b in enumerate(batches):
@@ -239,6 +268,7 @@ class SegmentPass:
         """Nodes not run yet that ``targets`` depend on, in graph order."""
         need: set[int] = set()
         stack = [v for v in targets if v.name not in self.cache]
+        asked = {id(v) for v in stack}
         seen: set[int] = set()
         while stack:
             v = stack.pop()
@@ -246,7 +276,7 @@ class SegmentPass:
                 continue
             seen.add(id(v))
             node = v.producer()
-            if node is None or id(node) in self.done or id(node) in need:
+            if node is None or id(node) in self.done or id(node) in need or (id(node) in self.cone and id(v) not in asked):
                 continue
             need.add(id(node))
             stack.extend(r for r in node_reads(node) if r.name not in self.cache)
@@ -266,6 +296,9 @@ class SegmentPass:
 
     def _run(self, nodes: list[ir.Node], wanted: list[ir.Value], later: Sequence[str]) -> None:
         t0 = time.perf_counter()
+        for n in nodes:
+            self.done.add(id(n))
+        nodes = with_cone(self.graph, nodes, self.cone)
         inside = {id(o) for n in nodes for o in n.outputs}
         inputs: dict[str, ir.Value] = {}
         for n in nodes:
@@ -274,10 +307,10 @@ class SegmentPass:
                     if v.name not in self.cache:
                         raise InputError(f"segment pass: {v.name!r} is neither computed nor fed")
                     inputs[v.name] = v
-        for n in nodes:
-            self.done.add(id(n))
         keep = self._live(set(later) | {v.name for v in wanted})
-        outputs = [o for n in nodes for o in n.outputs if o.name and (o.name in keep)]
+        asked = {v.name for v in wanted}
+        outputs = [o for n in nodes for o in n.outputs
+                   if o.name and o.name in keep and (id(n) not in self.cone or o.name in asked)]
         t1 = time.perf_counter()
         sess = session_from_view(self.model, list(inputs.values()), outputs, nodes, self.providers)
         self.build_seconds += time.perf_counter() - t1

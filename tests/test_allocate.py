@@ -240,3 +240,66 @@ def test_allocation_runs_three_rungs_a_group_and_interpolates_the_rest(tmp_path)
                 assert truth / 2 <= dmg <= truth * 2, (g.id, len(sel), dmg, truth)
     finally:
         tails.close()
+
+
+def _explicit_mix(path, tmp_path, consumer: str, p: np.ndarray, c: np.ndarray, channels_last: bool):
+    """The model with ``x' = P·x + c`` inserted as constants before ``consumer``'s input 0:
+    what the lstsq probe emulates, computed the obvious way."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    m = onnx.load(str(path))
+    node = next(n for n in m.graph.node if n.name == consumer)
+    x = node.input[0]
+    if channels_last:
+        mix = helper.make_node("MatMul", [x, "mix_p"], ["mix_px"])
+        pt = p.T.astype(np.float32)
+        cc = c.astype(np.float32)
+    else:
+        mix = helper.make_node("Conv", [x, "mix_p"], ["mix_px"])
+        pt = p.astype(np.float32)[:, :, None, None]
+        cc = c.astype(np.float32)[:, None, None]
+    add = helper.make_node("Add", ["mix_px", "mix_c"], ["mix_out"])
+    m.graph.initializer.extend([numpy_helper.from_array(pt, "mix_p"), numpy_helper.from_array(cc, "mix_c")])
+    node.input[0] = "mix_out"
+    at = list(m.graph.node).index(node)
+    m.graph.node.insert(at, add)
+    m.graph.node.insert(at, mix)
+    out = tmp_path / f"mix_{consumer}.onnx"
+    onnx.save(m, str(out))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["conv3x3", "gemm", "matmul"])
+def test_lstsq_probe_equals_the_explicit_channel_mix(tmp_path, kind):
+    """The probe feeds the consumer ``W·P̃`` and ``m ⊙ x + c`` instead of mixing channels
+    before it: the outputs equal ``W·(P·x + c)`` computed with the mix in the graph."""
+    g = G(seed=3)
+    if kind == "conv3x3":
+        x = g.input("x", ["N", 3, 6, 6])
+        h = g.op("Relu", [g.conv(x, 3, 8, name="c1")])
+        y = g.conv(h, 8, 4, name="c2")
+        data = [{"x": np.random.default_rng(i).standard_normal((16, 3, 6, 6)).astype(np.float32)} for i in range(8)]
+    else:
+        x = g.input("x", ["N", 5])
+        h = g.op("Relu", [g.gemm(x, 5, 8, name="c1")])
+        if kind == "gemm":
+            y = g.gemm(h, 8, 4, trans_b=0, name="c2")
+        else:
+            y = g.op("Add", [g.op("MatMul", [h, g.const(g.w(8, 4))], name="c2"), g.const(g.w(4))])
+        data = [{"x": np.random.default_rng(i).standard_normal((16, 5)).astype(np.float32)} for i in range(8)]
+    path = save(g.model([y]), tmp_path / f"{kind}.onnx")
+    analysis, views, stats = _calibrated(path, data, lstsq=True)
+    group = next(gr for gr in analysis.groups if gr.producers[0].name == "c1")
+    removed = np.sort(group.classes[[1, 2, 6]])
+    got = _probe_outputs(analysis, views, stats, removed, "lstsq", tmp_path)
+
+    site = next(s for s in _sites(analysis, views, stats, "lstsq") if s.view.node.name == "c2")
+    assert site.mixes
+    gone = np.zeros(len(analysis.roots), dtype=bool)
+    gone[removed] = True
+    drop = gone[analysis.roots[site.view.atoms]]
+    p, c = _replacement(site, drop, "lstsq")
+    assert np.abs(p[np.ix_(drop, ~drop)]).max() > 0  # removed channels are predicted from kept ones
+    want = session(str(_explicit_mix(path, tmp_path, "c2", p, c, kind != "conv3x3"))).run(None, stats.kept[0])[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -251,6 +251,7 @@ def test_shrinkage_toward_the_kept_weights_beats_both_ends():
     bias, _ = fresh_error(("bias",))
     plain = _target(w, keep)
     _feed(plain, x, kept, batches=3)
+    plain.flush()  # the rows are buffered until a solve (or a flush) sums them
     total = {k: sum(s[k] for s in plain.sums) for k in plain.sums[0]}
     a0, c0 = plain._fit(total, REFIT_SHRINK[0])
     assert chosen < 0.8 * bias
@@ -291,6 +292,7 @@ def test_held_out_folds_split_samples_not_rows():
     ext = ChannelGram(2, max_rows=4096)
     target.update(ext, x, x[..., :3], 0)  # samples 0, 1, 2 -> folds 0, 1, 2
     target.update(ext, x[:1], x[:1, :, :3], 1)  # the 4th sample overall -> fold 3
+    target.flush()
     assert [s["n"] for s in target.sums] == [5, 5, 5, 5] + [0] * (REFIT_FOLDS - 4)
     conv = onnx.helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[1, 1])
     import onnx_ir as ir

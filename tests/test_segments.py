@@ -266,3 +266,39 @@ def test_refit_on_segments_is_the_same_when_everything_spills(tmp_path):
     rc.refit_on_pruned(targets_b, original, model_b, batches, providers=CPU, memory_budget=0)
     for k, w in _weights(model_a).items():
         np.testing.assert_array_equal(w, _weights(model_b)[k])
+
+
+def clip_bounds_from_nodes() -> onnx.ModelProto:
+    """conv → Clip → conv → Clip → conv, both Clips' bounds from a ``Constant`` node and a
+    ``Cast`` of one."""
+    g = G(seed=4)
+    x = g.input("x", ["N", 3, 6, 6])
+    h = g.conv(x, 3, 6, name="c1")
+    g.nodes.append(helper.make_node("Constant", [], ["lo"], value=onnx.numpy_helper.from_array(np.array(0.0, np.float32)), name="lo_node"))
+    g.nodes.append(helper.make_node("Constant", [], ["hi64"], value=onnx.numpy_helper.from_array(np.array(0.5)), name="hi_node"))
+    g.nodes.append(helper.make_node("Cast", ["hi64"], ["hi"], to=TensorProto.FLOAT, name="hi_cast"))
+    h = g.conv(g.op("Clip", [h, "lo", "hi"], name="clip1"), 6, 6, name="c2")
+    return g.model([g.conv(g.op("Clip", [h, "lo", "hi"], name="clip2"), 6, 2, name="c3")])
+
+
+def test_values_that_follow_from_constants_are_computed_inside_each_segment(tmp_path):
+    """A Clip's bounds made by Constant/Cast nodes are not segment inputs (fed at run time
+    they stop onnxruntime's fusions): every segment that reads them computes them, and
+    the cache never holds them."""
+    from onnxprune.segments import const_cone
+
+    proto = clip_bounds_from_nodes()
+    model, _ = load_model(save(proto, tmp_path / "m.onnx"))
+    cone = {n.name for n in model.graph if id(n) in const_cone(model.graph)}
+    assert cone and {n.op_type for n in model.graph if n.name in cone} <= {"Constant", "Cast"}  # the load folds the Cast
+    batches = _batches(proto)
+    c2 = next(n for n in model.graph if n.name == "c2").outputs[0].name
+    y = model.graph.outputs[0].name
+    reference = exposed_session(model, [c2, y])
+    constants = {o.name for n in model.graph if n.name in cone for o in n.outputs}
+    with SegmentPass(model, batches, providers=CPU, budget=1 << 30) as sp:
+        sp.advance([c2], [y])  # the first segment runs the Clip that reads the bounds too
+        assert not constants & set(sp.cache.arrays)
+        got = sp.advance([y])
+    for b, batch in enumerate(batches):
+        np.testing.assert_allclose(got[y][b], reference.run([y], batch)[0], rtol=1e-6, atol=1e-6)

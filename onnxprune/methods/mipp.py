@@ -498,7 +498,7 @@ class _LinearItem:
 
 
 def _linear_item(acc: ChannelGram) -> _LinearItem | None:
-    if acc.gram is None:
+    if acc.empty:
         return None
     H = acc.covariance()
     g_all, s_all, n_all = acc.total()

@@ -74,7 +74,7 @@ class Obs(Method):
         for i, view in enumerate(views):
             roots = analysis.roots[view.atoms]
             gram = stats.extra.get(f"lstsq:{i}")
-            if gram is None or gram.gram is None:  # no statistics: wanda's order, after the OBS steps
+            if gram is None or gram.empty:  # no statistics: wanda's order, after the OBS steps
                 st = stats.tensors.get(view.tensor)
                 if st is not None:
                     rms = np.sqrt(st.sumsq / max(st.n, 1))
