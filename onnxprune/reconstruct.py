@@ -36,7 +36,7 @@ with both sides Gaussian from the first two moments (``E[relu(N(m, s²))] = m·�
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -111,10 +111,49 @@ class RefitTarget:
             return PatchGram(self.node, shards=1, max_rows=REFIT_ROWS)
         return ChannelGram(self.axis, shards=1, max_rows=REFIT_ROWS)
 
+    def for_shard(self, node: ir.Node, shift: tuple[np.ndarray, np.ndarray] | None) -> "RefitTarget":
+        """A copy with no sums, for one shard's batches: its own graph's ``node``, and the
+        shift every shard uses (the first batch's means), so the sums add up exactly."""
+        return replace(self, node=node, sums=[], rows_seen=0, samples_seen=0, _pending=[], _pending_rows=0,
+                       shift_y=None if shift is None else shift[0], shift_p=None if shift is None else shift[1])
+
+    def shift_from(self, ext: ChannelGram, x: np.ndarray, xp: np.ndarray, batch: int,
+                   skip: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The means of one batch's rows (y, x'): the shift the sums are taken around."""
+        y, rp, _ = self._rows(ext, x, xp, batch, skip)
+        return y.mean(axis=0), rp.astype(np.float64).mean(axis=0)
+
     def update(self, ext: ChannelGram, x: np.ndarray, xp: np.ndarray, batch: int,
-               skip: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+               skip: tuple[np.ndarray, np.ndarray] | None = None, first_sample: int | None = None) -> None:
         """Fold in one batch: ``x`` from the original graph, ``xp`` from the pruned one, and
-        the residual stream the output is added to in each (``skip``), if any."""
+        the residual stream the output is added to in each (``skip``), if any.  ``batch``
+        and ``first_sample``: the batch's number and its first sample's index among all
+        batches (default: counted here), which choose the sampled rows and the folds."""
+        y, rp, owner = self._rows(ext, x, xp, batch, skip)
+        if not self.sums:
+            o, f = y.shape[1], rp.shape[1]
+            if self.shift_y is None:
+                self.shift_y, self.shift_p = y.mean(axis=0), rp.astype(np.float64).mean(axis=0)
+            self.sums = [dict(n=0, yy=0.0, y=np.zeros(o), y2=np.zeros(o), p=np.zeros(f), pp=np.zeros((f, f)),
+                              yp=np.zeros((o, f))) for _ in range(fold_count(o, f))]
+        ys = (y - self.shift_y).astype(np.float32)
+        ps = (rp - self.shift_p.astype(np.float32)).astype(np.float32, copy=False)
+        # Folds by sample, not by row: the tokens (positions) of one sentence (image) are
+        # alike, and a fold that shares samples with the other flatters the refit.
+        start = self.samples_seen if first_sample is None else first_sample
+        fold_of = (start + owner) % len(self.sums)
+        self.samples_seen += x.shape[0]
+        self.rows_seen += len(rp)
+        # Buffered up to REFIT_ROWS rows: a batch of a few rows (a Gemm's samples) split in
+        # K folds would pay K F×F accumulations for a handful of rows each.
+        self._pending.append((ys, ps, fold_of))
+        self._pending_rows += len(ys)
+        if self._pending_rows >= REFIT_ROWS:
+            self.flush()
+
+    def _rows(self, ext: ChannelGram, x: np.ndarray, xp: np.ndarray, batch: int,
+              skip: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(y, x', sample of each row) at the rows sampled for ``batch``."""
         if self.kind == "patch":
             (r, owner), rp = ext.patch_rows(x, batch, samples=True), ext.patch_rows(xp, batch)
             out_rows = x.shape[0] * math.prod(ext.out_size(x.shape))
@@ -128,24 +167,7 @@ class RefitTarget:
         y = (r.astype(np.float32, copy=False) @ self.w32.T).astype(np.float64)
         if skip is not None:
             y += self._stream_error(ext, *skip, out_rows, batch)
-        if not self.sums:
-            o, f = y.shape[1], rp.shape[1]
-            self.shift_y, self.shift_p = y.mean(axis=0), rp.astype(np.float64).mean(axis=0)
-            self.sums = [dict(n=0, yy=0.0, y=np.zeros(o), y2=np.zeros(o), p=np.zeros(f), pp=np.zeros((f, f)),
-                              yp=np.zeros((o, f))) for _ in range(fold_count(o, f))]
-        ys = (y - self.shift_y).astype(np.float32)
-        ps = (rp - self.shift_p.astype(np.float32)).astype(np.float32, copy=False)
-        # Folds by sample, not by row: the tokens (positions) of one sentence (image) are
-        # alike, and a fold that shares samples with the other flatters the refit.
-        fold_of = (self.samples_seen + owner) % len(self.sums)
-        self.samples_seen += x.shape[0]
-        self.rows_seen += len(r)
-        # Buffered up to REFIT_ROWS rows: a batch of a few rows (a Gemm's samples) split in
-        # K folds would pay K F×F accumulations for a handful of rows each.
-        self._pending.append((ys, ps, fold_of))
-        self._pending_rows += len(ys)
-        if self._pending_rows >= REFIT_ROWS:
-            self.flush()
+        return y, rp, owner
 
     def flush(self) -> None:
         """Fold the buffered rows into the per-fold sums."""
@@ -337,6 +359,139 @@ def _fattr(node: ir.Node, name: str) -> float:
     return 1.0 if a is None else float(a.value)
 
 
+REFIT_BLOCK = 8  # batches a shard holds as a unit: the sums flush at block ends, whatever the shard count
+
+
+def shard_ranges(n_batches: int, shards: int, block: int = REFIT_BLOCK) -> list[range]:
+    """Batch numbers per shard: runs of whole blocks, as even as the blocks allow.  Rows are
+    buffered within a block only, so the float32 products, and the sums, do not depend on
+    how many shards there are."""
+    blocks = -(-n_batches // block)
+    per = [blocks // shards + (k < blocks % shards) for k in range(shards)]
+    starts = np.cumsum([0] + per)
+    return [range(min(a * block, n_batches), min(b * block, n_batches)) for a, b in zip(starts, starts[1:])]
+
+
+class _Subset:
+    """Some batches of a batch sequence, read when indexed."""
+
+    def __init__(self, batches: Sequence[Sample], index: range) -> None:
+        self.batches, self.index = batches, index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, k: int) -> Sample:
+        return self.batches[self.index[k]]
+
+    def __iter__(self):
+        return (self.batches[i] for i in self.index)
+
+
+@dataclass
+class ShardSums:
+    """One shard's part of one target's sums: plain arrays, cheap to send."""
+
+    sums: list
+    rows: int
+    shift: tuple[np.ndarray, np.ndarray] | None
+    stream: bool  # the residual stream could be used (one value per output row)
+
+
+class RefitShard:
+    """One shard of the calibration batches (the unit a worker holds): its segment passes
+    over the original and the pruned graph, and its part of every wave's sums.
+
+    ``own_copies``: the shard works on copies of both graphs (several shards in one process,
+    or a remote worker), and :meth:`apply` writes the driver's solutions into its copy; a
+    lone shard works on the driver's graphs, which the driver writes itself.  Targets are
+    addressed by their number in ``targets``."""
+
+    def __init__(self, targets: list[RefitTarget], original: ir.Model, pruned: ir.Model, batches: Sequence[Sample],
+                 index: range, first_samples: Sequence[int], *, providers: list[str], budget: int,
+                 own_copies: bool, block: int = REFIT_BLOCK) -> None:
+        nodes = [t.node for t in targets]
+        if own_copies:
+            order = {id(n): k for k, n in enumerate(pruned.graph)}
+            original, pruned = ir.from_proto(ir.to_proto(original)), ir.from_proto(ir.to_proto(pruned))
+            copied = list(pruned.graph)
+            nodes = [copied[order[id(n)]] for n in nodes]
+        self.targets = [t.for_shard(n, None) for t, n in zip(targets, nodes)]
+        self.pruned, self.own_copies = pruned, own_copies
+        self.index, self.first_samples, self.block = index, list(first_samples), block
+        subset = _Subset(batches, index)
+        self.po = SegmentPass(original, subset, providers=providers, budget=budget // 2, label="original graph")
+        self.pp = SegmentPass(pruned, subset, providers=providers, budget=budget // 2, label="pruned graph")
+        self._x: tuple[dict, dict] | None = None
+
+    def close(self) -> None:
+        self.po.close()
+        self.pp.close()
+
+    def _names(self, numbers: list[int]) -> tuple[list[str], list[str]]:
+        """The tensors the targets read in the original and in this shard's pruned graph
+        (read now: a refit may have appended a bias Add)."""
+        ts = [self.targets[i] for i in numbers]
+        skips = [t.skip for t in ts if t.skip]
+        return [t.source for t in ts] + skips, [t.node.inputs[0].name for t in ts] + skips
+
+    def advance(self, wave: list[int], later: list[int]) -> list | None:
+        """Run both graphs up to the wave's inputs; the first batch's shifts when this
+        shard holds batch 0, else None."""
+        later_o, later_p = self._names(later)
+        need_o, need_p = self._names(wave)
+        self._x = (self.po.advance(need_o, later_o), self.pp.advance(need_p, later_p + later_o))
+        if not len(self.index) or self.index[0] != 0:
+            return None
+        return [self.targets[i].shift_from(self.targets[i].extractor(), *self._inputs(i, 0), 0, self._stream(i, 0))
+                for i in wave]
+
+    def _inputs(self, i: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        t, (xo, xp) = self.targets[i], self._x
+        return xo[t.source][k], xp[t.node.inputs[0].name][k]
+
+    def _stream(self, i: int, k: int):
+        t, (xo, xp) = self.targets[i], self._x
+        return (xo[t.skip][k], xp[t.skip][k]) if t.skip else None
+
+    def sums(self, wave: list[int], shifts: list) -> list[ShardSums]:
+        """This shard's sums of each wave target, around the shifts given."""
+        out = []
+        for i, shift in zip(wave, shifts):
+            local = self.targets[i].for_shard(self.targets[i].node, shift)
+            ext = local.extractor()
+            for k, b in enumerate(self.index):
+                local.update(ext, *self._inputs(i, k), b, self._stream(i, k), first_sample=self.first_samples[k])
+                if k + 1 == len(self.index) or (b + 1) % self.block == 0:
+                    local.flush()
+            out.append(ShardSums(local.sums, local.rows_seen, shift, local.skip is not None or self.targets[i].skip is None))
+        self._x = None
+        return out
+
+    def apply(self, writes: list[tuple[int, np.ndarray, np.ndarray]]) -> None:
+        """Write the driver's solutions (target number, W', b') into this shard's graph."""
+        if self.own_copies:
+            for i, w, b in writes:
+                _write(self.targets[i], w, b, self.pruned.graph)
+
+
+def _merged(target: RefitTarget, parts: list[ShardSums]) -> None:
+    """Sum the shards' sums into ``target`` (float64: their order changes nothing beyond 1e-12)."""
+    filled = [p for p in parts if p.sums]
+    target.sums = [{k: sum(p.sums[f][k] for p in filled) for k in filled[0].sums[f]}
+                   for f in range(len(filled[0].sums))] if filled else []
+    target.rows_seen = sum(p.rows for p in parts)
+    if filled:
+        target.shift_y, target.shift_p = filled[0].shift
+    if not all(p.stream for p in filled):
+        target.skip = None
+
+
+def _batch_sizes(batches: Sequence[Sample]) -> list[int]:
+    sizes = getattr(batches, "sizes", None)
+    return list(sizes) if sizes is not None else [next(iter(b.values())).shape[0] for b in batches]
+
+
 def refit_on_pruned(
     targets: list[RefitTarget],
     original: ir.Model,
@@ -347,6 +502,8 @@ def refit_on_pruned(
     memory_budget: int,
     modes: tuple[str, ...] = ("lstsq", "bias"),
     progress: Callable[[int, int], None] | None = None,
+    shards: int = 1,
+    block: int = REFIT_BLOCK,
 ) -> tuple[int, int]:
     """Refit ``targets`` in ``pruned`` (in place), front to back; returns how many got the
     least-squares refit and how many the bias fit (see :meth:`RefitTarget.solve`).
@@ -357,11 +514,49 @@ def refit_on_pruned(
     measured on EfficientNet-Lite0, that doubled the output error.)  Both graphs run
     segment by segment on cached tensors (:class:`segments.SegmentPass`): every batch goes
     through every node of each graph once, whatever the number of waves; the pruned graph's
-    next segment is built after the wave before it was written.  ``progress(done, total)``
-    is told after each wave.
+    next segment is built after the wave before it was written.  ``shards``: the batches
+    split in that many :class:`RefitShard` (runs of ``block`` batches), whose sums add up to
+    the same solutions.  ``progress(done, total)`` is told after each wave.
     """
-    if not targets:
+    if not targets or not len(batches):
         return 0, 0
+    _check_names(targets, original, pruned)
+    waves = _waves(pruned.graph, targets)
+    number = {id(t): i for i, t in enumerate(targets)}
+    numbered = [[number[id(t)] for t in w] for w in waves]
+    sizes = _batch_sizes(batches)
+    starts = np.cumsum([0] + sizes)
+    ranges = shard_ranges(len(batches), shards, block)
+    workers = []
+    try:
+        for r in ranges:
+            workers.append(RefitShard(targets, original, pruned, batches, r, [int(starts[b]) for b in r],
+                                      providers=providers, budget=memory_budget // len(ranges), own_copies=shards > 1,
+                                      block=block))
+        for k, wave in enumerate(numbered):
+            later = [i for w in numbered[k + 1:] for i in w]
+            shifts = next(s for s in [w.advance(wave, later) for w in workers] if s is not None)
+            parts = [w.sums(wave, shifts) for w in workers]
+            writes = []
+            for j, i in enumerate(wave):
+                t = targets[i]
+                _merged(t, [p[j] for p in parts])
+                if t.rows_seen:
+                    w_new, b_new = t.solve(modes)
+                    _write(t, w_new, b_new, pruned.graph)
+                    writes.append((i, w_new, b_new))
+                t.sums = []
+            for w in workers:
+                w.apply(writes)
+            if progress is not None:
+                progress(k + 1, len(waves))
+    finally:
+        for w in workers:
+            w.close()
+    return sum(1 for t in targets if t.mode == "lstsq"), sum(1 for t in targets if t.mode == "bias")
+
+
+def _check_names(targets: list[RefitTarget], original: ir.Model, pruned: ir.Model) -> None:
     orig_values = {v.name: v for v in _all_values(original.graph)}
     missing = [t.source for t in targets if t.source not in orig_values]
     if missing:
@@ -370,29 +565,6 @@ def refit_on_pruned(
     for t in targets:
         if t.skip not in orig_values or t.skip not in pruned_names:
             t.skip = None
-    waves = _waves(pruned.graph, targets)
-    needs_o = [[t.source for t in w] + [t.skip for t in w if t.skip] for w in waves]
-    with SegmentPass(original, batches, providers=providers, budget=memory_budget // 2, label="original graph") as po, \
-            SegmentPass(pruned, batches, providers=providers, budget=memory_budget // 2, label="pruned graph") as pp:
-        for k, wave in enumerate(waves):
-            later_o = [n for need in needs_o[k + 1:] for n in need]
-            # The pruned graph's names are read now: a refit may have appended a bias Add.
-            later_p = [t.node.inputs[0].name for w in waves[k + 1:] for t in w] + later_o
-            xo = po.advance(needs_o[k], later_o)
-            xp = pp.advance([t.node.inputs[0].name for t in wave] + [t.skip for t in wave if t.skip], later_p)
-            extractors = {id(t): t.extractor() for t in wave}
-            for b in range(len(batches)):
-                for t in wave:
-                    stream = (xo[t.skip][b], xp[t.skip][b]) if t.skip else None
-                    t.update(extractors[id(t)], xo[t.source][b], xp[t.node.inputs[0].name][b], b, stream)
-            del xo, xp
-            for t in wave:
-                if t.rows_seen:
-                    _write(t, *t.solve(modes), pruned.graph)
-                t.sums = []
-            if progress is not None:
-                progress(k + 1, len(waves))
-    return sum(1 for t in targets if t.mode == "lstsq"), sum(1 for t in targets if t.mode == "bias")
 
 
 def _waves(graph: ir.Graph, targets: list[RefitTarget]) -> list[list[RefitTarget]]:

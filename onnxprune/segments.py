@@ -352,12 +352,14 @@ class BatchStore:
         self.cache = TensorCache(budget, prefix="onnxprune-batches-")
         self.names: list[str] = []
         self.count = 0
+        self.sizes: list[int] = []  # samples per batch
 
     def append(self, batch: Sample) -> None:
         if not self.names:
             self.names = list(batch)
         for name in self.names:
             self.cache.put(name, self.count, batch[name])
+        self.sizes.append(int(next(iter(batch.values())).shape[0]))
         self.count += 1
 
     def __len__(self) -> int:
@@ -371,7 +373,7 @@ class BatchStore:
 
     @property
     def samples(self) -> int:
-        return sum(next(iter(self[k].values())).shape[0] for k in range(self.count))
+        return sum(self.sizes)
 
     def close(self) -> None:
         self.cache.close()
