@@ -93,6 +93,8 @@ def prune(
     latency: bool = True,
     method_options: MethodOptions | None = None,
     steps: int = 1,
+    ray: str | None = None,
+    workers: int = 2,
     _reference: str | os.PathLike | None = None,
 ) -> tuple[ir.Model, PruneResult]:
     """Prune the model at ``model_path``; write it to ``output_path`` when given.
@@ -106,6 +108,10 @@ def prune(
     written.  With ``max_error``/``min_agreement`` a fidelity violation raises
     :class:`GateError` (exit 3) and nothing is written unless ``force``.
 
+    ``ray``: ``"local"`` (a local Ray runtime) or a cluster address: the least-squares refit
+    runs on ``workers`` Ray actors, each holding a shard of the calibration batches
+    (:mod:`onnxprune.distributed`); the written weights are those of one process.
+
     ``round_to``: kept channel counts are rounded up to a multiple of it; ``None`` (the
     default) rounds groups a Conv produces or reads to 16 (onnxruntime's NCHWc kernels)
     and leaves the rest free (:func:`select.round_for`).
@@ -118,7 +124,7 @@ def prune(
         memory_budget_mb=memory_budget_mb, device=device, compensate=compensate, target_macs=target_macs,
         target_params=target_params, eval_data=eval_data, labels=labels, max_error=max_error,
         min_agreement=min_agreement, force=force, eval_samples=eval_samples, progress=progress, latency=latency,
-        method_options=method_options, steps=steps,
+        method_options=method_options, steps=steps, ray=ray, workers=workers,
     )
     return prune_with(config, model_path, output_path, reference=_reference)
 

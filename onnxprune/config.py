@@ -51,6 +51,8 @@ class PruneConfig:
     latency: bool = True
     method_options: MethodOptions | None = None
     steps: int = 1
+    ray: str | None = None  # "local" or a Ray cluster address: the refit's shards on Ray actors
+    workers: int = 2  # shards (Ray actors) with ray
 
     def __post_init__(self) -> None:
         # A lone string is one pattern: normalised before anything reads it.
@@ -76,6 +78,9 @@ class PruneConfig:
         checks.integer("--round-to", self.round_to, 1, optional=True)
         checks.integer("--seed", self.seed)
         checks.integer("--steps", self.steps, 1)
+        checks.integer("--workers", self.workers, 1)
+        if self.ray is not None and (not isinstance(self.ray, str) or not self.ray.strip()):
+            raise InputError(f"--ray takes a cluster address (or nothing for a local runtime), got {self.ray!r}")
         checks.preprocess(self.preprocess)
         checks.method_options(self.method_options)
 

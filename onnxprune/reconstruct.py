@@ -40,6 +40,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from ._graph import const_array, replace_const
@@ -402,22 +403,16 @@ class RefitShard:
     """One shard of the calibration batches (the unit a worker holds): its segment passes
     over the original and the pruned graph, and its part of every wave's sums.
 
-    ``own_copies``: the shard works on copies of both graphs (several shards in one process,
-    or a remote worker), and :meth:`apply` writes the driver's solutions into its copy; a
-    lone shard works on the driver's graphs, which the driver writes itself.  Targets are
-    addressed by their number in ``targets``."""
+    ``private``: the graphs are this shard's own (copies: several shards in one process, or
+    a remote worker), and :meth:`apply` writes the driver's solutions into them; otherwise
+    they are the driver's, which the driver writes itself.  ``targets`` are nodes of
+    ``pruned``; the driver addresses them by their number in that list."""
 
     def __init__(self, targets: list[RefitTarget], original: ir.Model, pruned: ir.Model, batches: Sequence[Sample],
                  index: range, first_samples: Sequence[int], *, providers: list[str], budget: int,
-                 own_copies: bool, block: int = REFIT_BLOCK) -> None:
-        nodes = [t.node for t in targets]
-        if own_copies:
-            order = {id(n): k for k, n in enumerate(pruned.graph)}
-            original, pruned = ir.from_proto(ir.to_proto(original)), ir.from_proto(ir.to_proto(pruned))
-            copied = list(pruned.graph)
-            nodes = [copied[order[id(n)]] for n in nodes]
-        self.targets = [t.for_shard(n, None) for t, n in zip(targets, nodes)]
-        self.pruned, self.own_copies = pruned, own_copies
+                 private: bool, block: int = REFIT_BLOCK) -> None:
+        self.targets = [t.for_shard(t.node, None) for t in targets]
+        self.pruned, self.private = pruned, private
         self.index, self.first_samples, self.block = index, list(first_samples), block
         subset = _Subset(batches, index)
         self.po = SegmentPass(original, subset, providers=providers, budget=budget // 2, label="original graph")
@@ -470,9 +465,55 @@ class RefitShard:
 
     def apply(self, writes: list[tuple[int, np.ndarray, np.ndarray]]) -> None:
         """Write the driver's solutions (target number, W', b') into this shard's graph."""
-        if self.own_copies:
+        if self.private:
             for i, w, b in writes:
                 _write(self.targets[i], w, b, self.pruned.graph)
+
+
+def target_positions(targets: list[RefitTarget], pruned: ir.Model) -> list[int]:
+    """Each target's node as its place in ``pruned``'s node order (the same in a copy)."""
+    order = {id(n): k for k, n in enumerate(pruned.graph)}
+    return [order[id(t.node)] for t in targets]
+
+
+def on_copies(targets: list[RefitTarget], positions: list[int], original: ir.Model | bytes,
+              pruned: ir.Model | bytes) -> tuple[list[RefitTarget], ir.Model, ir.Model]:
+    """Private copies of both graphs (from models or serialised ModelProtos) and the
+    targets on the copy's nodes."""
+    def copy(m):
+        return ir.from_proto(onnx.ModelProto.FromString(m) if isinstance(m, bytes) else ir.to_proto(m))
+
+    original, pruned = copy(original), copy(pruned)
+    nodes = list(pruned.graph)
+    return [replace(t, node=nodes[p]) for t, p in zip(targets, positions)], original, pruned
+
+
+class LocalShards:
+    """The shards of one process: called one after the other."""
+
+    def __init__(self, targets: list[RefitTarget], original: ir.Model, pruned: ir.Model, batches: Sequence[Sample],
+                 ranges: list[range], starts: Sequence[int], *, providers: list[str], budget: int, block: int) -> None:
+        self.shards: list[RefitShard] = []
+        positions = target_positions(targets, pruned)
+        for r in ranges:
+            private = len(ranges) > 1
+            ts, o, p = on_copies(targets, positions, original, pruned) if private else (targets, original, pruned)
+            self.shards.append(RefitShard(ts, o, p, batches, r, [int(starts[b]) for b in r], providers=providers,
+                                          budget=budget // len(ranges), private=private, block=block))
+
+    def advance(self, wave: list[int], later: list[int]) -> list:
+        return [s.advance(wave, later) for s in self.shards]
+
+    def sums(self, wave: list[int], shifts: list) -> list[list[ShardSums]]:
+        return [s.sums(wave, shifts) for s in self.shards]
+
+    def apply(self, writes: list) -> None:
+        for s in self.shards:
+            s.apply(writes)
+
+    def close(self) -> None:
+        for s in self.shards:
+            s.close()
 
 
 def _merged(target: RefitTarget, parts: list[ShardSums]) -> None:
@@ -504,6 +545,7 @@ def refit_on_pruned(
     progress: Callable[[int, int], None] | None = None,
     shards: int = 1,
     block: int = REFIT_BLOCK,
+    ray: str | None = None,
 ) -> tuple[int, int]:
     """Refit ``targets`` in ``pruned`` (in place), front to back; returns how many got the
     least-squares refit and how many the bias fit (see :meth:`RefitTarget.solve`).
@@ -516,7 +558,8 @@ def refit_on_pruned(
     through every node of each graph once, whatever the number of waves; the pruned graph's
     next segment is built after the wave before it was written.  ``shards``: the batches
     split in that many :class:`RefitShard` (runs of ``block`` batches), whose sums add up to
-    the same solutions.  ``progress(done, total)`` is told after each wave.
+    the same solutions; with ``ray`` (``"local"`` or a cluster address) each shard is a Ray
+    actor (:mod:`onnxprune.distributed`).  ``progress(done, total)`` is told after each wave.
     """
     if not targets or not len(batches):
         return 0, 0
@@ -527,16 +570,19 @@ def refit_on_pruned(
     sizes = _batch_sizes(batches)
     starts = np.cumsum([0] + sizes)
     ranges = shard_ranges(len(batches), shards, block)
-    workers = []
+    if ray is not None:
+        from .distributed import RayShards  # Ray is an extra: imported only when asked for
+
+        pool = RayShards(ray, targets, original, pruned, batches, ranges, starts, providers=providers,
+                         budget=memory_budget, block=block)
+    else:
+        pool = LocalShards(targets, original, pruned, batches, ranges, starts, providers=providers,
+                           budget=memory_budget, block=block)
     try:
-        for r in ranges:
-            workers.append(RefitShard(targets, original, pruned, batches, r, [int(starts[b]) for b in r],
-                                      providers=providers, budget=memory_budget // len(ranges), own_copies=shards > 1,
-                                      block=block))
         for k, wave in enumerate(numbered):
             later = [i for w in numbered[k + 1:] for i in w]
-            shifts = next(s for s in [w.advance(wave, later) for w in workers] if s is not None)
-            parts = [w.sums(wave, shifts) for w in workers]
+            shifts = next(s for s in pool.advance(wave, later) if s is not None)
+            parts = pool.sums(wave, shifts)
             writes = []
             for j, i in enumerate(wave):
                 t = targets[i]
@@ -546,13 +592,11 @@ def refit_on_pruned(
                     _write(t, w_new, b_new, pruned.graph)
                     writes.append((i, w_new, b_new))
                 t.sums = []
-            for w in workers:
-                w.apply(writes)
+            pool.apply(writes)
             if progress is not None:
                 progress(k + 1, len(waves))
     finally:
-        for w in workers:
-            w.close()
+        pool.close()
     return sum(1 for t in targets if t.mode == "lstsq"), sum(1 for t in targets if t.mode == "bias")
 
 

@@ -283,7 +283,7 @@ class Compensate(Stage):
             n_ls, n_bias = refit_on_pruned(
                 state.targets, state.original, state.model, state.store, providers=state.providers,
                 memory_budget=state.config.memory_budget * 3 // 4, modes=("bias",) if bias_only else ("lstsq", "bias"),
-                progress=tick,
+                progress=tick, shards=state.config.workers if state.config.ray else 1, ray=state.config.ray,
             )
         if bias_only:
             state.refit_note = f"{n_bias} consumers feeding a Relu: bias refitted in the pruned graph to keep the post-ReLU mean"
