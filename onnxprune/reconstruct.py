@@ -569,7 +569,8 @@ def refit_on_pruned(
     numbered = [[number[id(t)] for t in w] for w in waves]
     sizes = _batch_sizes(batches)
     starts = np.cumsum([0] + sizes)
-    ranges = shard_ranges(len(batches), shards, block)
+    # A shard is a run of whole blocks: fewer blocks than shards leave some empty, and they go.
+    ranges = [r for r in shard_ranges(len(batches), shards, block) if len(r)]
     if ray is not None:
         from .distributed import RayShards  # Ray is an extra: imported only when asked for
 

@@ -65,3 +65,15 @@ def test_blocks_change_only_float32_rounding(tmp_path):
     assert modes == modes_large
     for k, w in large.items():
         np.testing.assert_allclose(w, small[k], rtol=1e-4, atol=1e-5 * float(np.abs(small[k]).max()), err_msg=k)
+
+
+def test_more_shards_than_blocks_leave_the_empty_ones_out(tmp_path):
+    """7 batches make one block of 8: four shards are one shard with three empty ones."""
+    proto = MODELS["residual_concat"]()
+    path = save(proto, tmp_path / "m.onnx")
+    batches = _batches(proto, n=7, seed=9)
+    one, modes = _refit(path, batches, 1, 8)
+    four, modes_four = _refit(path, batches, 4, 8)
+    assert modes_four == modes
+    for k, w in four.items():
+        np.testing.assert_array_equal(w, one[k], err_msg=k)
