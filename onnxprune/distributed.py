@@ -17,7 +17,9 @@ driver, which therefore still reads every sample (issue 18 lists what remains).
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import threading
 import uuid
 from dataclasses import replace
 from typing import Sequence
@@ -36,17 +38,22 @@ class ShardError(OnnxPruneError):
 
 
 def connect(address: str, workers: int):
-    """The ray module, initialised: a local runtime (``address == "local"``) with
-    ``workers`` CPUs, or the cluster at ``address``; an initialised runtime is reused."""
+    """(the ray module, initialised; whether this call started it): a local runtime
+    (``address == "local"``) with ``workers`` CPUs, or the cluster at ``address``; an
+    initialised runtime is reused (and not shut down by onnxprune)."""
     try:
         import ray
     except ImportError:
         raise InputError("--ray needs Ray: pip install 'onnxprune[ray]'") from None
     if ray.is_initialized():
-        return ray
+        return ray, False
     if address == "local" and os.environ.get("RAY_ADDRESS"):
         address = os.environ["RAY_ADDRESS"]
     _reachable(address)
+    # ray.init replaces the SIGTERM handler with sys.exit(15): the CLI's (one line, exit 143,
+    # every temp folder removed) is put back.
+    main = threading.current_thread() is threading.main_thread()
+    term = signal.getsignal(signal.SIGTERM) if main else None
     try:
         if address == "local":
             ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
@@ -55,7 +62,10 @@ def connect(address: str, workers: int):
     except Exception as exc:  # ConnectionError, RuntimeError, ValueError ... depending on the failure
         where = "a local Ray runtime" if address == "local" else f"the Ray cluster at {address}"
         raise InputError(f"cannot start or reach {where}: {' '.join(str(exc).split())[:200]}") from None
-    return ray
+    finally:
+        if term is not None:
+            signal.signal(signal.SIGTERM, term)
+    return ray, True
 
 
 def _reachable(address: str, timeout: float = 5.0) -> None:
@@ -105,7 +115,7 @@ class RayShards:
     def __init__(self, address: str, targets: list[RefitTarget], original: ir.Model, pruned: ir.Model,
                  batches: Sequence[Sample], ranges: list[range], starts: Sequence[int], *, providers: list[str],
                  budget: int, block: int, workers: int | None = None) -> None:
-        self.ray = connect(address, workers or len(ranges))
+        self.ray, self.started = connect(address, workers or len(ranges))
         self.pruned = pruned
         self.ranges, self.starts = ranges, starts
         self.positions = target_positions(targets, pruned)
@@ -175,3 +185,5 @@ class RayShards:
             except Exception:  # a dead worker has nothing left to close
                 pass
             self.ray.kill(a)
+        if self.started:  # its session folder lives in the run's temp folder: stop writing there before it goes
+            self.ray.shutdown()

@@ -1,15 +1,18 @@
 """The refit's shards on a real local Ray runtime (no mock): 2 and 4 workers write the
 weights of one process (1e-6 relative) on a small CNN with a residual stream and on an
 attention block; a worker killed mid-run (SIGKILL to its process) is rebuilt and the result
-is unchanged; the CLI's ``--ray`` runs end to end, and a cluster that cannot be reached is
-one line and exit 2."""
+is unchanged; the CLI's ``--ray`` runs end to end and leaves nothing in the temp folder, a
+cluster that cannot be reached is one line and exit 2, and the CLI's SIGTERM handler survives
+``ray.init``."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -93,9 +96,16 @@ def test_cli_ray_prunes_the_shipped_cnn_like_one_process(tmp_path):
     base = ["models/mnist_cnn.onnx", "--calib", "models/data/calib", "--target-macs", "0.5", "-q", "--batch-size", "16"]
     plain = _cli(base[0], str(tmp_path / "plain.onnx"), *base[1:])
     assert plain.returncode == 0, plain.stderr
-    distributed = _cli(base[0], str(tmp_path / "ray.onnx"), *base[1:], "--ray", "--workers", "2")
-    assert distributed.returncode == 0, distributed.stderr
-    assert distributed.stderr.strip() == ""
+    # A short temp folder: Ray's sockets live in its session folder (AF_UNIX paths: 107 bytes).
+    tmp = Path(tempfile.mkdtemp(prefix="opr-", dir="/tmp"))
+    try:
+        distributed = _cli(base[0], str(tmp_path / "ray.onnx"), *base[1:], "--ray", "--workers", "2",
+                           env={"TMPDIR": str(tmp)})
+        assert distributed.returncode == 0, distributed.stderr
+        assert distributed.stderr.strip() == ""
+        assert list(tmp.iterdir()) == []  # the local runtime's session folder went with the run's temp folder
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     a, _ = load_model(tmp_path / "plain.onnx")
     b, _ = load_model(tmp_path / "ray.onnx")
     wa, wb = _weights(a), _weights(b)
@@ -111,3 +121,14 @@ def test_an_unreachable_cluster_is_one_line_and_exit_2(tmp_path):
     assert run.returncode == 2, run.stderr
     assert len(lines) == 1 and "127.0.0.1:9" in lines[0], run.stderr
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_starting_ray_keeps_the_clis_sigterm_handler():
+    """ray.init installs its own SIGTERM handler (sys.exit(15): no line, exit 15); the CLI's
+    (one line, exit 143) must survive it.  In a fresh process: a real local runtime."""
+    code = ("import signal; from onnxprune import _signals; from onnxprune.distributed import connect; "
+            "_signals.install(); ray, _ = connect('local', 1); "
+            "print(signal.getsignal(signal.SIGTERM) is _signals._handler); ray.shutdown()")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1] == "True"
