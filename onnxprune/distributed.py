@@ -82,6 +82,16 @@ def _reachable(address: str, timeout: float = 5.0) -> None:
         raise InputError(f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}") from None
 
 
+class _Numbered:
+    """A worker's batches under their global numbers (the first is number ``start``)."""
+
+    def __init__(self, batches: list[Sample], start: int) -> None:
+        self.batches, self.start = batches, start
+
+    def __getitem__(self, b: int) -> Sample:
+        return self.batches[b - self.start]
+
+
 class _Worker:
     """The actor: one RefitShard on its own copies of the graphs (sent serialised)."""
 
@@ -89,9 +99,8 @@ class _Worker:
                  batches: list[Sample], index: range, first_samples: list[int], providers: list[str], budget: int,
                  block: int) -> None:
         targets, o, p = on_copies(specs, positions, original, pruned)
-        self.shard = RefitShard(targets, o, p, batches, range(len(batches)), first_samples, providers=providers,
-                                budget=budget, private=True, block=block)
-        self.shard.index = index  # global batch numbers: the sampled rows and the block ends follow them
+        self.shard = RefitShard(targets, o, p, _Numbered(batches, index.start), index, first_samples,
+                                providers=providers, budget=budget, private=True, block=block)
 
     def advance(self, wave: list[int], later: list[int]) -> list | None:
         return self.shard.advance(wave, later)
