@@ -142,7 +142,8 @@ def load_image(path: Path, spec: InputSpec, pre: Preprocess) -> np.ndarray:
         from PIL import Image
     except ImportError as exc:  # pragma: no cover - pillow is a dependency
         raise InputError("reading images needs Pillow: pip install pillow") from exc
-    img = _open_image(path, Image)
+    gray = _gray(spec, pre)
+    img = _open_image(path, Image, "L" if gray else "RGB")
     if pre.resize:
         w, h = img.size
         s = pre.resize / min(w, h)
@@ -152,16 +153,32 @@ def load_image(path: Path, spec: InputSpec, pre: Preprocess) -> np.ndarray:
         left, top = (w - pre.crop) // 2, (h - pre.crop) // 2
         img = img.crop((left, top, left + pre.crop, top + pre.crop))
     arr = np.asarray(img, dtype=np.float32)
-    if pre.channels.upper() == "BGR":
+    mean, std = np.asarray(pre.mean, np.float32), np.asarray(pre.std, np.float32)
+    if gray:
+        arr = arr[..., None]
+        if np.ptp(mean) or np.ptp(std):
+            raise InputError(f"{path}: a 1-channel model reads images as grayscale: give one --mean and one --std value")
+        mean, std = mean[:1], std[:1]
+    elif pre.channels.upper() == "BGR":
         arr = arr[..., ::-1]
-    arr = (arr * pre.scale - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
+    arr = (arr * pre.scale - mean) / std
     if pre.layout.upper() == "NCHW":
         arr = arr.transpose(2, 0, 1)
     return np.ascontiguousarray(arr).astype(spec.dtype)
 
 
-def _open_image(path: Path, Image):
-    """``path`` as an RGB image, refused in one line above MAX_IMAGE_PIXELS (checked on the
+def _gray(spec: InputSpec, pre: Preprocess) -> bool:
+    """Whether images are read as one grayscale channel: ``--channels L``, or a model input
+    whose channel dim (by ``--layout``) is 1, as MNIST models have."""
+    if pre.channels.upper() == "L":
+        return True
+    if len(spec.dims) != 4:
+        return False
+    return (spec.dims[1] if pre.layout.upper() == "NCHW" else spec.dims[3]) == 1
+
+
+def _open_image(path: Path, Image, mode: str = "RGB"):
+    """``path`` as an image of ``mode`` (RGB, or L for grayscale), refused in one line above MAX_IMAGE_PIXELS (checked on the
     header, before decoding) and with Pillow's decompression-bomb warning as that error."""
     too_big = f"{path}: image too large (more than {MAX_IMAGE_PIXELS // 2**20} megapixels)"
     try:
@@ -170,7 +187,7 @@ def _open_image(path: Path, Image):
             img = Image.open(path)
             if img.size[0] * img.size[1] > MAX_IMAGE_PIXELS:
                 raise InputError(f"{too_big}: {img.size[0]}x{img.size[1]}")
-            return img.convert("RGB")
+            return img.convert(mode)
     except InputError:
         raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:

@@ -15,6 +15,8 @@ from onnxprune.data import InputSpec, Preprocess, batches, load_image, source_it
 
 from test_bad_input import expect_refusal
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def _cnn(inputs: int = 1) -> onnx.ModelProto:
     g = G()
@@ -164,3 +166,41 @@ def test_reader_consumed_twice_is_reported():
     assert len(list(again())) == 2
     with pytest.raises(onnxprune.InputError, match="already consumed"):
         list(again())
+
+
+def _gray_digits(folder: Path, n: int = 64) -> Path:
+    """The shipped MNIST calibration digits as 8-bit grayscale PNGs."""
+    from PIL import Image
+
+    folder.mkdir()
+    digits = np.load(ROOT / "models/data/calib/calib_000.npy")
+    for i, d in enumerate(np.concatenate([digits, np.load(ROOT / "models/data/calib/calib_001.npy")])[:n]):
+        Image.fromarray(np.round(d[0] * 255).astype(np.uint8), mode="L").save(folder / f"d{i:03d}.png")
+    return folder
+
+
+def test_a_one_channel_model_calibrates_from_grayscale_pngs(tmp_path):
+    """The shipped MNIST CNN (input [N, 1, 28, 28]) reads a folder of grayscale PNGs: images
+    become one channel, pixel·scale, equal to the digits they were written from."""
+    folder = _gray_digits(tmp_path / "pngs")
+    code = main([str(ROOT / "models/mnist_cnn.onnx"), str(tmp_path / "o.onnx"), "--calib", str(folder), "--ratio", "0.3", "-q"])
+    assert code == 0 and (tmp_path / "o.onnx").is_file()
+    spec = InputSpec("input", np.dtype(np.float32), (None, 1, 28, 28))
+    arr = load_image(folder / "d000.png", spec, Preprocess())
+    want = np.load(ROOT / "models/data/calib/calib_000.npy")[0]
+    assert arr.shape == (1, 28, 28)
+    np.testing.assert_allclose(arr, np.round(want * 255) / 255, atol=1e-6)
+    # --channels L reads a colour image as its luma, for any model.
+    from PIL import Image
+
+    Image.fromarray(np.full((28, 28, 3), (255, 0, 0), np.uint8)).save(tmp_path / "red.png")
+    red = load_image(tmp_path / "red.png", InputSpec("x", np.dtype(np.float32), (None, 28, 28, 1)),
+                     Preprocess(layout="NHWC", channels="L"))
+    assert red.shape == (28, 28, 1) and np.allclose(red, 76 / 255)  # ITU-R 601 luma of pure red
+
+
+def test_grayscale_with_three_different_means_is_refused(capsys, tmp_path):
+    folder = _gray_digits(tmp_path / "pngs", n=4)
+    model = ROOT / "models/mnist_cnn.onnx"
+    expect_refusal(capsys, tmp_path, [str(model), str(tmp_path / "o.onnx"), "--calib", str(folder), "--mean", "0.1,0.2,0.3", "-q"],
+                   [model], "one --mean and one --std value")
