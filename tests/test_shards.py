@@ -55,25 +55,26 @@ def test_shards_write_the_weights_of_one(tmp_path, name, monkeypatch):
             np.testing.assert_allclose(w, one[k], rtol=1e-6, atol=1e-6 * float(np.abs(one[k]).max()), err_msg=f"{label}: {k}")
 
 
-def test_blocks_change_only_float32_rounding(tmp_path):
-    """Larger blocks buffer more rows per product: the same fit up to float32 rounding."""
+def _two_refits(tmp_path, n: int, seed: int, first: tuple[int, int], second: tuple[int, int]):
+    """The residual CNN refitted twice on the same batches, with (shards, block) ``first``
+    and ``second``: both weights, the modes checked equal."""
     proto = MODELS["residual_concat"]()
     path = save(proto, tmp_path / "m.onnx")
-    batches = _batches(proto, n=5, seed=6)
-    small, modes = _refit(path, batches, 1, 1)
-    large, modes_large = _refit(path, batches, 1, 8)
-    assert modes == modes_large
+    batches = _batches(proto, n=n, seed=seed)
+    (a, modes_a), (b, modes_b) = _refit(path, batches, *first), _refit(path, batches, *second)
+    assert modes_a == modes_b
+    return a, b
+
+
+def test_blocks_change_only_float32_rounding(tmp_path):
+    """Larger blocks buffer more rows per product: the same fit up to float32 rounding."""
+    small, large = _two_refits(tmp_path, 5, 6, (1, 1), (1, 8))
     for k, w in large.items():
         np.testing.assert_allclose(w, small[k], rtol=1e-4, atol=1e-5 * float(np.abs(small[k]).max()), err_msg=k)
 
 
 def test_more_shards_than_blocks_leave_the_empty_ones_out(tmp_path):
     """7 batches make one block of 8: four shards are one shard with three empty ones."""
-    proto = MODELS["residual_concat"]()
-    path = save(proto, tmp_path / "m.onnx")
-    batches = _batches(proto, n=7, seed=9)
-    one, modes = _refit(path, batches, 1, 8)
-    four, modes_four = _refit(path, batches, 4, 8)
-    assert modes_four == modes
+    one, four = _two_refits(tmp_path, 7, 9, (1, 8), (4, 8))
     for k, w in four.items():
         np.testing.assert_array_equal(w, one[k], err_msg=k)
