@@ -1,11 +1,13 @@
 """Budget allocation by measured sensitivity (the select stage, for ``--target-macs`` and
 ``--target-params`` with calibration data): how many channels each group gives up.
 
-A *probe graph* emulates any selection in one onnxruntime run.  Before every consumer
-(a Conv/Gemm/MatMul reading a prunable group's channels) it inserts ``x' = P·x + c``
-over the channel axis (a 1×1 Conv, or a MatMul + Add for channels last), with P and c fed
-per run: the identity for kept channels, and for removed ones what the compensation will
-put in their place at that consumer:
+A *probe graph* emulates any selection in one onnxruntime run.  Every consumer (a
+Conv/Gemm/MatMul reading a prunable group's channels) sees ``x' = P·x + c`` over the
+channel axis, with P and c chosen per run: the identity for kept channels, and for removed
+ones what the compensation will put in their place at that consumer.  It is fed as a mask
+and a constant before the consumer (``m ⊙ x + c``), and, where P mixes channels, as the
+consumer's weight ``W·(P + diag(removed))`` (see :class:`_Site`), never as a channel mix in
+the graph:
 
 * ``lstsq``: the least-squares prediction from the kept channels,
   ``x_R ≈ μ_R + Σ_RS (Σ_SS + λI)⁻¹ (x_S − μ_S)``, from the same channel Gram statistics the
