@@ -108,9 +108,10 @@ def prune(
     written.  With ``max_error``/``min_agreement`` a fidelity violation raises
     :class:`GateError` (exit 3) and nothing is written unless ``force``.
 
-    ``ray``: ``"local"`` (a local Ray runtime) or a cluster address: the least-squares refit
-    runs on ``workers`` Ray actors, each holding a shard of the calibration batches
-    (:mod:`onnxprune.distributed`); the written weights are those of one process.
+    ``ray``: ``"local"`` (a local Ray runtime) or a cluster address: calibration and the
+    least-squares refit run on ``workers`` Ray actors, each holding a shard of the
+    calibration batches (:mod:`onnxprune.distributed`); the selection and the written
+    weights are those of one process.
 
     ``round_to``: kept channel counts are rounded up to a multiple of it; ``None`` (the
     default) rounds groups a Conv produces or reads to 16 (onnxruntime's NCHWc kernels)
@@ -137,7 +138,12 @@ def prune_with(
     stages.  ``reference``: the model fidelity and latency compare against (default: the input)."""
     if config.steps > 1:
         return _prune_in_steps(model_path, output_path, config)
-    state = run_stages(PruneState(model_path, output_path, config, reference_path=reference))
+    state = PruneState(model_path, output_path, config, reference_path=reference)
+    try:
+        run_stages(state)
+    finally:
+        if state.store is not None:  # also on error: a Ray pool's workers, a store's spill folder
+            state.store.close()
     return state.model, state.result
 
 

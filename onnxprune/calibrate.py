@@ -227,7 +227,7 @@ class Statistics:
     def merge(self, other: "Statistics") -> "Statistics":
         def join(x: dict, y: dict) -> dict:
             out = {}
-            for k in sorted(set(x) | set(y)):
+            for k in [*x, *(k for k in y if k not in x)]:  # x's order: readers may rely on it
                 a, b = x.get(k), y.get(k)
                 out[k] = a.merge(b) if a is not None and b is not None else (a if a is not None else b)
             return out
@@ -272,22 +272,23 @@ def _shape_known(value: ir.Value) -> bool:
 
 
 def _plan_runs(
-    values: list[ir.Value], batch_size: int, budget: int, measured: dict[str, int] | None = None
-) -> list[list[ir.Value]]:
-    """Split the tensors to fetch into runs whose outputs fit ``budget`` bytes per batch.
+    fetched: list[tuple[str, int, bool]], batch_size: int, budget: int, measured: dict[str, int] | None = None
+) -> list[list[str]]:
+    """Split the tensors to fetch (name, inferred bytes per sample, exact?) into runs whose
+    outputs fit ``budget`` bytes per batch.
 
     ``measured``: bytes per sample by tensor name, measured on data; used instead of the
     inferred shape for the tensors it names.
     """
     measured = measured or {}
-    runs: list[list[ir.Value]] = [[]]
+    runs: list[list[str]] = [[]]
     used = 0
-    for v in values:
-        cost = (measured[v.name] if v.name in measured else _bytes_per_sample(v)) * batch_size
+    for name, inferred, _ in fetched:
+        cost = measured.get(name, inferred) * batch_size
         if runs[-1] and used + cost > budget:
             runs.append([])
             used = 0
-        runs[-1].append(v)
+        runs[-1].append(name)
         used += cost
     return runs
 
@@ -299,13 +300,13 @@ def _run(sess: Any, names: list[str], feed: Sample) -> list[np.ndarray]:
         raise InputError(f"onnxruntime failed on the calibration data: {' '.join(str(exc).split())[:300]}") from exc
 
 
-def _measure_bytes_per_sample(sess: Any, values: list[ir.Value], batch: Sample, fixed_batch: bool) -> dict[str, int]:
-    """Bytes per sample of each of ``values``, measured by fetching them all for the first
+def _measure_bytes_per_sample(sess: Any, names: list[str], batch: Sample, fixed_batch: bool) -> dict[str, int]:
+    """Bytes per sample of each tensor named, measured by fetching them all for the first
     sample of ``batch`` (for the whole batch when the model's batch size is fixed)."""
     probe = batch if fixed_batch else {name: arr[:1] for name, arr in batch.items()}
     n = max(next(iter(probe.values())).shape[0], 1)
-    outs = _run(sess, [v.name for v in values], probe)
-    return {v.name: -(-x.nbytes // n) for v, x in zip(values, outs)}
+    outs = _run(sess, names, probe)
+    return {name: -(-x.nbytes // n) for name, x in zip(names, outs)}
 
 
 # Statistics onnxruntime can reduce in the graph: the op applied before GlobalAveragePool.
@@ -378,6 +379,128 @@ def instrumented_model_path(
     return path
 
 
+SHARD_BLOCK = 8  # batches a shard holds as a unit; buffered sums fold at block ends, so any split sums alike
+
+
+@dataclass
+class CollectPlan:
+    """What the collect step needs, by tensor name only (no graph: it is sent to Ray workers)."""
+
+    axes: dict[str, int]  # exposed tensor -> channel axis
+    reduced: dict[str, dict[str, str]]  # tensor onnxruntime reduces -> statistic -> output name
+    spatial: dict[str, int | None]  # reduced tensor -> elements behind one channel, when static
+    fetched: list[tuple[str, int, bool]]  # (name, inferred bytes per sample, whether that is exact)
+    accumulators: dict[str, list[tuple[str, Any]]]  # tensor -> (key, empty accumulator)
+    statistics: tuple[str, ...]
+    batch_size: int
+    memory_budget: int
+    fixed_batch: bool
+
+
+def plan_collect(
+    tensors: dict[str, tuple[ir.Value, int]], requests: Iterable["StatRequest"], statistics: Iterable[str],
+    batch_size: int, memory_budget: int, fixed_batch: bool,
+) -> tuple[CollectPlan, list[ir.Value]]:
+    """The collect plan and the values the instrumented graph exposes."""
+    values = [v for v, _ in tensors.values()]
+    for r in requests:
+        if r.value.name not in tensors and r.value not in values:
+            values.append(r.value)
+    accumulators: dict[str, list[tuple[str, Any]]] = {}
+    for r in requests:
+        accumulators.setdefault(r.value.name, []).append((r.key, r.factory()))
+    gathered = _statistics(statistics)
+    # Tensors onnxruntime reduces itself; the rest (and any a method needs whole) are fetched.
+    reduced = {
+        name: _reduced_names(v, gathered) for name, (v, axis) in tensors.items()
+        if name not in accumulators and _reducible(v, axis, gathered)
+    }
+    plan = CollectPlan(
+        axes={name: axis for name, (_, axis) in tensors.items()}, reduced=reduced,
+        spatial={name: _spatial(tensors[name][0]) for name in reduced},
+        fetched=[(v.name, _bytes_per_sample(v), _shape_known(v)) for v in values if v.name not in reduced],
+        accumulators=accumulators, statistics=gathered, batch_size=batch_size, memory_budget=memory_budget,
+        fixed_batch=fixed_batch,
+    )
+    return plan, values
+
+
+class Collector:
+    """The collect step of calibration: one session on the instrumented graph, and the
+    statistics of every batch given to :meth:`collect`, which can be called again (a Ray
+    worker collects its shard this way).  Batches carry their number in the whole
+    calibration stream: accumulators that sample positions seed with it, so a shard
+    samples what one process would."""
+
+    def __init__(self, model: str | bytes, plan: CollectPlan, providers: list[str]) -> None:
+        try:
+            self.sess = _ort.session(model, providers)
+        except Exception as exc:
+            raise InputError(f"onnxruntime cannot run the model with exposed tensors: {' '.join(str(exc).split())[:300]}") from exc
+        self.plan = plan
+        self.unknown = [name for name, _, known in plan.fetched if not known]
+        self.runs = _plan_runs(plan.fetched, plan.batch_size, plan.memory_budget) if plan.fetched else [[]]
+        self.planned_for: tuple | None = None  # per-sample input shapes the runs were measured on
+        self.stats = Statistics({name: None for name in plan.axes}, runs_per_batch=len(self.runs))  # type: ignore[misc]
+        self.stats.extra = {key: acc for accs in plan.accumulators.values() for key, acc in accs}
+        self.means_of = [name for names in plan.reduced.values() for name in names.values()]  # fetched with the first run
+
+    def _stats_of(self, name: str, channels: int) -> TensorStats:
+        s = self.stats.tensors[name]
+        if s is None:
+            s = self.stats.tensors[name] = TensorStats.empty(channels, self.plan.statistics)
+        return s
+
+    def _replan(self, batch: Sample) -> None:
+        """Measure the tensors of unknown shape on this batch when its per-sample shapes changed."""
+        shapes = tuple((name, arr.shape[1:]) for name, arr in batch.items())
+        if shapes == self.planned_for:
+            return
+        measured = _measure_bytes_per_sample(self.sess, self.unknown, batch, self.plan.fixed_batch)
+        self.runs = _plan_runs(self.plan.fetched, self.plan.batch_size, self.plan.memory_budget, measured)
+        first = self.planned_for is None
+        self.stats.runs_per_batch = len(self.runs) if first else max(self.stats.runs_per_batch, len(self.runs))
+        self.planned_for = shapes
+
+    def collect(self, batch: Sample, number: int) -> None:
+        """Fold batch number ``number`` of the calibration stream in."""
+        plan = self.plan
+        if self.unknown:
+            self._replan(batch)
+        for i, run in enumerate(self.runs):
+            outs = _run(self.sess, run + (self.means_of if i == 0 else []), batch)
+            for name, x in zip(run, outs):
+                for _, acc in plan.accumulators.get(name, ()):
+                    if hasattr(acc, "batches"):  # the stream's number, not this collector's count
+                        acc.batches = number
+                    acc.update(x)
+                if name in plan.axes:
+                    axis = plan.axes[name]
+                    self._stats_of(name, x.shape[axis]).update(x, axis)
+            if i == 0 and plan.reduced:
+                got = dict(zip(self.means_of, outs[len(run) :]))
+                for name, names in plan.reduced.items():
+                    means = {stat: got[out] for stat, out in names.items() if stat != "shape"}
+                    k = plan.spatial[name]
+                    if k is None:
+                        k = math.prod(int(d) for d in got[names["shape"]][2:])
+                    self._stats_of(name, means["sum"].shape[1]).update_means(means, k)
+            outs = x = got = None  # dropped before onnxruntime allocates the next run's outputs
+        self.stats.samples += next(iter(batch.values())).shape[0]
+
+    def block_end(self) -> None:
+        """Fold the rows accumulators buffered: at every block end, so the float32 products
+        group the same rows whatever shard holds the block."""
+        for acc in self.stats.extra.values():
+            flush = getattr(acc, "flush", None)
+            if flush is not None:
+                flush()
+
+    def result(self) -> Statistics:
+        self.block_end()
+        return self.stats
+
+
 def calibrate(
     model: ir.Model,
     tensors: dict[str, tuple[ir.Value, int]],
@@ -394,6 +517,7 @@ def calibrate(
     statistics: Iterable[str] = STATISTICS,
     keep: int = 0,
     record: Any = None,
+    pool: Any = None,
 ) -> tuple[Statistics, list[Sample]]:
     """Gather statistics of ``tensors`` (name -> (value, channel axis)) over the batches,
     and feed every batch of a requested tensor to its extra accumulators.
@@ -414,37 +538,20 @@ def calibrate(
     ``record``: a :class:`segments.BatchStore` that receives every batch calibrated on, so
     later passes (the refit) replay them without reading the source again.
 
+    ``pool``: a :class:`distributed.RayPool`: its workers collect the statistics, each of
+    its shard of whole blocks of batches, which it keeps for the refit; the partial
+    statistics merge into what one process gathers.
+
     When ``hold_out`` > 0, every fifth sample (every fifth batch for a model with a fixed
     batch size), up to ``hold_out`` samples, is kept aside for verification instead of
     being calibrated on; those samples are returned as batches.
     """
-    values = [v for v, _ in tensors.values()]
-    for r in requests:
-        if r.value.name not in tensors and r.value not in values:
-            values.append(r.value)
-    by_tensor: dict[str, list[tuple[str, Accumulator]]] = {}
-    for r in requests:
-        by_tensor.setdefault(r.value.name, []).append((r.key, r.factory()))
-    gathered = _statistics(statistics)
-    # Tensors onnxruntime reduces itself; the rest (and any a method needs whole) are fetched.
-    reduced = {
-        name: _reduced_names(v, gathered) for name, (v, axis) in tensors.items()
-        if name not in by_tensor and _reducible(v, axis, gathered)
-    }
-    fetched = [v for v in values if v.name not in reduced]
-    unknown = [v for v in fetched if not _shape_known(v)]
-    runs = _plan_runs(fetched, batch_size, memory_budget) if fetched else [[]]
-    planned_for = None  # per-sample input shapes the plan was measured on, with ``unknown``
-    stats = Statistics({name: None for name in tensors}, runs_per_batch=len(runs))  # type: ignore[misc]
-    stats.extra = {key: acc for accs in by_tensor.values() for key, acc in accs}
-    means_of = [name for names in reduced.values() for name in names.values()]  # fetched with the first run
+    plan, values = plan_collect(tensors, requests, statistics, batch_size, memory_budget, fixed_batch)
     held: list[Sample] = []
+    kept: list[Sample] = []
     with tempfile.TemporaryDirectory(prefix="onnxprune-cal-") as d:
-        path = instrumented_model_path(model, values, Path(d), {k: gathered for k in reduced})
-        try:
-            sess = _ort.session(str(path), providers)
-        except Exception as exc:
-            raise InputError(f"onnxruntime cannot run the model with exposed tensors: {' '.join(str(exc).split())[:300]}") from exc
+        path = instrumented_model_path(model, values, Path(d), {k: plan.statistics for k in plan.reduced})
+        sink = Collector(str(path), plan, providers) if pool is None else pool.collecting(path, plan, providers)
         t0 = time.perf_counter()
         bar = _progress(progress, total)
         with bar:
@@ -455,44 +562,21 @@ def calibrate(
                     bar.update(task, advance=next(iter(b.values())).shape[0])
                     yield b
 
-            def stats_of(name: str, channels: int) -> TensorStats:
-                s = stats.tensors[name]
-                if s is None:
-                    s = stats.tensors[name] = TensorStats.empty(channels, gathered)
-                return s
-
-            for batch in split_held_out(counted(batch_iter), hold_out, fixed_batch, held):
+            seen = 0
+            for number, batch in enumerate(split_held_out(counted(batch_iter), hold_out, fixed_batch, held)):
                 n = next(iter(batch.values())).shape[0]
                 if record is not None:
                     record.append(batch)
-                if stats.samples < keep:
-                    cut = n if fixed_batch else keep - stats.samples  # a fixed batch size cannot be cut
-                    stats.kept.append({name: arr[:cut] for name, arr in batch.items()})
-                if unknown:
-                    shapes = tuple((name, arr.shape[1:]) for name, arr in batch.items())
-                    if shapes != planned_for:
-                        measured = _measure_bytes_per_sample(sess, unknown, batch, fixed_batch)
-                        runs = _plan_runs(fetched, batch_size, memory_budget, measured)
-                        stats.runs_per_batch = len(runs) if planned_for is None else max(stats.runs_per_batch, len(runs))
-                        planned_for = shapes
-                for i, run in enumerate(runs):
-                    outs = _run(sess, [v.name for v in run] + (means_of if i == 0 else []), batch)
-                    for v, x in zip(run, outs):
-                        for _, acc in by_tensor.get(v.name, ()):
-                            acc.update(x)
-                        if v.name in tensors:
-                            axis = tensors[v.name][1]
-                            stats_of(v.name, x.shape[axis]).update(x, axis)
-                    if i == 0 and reduced:
-                        got = dict(zip(means_of, outs[len(run) :]))
-                        for name, names in reduced.items():
-                            means = {stat: got[out] for stat, out in names.items() if stat != "shape"}
-                            k = _spatial(tensors[name][0])
-                            if k is None:
-                                k = math.prod(int(d) for d in got[names["shape"]][2:])
-                            stats_of(name, means["sum"].shape[1]).update_means(means, k)
-                    outs = x = got = None  # dropped before onnxruntime allocates the next run's outputs
-                stats.samples += n
+                if seen < keep:
+                    cut = n if fixed_batch else keep - seen  # a fixed batch size cannot be cut
+                    kept.append({name: arr[:cut] for name, arr in batch.items()})
+                sink.collect(batch, number)
+                if (number + 1) % SHARD_BLOCK == 0:
+                    sink.block_end()
+                seen += n
+                batch = None
+            stats = sink.result()
+        stats.kept = kept
         stats.seconds = time.perf_counter() - t0
     if stats.samples == 0:
         raise InputError("no calibration samples left after holding some out for verification; add data or pass --eval")

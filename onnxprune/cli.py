@@ -109,8 +109,8 @@ _verbose_option = click.option(
 @click.option("--confidence", type=float, help="mipp: confidence of the keep test (else chosen by the budget)")
 @click.option("--steps", type=int, default=1, show_default=True, help="prune in N rounds, recalibrating in between")
 @click.option("--ray", "ray", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
-              help="refit on Ray actors: a local runtime, or the cluster at ADDRESS (or $RAY_ADDRESS); pip install 'onnxprune[ray]'")
-@click.option("--workers", type=int, default=2, show_default=True, help="with --ray: shards of the calibration batches, one actor each")
+              help="calibrate and refit on Ray actors: a local runtime, or the cluster at ADDRESS (or $RAY_ADDRESS); pip install 'onnxprune[ray]'")
+@click.option("--workers", type=int, default=2, show_default=True, help="with --ray: actors, each holding a shard of the calibration batches")
 @click.option("--mi-estimator", type=click.Choice(["linear", "mlp"]), default="linear", show_default=True, help="mipp: MI predictor")
 @click.option("--resize", type=int, help="images: resize the shorter side to this")
 @click.option("--crop", type=int, help="images: centre-crop to this square size")

@@ -24,6 +24,7 @@ import onnx_ir as ir
 from ._graph import const_array, new_initializer, replace_const
 from .calibrate import Statistics
 from .consumers import consumer_views
+from .gram import solve_spd
 from .groups import Analysis
 from .layout import SliceParam
 
@@ -288,9 +289,7 @@ def lstsq_refits(analysis: Analysis, stats: Statistics, removed: np.ndarray) -> 
         css = cov[np.ix_(s, s)]
         del cov  # the C×C temporaries of a wide input (a flattened Conv map) dominate peak memory
         ridged(css)
-        import scipy.linalg  # here, not at import: the CLI starts faster
-
-        w_new = scipy.linalg.solve(css, rhs, assume_a="pos", overwrite_a=True, check_finite=False).T  # W Σ[:,S] (Σ_SS+λI)⁻¹
+        w_new = solve_spd(css, rhs).T  # W Σ[:,S] (Σ_SS+λI)⁻¹
         b_old = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
         b_old = np.zeros(wf.shape[0]) if b_old is None else np.broadcast_to(np.asarray(b_old, np.float64).reshape(-1), (wf.shape[0],))
         b_new = b_old + wf @ mu - w_new @ mu[s]

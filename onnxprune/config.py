@@ -51,7 +51,7 @@ class PruneConfig:
     latency: bool = True
     method_options: MethodOptions | None = None
     steps: int = 1
-    ray: str | None = None  # "local" or a Ray cluster address: the refit's shards on Ray actors
+    ray: str | None = None  # "local" or a Ray cluster address: calibration and the refit on Ray actors
     workers: int = 2  # shards (Ray actors) with ray
 
     def __post_init__(self) -> None:
@@ -81,6 +81,11 @@ class PruneConfig:
         checks.integer("--workers", self.workers, 1)
         if self.ray is not None and (not isinstance(self.ray, str) or not self.ray.strip()):
             raise InputError(f"--ray takes a cluster address (or nothing for a local runtime), got {self.ray!r}")
+        if self.ray is not None and self.method == "mipp":
+            # Its MLP estimator keeps a reservoir of rows (algorithm R): shards' reservoirs
+            # merge into a fair sample, but not into the one process's sample.
+            raise InputError("--ray cannot run --method mipp: its row reservoirs do not merge across workers "
+                             "into the selection of one process; run mipp without --ray")
         checks.preprocess(self.preprocess)
         checks.method_options(self.method_options)
 

@@ -211,8 +211,8 @@ def source_items(
 ) -> Callable[[], Iterator[tuple[str, Sample]]]:
     """A function returning a fresh iterator of (where, sample-or-batch) for ``source``.
 
-    Folders can be read again; a reader or a one-shot iterable is read once (a reader
-    with ``rewind()`` is rewound instead).
+    Folders and ``ray.data.Dataset`` s (of input dicts) can be read again; a reader or a
+    one-shot iterable is read once (a reader with ``rewind()`` is rewound instead).
     """
     if isinstance(source, (str, os.PathLike)):
         folder = Path(source)
@@ -234,6 +234,9 @@ def source_items(
             return _reader_items(source)
 
         return again
+    if type(source).__module__.startswith("ray.data") and hasattr(source, "iter_batches"):
+        # A ray.data.Dataset of input dicts: read again on every call, a batch at a time.
+        return lambda: ((f"dataset batch #{i}", b) for i, b in enumerate(source.iter_batches(batch_format="numpy")))
     if isinstance(source, Iterable):
         items = source if isinstance(source, (list, tuple)) else None
         if items is not None:

@@ -1,17 +1,21 @@
-"""The refit's shards on Ray actors (``--ray``): each actor holds a run of whole blocks of
-the calibration batches and its own copies of the original and the pruned graph
-(:class:`reconstruct.RefitShard`); per wave it returns its fold sums, the driver merges them,
-solves, and sends the new weights back (:func:`reconstruct.refit_on_pruned`).  What
-crosses the wire per wave is O(sums): the target's F×F and O×F fold sums and the solved
-weights, never tensors of samples.
+"""Calibration and the refit on Ray actors (``--ray``).  Each actor (a worker) holds a
+shard of the calibration batches from calibration to the end of the refit: whole blocks of
+``calibrate.SHARD_BLOCK`` batches, dealt round-robin as the driver reads the source.  It
+collects their statistics (:class:`calibrate.Collector`), which the driver merges, then
+runs its part of the refit (:class:`reconstruct.RefitShard`): per wave it returns its fold
+sums, the driver merges them, solves, and sends the new weights back.  What crosses the
+wire per block or wave is O(sums): the statistics, the fold sums, the solved weights.
 
-A worker that dies is rebuilt from the driver's current graphs (which hold every weight
-solved so far) and replays the wave it was in, up to ``RETRIES`` times per shard; past that
-the run fails with one line naming the shard.  Ray's own actor restarts are not used: they
-re-run the constructor with the graphs of the start, before any wave was written.
+The driver does not keep the batches: each block goes into Ray's object store (which spills
+to disk past its memory) and the driver keeps only its reference, so a worker that dies is
+rebuilt and fed its blocks again.  A rebuilt worker repeats the calibration of its blocks
+(during calibration) or starts its refit from the driver's current graphs, which hold every
+weight solved so far (during the refit), up to ``RETRIES`` times per shard; past that the
+run fails with one line naming the shard.  Ray's own actor restarts are not used: they
+re-run the constructor with the arguments of the start.
 
-Only the refit is distributed so far: calibration and the allocation's probes run on the
-driver, which therefore still reads every sample (issue 18 lists what remains).
+The driver itself keeps the held-out batches (verification) and the allocation's probe
+samples; the probes run on the driver.
 """
 
 from __future__ import annotations
@@ -22,10 +26,13 @@ import socket
 import threading
 import uuid
 from dataclasses import replace
+from pathlib import Path
 from typing import Sequence
 
+import onnx
 import onnx_ir as ir
 
+from .calibrate import SHARD_BLOCK, CollectPlan, Collector, Statistics
 from .data import Sample
 from .errors import InputError, OnnxPruneError
 from .reconstruct import RefitShard, RefitTarget, ShardSums, on_copies, target_positions
@@ -82,24 +89,37 @@ def _reachable(address: str, timeout: float = 5.0) -> None:
         raise InputError(f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}") from None
 
 
-class _Numbered:
-    """A worker's batches under their global numbers (the first is number ``start``)."""
-
-    def __init__(self, batches: list[Sample], start: int) -> None:
-        self.batches, self.start = batches, start
-
-    def __getitem__(self, b: int) -> Sample:
-        return self.batches[b - self.start]
-
-
 class _Worker:
-    """The actor: one RefitShard on its own copies of the graphs (sent serialised)."""
+    """The actor: a shard of the calibration batches, by their number in the stream; the
+    collect step over them; then a RefitShard on its own copies of the graphs."""
 
-    def __init__(self, specs: list[RefitTarget], positions: list[int], original: bytes, pruned: bytes,
-                 batches: list[Sample], index: range, first_samples: list[int], providers: list[str], budget: int,
-                 block: int) -> None:
+    def __init__(self) -> None:
+        self.batches: dict[int, Sample] = {}
+        self.first: dict[int, int] = {}  # each batch's first sample, numbered in the stream
+        self.collector: Collector | None = None
+        self.shard: RefitShard | None = None
+
+    def collect_start(self, model: bytes, plan: CollectPlan, providers: list[str]) -> None:
+        self.collector = Collector(model, plan, providers)
+
+    def take(self, numbers: list[int], firsts: list[int], batches: list[Sample], collect: bool) -> None:
+        """Keep one block of batches; with ``collect``, fold its statistics in."""
+        for b, f, x in zip(numbers, firsts, batches):
+            self.batches[b], self.first[b] = x, f
+            if collect:
+                self.collector.collect(x, b)
+        if collect:
+            self.collector.block_end()
+
+    def statistics(self) -> Statistics:
+        stats, self.collector = self.collector.result(), None
+        return stats
+
+    def refit_start(self, specs: list[RefitTarget], positions: list[int], original: bytes, pruned: bytes,
+                    providers: list[str], budget: int, block: int) -> None:
         targets, o, p = on_copies(specs, positions, original, pruned)
-        self.shard = RefitShard(targets, o, p, _Numbered(batches, index.start), index, first_samples,
+        index = sorted(self.batches)
+        self.shard = RefitShard(targets, o, p, self.batches, index, [self.first[b] for b in index],
                                 providers=providers, budget=budget, private=True, block=block)
 
     def advance(self, wave: list[int], later: list[int]) -> list | None:
@@ -115,67 +135,111 @@ class _Worker:
         return os.getpid()
 
     def close(self) -> None:
-        self.shard.close()
+        if self.shard is not None:
+            self.shard.close()
 
 
-class RayShards:
-    """The refit's shards as Ray actors, with the same calls as ``reconstruct.LocalShards``."""
+class RayPool:
+    """The workers of one run, from calibration to the end of the refit.
 
-    def __init__(self, address: str, targets: list[RefitTarget], original: ir.Model, pruned: ir.Model,
-                 batches: Sequence[Sample], ranges: list[range], starts: Sequence[int], *, providers: list[str],
-                 budget: int, block: int, workers: int | None = None) -> None:
-        self.ray, self.started = connect(address, workers or len(ranges))
-        self.pruned = pruned
-        self.ranges, self.starts = ranges, starts
-        self.positions = target_positions(targets, pruned)
-        # The driver's nodes stay here: a spec is a target without its node (the worker's own copy supplies it).
-        self.specs = [replace(t, node=None, _w32=None) for t in targets]
-        self.original = self.ray.put(ir.to_proto(original).SerializeToString())
-        self.batches = [self.ray.put([batches[b] for b in r]) for r in ranges]
-        self.providers, self.budget, self.block = providers, budget // max(len(ranges), 1), block
+    As ``calibrate(pool=)``'s sink (:meth:`collecting`, :meth:`collect`,
+    :meth:`block_end`, :meth:`result`) it deals blocks of batches to the workers and
+    merges their statistics; as ``refit_on_pruned``'s batches (``len``, ``sizes``,
+    :meth:`refit`) it runs the refit's shards on the batches the workers hold."""
+
+    IN_FLIGHT = 2  # blocks sent to one worker and not yet folded in, before the driver waits
+
+    def __init__(self, address: str, workers: int, block: int = SHARD_BLOCK) -> None:
+        self.ray, self.started = connect(address, workers)
+        self.block = block
         self.run = uuid.uuid4().hex[:8]
-        self.tries = [0] * len(ranges)
-        self.actors = [self._start(k) for k in range(len(ranges))]
+        self.tries = [0] * workers
+        self.blocks: list[list[tuple[list[int], list[int], object]]] = [[] for _ in range(workers)]
+        self.calls: list[list] = [[] for _ in range(workers)]
+        self.sizes: list[int] = []  # samples per batch, by number
+        self._pending: list[tuple[int, int, Sample]] = []
+        self._collect: tuple | None = None  # collect_start's arguments while calibrating
+        self._refit: tuple | None = None  # (specs, positions, original, pruned graph, providers, budget, block)
         self._wave: tuple[list[int], list[int]] | None = None
+        self.closed = False
+        self.actors = [self._start(k) for k in range(workers)]
 
     def _start(self, k: int):
-        """Shard ``k``'s worker, from the driver's graphs as they are now."""
         # The driver's BLAS threading: the float32 products of the sums are summed in another
         # order with another thread count (Ray starts workers with OMP_NUM_THREADS=1), which
         # moved refitted weights by 3e-5 relative on the shipped CNN.
         threads = os.environ.get("OMP_NUM_THREADS") or str(os.cpu_count() or 1)
         actor = self.ray.remote(_Worker).options(name=f"onnxprune-{self.run}-shard-{k}-try-{self.tries[k]}",
                                                  runtime_env={"env_vars": {"OMP_NUM_THREADS": threads}})
-        pruned = ir.to_proto(self.pruned).SerializeToString()
-        r = self.ranges[k]
-        return actor.remote(self.specs, self.positions, self.original, pruned, self.batches[k], r,
-                            [int(self.starts[b]) for b in r], self.providers, self.budget, self.block)
+        return actor.remote()
 
-    def _each(self, method: str, *args) -> list:
-        """``method(*args)`` on every worker; a worker that died is rebuilt and catches up."""
-        refs = [getattr(a, method).remote(*args) for a in self.actors]
-        out = []
-        for k, ref in enumerate(refs):
-            while True:
-                try:
-                    out.append(self.ray.get(ref))
-                    break
-                except self.ray.exceptions.RayActorError as exc:
-                    ref = self._rebuild(k, method, args, exc)
-        return out
+    # -- the batches ------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.sizes)
 
-    def _rebuild(self, k: int, method: str, args: tuple, exc: Exception):
-        self.tries[k] += 1
-        r = self.ranges[k]
-        if self.tries[k] > RETRIES:
-            raise ShardError(f"shard {k} (batches {r.start}-{r.stop - 1}) lost its Ray worker {self.tries[k]} times: "
-                             f"{' '.join(str(exc).split())[:160]}") from None
-        self.actors[k] = self._start(k)
-        if method == "apply":  # the rebuilt worker's graph already holds these weights
-            return self.ray.put(None)
-        if method == "sums" and self._wave is not None:
-            self.ray.get(self.actors[k].advance.remote(*self._wave))
-        return getattr(self.actors[k], method).remote(*args)
+    def put(self, k: int, numbers: list[int], firsts: list[int], batches: list[Sample], collect: bool) -> None:
+        """Send one block to worker ``k`` (through the object store; the driver keeps the reference)."""
+        ref = self.ray.put(batches)
+        self.blocks[k].append((numbers, firsts, ref))
+        self.calls[k].append(self.actors[k].take.remote(numbers, firsts, ref, collect))
+        while len(self.calls[k]) > self.IN_FLIGHT:
+            self._settle(k, self.calls[k].pop(0))
+
+    def _settle(self, k: int, ref) -> None:
+        try:
+            self.ray.get(ref)
+        except self.ray.exceptions.RayActorError as exc:
+            self._restore(k, exc)  # the restored worker took every block again
+
+    # -- calibration --------------------------------------------------------------------
+    def collecting(self, path: Path, plan: CollectPlan, providers: list[str]) -> "RayPool":
+        """Start every worker's collect step on the instrumented graph at ``path``."""
+        model = onnx.load(str(path)).SerializeToString()
+        self._collect = (self.ray.put(model), plan, providers)
+        self._each("collect_start", *self._collect)
+        return self
+
+    def collect(self, batch: Sample, number: int) -> None:
+        """Batch ``number`` of the stream: sent with its block at :meth:`block_end`."""
+        self._pending.append((number, sum(self.sizes), batch))
+        self.sizes.append(int(next(iter(batch.values())).shape[0]))
+
+    def block_end(self) -> None:
+        if not self._pending:
+            return
+        numbers, firsts, batches = (list(t) for t in zip(*self._pending))
+        self._pending = []
+        self.put((numbers[0] // self.block) % len(self.actors), numbers, firsts, batches, collect=True)
+
+    def result(self) -> Statistics:
+        """Every worker's statistics, merged in worker order (float64 sums)."""
+        self.block_end()
+        for k in range(len(self.actors)):
+            while self.calls[k]:
+                self._settle(k, self.calls[k].pop(0))
+        parts = self._each("statistics")
+        self._collect = None
+        stats = parts[0]
+        for p in parts[1:]:
+            stats = stats.merge(p)
+        return stats
+
+    # -- the refit ----------------------------------------------------------------------
+    def refit(self, targets: list[RefitTarget], original: ir.Model, pruned: ir.Model, *, providers: list[str],
+              budget: int, block: int) -> "RayPool":
+        """Start every worker's refit shard; returns the pool, with ``LocalShards``'s calls."""
+        # The driver's nodes stay here: a spec is a target without its node (the worker's own copy supplies it).
+        specs = [replace(t, node=None, _w32=None) for t in targets]
+        original_ref = self.ray.put(ir.to_proto(original).SerializeToString())
+        self._refit = (specs, target_positions(targets, pruned), original_ref, pruned, providers,
+                       budget // max(len(self.actors), 1), block)
+        self._each("refit_start", *self._refit_args())
+        return self
+
+    def _refit_args(self) -> tuple:
+        specs, positions, original, pruned, providers, budget, block = self._refit
+        # Serialised now: a rebuilt worker starts from the weights solved so far.
+        return specs, positions, original, ir.to_proto(pruned).SerializeToString(), providers, budget, block
 
     def advance(self, wave: list[int], later: list[int]) -> list:
         self._wave = (wave, later)
@@ -187,12 +251,70 @@ class RayShards:
     def apply(self, writes: list) -> None:
         self._each("apply", writes)
 
+    # -- failures -------------------------------------------------------------------------
+    def _each(self, method: str, *args) -> list:
+        """``method(*args)`` on every worker; a worker that died is rebuilt and catches up."""
+        refs = [getattr(a, method).remote(*args) for a in self.actors]
+        out = []
+        for k, ref in enumerate(refs):
+            while True:
+                try:
+                    out.append(self.ray.get(ref))
+                    break
+                except self.ray.exceptions.RayActorError as exc:
+                    self._restore(k, exc)
+                    # The restore repeats every call but these two, whose results are wanted.
+                    ref = getattr(self.actors[k], method).remote(*args) if method in ("statistics", "sums") \
+                        else self.ray.put(None)
+        return out
+
+    def _restore(self, k: int, exc: Exception) -> None:
+        """A new worker ``k`` in the state its predecessor had before the failed call."""
+        self.tries[k] += 1
+        numbers = sorted(b for ns, _, _ in self.blocks[k] for b in ns)
+        if self.tries[k] > RETRIES:
+            held = f"batches {numbers[0]}-{numbers[-1]}" if numbers else "no batches"
+            raise ShardError(f"shard {k} ({held}) lost its Ray worker {self.tries[k]} times: "
+                             f"{' '.join(str(exc).split())[:160]}") from None
+        a = self.actors[k] = self._start(k)
+        if self._collect is not None:
+            a.collect_start.remote(*self._collect)
+        # Actor calls from one caller run in order: no waiting between them.
+        self.calls[k] = []
+        for ns, fs, ref in self.blocks[k]:
+            a.take.remote(ns, fs, ref, self._collect is not None)
+        if self._refit is not None:
+            a.refit_start.remote(*self._refit_args())
+            if self._wave is not None:
+                a.advance.remote(*self._wave)
+
     def close(self) -> None:
+        """Stop the workers (and a runtime this pool started); safe to call again."""
+        if self.closed:
+            return
+        self.closed = True
         for a in self.actors:
             try:
                 self.ray.get(a.close.remote())
             except Exception:  # a dead worker has nothing left to close
                 pass
             self.ray.kill(a)
+        self.blocks = [[] for _ in self.actors]
         if self.started:  # its session folder lives in the run's temp folder: stop writing there before it goes
             self.ray.shutdown()
+
+
+def ray_shards(address: str, targets: list[RefitTarget], original: ir.Model, pruned: ir.Model,
+               batches: Sequence[Sample], ranges: list[range], starts: Sequence[int], *, providers: list[str],
+               budget: int, block: int) -> RayPool:
+    """The refit's shards on a new pool, one worker per range of batches (held by the caller)."""
+    pool = RayPool(address, len(ranges), block)
+    try:
+        for k, r in enumerate(ranges):
+            for lo in range(r.start, r.stop, block):
+                numbers = list(range(lo, min(lo + block, r.stop)))
+                pool.put(k, numbers, [int(starts[b]) for b in numbers], [batches[b] for b in numbers], collect=False)
+        return pool.refit(targets, original, pruned, providers=providers, budget=budget, block=block)
+    except BaseException:
+        pool.close()
+        raise

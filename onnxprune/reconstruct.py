@@ -44,11 +44,12 @@ import onnx
 import onnx_ir as ir
 
 from ._graph import const_array, replace_const
+from .calibrate import SHARD_BLOCK
 from .compensate import ZEROED, _append_add, _lstsq_kind, _new_input, holds_zeros, loses_inputs, rows_to_weight, weight_rows
 from .consumers import consumer_views
 from .data import Sample
 from .errors import InputError
-from .gram import ChannelGram, PatchGram, rows_at
+from .gram import ChannelGram, PatchGram, rows_at, solve_spd
 from .groups import Analysis
 from .layout import SliceParam
 from .segments import SegmentPass
@@ -213,8 +214,6 @@ class RefitTarget:
         """(A, c) with ``W x ≈ A x' + c`` on the rows summed in ``s``: the least-squares fit
         shrunk toward the original kept weights by ``shrink`` (see REFIT_SHRINK), or, with
         ``None``, those weights with the mean difference moved into the bias."""
-        import scipy.linalg  # here, not at import: the CLI starts faster
-
         n = max(s["n"], 1)
         mp, my = s["p"] / n, s["y"] / n  # of the shifted values: the covariances need no shift
         a = (self.w if self.written is None else self.written)[:, self.keep_cols]
@@ -229,7 +228,7 @@ class RefitTarget:
             lam = shrink * max(float(np.trace(cpp)) / max(len(cpp), 1), 1e-12)
             cyp = s["yp"] / n - np.outer(my, mp)
             cpp[np.diag_indices_from(cpp)] += lam
-            a = scipy.linalg.solve(cpp, (cyp + lam * a).T, assume_a="pos", overwrite_a=True, check_finite=False).T
+            a = solve_spd(cpp, (cyp + lam * a).T).T
         return a, (my + self.shift_y) - a @ (mp + self.shift_p)
 
     def _error(self, a: np.ndarray, c: np.ndarray, s: dict) -> float:
@@ -360,7 +359,7 @@ def _fattr(node: ir.Node, name: str) -> float:
     return 1.0 if a is None else float(a.value)
 
 
-REFIT_BLOCK = 8  # batches a shard holds as a unit: the sums flush at block ends, whatever the shard count
+REFIT_BLOCK = SHARD_BLOCK  # batches a shard holds as a unit: the sums flush at block ends, whatever the shard count
 
 
 def shard_ranges(n_batches: int, shards: int, block: int = REFIT_BLOCK) -> list[range]:
@@ -571,11 +570,14 @@ def refit_on_pruned(
     starts = np.cumsum([0] + sizes)
     # A shard is a run of whole blocks: fewer blocks than shards leave some empty, and they go.
     ranges = [r for r in shard_ranges(len(batches), shards, block) if len(r)]
-    if ray is not None:
-        from .distributed import RayShards  # Ray is an extra: imported only when asked for
+    remote = getattr(batches, "refit", None)  # a distributed.RayPool: its workers hold the batches
+    if remote is not None:
+        pool = remote(targets, original, pruned, providers=providers, budget=memory_budget, block=block)
+    elif ray is not None:
+        from .distributed import ray_shards  # Ray is an extra: imported only when asked for
 
-        pool = RayShards(ray, targets, original, pruned, batches, ranges, starts, providers=providers,
-                         budget=memory_budget, block=block)
+        pool = ray_shards(ray, targets, original, pruned, batches, ranges, starts, providers=providers,
+                          budget=memory_budget, block=block)
     else:
         pool = LocalShards(targets, original, pruned, batches, ranges, starts, providers=providers,
                            budget=memory_budget, block=block)

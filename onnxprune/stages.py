@@ -64,7 +64,7 @@ class PruneState:
     stats: Statistics | None = None
     held: list = field(default_factory=list)
     specs: list[InputSpec] | None = None
-    store: BatchStore | None = None
+    store: Any = None  # the kept calibration batches: a BatchStore, or a distributed.RayPool whose workers hold them
     # score / select
     scores: dict[int, np.ndarray] = field(default_factory=dict)
     views: list[ConsumerView] = field(default_factory=list)
@@ -157,8 +157,15 @@ class Calibrate(Stage):
         bs = fixed_batch(specs, c.batch_size)
         items = source_items(c.calib, specs, c.preprocess)()
         views = consumer_views(state.analysis)
-        # The calibrated batches, kept for the refit's passes: the source is read once.
-        state.store = BatchStore(c.memory_budget // 4) if c.compensate != "none" else None
+        # The calibrated batches, kept for the refit's passes: the source is read once.  On
+        # Ray the workers keep them, each its shard (distributed.RayPool).
+        pool = None
+        if c.ray:
+            from .distributed import RayPool  # Ray is an extra: imported only when asked for
+
+            pool = state.store = RayPool(c.ray, c.workers)
+        elif c.compensate != "none":
+            state.store = BatchStore(c.memory_budget // 4)
         state.stats, state.held = calibrate(
             state.model, {v.tensor: (v.value, v.axis) for v in views}, batches(items, specs, bs, c.max_samples),
             batch_size=bs, providers=state.providers, memory_budget=c.memory_budget,
@@ -166,7 +173,7 @@ class Calibrate(Stage):
             fixed_batch=any(sp.dims and sp.dims[0] is not None for sp in specs), requests=self._requests(state, views),
             statistics=statistics_for(c.method),
             keep=PROBE_SAMPLES if c.target is not None and not c.global_ else 0,  # the allocation's probes
-            record=state.store,
+            record=None if pool is not None else state.store, pool=pool,
         )
 
     @staticmethod
@@ -283,7 +290,7 @@ class Compensate(Stage):
             n_ls, n_bias = refit_on_pruned(
                 state.targets, state.original, state.model, state.store, providers=state.providers,
                 memory_budget=state.config.memory_budget * 3 // 4, modes=("bias",) if bias_only else ("lstsq", "bias"),
-                progress=tick, shards=state.config.workers if state.config.ray else 1, ray=state.config.ray,
+                progress=tick,
             )
         if bias_only:
             state.refit_note = f"{n_bias} consumers feeding a Relu: bias refitted in the pruned graph to keep the post-ReLU mean"

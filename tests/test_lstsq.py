@@ -508,3 +508,24 @@ def test_a_zero_keeping_consumer_before_a_relu_keeps_the_post_relu_mean(tmp_path
     group = next(gr for gr in analysis.groups if gr.producers[0].name == "p")
     (target,) = [t for t in refit_targets(analysis, group.classes[:2]) if t.node.name == "c"]
     assert target.keep_zeros == sparse and target.relu == sparse
+
+
+def test_merged_patch_grams_are_patch_grams_with_the_sums_of_both():
+    """Shards' Gram statistics merge into the kind they are: a PatchGram keeps its kernel
+    geometry (merging once returned a plain ChannelGram, which the allocation then read as
+    a 1×1 input and chose other channels on Ray workers)."""
+    import onnx_ir as ir
+
+    from onnxprune.gram import PatchGram
+
+    ir_node = ir.node("Conv", [ir.Value(name="x"), ir.Value(name="w")], attributes={"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]})
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((2, 3, 5, 5)).astype(np.float32) for _ in range(4)]
+    whole, a, b = PatchGram(ir_node, shards=1), PatchGram(ir_node, shards=1), PatchGram(ir_node, shards=1)
+    for k, x in enumerate(xs):
+        whole.update(x)
+        (a if k < 2 else b).update(x)
+    merged = a.merge(b)
+    assert type(merged) is PatchGram and merged.kernel == [3, 3] and merged.pads == [1, 1, 1, 1]
+    for got, want in zip(merged.total(), whole.total()):
+        np.testing.assert_allclose(got, want, rtol=1e-12)

@@ -1,9 +1,10 @@
-"""The refit's shards on a real local Ray runtime (no mock): 2 and 4 workers write the
-weights of one process (1e-6 relative) on a small CNN with a residual stream and on an
-attention block; a worker killed mid-run (SIGKILL to its process) is rebuilt and the result
-is unchanged; the CLI's ``--ray`` runs end to end and leaves nothing in the temp folder, a
-cluster that cannot be reached is one line and exit 2, and the CLI's SIGTERM handler survives
-``ray.init``."""
+"""Calibration and the refit on a real local Ray runtime (no mock): 1, 2 and 4 workers
+select and write what one process does (1e-6 relative) on a small CNN with a residual
+stream and on an attention block; a worker killed (SIGKILL to its process) during the
+calibration or the refit is rebuilt and the result is unchanged; a ``ray.data.Dataset``
+calibrates like a list of the same samples; the CLI's ``--ray`` runs end to end and leaves
+nothing in the temp folder, a cluster that cannot be reached is one line and exit 2, mipp is
+refused, and the CLI's SIGTERM handler survives ``ray.init``."""
 
 from __future__ import annotations
 
@@ -132,3 +133,83 @@ def test_starting_ray_keeps_the_clis_sigterm_handler():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().splitlines()[-1] == "True"
+
+
+def _api_prune(path, data, **kw):
+    from onnxprune.api import prune
+
+    model, _ = prune(path, None, calib=data, batch_size=2, method="wanda", target_macs=0.6, latency=False,
+                     eval_samples=10, **kw)
+    return _weights(model), []
+
+
+@pytest.mark.parametrize("name", ["residual_concat", "attention"])
+def test_calibration_on_ray_workers_selects_and_writes_what_one_process_does(tmp_path, runtime, name):
+    """The whole prune with the statistics gathered by 1, 2 and 4 workers (five blocks of
+    eight batches dealt round-robin) against one process: the same channels (the weights'
+    shapes) and the same weights."""
+    proto = MODELS[name]()
+    path = save(proto, tmp_path / "m.onnx")
+    data = _batches(proto, n=20, seed=3)  # 100 samples: 80 calibrated on in 40 batches of 2, 20 held out
+    one = _api_prune(path, data)
+    for workers in (1, 2, 4):
+        got = _api_prune(path, data, ray="local", workers=workers)
+        assert {k: w.shape for k, w in got[0].items()} == {k: w.shape for k, w in one[0].items()}, f"{workers} workers"
+        _same(got, one, f"{workers} workers")
+
+
+def test_a_worker_killed_during_calibration_is_rebuilt_and_the_statistics_do_not_change(tmp_path, runtime):
+    from onnxprune.calibrate import calibrate
+    from onnxprune.compensate import lstsq_requests
+    from onnxprune.consumers import consumer_views
+    from onnxprune.distributed import RayPool
+    from onnxprune.groups import analyze_groups
+
+    proto = MODELS["residual_concat"]()
+    model, _ = load_model(save(proto, tmp_path / "m.onnx"))
+    analysis = analyze_groups(model, ())
+    tensors = {v.tensor: (v.value, v.axis) for v in consumer_views(analysis)}
+    batches = _batches(proto, n=40, seed=4)
+    kw = dict(batch_size=5, providers=CPU, memory_budget=1 << 28, progress=False)
+    want, _ = calibrate(model, tensors, iter(batches), requests=lstsq_requests(analysis), **kw)
+    pool = RayPool("local", 2)
+    seen = {}
+
+    def killing():
+        for k, b in enumerate(batches):
+            if k == 20:  # worker 1 holds block 1 (batches 8-15) by now; block 3 is still to come
+                seen["killed"] = ray.get(_shard_actor(1, 0).pid.remote())
+                os.kill(seen["killed"], signal.SIGKILL)
+            yield b
+
+    try:
+        got, _ = calibrate(model, tensors, killing(), requests=lstsq_requests(analysis), pool=pool, **kw)
+        assert pool.tries == [0, 1]
+    finally:
+        pool.close()
+    assert got.samples == want.samples == 200
+    for name, w in want.tensors.items():
+        np.testing.assert_allclose(got.tensors[name].sum, w.sum, rtol=1e-12, err_msg=name)
+        np.testing.assert_allclose(got.tensors[name].sumsq, w.sumsq, rtol=1e-12, err_msg=name)
+    assert list(got.extra) == list(want.extra)
+    for key, g in want.extra.items():
+        assert type(got.extra[key]) is type(g), key  # a merged PatchGram is still one
+        for a, b in zip(got.extra[key].total(), g.total()):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-9, err_msg=key)
+
+
+def test_mipp_is_refused_on_ray_in_one_line(tmp_path):
+    run = _cli("models/mnist_cnn.onnx", str(tmp_path / "o.onnx"), "--calib", "models/data/calib", "--method", "mipp",
+               "-q", "--ray")
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert run.returncode == 2 and len(lines) == 1 and "mipp" in lines[0], run.stderr
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_a_ray_dataset_calibrates_like_the_same_samples_in_a_list(tmp_path, runtime):
+    proto = MODELS["residual_concat"]()
+    path = save(proto, tmp_path / "m.onnx")
+    data = _batches(proto, n=12, seed=5)
+    rows = [{name: arr[i] for name, arr in b.items()} for b in data for i in range(next(iter(b.values())).shape[0])]
+    dataset = ray.data.from_items(rows)
+    _same(_api_prune(path, dataset, ray="local", workers=2), _api_prune(path, data), "a ray.data.Dataset")
