@@ -24,11 +24,13 @@ import os
 import signal
 import socket
 import threading
+import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -98,18 +100,24 @@ class _Worker:
         self.first: dict[int, int] = {}  # each batch's first sample, numbered in the stream
         self.collector: Collector | None = None
         self.shard: RefitShard | None = None
+        self.busy: dict[str, float] = {}  # seconds of work per method, for the pool's summary
+
+    def _timed(self, method: str, t0: float) -> None:
+        self.busy[method] = self.busy.get(method, 0.0) + time.perf_counter() - t0
 
     def collect_start(self, model: bytes, plan: CollectPlan, providers: list[str]) -> None:
         self.collector = Collector(model, plan, providers)
 
     def take(self, numbers: list[int], firsts: list[int], batches: list[Sample], collect: bool) -> None:
         """Keep one block of batches; with ``collect``, fold its statistics in."""
+        t0 = time.perf_counter()
         for b, f, x in zip(numbers, firsts, batches):
             self.batches[b], self.first[b] = x, f
             if collect:
                 self.collector.collect(x, b)
         if collect:
             self.collector.block_end()
+        self._timed("take", t0)
 
     def statistics(self) -> Statistics:
         stats, self.collector = self.collector.result(), None
@@ -117,19 +125,34 @@ class _Worker:
 
     def refit_start(self, specs: list[RefitTarget], positions: list[int], original: bytes, pruned: bytes,
                     providers: list[str], budget: int, block: int) -> None:
+        t0 = time.perf_counter()
         targets, o, p = on_copies(specs, positions, original, pruned)
         index = sorted(self.batches)
         self.shard = RefitShard(targets, o, p, self.batches, index, [self.first[b] for b in index],
                                 providers=providers, budget=budget, private=True, block=block)
+        self._timed("refit_start", t0)
 
     def advance(self, wave: list[int], later: list[int]) -> list | None:
-        return self.shard.advance(wave, later)
+        t0 = time.perf_counter()
+        try:
+            return self.shard.advance(wave, later)
+        finally:
+            self._timed("advance", t0)
 
     def sums(self, wave: list[int], shifts: list) -> list[ShardSums]:
-        return self.shard.sums(wave, shifts)
+        t0 = time.perf_counter()
+        try:
+            return self.shard.sums(wave, shifts)
+        finally:
+            self._timed("sums", t0)
 
     def apply(self, writes: list) -> None:
+        t0 = time.perf_counter()
         self.shard.apply(writes)
+        self._timed("apply", t0)
+
+    def timings(self) -> dict[str, float]:
+        return dict(self.busy)
 
     def pid(self) -> int:
         return os.getpid()
@@ -162,6 +185,14 @@ class RayPool:
         self._refit: tuple | None = None  # (specs, positions, original, pruned graph, providers, budget, block)
         self._wave: tuple[list[int], list[int]] | None = None
         self.closed = False
+        # For summary(): seconds the driver waited on workers and bytes each way, per call
+        # kind; the workers' own busy seconds (fetched at close); phase boundaries.
+        self.waited: dict[str, float] = {}
+        self.sent: dict[str, int] = {}
+        self.received: dict[str, int] = {}
+        self.busy: list[dict[str, float]] = []
+        self.marks: dict[str, float] = {}
+        self.waves = 0
         self.actors = [self._start(k) for k in range(workers)]
 
     def _start(self, k: int):
@@ -179,22 +210,33 @@ class RayPool:
 
     def put(self, k: int, numbers: list[int], firsts: list[int], batches: list[Sample], collect: bool) -> None:
         """Send one block to worker ``k`` (through the object store; the driver keeps the reference)."""
+        t0 = time.perf_counter()
         ref = self.ray.put(batches)
+        self._count(self.waited, "put", time.perf_counter() - t0)
+        self._count(self.sent, "take", _nbytes(batches))
         self.blocks[k].append((numbers, firsts, ref))
         self.calls[k].append(self.actors[k].take.remote(numbers, firsts, ref, collect))
         while len(self.calls[k]) > self.IN_FLIGHT:
             self._settle(k, self.calls[k].pop(0))
 
     def _settle(self, k: int, ref) -> None:
+        t0 = time.perf_counter()
         try:
             self.ray.get(ref)
         except self.ray.exceptions.RayActorError as exc:
             self._restore(k, exc)  # the restored worker took every block again
+        self._count(self.waited, "take", time.perf_counter() - t0)
+
+    @staticmethod
+    def _count(table: dict, key: str, amount: float) -> None:
+        table[key] = table.get(key, 0) + amount
 
     # -- calibration --------------------------------------------------------------------
     def collecting(self, path: Path, plan: CollectPlan, providers: list[str]) -> "RayPool":
         """Start every worker's collect step on the instrumented graph at ``path``."""
+        self.marks["calibrate"] = time.perf_counter()
         model = onnx.load(str(path)).SerializeToString()
+        self._count(self.sent, "collect_start", len(model) * len(self.actors))
         self._collect = (self.ray.put(model), plan, providers)
         self._each("collect_start", *self._collect)
         return self
@@ -218,7 +260,9 @@ class RayPool:
             while self.calls[k]:
                 self._settle(k, self.calls[k].pop(0))
         parts = self._each("statistics")
+        self._count(self.received, "statistics", sum(_nbytes(p) for p in parts))
         self._collect = None
+        self.marks["calibrated"] = time.perf_counter()
         stats = parts[0]
         for p in parts[1:]:
             stats = stats.merge(p)
@@ -229,6 +273,7 @@ class RayPool:
               budget: int, block: int) -> "RayPool":
         """Start every worker's refit shard; returns the pool, with ``LocalShards``'s calls."""
         # The driver's nodes stay here: a spec is a target without its node (the worker's own copy supplies it).
+        self.marks["refit"] = time.perf_counter()
         specs = [replace(t, node=None, _w32=None) for t in targets]
         original_ref = self.ray.put(ir.to_proto(original).SerializeToString())
         self._refit = (specs, target_positions(targets, pruned), original_ref, pruned, providers,
@@ -239,21 +284,32 @@ class RayPool:
     def _refit_args(self) -> tuple:
         specs, positions, original, pruned, providers, budget, block = self._refit
         # Serialised now: a rebuilt worker starts from the weights solved so far.
-        return specs, positions, original, ir.to_proto(pruned).SerializeToString(), providers, budget, block
+        proto = ir.to_proto(pruned).SerializeToString()
+        self._count(self.sent, "refit_start", len(proto))
+        return specs, positions, original, proto, providers, budget, block
 
     def advance(self, wave: list[int], later: list[int]) -> list:
         self._wave = (wave, later)
+        self.waves += 1
         return self._each("advance", wave, later)
 
     def sums(self, wave: list[int], shifts: list) -> list[list[ShardSums]]:
-        return self._each("sums", wave, shifts)
+        self._count(self.sent, "sums", _nbytes(shifts) * len(self.actors))
+        parts = self._each("sums", wave, shifts)
+        self._count(self.received, "sums", _nbytes(parts))
+        self.marks["summed"] = time.perf_counter()
+        return parts
 
     def apply(self, writes: list) -> None:
+        # Between the sums and this call the driver merged and solved: its serial part.
+        self._count(self.waited, "driver merge+solve", time.perf_counter() - self.marks.pop("summed", time.perf_counter()))
+        self._count(self.sent, "apply", _nbytes(writes) * len(self.actors))
         self._each("apply", writes)
 
     # -- failures -------------------------------------------------------------------------
     def _each(self, method: str, *args) -> list:
         """``method(*args)`` on every worker; a worker that died is rebuilt and catches up."""
+        t0 = time.perf_counter()
         refs = [getattr(a, method).remote(*args) for a in self.actors]
         out = []
         for k, ref in enumerate(refs):
@@ -266,6 +322,7 @@ class RayPool:
                     # The restore repeats every call but these two, whose results are wanted.
                     ref = getattr(self.actors[k], method).remote(*args) if method in ("statistics", "sums") \
                         else self.ray.put(None)
+        self._count(self.waited, method, time.perf_counter() - t0)
         return out
 
     def _restore(self, k: int, exc: Exception) -> None:
@@ -293,8 +350,10 @@ class RayPool:
         if self.closed:
             return
         self.closed = True
+        self.marks["closed"] = time.perf_counter()
         for a in self.actors:
             try:
+                self.busy.append(self.ray.get(a.timings.remote()))
                 self.ray.get(a.close.remote())
             except Exception:  # a dead worker has nothing left to close
                 pass
@@ -302,6 +361,52 @@ class RayPool:
         self.blocks = [[] for _ in self.actors]
         if self.started:  # its session folder lives in the run's temp folder: stop writing there before it goes
             self.ray.shutdown()
+
+
+    def summary(self) -> dict:
+        """Where the distributed run's time and bytes went: per phase, its wall time, the
+        seconds the driver waited on the workers, the driver's own serial work (reading and
+        dealing the data; merging and solving), the workers' busy seconds (sum and max over
+        workers), and the bytes sent each way (``--report``, ``benchmarks/shards.py``)."""
+        m = self.marks
+        busy = lambda *keys: [sum(b.get(k, 0.0) for k in keys) for b in self.busy] or [0.0]  # noqa: E731
+        out: dict = {"workers": len(self.actors), "rebuilt": sum(self.tries), "waves": self.waves,
+                     "seconds_waited": {k: round(v, 4) for k, v in self.waited.items()},
+                     "bytes_sent": dict(self.sent), "bytes_received": dict(self.received)}
+        if "calibrated" in m:
+            wall = m["calibrated"] - m["calibrate"]
+            waited = sum(self.waited.get(k, 0.0) for k in ("collect_start", "take", "statistics", "put"))
+            work = busy("take")
+            out["calibrate"] = {"wall_s": round(wall, 4), "driver_read_s": round(wall - waited, 4),
+                                "driver_put_s": round(self.waited.get("put", 0.0), 4),
+                                "worker_busy_sum_s": round(sum(work), 4), "worker_busy_max_s": round(max(work), 4)}
+        if "refit" in m:
+            wall = m.get("closed", time.perf_counter()) - m["refit"]
+            work = busy("refit_start", "advance", "sums", "apply")
+            out["refit"] = {"wall_s": round(wall, 4), "driver_merge_solve_s": round(self.waited.get("driver merge+solve", 0.0), 4),
+                            "worker_busy_sum_s": round(sum(work), 4), "worker_busy_max_s": round(max(work), 4)}
+        return out
+
+
+def _nbytes(obj) -> int:
+    """Array bytes inside ``obj`` (dicts, lists, tuples, objects' attributes): what a call carries."""
+    seen: set[int] = set()
+
+    def walk(x) -> int:
+        if id(x) in seen:
+            return 0
+        seen.add(id(x))
+        if isinstance(x, np.ndarray):
+            return x.nbytes
+        if isinstance(x, dict):
+            return sum(walk(v) for v in x.values())
+        if isinstance(x, (list, tuple)):
+            return sum(walk(v) for v in x)
+        if hasattr(x, "__dict__"):
+            return walk(vars(x))
+        return 0
+
+    return walk(obj)
 
 
 def ray_shards(address: str, targets: list[RefitTarget], original: ir.Model, pruned: ir.Model,

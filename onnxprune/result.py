@@ -52,6 +52,7 @@ class PruneResult:
     gate_forced: bool = False
     method_report: dict | None = None
     steps: int = 1
+    distributed: dict | None = None  # with --ray: time and bytes per phase (distributed.RayPool.summary)
     selection: str = ""
 
     @property
@@ -76,4 +77,5 @@ class PruneResult:
             "method_report": self.method_report,
             "steps": self.steps,
             "selection": self.selection,
+            "distributed": self.distributed,
         }

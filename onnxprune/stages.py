@@ -372,6 +372,7 @@ class Report(Stage):
             gate_forced=bool(state.measured.get("forced")),
             method_report=state.method_report,
             selection=state.rule,
+            distributed=state.store.summary() if hasattr(state.store, "summary") else None,
         )
 
     @staticmethod
