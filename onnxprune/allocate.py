@@ -42,11 +42,13 @@ from ._graph import const_array
 from .compensate import _taps, enough_rows, ridged, rows_to_weight, weight_rows
 from .consumers import ConsumerView, consumer_views
 from .groups import Analysis, Group
-from .segments import SegmentPass, const_cone, node_reads, session_from_view, with_cone
+from . import _ort
+from .segments import SegmentPass, const_cone, node_reads, session_from_view, view_bytes, with_cone
 from .select import choose, round_for
 
 LADDER = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)  # removed shares probed per group
 PROBE_SAMPLES = 32  # calibration samples the probes run on
+PROBE_CHUNK = 8  # samples per probe run: the same batches whatever the number of workers sharing them
 
 
 @dataclass
@@ -99,22 +101,29 @@ class _Tails:
     pass of the original graph over the probe samples (:class:`segments.SegmentPass`), so
     nothing before a group's consumers runs again for its rungs."""
 
-    def __init__(self, analysis: Analysis, samples: list, providers: list[str], budget: int) -> None:
+    def __init__(self, analysis: Analysis, samples: list, providers: list[str], budget: int, pool=None) -> None:
         self.model = analysis.model
         self.graph = analysis.model.graph
-        self.samples = samples
+        # A model with a fixed batch dim takes its batches whole.
+        fixed = any(v.shape is not None and len(v.shape) and isinstance(v.shape[0], int) for v in self.graph.inputs)
+        self.samples = samples if fixed else chunks(samples, PROBE_CHUNK)
         self.providers = providers
         self.order = {id(n): i for i, n in enumerate(self.graph)}
         self.cone = const_cone(self.graph)
         self.runs = 0
-        self.passes = SegmentPass(self.model, samples, providers=providers, budget=budget, label="probe samples")
-        whole = session_from_view(self.model, list(self.graph.inputs), list(self.graph.outputs), list(self.graph), providers)
-        names = [o.name for o in self.graph.outputs]
-        self.y0 = [dict(zip(names, (o.astype(np.float64) for o in whole.run(names, b)))) for b in samples]
-        self.scale = sum(float((y**2).sum()) for ys in self.y0 for y in ys.values()) or 1.0
+        self.pool = pool
+        if pool is not None:  # the workers share the chunks, each with its segment pass and outputs
+            self.passes = None
+            self.scale = pool.probe_start(ir.to_proto(self.model).SerializeToString(), self.samples, providers, budget) or 1.0
+            return
+        self.passes = SegmentPass(self.model, self.samples, providers=providers, budget=budget, label="probe samples")
+        self.y0, self.scale = reference_outputs(self.model, self.samples, providers)
 
     def close(self) -> None:
-        self.passes.close()
+        if self.pool is not None:
+            self.pool.probe_end()
+        else:
+            self.passes.close()
 
     def plan(self, sites: list[_Site]) -> tuple[list[ir.Node], list[ir.Value]]:
         """The tail of ``sites`` (nodes that read, directly or not, a site consumer's
@@ -133,9 +142,9 @@ class _Tails:
                     if id(v) not in inside and not (v.producer() is None and v.const_value is not None and not v.is_graph_input())}
         return nodes, list(frontier.values())
 
-    def session(self, sites: list[_Site], nodes: list[ir.Node], frontier: list[ir.Value]):
-        """A session of the tail with m, c (and the mixing sites' weights) fed per run at
-        each site (graph restored)."""
+    def tail(self, sites: list[_Site], nodes: list[ir.Node], frontier: list[ir.Value]) -> bytes:
+        """The tail as a serialised model, with m, c (and the mixing sites' weights) fed per
+        run at each site (graph restored)."""
         f32 = ir.TensorType(ir.DataType.FLOAT)
         added: dict[int, list[ir.Node]] = {}
         params: list[ir.Value] = []
@@ -161,52 +170,90 @@ class _Tails:
         produced = {id(o) for n in nodes for o in n.outputs}
         self.outputs = [o for o in self.graph.outputs if id(o) in produced]
         try:
-            return session_from_view(self.model, frontier + params, self.outputs, ordered, self.providers)
+            return view_bytes(self.model, frontier + params, self.outputs, ordered)
         finally:
             for node, index, value in swapped:
                 node.replace_input_with(index, value)
 
-    def probe_fn(self, sites: list[_Site], analysis: Analysis, compensate: str, later: list[str]):
-        """``removed -> [{output name: y}]`` (one dict per probe batch): the model's outputs
-        the tail of ``sites`` computes with ``removed`` emulated there."""
+    def damages_fn(self, sites: list[_Site], analysis: Analysis, compensate: str, later: list[str]):
+        """``removals -> damages`` for a group whose consumers are ``sites``: per removal,
+        ‖y − y₀‖² / ‖y₀‖² over every output and probe sample (the square of verify's
+        relative L2 error), with the removal emulated at the sites."""
         nodes, frontier = self.plan(sites)
-        cached = self.passes.advance([v.name for v in frontier], later)
-        sess = self.session(sites, nodes, frontier)
-        names = [o.name for o in self.outputs]
+        names = [v.name for v in frontier]
+        tail = self.tail(sites, nodes, frontier)
+        outs = [o.name for o in self.outputs]
 
-        def outputs(removed: np.ndarray) -> list[dict[str, np.ndarray]]:
-            gone = np.zeros(len(analysis.roots), dtype=bool)
-            gone[removed] = True
-            gone[0] = False
-            params = {}
-            for s in sites:  # the same for every batch
-                drop = gone[analysis.roots[s.view.atoms]]
-                pred, c = _prediction(s, drop, compensate)
-                params[f"{s.name}_m"] = (~drop).astype(np.float32).reshape(s.shape)
-                params[f"{s.name}_c"] = c.reshape(s.shape)
-                if s.mixes:
-                    params[f"{s.name}_w"] = _mixed_weight(s, drop, pred)
-            out = []
-            for b in range(len(self.samples)):
-                feed = {v.name: cached[v.name][b] for v in frontier} | params
-                out.append(dict(zip(names, sess.run(names, feed))))
-                self.runs += 1
-            return out
+        def damages(removals: list[np.ndarray]) -> list[float]:
+            params = [self._params(sites, analysis, compensate, r) for r in removals]
+            self.runs += len(removals) * len(self.samples)
+            if self.pool is not None:
+                return [d / self.scale for d in self.pool.probe(names, later, tail, outs, params)]
+            cached = self.passes.advance(names, later)
+            return [d / self.scale for d in squared_errors(tail, self.providers, outs, self.y0,
+                                                             [{n: cached[n][b] for n in names} for b in range(len(self.samples))], params)]
 
-        return outputs
+        return damages
 
-    def damage_fn(self, sites: list[_Site], analysis: Analysis, compensate: str, later: list[str]):
-        """``removed -> damage`` for a group whose consumers are ``sites``: ‖y − y₀‖² / ‖y₀‖²
-        over every output and probe sample (the square of verify's relative L2 error)."""
-        outputs = self.probe_fn(sites, analysis, compensate, later)
+    def outputs(self, sites: list[_Site], analysis: Analysis, compensate: str, removed: np.ndarray) -> list[dict]:
+        """The model's outputs per probe batch with ``removed`` emulated at ``sites`` (in
+        this process): what the damages are computed from."""
+        nodes, frontier = self.plan(sites)
+        names = [v.name for v in frontier]
+        sess = _ort.session(self.tail(sites, nodes, frontier), self.providers)
+        outs = [o.name for o in self.outputs]
+        cached = self.passes.advance(names, [])
+        params = self._params(sites, analysis, compensate, removed)
+        return [dict(zip(outs, sess.run(outs, {n: cached[n][b] for n in names} | params))) for b in range(len(self.samples))]
 
-        def damage(removed: np.ndarray) -> float:
-            total = 0.0
-            for b, ys in enumerate(outputs(removed)):
-                total += sum(float(((y.astype(np.float64) - self.y0[b][n]) ** 2).sum()) for n, y in ys.items())
-            return total / self.scale
+    @staticmethod
+    def _params(sites: list[_Site], analysis: Analysis, compensate: str, removed: np.ndarray) -> dict[str, np.ndarray]:
+        """The fed m, c (and mixed weights) that emulate ``removed`` at the sites."""
+        gone = np.zeros(len(analysis.roots), dtype=bool)
+        gone[removed] = True
+        gone[0] = False
+        params = {}
+        for s in sites:
+            drop = gone[analysis.roots[s.view.atoms]]
+            pred, c = _prediction(s, drop, compensate)
+            params[f"{s.name}_m"] = (~drop).astype(np.float32).reshape(s.shape)
+            params[f"{s.name}_c"] = c.reshape(s.shape)
+            if s.mixes:
+                params[f"{s.name}_w"] = _mixed_weight(s, drop, pred)
+        return params
 
-        return damage
+
+def chunks(batches: list, size: int) -> list:
+    """``batches`` cut into batches of at most ``size`` samples (never joined: their
+    per-sample shapes may differ)."""
+    out = []
+    for b in batches:
+        n = len(next(iter(b.values())))
+        out += [{k: a[i : i + size] for k, a in b.items()} for i in range(0, n, size)]
+    return out
+
+
+def reference_outputs(model: ir.Model, samples: list, providers: list[str]) -> tuple[list[dict], float]:
+    """The model's outputs on each batch (float64) and their summed squares."""
+    g = model.graph
+    whole = session_from_view(model, list(g.inputs), list(g.outputs), list(g), providers)
+    names = [o.name for o in g.outputs]
+    y0 = [dict(zip(names, (o.astype(np.float64) for o in whole.run(names, b)))) for b in samples]
+    return y0, sum(float((y**2).sum()) for ys in y0 for y in ys.values())
+
+
+def squared_errors(tail: bytes, providers: list[str], outputs: list[str], y0: list[dict], feeds: list[dict],
+                   params: list[dict]) -> list[float]:
+    """Per parameter set, Σ‖y − y₀‖² of the tail's outputs over the batches ``feeds``."""
+    sess = _ort.session(tail, providers)
+    out = []
+    for p in params:
+        total = 0.0
+        for b, feed in enumerate(feeds):
+            ys = sess.run(outputs, feed | p)
+            total += sum(float(((y.astype(np.float64) - y0[b][n]) ** 2).sum()) for n, y in zip(outputs, ys))
+        out.append(total)
+    return out
 
 
 def _sites(analysis: Analysis, views: list[ConsumerView], stats: Statistics, compensate: str) -> list[_Site]:
@@ -235,14 +282,14 @@ def _sites(analysis: Analysis, views: list[ConsumerView], stats: Statistics, com
 
 def _measure_rungs(analysis: Analysis, groups: list[Group], sites_of: dict[int, list[_Site]], scores, samples,
                    measure, *, compensate: str, providers: list[str], min_keep: int, round_to: int | None,
-                   memory_budget: int, progress) -> tuple[dict[int, list[tuple[np.ndarray, float, float]]], int]:
+                   memory_budget: int, progress, pool=None) -> tuple[dict[int, list[tuple[np.ndarray, float, float]]], int]:
     """Per group (by id), its rungs: (removal, damage, saving), the first one only its dead
     channels; and the number of probes run.  Groups are probed in the order of their first
     consumer, so the original's pass over the probe samples only moves forward."""
     base = measure({})
     rungs: dict[int, list[tuple[np.ndarray, float, float]]] = {}
     probes = 0
-    tails = _Tails(analysis, samples, providers, memory_budget)
+    tails = _Tails(analysis, samples, providers, memory_budget, pool)
     try:
         first = {g.id: min((tails.order[id(s.view.node)] for s in sites_of[g.id]), default=0) for g in groups}
         ordered = sorted(groups, key=lambda g: (first[g.id], g.id))
@@ -252,9 +299,10 @@ def _measure_rungs(analysis: Analysis, groups: list[Group], sites_of: dict[int, 
             rungs[g.id] = [(dead, 0.0, base - measure({g.id: dead}))]
             if g.id in plans:  # else no consumer to emulate it at: only its dead channels go
                 later = [v.name for h in ordered[k + 1:] if h.id in plans for v in plans[h.id]]
-                damage = tails.damage_fn(sites_of[g.id], analysis, compensate, later)
+                damages = tails.damages_fn(sites_of[g.id], analysis, compensate, later)
                 ladder = _ladder(g, scores, dead, min_keep, round_to)
-                measured = {i: damage(ladder[i]) for i in _probed(len(ladder))}
+                probed = _probed(len(ladder))
+                measured = dict(zip(probed, damages([ladder[i] for i in probed])))
                 probes += len(measured)
                 local = [_local_error(sites_of[g.id], analysis, sel) for sel in ladder]
                 for sel, dmg in zip(ladder, _interpolated([len(s) for s in ladder], local, measured)):
@@ -323,11 +371,14 @@ def allocate(
     round_to: int | None = None,
     memory_budget: int = 1 << 30,
     progress: Callable[[int, int], None] | None = None,
+    pool=None,
 ) -> tuple[dict[int, np.ndarray], dict]:
     """Group id -> class roots to remove so that ``measure(removed)`` (the kept fraction of
     MACs or params) is at most ``target`` with the least summed measured damage; also a
     report (probes, damage predicted, groups that could not be probed).
-    ``progress(done, total)`` is told after each group."""
+    ``progress(done, total)`` is told after each group.  ``pool``: a
+    :class:`distributed.RayPool` whose workers share the probe samples (the damages are sums
+    over samples: the same measurements)."""
     views = consumer_views(analysis)
     samples = stats.kept
     if not samples:
@@ -337,7 +388,7 @@ def allocate(
     reach = {g.id for g in groups if sites_of[g.id]}
     rungs, probes = _measure_rungs(analysis, groups, sites_of, scores, samples, measure, compensate=compensate,
                                    providers=providers, min_keep=min_keep, round_to=round_to,
-                                   memory_budget=memory_budget, progress=progress)
+                                   memory_budget=memory_budget, progress=progress, pool=pool)
 
     def pick(lam: float) -> dict[int, int]:
         return {gid: int(np.argmin([dmg - lam * save for _, dmg, save in rs])) for gid, rs in rungs.items()}

@@ -14,8 +14,12 @@ weight solved so far (during the refit), up to ``RETRIES`` times per shard; past
 run fails with one line naming the shard.  Ray's own actor restarts are not used: they
 re-run the constructor with the arguments of the start.
 
-The driver itself keeps the held-out batches (verification) and the allocation's probe
-samples; the probes run on the driver.
+The allocation's probes run on the workers too: the probe batches (cut into batches of
+``allocate.PROBE_CHUNK`` samples, the same whatever the worker count) are dealt round-robin,
+each worker runs the original over its own once (a segment pass) and, per group, the group's
+tail (sent serialised) for every probed rung, returning one sum of squared errors per rung.
+The driver keeps the held-out batches (verification, which it runs) and the probe samples
+(to deal them).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import onnx
@@ -38,6 +42,7 @@ from .calibrate import SHARD_BLOCK, CollectPlan, Collector, Statistics
 from .data import Sample
 from .errors import InputError, OnnxPruneError
 from .reconstruct import RefitShard, RefitTarget, ShardSums, on_copies, target_positions
+from .segments import SegmentPass
 
 RETRIES = 2  # rebuilds of one shard's worker before the run fails
 
@@ -154,10 +159,41 @@ class _Worker:
     def timings(self) -> dict[str, float]:
         return dict(self.busy)
 
+    def probe_start(self, model: bytes, chunks: list[Sample], providers: list[str], budget: int) -> float:
+        """Hold some of the allocation's probe batches, the original's segment pass over
+        them and its outputs; returns their summed squares."""
+        from .allocate import reference_outputs  # the allocation's own pieces, on this worker's batches
+
+        t0 = time.perf_counter()
+        original = ir.from_proto(onnx.ModelProto.FromString(model))
+        self.probe_pass = SegmentPass(original, chunks, providers=providers, budget=budget, label="probe samples")
+        self.y0, scale = reference_outputs(original, chunks, providers)
+        self.probe_providers = providers
+        self._timed("probe", t0)
+        return scale
+
+    def probe(self, frontier: list[str], later: list[str], tail: bytes, outputs: list[str], params: list[dict]) -> list[float]:
+        """Σ‖y − y₀‖² over this worker's probe batches, per parameter set."""
+        from .allocate import squared_errors
+
+        t0 = time.perf_counter()
+        cached = self.probe_pass.advance(frontier, later)
+        feeds = [{n: cached[n][b] for n in frontier} for b in range(len(self.y0))]
+        try:
+            return squared_errors(tail, self.probe_providers, outputs, self.y0, feeds, params)
+        finally:
+            self._timed("probe", t0)
+
+    def probe_end(self) -> None:
+        if getattr(self, "probe_pass", None) is not None:
+            self.probe_pass.close()
+            self.probe_pass = self.y0 = None
+
     def pid(self) -> int:
         return os.getpid()
 
     def close(self) -> None:
+        self.probe_end()
         if self.shard is not None:
             self.shard.close()
 
@@ -183,6 +219,7 @@ class RayPool:
         self._pending: list[tuple[int, int, Sample]] = []
         self._collect: tuple | None = None  # collect_start's arguments while calibrating
         self._refit: tuple | None = None  # (specs, positions, original, pruned graph, providers, budget, block)
+        self._probe: tuple | None = None  # probe_start's arguments (the batches per worker) while probing
         self._wave: tuple[list[int], list[int]] | None = None
         self.closed = False
         # For summary(): seconds the driver waited on workers and bytes each way, per call
@@ -268,6 +305,28 @@ class RayPool:
             stats = stats.merge(p)
         return stats
 
+    # -- the allocation's probes -------------------------------------------------------
+    def probe_start(self, model: bytes, chunks: list[Sample], providers: list[str], budget: int) -> float:
+        """Deal the probe batches round-robin (a worker without one gets none); returns
+        the summed squares of the original's outputs on them."""
+        self.marks["probes"] = time.perf_counter()
+        ref = self.ray.put(model)
+        mine = [chunks[k :: len(self.actors)] for k in range(len(self.actors))]
+        self._probe = (ref, mine, providers, budget // max(len(self.actors), 1))
+        self._count(self.sent, "probe_start", len(model) * len(self.actors) + _nbytes(chunks))
+        return sum(self._each_own("probe_start", lambda k: (ref, mine[k], providers, self._probe[3])))
+
+    def probe(self, frontier: list[str], later: list[str], tail: bytes, outputs: list[str], params: list[dict]) -> list[float]:
+        """Per parameter set, Σ‖y − y₀‖² over all probe batches (the workers' sums added)."""
+        self._count(self.sent, "probe", (len(tail) + _nbytes(params)) * len(self.actors))
+        parts = self._each("probe", frontier, later, tail, outputs, params)
+        return [sum(p[i] for p in parts) for i in range(len(params))]
+
+    def probe_end(self) -> None:
+        self._each("probe_end")
+        self._probe = None
+        self.marks["probed"] = time.perf_counter()
+
     # -- the refit ----------------------------------------------------------------------
     def refit(self, targets: list[RefitTarget], original: ir.Model, pruned: ir.Model, *, providers: list[str],
               budget: int, block: int) -> "RayPool":
@@ -320,13 +379,31 @@ class RayPool:
                 except self.ray.exceptions.RayActorError as exc:
                     self._restore(k, exc)
                     # The restore repeats every call but these two, whose results are wanted.
-                    ref = getattr(self.actors[k], method).remote(*args) if method in ("statistics", "sums") \
+                    ref = getattr(self.actors[k], method).remote(*args) if method in ("statistics", "sums", "probe") \
                         else self.ray.put(None)
         self._count(self.waited, method, time.perf_counter() - t0)
         return out
 
-    def _restore(self, k: int, exc: Exception) -> None:
-        """A new worker ``k`` in the state its predecessor had before the failed call."""
+    def _each_own(self, method: str, args_of: Callable[[int], tuple]) -> list:
+        """``method(*args_of(k))`` on every worker k; a worker that died is rebuilt (the
+        restore repeats the call)."""
+        t0 = time.perf_counter()
+        refs = [getattr(a, method).remote(*args_of(k)) for k, a in enumerate(self.actors)]
+        out = []
+        for k, ref in enumerate(refs):
+            while True:
+                try:
+                    out.append(self.ray.get(ref))
+                    break
+                except self.ray.exceptions.RayActorError as exc:
+                    self._restore(k, exc, during=method)
+                    ref = getattr(self.actors[k], method).remote(*args_of(k))
+        self._count(self.waited, method, time.perf_counter() - t0)
+        return out
+
+    def _restore(self, k: int, exc: Exception, during: str = "") -> None:
+        """A new worker ``k`` in the state its predecessor had before the failed call
+        (``during``, when that call is repeated by the caller)."""
         self.tries[k] += 1
         numbers = sorted(b for ns, _, _ in self.blocks[k] for b in ns)
         if self.tries[k] > RETRIES:
@@ -340,6 +417,9 @@ class RayPool:
         self.calls[k] = []
         for ns, fs, ref in self.blocks[k]:
             a.take.remote(ns, fs, ref, self._collect is not None)
+        if self._probe is not None and during != "probe_start":  # else the caller repeats that call itself
+            ref, mine, providers, budget = self._probe
+            a.probe_start.remote(ref, mine[k], providers, budget)
         if self._refit is not None:
             a.refit_start.remote(*self._refit_args())
             if self._wave is not None:
@@ -380,6 +460,10 @@ class RayPool:
             out["calibrate"] = {"wall_s": round(wall, 4), "driver_read_s": round(wall - waited, 4),
                                 "driver_put_s": round(self.waited.get("put", 0.0), 4),
                                 "worker_busy_sum_s": round(sum(work), 4), "worker_busy_max_s": round(max(work), 4)}
+        if "probed" in m:
+            work = busy("probe")
+            out["probes"] = {"wall_s": round(m["probed"] - m["probes"], 4),
+                             "worker_busy_sum_s": round(sum(work), 4), "worker_busy_max_s": round(max(work), 4)}
         if "refit" in m:
             wall = m.get("closed", time.perf_counter()) - m["refit"]
             work = busy("refit_start", "advance", "sums", "apply")

@@ -187,12 +187,8 @@ def with_cone(graph: ir.Graph, nodes: Sequence[ir.Node], cone: set[int]) -> list
     return [n for n in graph if id(n) in need]
 
 
-def session_from_view(model: ir.Model, inputs: Sequence[ir.Value], outputs: Sequence[ir.Value],
-                      nodes: Sequence[ir.Node], providers: list[str]):
-    """An onnxruntime session for the sub-model of ``model`` made of ``nodes`` (in graph
-    order), reading ``inputs`` and returning ``outputs``.  Serialised in memory; past
-    protobuf's 2 GiB, written with external data to a private temp folder, removed once
-    onnxruntime has loaded it."""
+def _view_proto(model: ir.Model, inputs: Sequence[ir.Value], outputs: Sequence[ir.Value],
+                nodes: Sequence[ir.Node]) -> onnx.ModelProto:
     consts: dict[int, ir.Value] = {}
     for n in nodes:
         for v in node_reads(n):
@@ -207,6 +203,22 @@ def session_from_view(model: ir.Model, inputs: Sequence[ir.Value], outputs: Sequ
     ir.serde.serialize_graph_into(proto.graph, view)
     for f in model.functions.values():
         ir.serde.serialize_function_into(proto.functions.add(), f)
+    return proto
+
+
+def view_bytes(model: ir.Model, inputs: Sequence[ir.Value], outputs: Sequence[ir.Value], nodes: Sequence[ir.Node]) -> bytes:
+    """The sub-model of ``model`` made of ``nodes`` (in graph order), serialised (below
+    protobuf's 2 GiB only)."""
+    return _view_proto(model, inputs, outputs, nodes).SerializeToString()
+
+
+def session_from_view(model: ir.Model, inputs: Sequence[ir.Value], outputs: Sequence[ir.Value],
+                      nodes: Sequence[ir.Node], providers: list[str]):
+    """An onnxruntime session for the sub-model of ``model`` made of ``nodes`` (in graph
+    order), reading ``inputs`` and returning ``outputs``.  Serialised in memory; past
+    protobuf's 2 GiB, written with external data to a private temp folder, removed once
+    onnxruntime has loaded it."""
+    proto = _view_proto(model, inputs, outputs, nodes)
     if proto.ByteSize() < 2**31 - 2**26:
         return _ort.session(proto.SerializeToString(), providers)
     with tempfile.TemporaryDirectory(prefix="onnxprune-segment-") as folder:

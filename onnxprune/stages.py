@@ -235,7 +235,8 @@ class Select(Stage):
             with bar("probing groups", c.progress) as tick:
                 state.removed, probe = allocate(analysis, state.scores, stats, kept_fraction, c.target,
                                                 compensate=c.compensate, providers=state.providers, min_keep=c.min_keep,
-                                                round_to=c.round_to, memory_budget=c.memory_budget, progress=tick)
+                                                round_to=c.round_to, memory_budget=c.memory_budget, progress=tick,
+                                                pool=state.store if hasattr(state.store, "probe") else None)
             prunable = sum(len(g.classes) for g in analysis.groups if g.prunable)
             state.ratio = len(flat(state.removed)) / max(prunable, 1)
             state.rule += f", allocated by measured sensitivity ({probes_text(probe)})"

@@ -213,3 +213,48 @@ def test_a_ray_dataset_calibrates_like_the_same_samples_in_a_list(tmp_path, runt
     rows = [{name: arr[i] for name, arr in b.items()} for b in data for i in range(next(iter(b.values())).shape[0])]
     dataset = ray.data.from_items(rows)
     _same(_api_prune(path, dataset, ray="local", workers=2), _api_prune(path, data), "a ray.data.Dataset")
+
+
+def test_probes_on_ray_workers_measure_what_one_process_does(tmp_path, runtime):
+    """The allocation's probe batches dealt to 2 workers: every group's measured damages
+    equal the one-process ones (sums over the same batches)."""
+    from onnxprune.allocate import _sites, _sites_by_group, _Tails
+    from onnxprune.calibrate import calibrate
+    from onnxprune.compensate import lstsq_requests
+    from onnxprune.consumers import consumer_views
+    from onnxprune.criteria import score_groups
+    from onnxprune.distributed import RayPool
+    from onnxprune.groups import analyze_groups
+    from onnxprune.select import choose
+
+    proto = MODELS["residual_concat"]()
+    model, _ = load_model(save(proto, tmp_path / "m.onnx"))
+    analysis = analyze_groups(model, ())
+    views = consumer_views(analysis)
+    stats, _ = calibrate(model, {v.tensor: (v.value, v.axis) for v in views}, iter(_batches(proto, n=8, seed=6)),
+                         batch_size=5, providers=CPU, memory_budget=1 << 28, progress=False, keep=32,
+                         requests=lstsq_requests(analysis))
+    groups = [g for g in analysis.groups if g.prunable]
+    sites_of = _sites_by_group(analysis, groups, _sites(analysis, views, stats, "lstsq"))
+    scores = score_groups(analysis, "l1")
+    removals = {g.id: [choose([g], scores, {g.id: k}, min_keep=1, round_to=1)[g.id] for k in (1, len(g.classes) // 2)]
+                for g in groups if sites_of[g.id]}
+    assert removals, "the test needs groups to probe"
+
+    def measured(pool):
+        tails = _Tails(analysis, stats.kept, CPU, 1 << 28, pool)
+        try:
+            return {gid: tails.damages_fn(sites_of[gid], analysis, "lstsq", [])(rs) for gid, rs in removals.items()}
+        finally:
+            tails.close()
+
+    one = measured(None)
+    pool = RayPool("local", 2)
+    try:
+        two = measured(pool)
+    finally:
+        pool.close()
+    assert pool.summary()["probes"]["worker_busy_sum_s"] > 0  # the workers ran them
+    for gid in one:
+        np.testing.assert_allclose(two[gid], one[gid], rtol=1e-9, err_msg=str(gid))
+        assert all(d > 0 for d in one[gid][1:])
