@@ -95,6 +95,7 @@ def prune(
     steps: int = 1,
     ray: str | None = None,
     workers: int = 2,
+    input_shape: dict[str, tuple[int, ...] | list[int]] | None = None,
     _reference: str | os.PathLike | None = None,
 ) -> tuple[ir.Model, PruneResult]:
     """Prune the model at ``model_path``; write it to ``output_path`` when given.
@@ -112,6 +113,12 @@ def prune(
     runs on ``workers`` Ray actors, each holding a shard of the calibration batches
     (:mod:`onnxprune.distributed`); the written weights are those of one process.
 
+    ``input_shape``: ``{input name: dims}`` (``--input-shape``): fixes an input's symbolic
+    dims for the synthetic reference run (without ``calib``), the MAC count and the report;
+    the written model keeps its declared (symbolic) inputs.  With ``calib`` the reference
+    run and the checks use the first calibration samples, and the MACs are counted on
+    their shapes unless ``input_shape`` is given.
+
     ``round_to``: kept channel counts are rounded up to a multiple of it; ``None`` (the
     default) rounds groups a Conv produces or reads to 16 (onnxruntime's NCHWc kernels)
     and leaves the rest free (:func:`select.round_for`).
@@ -124,7 +131,7 @@ def prune(
         memory_budget_mb=memory_budget_mb, device=device, compensate=compensate, target_macs=target_macs,
         target_params=target_params, eval_data=eval_data, labels=labels, max_error=max_error,
         min_agreement=min_agreement, force=force, eval_samples=eval_samples, progress=progress, latency=latency,
-        method_options=method_options, steps=steps, ray=ray, workers=workers,
+        method_options=method_options, steps=steps, ray=ray, workers=workers, input_shape=input_shape,
     )
     return prune_with(config, model_path, output_path, reference=_reference)
 

@@ -29,7 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 from . import _ort
-from .data import Sample
+from .data import Sample, samples_in, take_samples
 from .errors import InputError
 
 
@@ -302,8 +302,8 @@ def _run(sess: Any, names: list[str], feed: Sample) -> list[np.ndarray]:
 def _measure_bytes_per_sample(sess: Any, values: list[ir.Value], batch: Sample, fixed_batch: bool) -> dict[str, int]:
     """Bytes per sample of each of ``values``, measured by fetching them all for the first
     sample of ``batch`` (for the whole batch when the model's batch size is fixed)."""
-    probe = batch if fixed_batch else {name: arr[:1] for name, arr in batch.items()}
-    n = max(next(iter(probe.values())).shape[0], 1)
+    probe = batch if fixed_batch else take_samples(batch, slice(None, 1))
+    n = max(samples_in(probe), 1)
     outs = _run(sess, [v.name for v in values], probe)
     return {v.name: -(-x.nbytes // n) for v, x in zip(values, outs)}
 
@@ -452,7 +452,7 @@ def calibrate(
 
             def counted(it: Iterator[Sample]) -> Iterator[Sample]:
                 for b in it:
-                    bar.update(task, advance=next(iter(b.values())).shape[0])
+                    bar.update(task, advance=samples_in(b))
                     yield b
 
             def stats_of(name: str, channels: int) -> TensorStats:
@@ -462,14 +462,14 @@ def calibrate(
                 return s
 
             for batch in split_held_out(counted(batch_iter), hold_out, fixed_batch, held):
-                n = next(iter(batch.values())).shape[0]
+                n = samples_in(batch)
                 if record is not None:
                     record.append(batch)
                 if stats.samples < keep:
                     cut = n if fixed_batch else keep - stats.samples  # a fixed batch size cannot be cut
-                    stats.kept.append({name: arr[:cut] for name, arr in batch.items()})
+                    stats.kept.append(take_samples(batch, slice(None, cut)))
                 if unknown:
-                    shapes = tuple((name, arr.shape[1:]) for name, arr in batch.items())
+                    shapes = tuple((name, arr.shape[1:]) for name, arr in batch.items() if arr.ndim)
                     if shapes != planned_for:
                         measured = _measure_bytes_per_sample(sess, unknown, batch, fixed_batch)
                         runs = _plan_runs(fetched, batch_size, memory_budget, measured)
@@ -507,7 +507,7 @@ def split_held_out(batch_iter: Iterator[Sample], hold_out: int, fixed_batch: boo
     refit) leaves out the same samples."""
     held_n = seen = 0
     for k, batch in enumerate(batch_iter):
-        n = next(iter(batch.values())).shape[0]
+        n = samples_in(batch)
         if hold_out and held_n < hold_out:
             if fixed_batch:  # cannot cut a fixed-size batch
                 take = np.full(n, k % 5 == 4)
@@ -517,11 +517,11 @@ def split_held_out(batch_iter: Iterator[Sample], hold_out: int, fixed_batch: boo
             seen += n
             if take.any():
                 if held is not None:
-                    held.append({name: arr[take] for name, arr in batch.items()})
+                    held.append(take_samples(batch, take))
                 held_n += int(take.sum())
                 if take.all():
                     continue
-                batch = {name: arr[~take] for name, arr in batch.items()}
+                batch = take_samples(batch, ~take)
         yield batch
 
 

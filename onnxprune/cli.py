@@ -14,7 +14,7 @@ from typing import Iterator
 import click
 from rich.console import Console
 
-from . import _ort, _signals, api
+from . import _ort, _signals, api, checks
 from .criteria import METHODS
 from .compensate import COMPENSATIONS
 from .config import PruneConfig
@@ -96,6 +96,9 @@ _verbose_option = click.option(
                    "so onnxruntime keeps its fast NCHWc kernels; 1 for the rest]")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="leave groups whose producer matches (fnmatch)")
 @click.option("--calib", type=click.Path(path_type=str), help="calibration data: folder of .npy/.npz files or images")
+@click.option("--input-shape", "input_shape", multiple=True, metavar="NAME:D0,D1,...",
+              help="fix an input's symbolic dims for the test run and the MAC count, e.g. images:1,3,320,320 "
+                   "(repeatable; the written model keeps its symbolic dims)")
 @click.option("--max-samples", type=int, help="use at most this many calibration samples")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="samples per onnxruntime run")
 @click.option("--memory-budget", "memory_budget_mb", type=float, default=1024, show_default=True, help="MiB of exposed tensors per run")
@@ -165,7 +168,8 @@ def cli_options(params: dict) -> dict:
     )
     knobs = MethodOptions(**{f: params[k] for k, f in _METHOD_KNOBS.items()})
     method = params["method"] or ("wanda" if params["calib"] else "l1")
-    return dict(p, method=method, preprocess=pre, method_options=knobs, progress=not params["quiet"])
+    return dict(p, method=method, preprocess=pre, method_options=knobs, progress=not params["quiet"],
+                input_shape=checks.parse_input_shapes(params["input_shape"]))
 
 
 @cli.command("analyze")

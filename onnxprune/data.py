@@ -272,6 +272,15 @@ def check_sample(where: str, sample: Any, specs: list[InputSpec]) -> Sample:
     for spec in specs:
         arr = np.asarray(sample[spec.name])
         rank = len(spec.dims)
+        if rank == 0:  # a scalar input (a sample rate): one value the whole batch shares
+            if arr.ndim != 0:
+                raise InputError(f"{where}: input '{spec.name}' is a scalar (rank 0), found shape {list(arr.shape)}")
+            if arr.dtype != spec.dtype:
+                raise InputError(f"{where}: input '{spec.name}' expected dtype {spec.dtype}, found {arr.dtype}")
+            if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+                raise InputError(f"{where}: input '{spec.name}' contains NaN or Inf")
+            out[spec.name] = arr
+            continue
         if arr.ndim == rank - 1:
             arr = arr[None]
         elif arr.ndim != rank:
@@ -297,6 +306,38 @@ def check_sample(where: str, sample: Any, specs: list[InputSpec]) -> Sample:
     return out
 
 
+def samples_in(batch: Sample) -> int:
+    """Samples in ``batch``: the leading dim of its first input that has one (a scalar input
+    is shared by the whole batch; a batch of scalars only is one sample)."""
+    for v in batch.values():
+        if np.ndim(v):
+            return int(np.shape(v)[0])
+    return 1
+
+
+def take_samples(batch: Sample, index: Any) -> Sample:
+    """The samples ``index`` (a slice or a mask) of every batched input; scalar inputs as they are."""
+    return {k: v[index] if np.ndim(v) else v for k, v in batch.items()}
+
+
+def _join(buffer: list[Sample]) -> Sample:
+    """One batch from several: batched inputs concatenated, a scalar input's one value kept
+    (samples that disagree on it cannot share a run)."""
+    out: Sample = {}
+    for k, first in buffer[0].items():
+        if np.ndim(first):
+            out[k] = np.concatenate([b[k] for b in buffer])
+            continue
+        other = next((b[k] for b in buffer if not np.array_equal(b[k], first)), None)
+        if other is not None:
+            raise InputError(
+                f"scalar input '{k}' changes value between calibration samples ({first.item()!r}, then {other.item()!r}): "
+                "the samples of one batch share it; give one value, or --batch-size 1"
+            )
+        out[k] = first
+    return out
+
+
 def _fmt(dims: tuple[int | None, ...]) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 
@@ -316,9 +357,9 @@ def batches(
     seen = 0
     for where, raw in items:
         sample = check_sample(where, raw, specs)
-        n = next(iter(sample.values())).shape[0]
+        n = samples_in(sample)
         if max_samples is not None and seen + n > max_samples:
-            sample = {k: v[: max_samples - seen] for k, v in sample.items()}
+            sample = take_samples(sample, slice(None, max_samples - seen))
             n = max_samples - seen
         if n <= 0:
             break
@@ -326,14 +367,14 @@ def batches(
         buffer.append(sample)
         held += n
         while held >= batch_size:
-            joined = {k: np.concatenate([b[k] for b in buffer]) for k in sample}
-            yield {k: v[:batch_size] for k, v in joined.items()}
-            rest = {k: v[batch_size:] for k, v in joined.items()}
+            joined = _join(buffer)
+            yield take_samples(joined, slice(None, batch_size))
+            rest = take_samples(joined, slice(batch_size, None))
             held -= batch_size
             buffer = [rest] if held else []
         if max_samples is not None and seen >= max_samples:
             break
     if held:
-        yield {k: np.concatenate([b[k] for b in buffer]) for k in buffer[0]}
+        yield _join(buffer)
     if seen == 0:
         raise InputError("the calibration data holds no samples")

@@ -53,6 +53,12 @@ class PruneResult:
     method_report: dict | None = None
     steps: int = 1
     selection: str = ""
+    # What the MACs were counted on: the input shapes (per sample) and where they came from
+    # ("calibration data", "--input-shape", "declared shapes", or "per unit" of the symbolic
+    # dims in ``macs_symbolic`` when the run knew no real shapes: then not a total).
+    macs_input_shapes: dict[str, list[int]] | None = None
+    macs_basis: str = "declared shapes"
+    macs_symbolic: dict[str, list[str]] | None = None
 
     @property
     def blocked(self) -> list[dict]:
@@ -63,7 +69,8 @@ class PruneResult:
             "method": self.method,
             "ratio": self.ratio,
             "params": {"before": self.params_before, "after": self.params_after},
-            "macs": {"before": self.macs_before, "after": self.macs_after},
+            "macs": {"before": self.macs_before, "after": self.macs_after, "input_shapes": self.macs_input_shapes,
+                     "counted_on": self.macs_basis, "symbolic_dims": self.macs_symbolic},
             "file_size": {"before": self.file_size_before, "after": self.file_size_after},
             "output": self.output,
             "groups": self.groups,
