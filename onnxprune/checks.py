@@ -168,7 +168,8 @@ def preprocess(pre: Any) -> None:
     if any(float(v) == 0.0 for v in pre.std):
         raise InputError(f"--std divides the pixels: it cannot be 0, got {','.join(f'{float(v):g}' for v in pre.std)}")
     choice("--layout", pre.layout, ("NCHW", "NHWC"))
-    choice("--channels", pre.channels, ("RGB", "BGR", "L"))
+    if pre.channels is not None:
+        choice("--channels", pre.channels, ("GRAY", "RGB", "BGR", "L"))
 
 
 def _sequence(flag: str, values: Any) -> tuple:

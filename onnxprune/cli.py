@@ -121,8 +121,9 @@ _verbose_option = click.option(
 @click.option("--std", "std_", help="images: per-channel std, e.g. 0.229,0.224,0.225")
 @click.option("--scale", type=float, default=1 / 255, show_default=True, help="images: multiply pixels by this first")
 @click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW", show_default=True, help="images: tensor layout")
-@click.option("--channels", type=click.Choice(["RGB", "BGR", "L"]), default="RGB", show_default=True,
-              help="images: channel order, or L for grayscale (the default for a model whose input has 1 channel)")
+@click.option("--channels", type=click.Choice(["GRAY", "RGB", "BGR", "L"], case_sensitive=False), default=None,
+              help="images: GRAY (alias L), or RGB/BGR channel order [default: GRAY for a model whose input has "
+                   "1 channel, else RGB]")
 @click.option("--eval", "eval_data", type=click.Path(path_type=str), help="held-out data to verify on (else a slice of --calib)")
 @click.option("--labels", type=click.Path(dir_okay=False, path_type=str), help=".npy of integer labels for --eval, for accuracy")
 @click.option("--max-error", type=float, help="fail (exit 3, nothing written) above this relative L2 output error")

@@ -46,7 +46,7 @@ class Preprocess:
     std: tuple[float, ...] = (1.0, 1.0, 1.0)
     scale: float = 1.0 / 255.0
     layout: str = "NCHW"
-    channels: str = "RGB"
+    channels: str | None = None  # GRAY (alias L), RGB or BGR; None: GRAY for a 1-channel input, else RGB
 
 
 def input_specs(session) -> list[InputSpec]:
@@ -143,7 +143,7 @@ def load_image(path: Path, spec: InputSpec, pre: Preprocess) -> np.ndarray:
     except ImportError as exc:  # pragma: no cover - pillow is a dependency
         raise InputError("reading images needs Pillow: pip install pillow") from exc
     gray = _gray(spec, pre)
-    img = _open_image(path, Image, "L" if gray else "RGB")
+    img = _open_image(path, Image, "L" if gray else "RGB")  # L, RGB, or F (16-bit gray on 0..255)
     if pre.resize:
         w, h = img.size
         s = pre.resize / min(w, h)
@@ -153,13 +153,14 @@ def load_image(path: Path, spec: InputSpec, pre: Preprocess) -> np.ndarray:
         left, top = (w - pre.crop) // 2, (h - pre.crop) // 2
         img = img.crop((left, top, left + pre.crop, top + pre.crop))
     arr = np.asarray(img, dtype=np.float32)
+    if arr.ndim == 2:  # one channel: the model's, or a 16-bit gray image read for a colour model
+        arr = arr[..., None] if gray else np.repeat(arr[..., None], 3, axis=2)
     mean, std = np.asarray(pre.mean, np.float32), np.asarray(pre.std, np.float32)
     if gray:
-        arr = arr[..., None]
         if np.ptp(mean) or np.ptp(std):
             raise InputError(f"{path}: a 1-channel model reads images as grayscale: give one --mean and one --std value")
         mean, std = mean[:1], std[:1]
-    elif pre.channels.upper() == "BGR":
+    elif _channels(pre) == "BGR":
         arr = arr[..., ::-1]
     arr = (arr * pre.scale - mean) / std
     if pre.layout.upper() == "NCHW":
@@ -167,18 +168,55 @@ def load_image(path: Path, spec: InputSpec, pre: Preprocess) -> np.ndarray:
     return np.ascontiguousarray(arr).astype(spec.dtype)
 
 
+def _channels(pre: Preprocess) -> str | None:
+    """``--channels`` by its canonical name (``L`` is ``GRAY``), None when not given."""
+    ch = pre.channels.upper() if pre.channels else None
+    return "GRAY" if ch == "L" else ch
+
+
 def _gray(spec: InputSpec, pre: Preprocess) -> bool:
-    """Whether images are read as one grayscale channel: ``--channels L``, or a model input
-    whose channel dim (by ``--layout``) is 1, as MNIST models have."""
-    if pre.channels.upper() == "L":
+    """Whether images are read as one grayscale channel: ``--channels GRAY``, or by default
+    a model input whose channel dim (by ``--layout``) is 1, as MNIST models have.  A channel
+    count the model fixes otherwise is refused in one line."""
+    ch = _channels(pre)
+    takes = None
+    if len(spec.dims) == 4:
+        takes = spec.dims[1] if pre.layout.upper() == "NCHW" else spec.dims[3]
+    if ch is None:
+        return takes == 1
+    if ch == "GRAY":
+        if takes not in (None, 1):
+            raise InputError(f"--channels GRAY reads images as 1 channel, but input '{spec.name}' takes {takes} "
+                             f"({pre.layout}): use --channels RGB or BGR")
         return True
-    if len(spec.dims) != 4:
-        return False
-    return (spec.dims[1] if pre.layout.upper() == "NCHW" else spec.dims[3]) == 1
+    if takes == 1:
+        raise InputError(f"--channels {ch} reads images as 3 channels, but input '{spec.name}' takes 1 ({pre.layout}): "
+                         "use --channels GRAY (the default for it)")
+    return False
+
+
+# Pillow modes of 16-bit (and 32-bit integer) grayscale, which PNG holds: read on the 8-bit
+# scale (value / 257) instead of Pillow's conversion, which clips everything above 255.
+_WIDE_GRAY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _convert(img, mode: str):
+    """``img`` as ``mode`` (L or RGB).  Alpha (RGBA, LA, PA, a palette's transparent entry)
+    is dropped, keeping the stored colours, as ``convert('RGB')`` in torchvision's image
+    folder loader does, so calibration sees what training pipelines feed; a palette with
+    transparency goes through RGBA (Pillow warns otherwise).  16-bit grayscale becomes
+    float (mode F) on the 8-bit scale, replicated to 3 channels later for a colour model."""
+    if img.mode in _WIDE_GRAY:
+        from PIL import Image
+
+        return Image.fromarray(np.asarray(img.convert("F"), dtype=np.float32) / np.float32(257.0), mode="F")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert(mode)
 
 
 def _open_image(path: Path, Image, mode: str = "RGB"):
-    """``path`` as an image of ``mode`` (RGB, or L for grayscale), refused in one line above MAX_IMAGE_PIXELS (checked on the
+    """``path`` as an image of ``mode`` (RGB, or L for grayscale; see :func:`_convert`), refused in one line above MAX_IMAGE_PIXELS (checked on the
     header, before decoding) and with Pillow's decompression-bomb warning as that error."""
     too_big = f"{path}: image too large (more than {MAX_IMAGE_PIXELS // 2**20} megapixels)"
     try:
@@ -187,7 +225,7 @@ def _open_image(path: Path, Image, mode: str = "RGB"):
             img = Image.open(path)
             if img.size[0] * img.size[1] > MAX_IMAGE_PIXELS:
                 raise InputError(f"{too_big}: {img.size[0]}x{img.size[1]}")
-            return img.convert(mode)
+            return _convert(img, mode)
     except InputError:
         raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
