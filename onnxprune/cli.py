@@ -177,11 +177,13 @@ def cli_options(params: dict) -> dict:
 @click.argument("input_model", type=click.Path(dir_okay=True, path_type=str))
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="mark groups whose producer matches as excluded")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="also write the analysis as JSON")
+@click.option("--input-shape", "input_shape", multiple=True, metavar="NAME:D0,D1,...",
+              help="count MACs with this input's symbolic dims fixed, e.g. images:1,3,320,320 (repeatable)")
 @_verbose_option
-def analyze_cmd(input_model, exclude, json_path):
+def analyze_cmd(input_model, exclude, json_path, input_shape):
     """List every channel group, the prunable share of params and MACs, and what blocks the rest."""
     check_side_outputs(input_model, None, [("--json", json_path)])
-    report = api.analyze(input_model, exclude)
+    report = api.analyze(input_model, exclude, input_shape=checks.parse_input_shapes(input_shape))
     if json_path:
         write_json(report.to_dict(), json_path)
     print_analysis(report, Console())

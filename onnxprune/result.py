@@ -16,6 +16,9 @@ class AnalysisReport:
     macs: int
     prunable_params: int
     prunable_macs: int
+    macs_basis: str = "declared shapes"  # as PruneResult's
+    macs_input_shapes: dict[str, list[int]] | None = None
+    macs_symbolic: dict[str, list[str]] | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -25,6 +28,9 @@ class AnalysisReport:
             "prunable_macs": self.prunable_macs,
             "prunable_params_share": self.prunable_params / self.params if self.params else 0.0,
             "prunable_macs_share": self.prunable_macs / self.macs if self.macs else 0.0,
+            "macs_counted_on": self.macs_basis,
+            "macs_input_shapes": self.macs_input_shapes,
+            "macs_symbolic_dims": self.macs_symbolic,
             "groups": [g.to_dict() for g in self.groups],
         }
 

@@ -108,3 +108,16 @@ def test_macs_target_is_met_on_real_shapes(tmp_path):
     kept = _hand_count(out, 64, 64) / _hand_count(src, 64, 64)
     assert kept == result.macs_after / result.macs_before
     assert 0.45 <= kept <= 0.5
+
+
+def test_analyze_counts_on_input_shape_or_says_per_unit(tmp_path, capsys):
+    src = save(_detector(), tmp_path / "det.onnx")
+    report = onnxprune.analyze(src)
+    assert report.to_dict()["macs_counted_on"] == "per unit" and report.macs_symbolic == {"images": ["height", "width"]}
+    out = tmp_path / "a.json"
+    assert main(["analyze", str(src), "--input-shape", "images:1,3,64,48", "--json", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert d["macs"] == _hand_count(src, 64, 48) and d["macs_input_shapes"] == {"images": [1, 3, 64, 48]}
+    assert "counted on input shapes images [1, 3, 64, 48]" in " ".join(capsys.readouterr().out.split())
+    assert main(["analyze", str(src), "--input-shape", "images:1,3,64"]) == 2
+    assert "has rank 3, but input 'images' has rank 4" in capsys.readouterr().err
