@@ -55,7 +55,7 @@ class PruneState:
     # load
     model: ir.Model | None = None
     external: bool = False
-    feed: Any = None  # the synthetic input the original and the pruned graph are checked on
+    feed: Any = None  # what the original and the pruned graph are checked on: calibration samples, else synthetic
     reference: Any = None  # the original's outputs on ``feed``
     providers: list | None = None
     # groups
@@ -133,7 +133,8 @@ class Load(Stage):
         if c.calib is not None:
             state.specs = specs
             first = self._open_calibration(state)
-            state.feed = first if fixed_batch(specs, 0) else take_samples(first, slice(None, REFERENCE_SAMPLES))
+            feed = first if fixed_batch(specs, 0) else take_samples(first, slice(None, REFERENCE_SAMPLES))
+            state.feed = {k: np.array(v) for k, v in feed.items()}  # a copy: not a view that keeps the whole batch
         else:
             state.feed = random_feed(sess, c.seed, shapes=c.input_shape)
         state.reference = run_reference(sess, state.feed, synthetic=c.calib is None)
