@@ -40,6 +40,7 @@ import onnx_ir as ir
 from .calibrate import Statistics
 from ._graph import const_array
 from .compensate import _taps, enough_rows, ridged, rows_to_weight, weight_rows
+from .data import samples_in, take_samples
 from .consumers import ConsumerView, consumer_views
 from .groups import Analysis, Group
 from . import _ort
@@ -228,8 +229,7 @@ def chunks(batches: list, size: int) -> list:
     per-sample shapes may differ)."""
     out = []
     for b in batches:
-        n = len(next(iter(b.values())))
-        out += [{k: a[i : i + size] for k, a in b.items()} for i in range(0, n, size)]
+        out += [take_samples(b, slice(i, i + size)) for i in range(0, samples_in(b), size)]
     return out
 
 
@@ -443,7 +443,7 @@ def allocate(
             break
     predicted = sum(curve(gid, len(r)) for gid, r in final.items())
     report = {
-        "probes": probes, "probe_samples": sum(next(iter(b.values())).shape[0] for b in samples),
+        "probes": probes, "probe_samples": sum(samples_in(b) for b in samples),
         "predicted_error": predicted,
         "not_probed": [g.id for g in groups if g.id not in reach],
         # per group: channels removed, of how many, and the damage its curve predicts there

@@ -19,17 +19,19 @@ import onnx_ir as ir
 
 from . import checks
 from .config import PruneConfig
-from .count import count_macs, count_params, node_macs
+from .count import count_params, macs_by_node, symbolic_dims
+from .data import input_specs
 from .data import Preprocess
 from .errors import InputError
 from .groups import Analysis, analyze_groups
 from .load import load_model
 from .methods import MethodOptions
 from .result import AnalysisReport, PruneResult
-from .stages import PIPELINE, PruneState, Stage
+from .stages import PIPELINE, PruneState, Stage, count_shapes
+from .verify import original_session
 
 
-def _prunable_share(analysis: Analysis) -> tuple[int, int]:
+def _prunable_share(analysis: Analysis, table: dict[int, int]) -> tuple[int, int]:
     """Params and MACs of the constants and nodes that a prunable group would shrink."""
     from .layout import SliceParam
 
@@ -48,19 +50,31 @@ def _prunable_share(analysis: Analysis) -> tuple[int, int]:
                 seen.add(id(v))
                 shape = v.shape if v.shape is not None else ()
                 params += int(np.prod([d if isinstance(d, int) else 1 for d in shape]))
-    macs = sum(node_macs(n) for n in analysis.model.graph if id(n) in ok)
+    macs = sum(table.get(id(n), 0) for n in analysis.model.graph if id(n) in ok)
     return params, macs
 
 
-def analyze(model_path: str | os.PathLike, exclude: tuple[str, ...] | list[str] = ()) -> AnalysisReport:
-    """Find every channel group of the model at ``model_path`` and what blocks the others."""
+def analyze(model_path: str | os.PathLike, exclude: tuple[str, ...] | list[str] = (),
+            input_shape: dict[str, tuple[int, ...] | list[int]] | None = None) -> AnalysisReport:
+    """Find every channel group of the model at ``model_path`` and what blocks the others;
+    MACs on ``input_shape`` (as ``prune``'s) when given, else on the declared shapes."""
     checks.path_like("model_path", model_path)
     exclude = checks.patterns(exclude)
+    input_shape = checks.input_shapes(input_shape)
     model, _ = load_model(model_path)
-    params, macs = count_params(model), count_macs(model)  # counted where prune counts them
+    if input_shape:  # checked against the inputs onnxruntime sees, as prune checks it
+        specs = input_specs(original_session(model_path))
+        checks.input_shapes_fit(input_shape, specs)
+        shapes, basis = count_shapes(specs, input_shape, None)
+    else:
+        shapes, basis = None, "per unit" if symbolic_dims(model) else "declared shapes"
+    table = macs_by_node(model, shapes)  # counted where prune counts them
+    params, macs = count_params(model), int(sum(table.values()))
     analysis = analyze_groups(model, exclude)
-    pp, pm = _prunable_share(analysis)
-    return AnalysisReport(analysis.groups, params, macs, pp, pm)
+    pp, pm = _prunable_share(analysis, table)
+    return AnalysisReport(analysis.groups, params, macs, pp, pm, macs_basis=basis,
+                          macs_input_shapes=None if shapes is None else {k: list(v) for k, v in shapes.items()},
+                          macs_symbolic=symbolic_dims(model) if basis == "per unit" else None)
 
 
 def prune(
@@ -95,6 +109,7 @@ def prune(
     steps: int = 1,
     ray: str | None = None,
     workers: int = 2,
+    input_shape: dict[str, tuple[int, ...] | list[int]] | None = None,
     _reference: str | os.PathLike | None = None,
 ) -> tuple[ir.Model, PruneResult]:
     """Prune the model at ``model_path``; write it to ``output_path`` when given.
@@ -113,6 +128,12 @@ def prune(
     calibration batches (:mod:`onnxprune.distributed`); the selection and the written
     weights are those of one process.
 
+    ``input_shape``: ``{input name: dims}`` (``--input-shape``): fixes an input's symbolic
+    dims for the synthetic reference run (without ``calib``), the MAC count and the report;
+    the written model keeps its declared (symbolic) inputs.  With ``calib`` the reference
+    run and the checks use the first calibration samples, and the MACs are counted on
+    their shapes unless ``input_shape`` is given.
+
     ``round_to``: kept channel counts are rounded up to a multiple of it; ``None`` (the
     default) rounds groups a Conv produces or reads to 16 (onnxruntime's NCHWc kernels)
     and leaves the rest free (:func:`select.round_for`).
@@ -125,7 +146,7 @@ def prune(
         memory_budget_mb=memory_budget_mb, device=device, compensate=compensate, target_macs=target_macs,
         target_params=target_params, eval_data=eval_data, labels=labels, max_error=max_error,
         min_agreement=min_agreement, force=force, eval_samples=eval_samples, progress=progress, latency=latency,
-        method_options=method_options, steps=steps, ray=ray, workers=workers,
+        method_options=method_options, steps=steps, ray=ray, workers=workers, input_shape=input_shape,
     )
     return prune_with(config, model_path, output_path, reference=_reference)
 

@@ -29,7 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 from . import _ort
-from .data import Sample
+from .data import Sample, samples_in, take_samples
 from .errors import InputError
 
 
@@ -303,8 +303,8 @@ def _run(sess: Any, names: list[str], feed: Sample) -> list[np.ndarray]:
 def _measure_bytes_per_sample(sess: Any, names: list[str], batch: Sample, fixed_batch: bool) -> dict[str, int]:
     """Bytes per sample of each tensor named, measured by fetching them all for the first
     sample of ``batch`` (for the whole batch when the model's batch size is fixed)."""
-    probe = batch if fixed_batch else {name: arr[:1] for name, arr in batch.items()}
-    n = max(next(iter(probe.values())).shape[0], 1)
+    probe = batch if fixed_batch else take_samples(batch, slice(None, 1))
+    n = max(samples_in(probe), 1)
     outs = _run(sess, names, probe)
     return {name: -(-x.nbytes // n) for name, x in zip(names, outs)}
 
@@ -453,7 +453,7 @@ class Collector:
 
     def _replan(self, batch: Sample) -> None:
         """Measure the tensors of unknown shape on this batch when its per-sample shapes changed."""
-        shapes = tuple((name, arr.shape[1:]) for name, arr in batch.items())
+        shapes = tuple((name, arr.shape[1:]) for name, arr in batch.items() if arr.ndim)
         if shapes == self.planned_for:
             return
         measured = _measure_bytes_per_sample(self.sess, self.unknown, batch, self.plan.fixed_batch)
@@ -486,7 +486,7 @@ class Collector:
                         k = math.prod(int(d) for d in got[names["shape"]][2:])
                     self._stats_of(name, means["sum"].shape[1]).update_means(means, k)
             outs = x = got = None  # dropped before onnxruntime allocates the next run's outputs
-        self.stats.samples += next(iter(batch.values())).shape[0]
+        self.stats.samples += samples_in(batch)
 
     def block_end(self) -> None:
         """Fold the rows accumulators buffered: at every block end, so the float32 products
@@ -559,17 +559,17 @@ def calibrate(
 
             def counted(it: Iterator[Sample]) -> Iterator[Sample]:
                 for b in it:
-                    bar.update(task, advance=next(iter(b.values())).shape[0])
+                    bar.update(task, advance=samples_in(b))
                     yield b
 
             seen = 0
             for number, batch in enumerate(split_held_out(counted(batch_iter), hold_out, fixed_batch, held)):
-                n = next(iter(batch.values())).shape[0]
+                n = samples_in(batch)
                 if record is not None:
                     record.append(batch)
                 if seen < keep:
                     cut = n if fixed_batch else keep - seen  # a fixed batch size cannot be cut
-                    kept.append({name: arr[:cut] for name, arr in batch.items()})
+                    kept.append(take_samples(batch, slice(None, cut)))
                 sink.collect(batch, number)
                 if (number + 1) % SHARD_BLOCK == 0:
                     sink.block_end()
@@ -591,7 +591,7 @@ def split_held_out(batch_iter: Iterator[Sample], hold_out: int, fixed_batch: boo
     refit) leaves out the same samples."""
     held_n = seen = 0
     for k, batch in enumerate(batch_iter):
-        n = next(iter(batch.values())).shape[0]
+        n = samples_in(batch)
         if hold_out and held_n < hold_out:
             if fixed_batch:  # cannot cut a fixed-size batch
                 take = np.full(n, k % 5 == 4)
@@ -601,11 +601,11 @@ def split_held_out(batch_iter: Iterator[Sample], hold_out: int, fixed_batch: boo
             seen += n
             if take.any():
                 if held is not None:
-                    held.append({name: arr[take] for name, arr in batch.items()})
+                    held.append(take_samples(batch, take))
                 held_n += int(take.sum())
                 if take.all():
                     continue
-                batch = {name: arr[~take] for name, arr in batch.items()}
+                batch = take_samples(batch, ~take)
         yield batch
 
 

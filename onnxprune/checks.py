@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -79,6 +80,74 @@ def patterns(exclude: Any) -> tuple[str, ...]:
     return items
 
 
+def input_shapes(value: Any) -> dict[str, tuple[int, ...]] | None:
+    """``--input-shape``: a mapping of input name -> dims (positive whole numbers), returned
+    as a new dict of tuples; None (or an empty mapping) passes as None."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise InputError(f"--input-shape takes a dict of input name -> dims, got {type(value).__name__}")
+    out: dict[str, tuple[int, ...]] = {}
+    for name, dims in value.items():
+        if not isinstance(name, str) or not name:
+            raise InputError(f"--input-shape names an input by its name (a string), got {name!r}")
+        if isinstance(dims, (str, bytes)) or not hasattr(dims, "__iter__"):
+            raise InputError(f"--input-shape {name}: dims must be a sequence of whole numbers, got {dims!r}")
+        dims = tuple(dims)
+        if not dims:
+            raise InputError(f"--input-shape {name}: no dims given (a scalar input has none to fix)")
+        for d in dims:
+            if isinstance(d, bool) or not isinstance(d, numbers.Integral):
+                raise InputError(f"--input-shape {name}: dims must be whole numbers, got {d!r}")
+            if d < 1:
+                raise InputError(f"--input-shape {name}: dims must be positive, got {_dims_text(dims)}")
+        out[name] = tuple(int(d) for d in dims)
+    return out or None
+
+
+def parse_input_shapes(texts: Any) -> dict[str, tuple[int, ...]] | None:
+    """The CLI's repeated ``--input-shape NAME:D0,D1,...`` as the API's dict (the name may
+    itself hold colons: the dims follow the last one)."""
+    out: dict[str, tuple[int, ...]] = {}
+    for text in texts or ():
+        name, sep, rest = text.rpartition(":")
+        if not sep or not name:
+            raise InputError(f"--input-shape takes NAME:D0,D1,... (e.g. images:1,3,320,320), got '{text}'")
+        try:
+            dims = tuple(int(d) for d in rest.split(","))
+        except ValueError:
+            raise InputError(f"--input-shape {name}: dims must be comma-separated whole numbers, got '{rest}'") from None
+        if name in out:
+            raise InputError(f"--input-shape gives input '{name}' twice")
+        out[name] = dims
+    return out or None
+
+
+def input_shapes_fit(shapes: dict[str, tuple[int, ...]] | None, specs: list) -> None:
+    """``--input-shape`` against the model's inputs (``data.InputSpec``): a known name, the
+    input's rank, and every dim the model fixes kept as it is."""
+    if not shapes:
+        return
+    by_name = {s.name: s for s in specs}
+    for name, dims in shapes.items():
+        spec = by_name.get(name)
+        if spec is None:
+            raise InputError(f"--input-shape names input '{name}', which the model does not have "
+                             f"(inputs: {', '.join(by_name) or 'none'})")
+        if len(dims) != len(spec.dims):
+            raise InputError(f"--input-shape {name}:{_dims_text(dims, ',')} has rank {len(dims)}, "
+                             f"but input '{name}' has rank {len(spec.dims)} {_dims_text(spec.dims)}")
+        for axis, (want, got) in enumerate(zip(spec.dims, dims)):
+            if want is not None and want != got:
+                raise InputError(f"--input-shape {name}:{_dims_text(dims, ',')} sets dim {axis} to {got}, "
+                                 f"but the model fixes it to {want} {_dims_text(spec.dims)}")
+
+
+def _dims_text(dims: tuple, sep: str = ", ") -> str:
+    text = sep.join("?" if d is None else str(d) for d in dims)
+    return text if sep == "," else f"[{text}]"
+
+
 def preprocess(pre: Any) -> None:
     """Image preprocessing values: positive sizes, finite scale/mean/std, no zero std."""
     from .data import Preprocess
@@ -99,7 +168,8 @@ def preprocess(pre: Any) -> None:
     if any(float(v) == 0.0 for v in pre.std):
         raise InputError(f"--std divides the pixels: it cannot be 0, got {','.join(f'{float(v):g}' for v in pre.std)}")
     choice("--layout", pre.layout, ("NCHW", "NHWC"))
-    choice("--channels", pre.channels, ("RGB", "BGR", "L"))
+    if pre.channels is not None:
+        choice("--channels", pre.channels, ("GRAY", "RGB", "BGR", "L"))
 
 
 def _sequence(flag: str, values: Any) -> tuple:

@@ -14,7 +14,7 @@ from typing import Iterator
 import click
 from rich.console import Console
 
-from . import _ort, _signals, api
+from . import _ort, _signals, api, checks
 from .criteria import METHODS
 from .compensate import COMPENSATIONS
 from .config import PruneConfig
@@ -96,6 +96,9 @@ _verbose_option = click.option(
                    "so onnxruntime keeps its fast NCHWc kernels; 1 for the rest]")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="leave groups whose producer matches (fnmatch)")
 @click.option("--calib", type=click.Path(path_type=str), help="calibration data: folder of .npy/.npz files or images")
+@click.option("--input-shape", "input_shape", multiple=True, metavar="NAME:D0,D1,...",
+              help="fix an input's symbolic dims for the test run and the MAC count, e.g. images:1,3,320,320 "
+                   "(repeatable; the written model keeps its symbolic dims)")
 @click.option("--max-samples", type=int, help="use at most this many calibration samples")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="samples per onnxruntime run")
 @click.option("--memory-budget", "memory_budget_mb", type=float, default=1024, show_default=True, help="MiB of exposed tensors per run")
@@ -118,8 +121,9 @@ _verbose_option = click.option(
 @click.option("--std", "std_", help="images: per-channel std, e.g. 0.229,0.224,0.225")
 @click.option("--scale", type=float, default=1 / 255, show_default=True, help="images: multiply pixels by this first")
 @click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW", show_default=True, help="images: tensor layout")
-@click.option("--channels", type=click.Choice(["RGB", "BGR", "L"]), default="RGB", show_default=True,
-              help="images: channel order, or L for grayscale (the default for a model whose input has 1 channel)")
+@click.option("--channels", type=click.Choice(["GRAY", "RGB", "BGR", "L"], case_sensitive=False), default=None,
+              help="images: GRAY (alias L), or RGB/BGR channel order [default: GRAY for a model whose input has "
+                   "1 channel, else RGB]")
 @click.option("--eval", "eval_data", type=click.Path(path_type=str), help="held-out data to verify on (else a slice of --calib)")
 @click.option("--labels", type=click.Path(dir_okay=False, path_type=str), help=".npy of integer labels for --eval, for accuracy")
 @click.option("--max-error", type=float, help="fail (exit 3, nothing written) above this relative L2 output error")
@@ -165,18 +169,21 @@ def cli_options(params: dict) -> dict:
     )
     knobs = MethodOptions(**{f: params[k] for k, f in _METHOD_KNOBS.items()})
     method = params["method"] or ("wanda" if params["calib"] else "l1")
-    return dict(p, method=method, preprocess=pre, method_options=knobs, progress=not params["quiet"])
+    return dict(p, method=method, preprocess=pre, method_options=knobs, progress=not params["quiet"],
+                input_shape=checks.parse_input_shapes(params["input_shape"]))
 
 
 @cli.command("analyze")
 @click.argument("input_model", type=click.Path(dir_okay=True, path_type=str))
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="mark groups whose producer matches as excluded")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="also write the analysis as JSON")
+@click.option("--input-shape", "input_shape", multiple=True, metavar="NAME:D0,D1,...",
+              help="count MACs with this input's symbolic dims fixed, e.g. images:1,3,320,320 (repeatable)")
 @_verbose_option
-def analyze_cmd(input_model, exclude, json_path):
+def analyze_cmd(input_model, exclude, json_path, input_shape):
     """List every channel group, the prunable share of params and MACs, and what blocks the rest."""
     check_side_outputs(input_model, None, [("--json", json_path)])
-    report = api.analyze(input_model, exclude)
+    report = api.analyze(input_model, exclude, input_shape=checks.parse_input_shapes(input_shape))
     if json_path:
         write_json(report.to_dict(), json_path)
     print_analysis(report, Console())

@@ -53,10 +53,13 @@ class PruneConfig:
     steps: int = 1
     ray: str | None = None  # "local" or a Ray cluster address: calibration and the refit on Ray actors
     workers: int = 2  # shards (Ray actors) with ray
+    input_shape: dict[str, tuple[int, ...]] | None = None  # input name -> dims for the synthetic run and the MACs
 
     def __post_init__(self) -> None:
         # A lone string is one pattern: normalised before anything reads it.
         object.__setattr__(self, "exclude", checks.patterns(self.exclude))
+        # A private copy of tuples: the caller's dict may change after the check.
+        object.__setattr__(self, "input_shape", checks.input_shapes(self.input_shape))
         self._check_options()
         self._check_data_options()
 

@@ -1,6 +1,11 @@
 """onnxprune's own counters: parameters and multiply-accumulates over inferred shapes.
 
-Symbolic dims (a dynamic batch) count as 1, so MACs are per sample.
+Symbolic dims (a dynamic batch) count as 1, so MACs are per sample.  A model with
+symbolic spatial or sequence dims is counted on real input shapes when the run knows them
+(``input_shapes``: ``--input-shape``, or a calibration sample's shape): the dims are fixed
+on a weightless copy of the graph, shapes are inferred again there (onnx, then
+onnxruntime's symbolic pass), and each node of the model is counted on its copy's shapes.
+Without them the count is per unit of the symbolic dims (see :func:`symbolic_dims`).
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from ._graph import FOLD_LIMIT, all_graph_nodes, attr_int, dims, is_const, named_dims
+from ._graph import FOLD_LIMIT, _structure_proto, all_graph_nodes, attr_int, dims, is_const, named_dims, supplement_shapes
+
+InputShapes = dict[str, tuple[int, ...]]
 
 
 def _is_param(tensor) -> bool:
@@ -86,9 +93,57 @@ def node_macs(node: ir.Node) -> int:
     return 0
 
 
-def count_macs(model: ir.Model) -> int:
-    """MACs of the main graph's convolutions and matrix products."""
+def count_macs(model: ir.Model, input_shapes: InputShapes | None = None) -> int:
+    """MACs of the main graph's convolutions and matrix products (on ``input_shapes`` when given)."""
+    if input_shapes:
+        return int(sum(macs_by_node(model, input_shapes).values()))
     return int(sum(node_macs(n) for n in model.graph))
+
+
+def macs_by_node(model: ir.Model, input_shapes: InputShapes | None = None) -> dict[int, int]:
+    """``id(node)`` -> MACs of every main-graph node (0 for ops that are not counted), with
+    the graph inputs named in ``input_shapes`` fixed to those dims (on a copy: ``model``
+    keeps its shapes)."""
+    nodes = list(model.graph)
+    if not input_shapes:
+        return {id(n): node_macs(n) for n in nodes}
+    fixed = fixed_shape_copy(model, input_shapes)
+    return {id(n): node_macs(m) for n, m in zip(nodes, fixed.graph)}
+
+
+def fixed_shape_copy(model: ir.Model, input_shapes: InputShapes) -> ir.Model:
+    """The graph without its large weights (their shapes stay, as typed inputs), with the
+    named inputs fixed to ``input_shapes`` and every intermediate shape inferred again:
+    its nodes are ``model``'s, in the same order."""
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    proto = _structure_proto(model)
+    for vi in proto.graph.input:
+        dims_ = input_shapes.get(vi.name)
+        if dims_ is None:
+            continue
+        shape = vi.type.tensor_type.shape
+        del shape.dim[:]
+        for d in dims_:
+            shape.dim.add().dim_value = int(d)
+    copy = ir.from_proto(proto)
+    ShapeInferencePass(strict_mode=False, data_prop=True)(copy)
+    supplement_shapes(copy)
+    return copy
+
+
+def symbolic_dims(model: ir.Model) -> dict[str, list[str]]:
+    """Input name -> the symbolic dims MACs are counted per unit of: every symbolic dim
+    but a leading (batch) dim of an input of rank 2 or more."""
+    out: dict[str, list[str]] = {}
+    for v in model.graph.inputs:
+        if v.shape is None:
+            continue
+        names = [str(getattr(d, "value", d) or "?") for i, d in enumerate(v.shape)
+                 if not isinstance(d, int) and not (i == 0 and len(v.shape) >= 2)]
+        if names:
+            out[v.name] = names
+    return out
 
 
 @dataclass
@@ -106,6 +161,8 @@ def _plan(analysis) -> _Plan:
     from .layout import SliceParam
 
     model = analysis.model
+    # The same per-node counts as the MACs before and after: on real shapes when known.
+    table = analysis.node_macs if analysis.node_macs is not None else macs_by_node(model)
     axes: dict[tuple[int, int], dict[int, np.ndarray]] = {}
     first: dict[tuple[int, int], SliceParam] = {}
     for e in analysis.edits:
@@ -113,7 +170,7 @@ def _plan(analysis) -> _Plan:
             key = (id(e.node), e.index)
             axes.setdefault(key, {})[e.axis] = np.asarray(e.atoms)
             first.setdefault(key, e)
-    plan = _Plan(count_params(model), count_macs(model))
+    plan = _Plan(count_params(model), int(sum(table.values())))
     seen: set[int] = set()
     for key, by_axis in axes.items():
         e = first[key]
@@ -122,7 +179,7 @@ def _plan(analysis) -> _Plan:
         if value is not None and id(value) not in seen:
             seen.add(id(value))
             size = math.prod(d if isinstance(d, int) else 1 for d in (value.shape or ()))
-        macs = node_macs(e.node) if key[1] == 1 and e.node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") else 0
+        macs = table.get(id(e.node), 0) if key[1] == 1 and e.node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") else 0
         plan.sliced.append((size, macs, list(by_axis.values())))
     # A product of two computed tensors (QKᵀ, attention·V) has no weight to slice: it
     # shrinks with the channels (heads) its operands carry.
@@ -131,7 +188,7 @@ def _plan(analysis) -> _Plan:
             continue
         lay = analysis.layouts.get(node.inputs[0]) or analysis.layouts.get(node.inputs[1])
         if lay is not None and len(lay):
-            plan.products.append((node_macs(node), np.asarray(lay.atoms)))
+            plan.products.append((table.get(id(node), 0), np.asarray(lay.atoms)))
     return plan
 
 

@@ -46,7 +46,7 @@ class Preprocess:
     std: tuple[float, ...] = (1.0, 1.0, 1.0)
     scale: float = 1.0 / 255.0
     layout: str = "NCHW"
-    channels: str = "RGB"
+    channels: str | None = None  # GRAY (alias L), RGB or BGR; None: GRAY for a 1-channel input, else RGB
 
 
 def input_specs(session) -> list[InputSpec]:
@@ -143,7 +143,7 @@ def load_image(path: Path, spec: InputSpec, pre: Preprocess) -> np.ndarray:
     except ImportError as exc:  # pragma: no cover - pillow is a dependency
         raise InputError("reading images needs Pillow: pip install pillow") from exc
     gray = _gray(spec, pre)
-    img = _open_image(path, Image, "L" if gray else "RGB")
+    img = _open_image(path, Image, "L" if gray else "RGB")  # L, RGB, or F (16-bit gray on 0..255)
     if pre.resize:
         w, h = img.size
         s = pre.resize / min(w, h)
@@ -153,13 +153,14 @@ def load_image(path: Path, spec: InputSpec, pre: Preprocess) -> np.ndarray:
         left, top = (w - pre.crop) // 2, (h - pre.crop) // 2
         img = img.crop((left, top, left + pre.crop, top + pre.crop))
     arr = np.asarray(img, dtype=np.float32)
+    if arr.ndim == 2:  # one channel: the model's, or a 16-bit gray image read for a colour model
+        arr = arr[..., None] if gray else np.repeat(arr[..., None], 3, axis=2)
     mean, std = np.asarray(pre.mean, np.float32), np.asarray(pre.std, np.float32)
     if gray:
-        arr = arr[..., None]
         if np.ptp(mean) or np.ptp(std):
             raise InputError(f"{path}: a 1-channel model reads images as grayscale: give one --mean and one --std value")
         mean, std = mean[:1], std[:1]
-    elif pre.channels.upper() == "BGR":
+    elif _channels(pre) == "BGR":
         arr = arr[..., ::-1]
     arr = (arr * pre.scale - mean) / std
     if pre.layout.upper() == "NCHW":
@@ -167,18 +168,55 @@ def load_image(path: Path, spec: InputSpec, pre: Preprocess) -> np.ndarray:
     return np.ascontiguousarray(arr).astype(spec.dtype)
 
 
+def _channels(pre: Preprocess) -> str | None:
+    """``--channels`` by its canonical name (``L`` is ``GRAY``), None when not given."""
+    ch = pre.channels.upper() if pre.channels else None
+    return "GRAY" if ch == "L" else ch
+
+
 def _gray(spec: InputSpec, pre: Preprocess) -> bool:
-    """Whether images are read as one grayscale channel: ``--channels L``, or a model input
-    whose channel dim (by ``--layout``) is 1, as MNIST models have."""
-    if pre.channels.upper() == "L":
+    """Whether images are read as one grayscale channel: ``--channels GRAY``, or by default
+    a model input whose channel dim (by ``--layout``) is 1, as MNIST models have.  A channel
+    count the model fixes otherwise is refused in one line."""
+    ch = _channels(pre)
+    takes = None
+    if len(spec.dims) == 4:
+        takes = spec.dims[1] if pre.layout.upper() == "NCHW" else spec.dims[3]
+    if ch is None:
+        return takes == 1
+    if ch == "GRAY":
+        if takes not in (None, 1):
+            raise InputError(f"--channels GRAY reads images as 1 channel, but input '{spec.name}' takes {takes} "
+                             f"({pre.layout}): use --channels RGB or BGR")
         return True
-    if len(spec.dims) != 4:
-        return False
-    return (spec.dims[1] if pre.layout.upper() == "NCHW" else spec.dims[3]) == 1
+    if takes == 1:
+        raise InputError(f"--channels {ch} reads images as 3 channels, but input '{spec.name}' takes 1 ({pre.layout}): "
+                         "use --channels GRAY (the default for it)")
+    return False
+
+
+# Pillow modes of 16-bit (and 32-bit integer) grayscale, which PNG holds: read on the 8-bit
+# scale (value / 257) instead of Pillow's conversion, which clips everything above 255.
+_WIDE_GRAY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _convert(img, mode: str):
+    """``img`` as ``mode`` (L or RGB).  Alpha (RGBA, LA, PA, a palette's transparent entry)
+    is dropped, keeping the stored colours, as ``convert('RGB')`` in torchvision's image
+    folder loader does, so calibration sees what training pipelines feed; a palette with
+    transparency goes through RGBA (Pillow warns otherwise).  16-bit grayscale becomes
+    float (mode F) on the 8-bit scale, replicated to 3 channels later for a colour model."""
+    if img.mode in _WIDE_GRAY:
+        from PIL import Image
+
+        return Image.fromarray(np.asarray(img.convert("F"), dtype=np.float32) / np.float32(257.0), mode="F")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert(mode)
 
 
 def _open_image(path: Path, Image, mode: str = "RGB"):
-    """``path`` as an image of ``mode`` (RGB, or L for grayscale), refused in one line above MAX_IMAGE_PIXELS (checked on the
+    """``path`` as an image of ``mode`` (RGB, or L for grayscale; see :func:`_convert`), refused in one line above MAX_IMAGE_PIXELS (checked on the
     header, before decoding) and with Pillow's decompression-bomb warning as that error."""
     too_big = f"{path}: image too large (more than {MAX_IMAGE_PIXELS // 2**20} megapixels)"
     try:
@@ -187,7 +225,7 @@ def _open_image(path: Path, Image, mode: str = "RGB"):
             img = Image.open(path)
             if img.size[0] * img.size[1] > MAX_IMAGE_PIXELS:
                 raise InputError(f"{too_big}: {img.size[0]}x{img.size[1]}")
-            return img.convert(mode)
+            return _convert(img, mode)
     except InputError:
         raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
@@ -275,6 +313,15 @@ def check_sample(where: str, sample: Any, specs: list[InputSpec]) -> Sample:
     for spec in specs:
         arr = np.asarray(sample[spec.name])
         rank = len(spec.dims)
+        if rank == 0:  # a scalar input (a sample rate): one value the whole batch shares
+            if arr.ndim != 0:
+                raise InputError(f"{where}: input '{spec.name}' is a scalar (rank 0), found shape {list(arr.shape)}")
+            if arr.dtype != spec.dtype:
+                raise InputError(f"{where}: input '{spec.name}' expected dtype {spec.dtype}, found {arr.dtype}")
+            if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+                raise InputError(f"{where}: input '{spec.name}' contains NaN or Inf")
+            out[spec.name] = arr
+            continue
         if arr.ndim == rank - 1:
             arr = arr[None]
         elif arr.ndim != rank:
@@ -300,6 +347,38 @@ def check_sample(where: str, sample: Any, specs: list[InputSpec]) -> Sample:
     return out
 
 
+def samples_in(batch: Sample) -> int:
+    """Samples in ``batch``: the leading dim of its first input that has one (a scalar input
+    is shared by the whole batch; a batch of scalars only is one sample)."""
+    for v in batch.values():
+        if np.ndim(v):
+            return int(np.shape(v)[0])
+    return 1
+
+
+def take_samples(batch: Sample, index: Any) -> Sample:
+    """The samples ``index`` (a slice or a mask) of every batched input; scalar inputs as they are."""
+    return {k: v[index] if np.ndim(v) else v for k, v in batch.items()}
+
+
+def _join(buffer: list[Sample]) -> Sample:
+    """One batch from several: batched inputs concatenated, a scalar input's one value kept
+    (samples that disagree on it cannot share a run)."""
+    out: Sample = {}
+    for k, first in buffer[0].items():
+        if np.ndim(first):
+            out[k] = np.concatenate([b[k] for b in buffer])
+            continue
+        other = next((b[k] for b in buffer if not np.array_equal(b[k], first)), None)
+        if other is not None:
+            raise InputError(
+                f"scalar input '{k}' changes value between calibration samples ({first.item()!r}, then {other.item()!r}): "
+                "the samples of one batch share it; give one value, or --batch-size 1"
+            )
+        out[k] = first
+    return out
+
+
 def _fmt(dims: tuple[int | None, ...]) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 
@@ -319,9 +398,9 @@ def batches(
     seen = 0
     for where, raw in items:
         sample = check_sample(where, raw, specs)
-        n = next(iter(sample.values())).shape[0]
+        n = samples_in(sample)
         if max_samples is not None and seen + n > max_samples:
-            sample = {k: v[: max_samples - seen] for k, v in sample.items()}
+            sample = take_samples(sample, slice(None, max_samples - seen))
             n = max_samples - seen
         if n <= 0:
             break
@@ -329,14 +408,14 @@ def batches(
         buffer.append(sample)
         held += n
         while held >= batch_size:
-            joined = {k: np.concatenate([b[k] for b in buffer]) for k in sample}
-            yield {k: v[:batch_size] for k, v in joined.items()}
-            rest = {k: v[batch_size:] for k, v in joined.items()}
+            joined = _join(buffer)
+            yield take_samples(joined, slice(None, batch_size))
+            rest = take_samples(joined, slice(batch_size, None))
             held -= batch_size
             buffer = [rest] if held else []
         if max_samples is not None and seen >= max_samples:
             break
     if held:
-        yield {k: np.concatenate([b[k] for b in buffer]) for k in buffer[0]}
+        yield _join(buffer)
     if seen == 0:
         raise InputError("the calibration data holds no samples")

@@ -39,7 +39,7 @@ import onnx
 import onnx_ir as ir
 
 from .calibrate import SHARD_BLOCK, CollectPlan, Collector, Statistics
-from .data import Sample
+from .data import Sample, samples_in
 from .errors import InputError, OnnxPruneError
 from .reconstruct import RefitShard, RefitTarget, ShardSums, on_copies, target_positions
 from .segments import SegmentPass
@@ -281,7 +281,7 @@ class RayPool:
     def collect(self, batch: Sample, number: int) -> None:
         """Batch ``number`` of the stream: sent with its block at :meth:`block_end`."""
         self._pending.append((number, sum(self.sizes), batch))
-        self.sizes.append(int(next(iter(batch.values())).shape[0]))
+        self.sizes.append(samples_in(batch))
 
     def block_end(self) -> None:
         if not self._pending:

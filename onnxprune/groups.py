@@ -66,6 +66,8 @@ class Analysis:
     layouts: dict[ir.Value, Layout]
     # What count.estimate_after needs that does not depend on the removal (built on first use).
     estimate_plan: object = field(default=None, repr=False, compare=False)
+    # id(node) -> MACs on the run's input shapes (count.macs_by_node); None: the graph's own shapes.
+    node_macs: dict[int, int] | None = field(default=None, repr=False, compare=False)
 
     def class_of(self, atoms: np.ndarray) -> np.ndarray:
         return self.roots[atoms]

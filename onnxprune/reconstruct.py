@@ -47,7 +47,7 @@ from ._graph import const_array, replace_const
 from .calibrate import SHARD_BLOCK
 from .compensate import ZEROED, _append_add, _lstsq_kind, _new_input, holds_zeros, loses_inputs, rows_to_weight, weight_rows
 from .consumers import consumer_views
-from .data import Sample
+from .data import Sample, samples_in
 from .errors import InputError
 from .gram import ChannelGram, PatchGram, rows_at, solve_spd
 from .groups import Analysis
@@ -529,7 +529,7 @@ def _merged(target: RefitTarget, parts: list[ShardSums]) -> None:
 
 def _batch_sizes(batches: Sequence[Sample]) -> list[int]:
     sizes = getattr(batches, "sizes", None)
-    return list(sizes) if sizes is not None else [next(iter(b.values())).shape[0] for b in batches]
+    return list(sizes) if sizes is not None else [samples_in(b) for b in batches]
 
 
 def refit_on_pruned(

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ._signals import deferred
@@ -42,6 +43,7 @@ def print_analysis(report: AnalysisReport, console: Console | None = None) -> No
         f"MACs {report.macs:,} (prunable {d['prunable_macs_share']:.1%}) · "
         f"groups {len(report.groups)}, prunable {sum(g.prunable for g in report.groups)}"
     )
+    console.print(escape(macs_basis_text(report, "--input-shape")))
     for g in report.groups:
         for reason in g.blocked:
             console.print(f"[yellow]blocked[/] group {g.id} ({g.name}): {reason}")
@@ -64,6 +66,7 @@ def print_result(result: PruneResult, console: Console | None = None) -> None:
 
     console.print(f"params {pct(result.params_before, result.params_after)}")
     console.print(f"MACs   {pct(result.macs_before, result.macs_after)}")
+    console.print(f"       {escape(macs_basis_text(result))}")
     if result.file_size_after is not None:
         console.print(f"file   {pct(result.file_size_before, result.file_size_after)} bytes")
     if result.calibration:
@@ -93,6 +96,18 @@ def print_result(result: PruneResult, console: Console | None = None) -> None:
         console.print(f"[yellow]blocked[/] group {g['id']} ({_short(g['producers'], 2)}): {g['blocked'][0]}")
     if result.output:
         console.print(f"wrote {result.output} (checked: onnx full check, onnxruntime run, output shapes)")
+
+
+def macs_basis_text(result: PruneResult | AnalysisReport, remedy: str = "--input-shape or --calib") -> str:
+    """One line: which input shapes the MACs were counted on, or that they are per unit
+    (and what gives real shapes: ``remedy``)."""
+    if result.macs_basis == "per unit":
+        dims = "; ".join(f"{k} [{', '.join(v)}]" for k, v in (result.macs_symbolic or {}).items())
+        return f"MACs per unit of the symbolic dims ({dims}), not a total: give {remedy} to count them on real input shapes"
+    if result.macs_input_shapes:
+        shapes = "; ".join(f"{k} {v}" for k, v in result.macs_input_shapes.items())
+        return f"MACs per sample, counted on input shapes {shapes} (from {result.macs_basis})"
+    return "MACs per sample, counted on the model's declared input shapes"
 
 
 def write_json(data: dict, path: str | os.PathLike) -> None:

@@ -16,6 +16,9 @@ class AnalysisReport:
     macs: int
     prunable_params: int
     prunable_macs: int
+    macs_basis: str = "declared shapes"  # as PruneResult's
+    macs_input_shapes: dict[str, list[int]] | None = None
+    macs_symbolic: dict[str, list[str]] | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -25,6 +28,9 @@ class AnalysisReport:
             "prunable_macs": self.prunable_macs,
             "prunable_params_share": self.prunable_params / self.params if self.params else 0.0,
             "prunable_macs_share": self.prunable_macs / self.macs if self.macs else 0.0,
+            "macs_counted_on": self.macs_basis,
+            "macs_input_shapes": self.macs_input_shapes,
+            "macs_symbolic_dims": self.macs_symbolic,
             "groups": [g.to_dict() for g in self.groups],
         }
 
@@ -54,6 +60,12 @@ class PruneResult:
     steps: int = 1
     distributed: dict | None = None  # with --ray: time and bytes per phase (distributed.RayPool.summary)
     selection: str = ""
+    # What the MACs were counted on: the input shapes (per sample) and where they came from
+    # ("calibration data", "--input-shape", "declared shapes", or "per unit" of the symbolic
+    # dims in ``macs_symbolic`` when the run knew no real shapes: then not a total).
+    macs_input_shapes: dict[str, list[int]] | None = None
+    macs_basis: str = "declared shapes"
+    macs_symbolic: dict[str, list[str]] | None = None
 
     @property
     def blocked(self) -> list[dict]:
@@ -64,7 +76,8 @@ class PruneResult:
             "method": self.method,
             "ratio": self.ratio,
             "params": {"before": self.params_before, "after": self.params_after},
-            "macs": {"before": self.macs_before, "after": self.macs_after},
+            "macs": {"before": self.macs_before, "after": self.macs_after, "input_shapes": self.macs_input_shapes,
+                     "counted_on": self.macs_basis, "symbolic_dims": self.macs_symbolic},
             "file_size": {"before": self.file_size_before, "after": self.file_size_after},
             "output": self.output,
             "groups": self.groups,

@@ -32,6 +32,7 @@ import onnx
 import onnx_ir as ir
 
 from . import _ort
+from .data import samples_in
 from .errors import InputError
 
 Sample = dict[str, np.ndarray]
@@ -371,7 +372,7 @@ class BatchStore:
             self.names = list(batch)
         for name in self.names:
             self.cache.put(name, self.count, batch[name])
-        self.sizes.append(int(next(iter(batch.values())).shape[0]))
+        self.sizes.append(samples_in(batch))
         self.count += 1
 
     def __len__(self) -> int:

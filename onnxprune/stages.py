@@ -9,6 +9,7 @@ The driver (:func:`onnxprune.api.run_stages`) times each stage.
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import tempfile
@@ -19,16 +20,16 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from . import _ort
+from . import _ort, checks
 from ._graph import RESTRUCTURED, node_label
 from .allocate import PROBE_SAMPLES, allocate, probes_text
 from .calibrate import Statistics, calibrate, providers_for
 from .compensate import apply_bias, apply_refits, bias_deltas, lstsq_refits, lstsq_requests
 from .config import PruneConfig
 from .consumers import ConsumerView, consumer_views
-from .count import count_macs, count_params, estimate_after
+from .count import count_macs, count_params, estimate_after, macs_by_node, symbolic_dims
 from .criteria import score_groups, statistics_for
-from .data import InputSpec, batches, input_specs, source_items
+from .data import InputSpec, Sample, batches, input_specs, samples_in, source_items, take_samples
 from .errors import GateError, InputError, VerificationError
 from .groups import Analysis, analyze_groups
 from .load import check_output_path, load_model, save_model
@@ -39,7 +40,8 @@ from .rewrite import apply_removal, refresh_shapes
 from .progress import bar
 from .segments import BatchStore
 from .select import select, select_for_target
-from .verify import Fidelity, check_pruned, check_restructured, measure_fidelity, paired_latency, run_original
+from .verify import (Fidelity, check_pruned, check_restructured, measure_fidelity, original_session, paired_latency,
+                     random_feed, run_reference)
 
 
 @dataclass
@@ -53,17 +55,20 @@ class PruneState:
     # load
     model: ir.Model | None = None
     external: bool = False
-    feed: Any = None  # the synthetic input the original and the pruned graph are checked on
+    feed: Any = None  # what the original and the pruned graph are checked on: calibration samples, else synthetic
     reference: Any = None  # the original's outputs on ``feed``
     providers: list | None = None
     # groups
     params_before: int = 0
     macs_before: int = 0
     analysis: Analysis | None = None
+    count_shapes: dict[str, tuple[int, ...]] | None = None  # input shapes the MACs are counted on (None: the graph's)
+    macs_basis: str = ""  # where those shapes come from (see count_shapes)
     # calibrate
     stats: Statistics | None = None
     held: list = field(default_factory=list)
-    specs: list[InputSpec] | None = None
+    specs: list[InputSpec] | None = None  # the model's inputs (set by load when there is calibration data)
+    calib_batches: Any = None  # the calibration batches, read once: the first was already the reference feed
     store: Any = None  # the kept calibration batches: a BatchStore, or a distributed.RayPool whose workers hold them
     # score / select
     scores: dict[int, np.ndarray] = field(default_factory=dict)
@@ -112,18 +117,43 @@ class Stage:
 
 
 class Load(Stage):
-    """Parse the model, run the original on a synthetic feed, pick the providers."""
+    """Parse the model, run the original once (on the first calibration samples, else on a
+    synthetic feed honouring ``--input-shape``), pick the providers."""
 
     name = "load"
 
     def run(self, state: PruneState) -> None:
+        c = state.config
         if state.output_path is not None:
             check_output_path(state.model_path, state.output_path)
         state.model, state.external = load_model(state.model_path)
-        state.feed, state.reference = run_original(state.model_path, state.config.seed)
+        sess = original_session(state.model_path)
+        specs = input_specs(sess)
+        checks.input_shapes_fit(c.input_shape, specs)
+        if c.calib is not None:
+            state.specs = specs
+            first = self._open_calibration(state)
+            feed = first if fixed_batch(specs, 0) else take_samples(first, slice(None, REFERENCE_SAMPLES))
+            state.feed = {k: np.array(v) for k, v in feed.items()}  # a copy: not a view that keeps the whole batch
+        else:
+            state.feed = random_feed(sess, c.seed, shapes=c.input_shape)
+        state.reference = run_reference(sess, state.feed, synthetic=c.calib is None)
+        del sess
+        state.count_shapes, state.macs_basis = count_shapes(specs, c.input_shape, state.feed if c.calib is not None else None)
         if state.model.graph.meta.get(RESTRUCTURED):
             check_restructured(state.model, state.feed, state.reference)
-        state.providers = providers_for(state.config.device)
+        state.providers = providers_for(c.device)
+
+    @staticmethod
+    def _open_calibration(state: PruneState) -> Sample:
+        """Start reading the calibration data: its first batch is returned for the reference
+        run and stays at the head of ``state.calib_batches``, which calibrate reads on (the
+        source is read once)."""
+        c, specs = state.config, state.specs
+        it = batches(source_items(c.calib, specs, c.preprocess)(), specs, fixed_batch(specs, c.batch_size), c.max_samples)
+        first = next(it)
+        state.calib_batches = itertools.chain([first], it)
+        return first
 
 
 class Analyze(Stage):
@@ -134,8 +164,10 @@ class Analyze(Stage):
     def run(self, state: PruneState) -> None:
         # load_model already folded constant index arithmetic and static shape reads and
         # inferred shapes (the MACs need them); the analysis changes nothing these count.
-        state.params_before, state.macs_before = count_params(state.model), count_macs(state.model)
+        table = macs_by_node(state.model, state.count_shapes)  # on real input shapes when the run knows them
+        state.params_before, state.macs_before = count_params(state.model), int(sum(table.values()))
         analysis = state.analysis = analyze_groups(state.model, state.config.exclude)
+        analysis.node_macs = table  # the selection's estimates count what the report counts
         if not any(g.prunable for g in analysis.groups):
             reasons = [r for g in analysis.groups for r in g.blocked][:1]
             why = f" (first reason: {reasons[0]})" if reasons else ""
@@ -153,9 +185,7 @@ class Calibrate(Stage):
 
     def run(self, state: PruneState) -> None:
         c = state.config
-        state.specs = specs = input_specs(_ort.session(str(state.model_path), state.providers))
-        bs = fixed_batch(specs, c.batch_size)
-        items = source_items(c.calib, specs, c.preprocess)()
+        specs, bs = state.specs, fixed_batch(state.specs, c.batch_size)
         views = consumer_views(state.analysis)
         # The calibrated batches, kept for the refit's passes: the source is read once.  On
         # Ray the workers keep them, each its shard (distributed.RayPool).
@@ -167,7 +197,7 @@ class Calibrate(Stage):
         elif c.compensate != "none":
             state.store = BatchStore(c.memory_budget // 4)
         state.stats, state.held = calibrate(
-            state.model, {v.tensor: (v.value, v.axis) for v in views}, batches(items, specs, bs, c.max_samples),
+            state.model, {v.tensor: (v.value, v.axis) for v in views}, state.calib_batches,
             batch_size=bs, providers=state.providers, memory_budget=c.memory_budget,
             progress=c.progress, total=c.max_samples, hold_out=0 if c.eval_data is not None else c.eval_samples,
             fixed_batch=any(sp.dims and sp.dims[0] is not None for sp in specs), requests=self._requests(state, views),
@@ -321,7 +351,8 @@ class Verify(Stage):
                 with tempfile.TemporaryDirectory(prefix="onnxprune-") as d:
                     save_model(state.model, Path(d) / "pruned.onnx", external=state.external, validate=validate)
         except VerificationError as exc:
-            raise VerificationError(blame(state.model_path, state.config.exclude, state.removed, str(exc))) from exc
+            raise VerificationError(blame(state.model_path, state.config.exclude, state.removed, str(exc),
+                                          state.feed, state.reference)) from exc
 
     @staticmethod
     def _validate(state: PruneState, path: Path, labels: np.ndarray | None) -> None:
@@ -357,7 +388,10 @@ class Report(Stage):
             params_before=state.params_before,
             params_after=count_params(model),
             macs_before=state.macs_before,
-            macs_after=count_macs(model),
+            macs_after=count_macs(model, state.count_shapes),
+            macs_input_shapes=None if state.count_shapes is None else {k: list(v) for k, v in state.count_shapes.items()},
+            macs_basis=state.macs_basis,
+            macs_symbolic=symbolic_dims(model) if state.macs_basis == "per unit" else None,
             groups=self._groups(state),
             output=str(state.output_path) if state.output_path is not None else None,
             file_size_before=file_size(state.model_path, state.external),
@@ -392,7 +426,7 @@ class Report(Stage):
     def _calibration(stats: Statistics, held: list) -> dict:
         return {
             "samples": stats.samples, "seconds": round(stats.seconds, 4), "runs_per_batch": stats.runs_per_batch,
-            "tensors": len(stats.tensors), "held_out": sum(next(iter(b.values())).shape[0] for b in held),
+            "tensors": len(stats.tensors), "held_out": sum(samples_in(b) for b in held),
         }
 
 
@@ -403,6 +437,33 @@ PIPELINE: tuple[Stage, ...] = (Load(), Analyze(), Calibrate(), Score(), Select()
 def flat(removed: dict[int, np.ndarray]) -> np.ndarray:
     """Every group's removed class roots in one int64 array."""
     return np.concatenate([r for r in removed.values()] or [np.zeros(0, np.int64)]).astype(np.int64)
+
+
+# Samples of the first calibration batch the original and the pruned graphs are checked on.
+REFERENCE_SAMPLES = 2
+
+
+def count_shapes(specs: list[InputSpec], input_shape: dict[str, tuple[int, ...]] | None,
+                 sample: Sample | None) -> tuple[dict[str, tuple[int, ...]] | None, str]:
+    """The input shapes MACs are counted on, and their source: a calibration sample's
+    shapes, overridden by ``--input-shape``; a symbolic leading dim of an input of rank 2 or
+    more (the batch) counts as 1, so MACs stay per sample.  Without either: None, and
+    ``"declared shapes"``, or ``"per unit"`` when a non-batch dim is symbolic."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for spec in specs:
+        dims = input_shape.get(spec.name) if input_shape else None
+        if dims is None and sample is not None:
+            dims = tuple(np.shape(sample[spec.name]))
+        if dims is None:
+            continue
+        if len(dims) >= 2 and spec.dims[0] is None:
+            dims = (1, *dims[1:])
+        shapes[spec.name] = tuple(int(d) for d in dims)
+    if shapes:
+        basis = "--input-shape" if sample is None else ("calibration data" if not input_shape else "calibration data, --input-shape")
+        return shapes, basis
+    symbolic = any(d is None and not (i == 0 and len(s.dims) >= 2) for s in specs for i, d in enumerate(s.dims))
+    return None, "per unit" if symbolic else "declared shapes"
 
 
 def fixed_batch(specs: list[InputSpec], batch_size: int) -> int:
@@ -454,14 +515,15 @@ def file_size(path: str | os.PathLike, external: bool) -> int:
     return total
 
 
-def blame(model_path: str | os.PathLike, exclude: tuple[str, ...], removed: dict[int, np.ndarray], message: str) -> str:
-    """Find the first group whose removal alone breaks the graph, to name it."""
+def blame(model_path: str | os.PathLike, exclude: tuple[str, ...], removed: dict[int, np.ndarray], message: str,
+          feed: dict[str, np.ndarray], reference: list[np.ndarray]) -> str:
+    """Find the first group whose removal alone breaks the graph, to name it: each group
+    pruned alone is checked on the run's own reference ``feed`` and outputs."""
     for gid, classes in sorted(removed.items()):
         if not len(classes):
             continue
         model, _ = load_model(model_path)
         analysis = analyze_groups(model, exclude)
-        feed, reference = run_original(model_path)
         apply_removal(analysis, classes)
         group = next(g for g in analysis.groups if g.id == gid)
         try:

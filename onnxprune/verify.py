@@ -14,6 +14,7 @@ import onnx
 import onnx_ir as ir
 
 from . import _ort
+from .data import samples_in
 from .errors import InputError, VerificationError
 
 _DTYPES = {
@@ -28,32 +29,44 @@ _DTYPES = {
 MAX_FEED_BYTES = 256 * 2**20
 
 
-def random_feed(session, seed: int = 0, batch: int = 2, free_dim: int = 64) -> dict[str, np.ndarray]:
-    """Inputs for ``session``: symbolic batch dims become ``batch``, other symbolic dims ``free_dim``.
+def random_feed(session, seed: int = 0, batch: int = 2, free_dim: int = 64,
+                shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
+    """Inputs for ``session``: an input named in ``shapes`` gets exactly those dims (``--input-shape``);
+    elsewhere fixed dims are kept, symbolic batch dims become ``batch``, other symbolic dims ``free_dim``.
+    A scalar (rank-0) input is a 0-d array; integer inputs hold 0 or 1.
 
     Refused (InputError) above MAX_FEED_BYTES in all; floats are drawn in float32 (float64
     only for double inputs), never drawn wide and cast.
     """
     rng = np.random.default_rng(seed)
-    shapes = {}
+    shapes_in = {}
     for inp in session.get_inputs():
         dtype = _DTYPES.get(inp.type)
         if dtype is None:
             raise InputError(f"input '{inp.name}' has type {inp.type}, which onnxprune cannot feed")
-        shape = [d if isinstance(d, int) and d > 0 else (batch if i == 0 else free_dim) for i, d in enumerate(inp.shape)]
-        shapes[inp.name] = (shape, dtype)
-    _check_feed_size(shapes)
-    feed = {}
-    for name, (shape, dtype) in shapes.items():
-        if dtype in (np.float32, np.float64):
-            feed[name] = rng.standard_normal(shape, dtype=dtype)
-        elif np.issubdtype(dtype, np.floating):
-            feed[name] = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
-        elif dtype is np.bool_:
-            feed[name] = rng.integers(0, 2, size=shape, dtype=np.uint8).astype(np.bool_)
+        if shapes and inp.name in shapes:
+            shape = [int(d) for d in shapes[inp.name]]
         else:
-            feed[name] = rng.integers(0, 2, size=shape, dtype=dtype)
+            shape = [d if isinstance(d, int) and d > 0 else (batch if i == 0 else free_dim) for i, d in enumerate(inp.shape)]
+        shapes_in[inp.name] = (shape, dtype)
+    _check_feed_size(shapes_in)
+    feed = {}
+    for name, (shape, dtype) in shapes_in.items():
+        if dtype in (np.float32, np.float64):
+            arr = rng.standard_normal(shape, dtype=dtype)
+        elif np.issubdtype(dtype, np.floating):
+            arr = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
+        elif dtype is np.bool_:
+            arr = rng.integers(0, 2, size=shape, dtype=np.uint8).astype(np.bool_)
+        else:
+            arr = rng.integers(0, 2, size=shape, dtype=dtype)
+        feed[name] = np.asarray(arr, dtype=dtype)
     return feed
+
+
+def describe_feed(feed: dict[str, np.ndarray]) -> str:
+    """``input 'x' float32 [2, 64], input 'sr' int64 []``: what a run was fed."""
+    return ", ".join(f"input '{k}' {np.asarray(v).dtype} {list(np.shape(v))}" for k, v in feed.items())
 
 
 def _check_feed_size(shapes: dict[str, tuple[list[int], type]]) -> None:
@@ -67,17 +80,40 @@ def _check_feed_size(shapes: dict[str, tuple[list[int], type]]) -> None:
         )
 
 
-def run_original(path: str | os.PathLike, seed: int = 0) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
-    """Run the input model once; an error here is the input's problem (exit 2)."""
+def original_session(path: str | os.PathLike):
+    """An onnxruntime session of the input model; an error here is the input's problem (exit 2)."""
     try:
-        sess = _ort.session(str(path))
-        feed = random_feed(sess, seed)
-        return feed, sess.run(None, feed)
-    except InputError:
-        raise
+        return _ort.session(str(path))
     except Exception as exc:
         msg = " ".join(str(exc).split())[:300]
         raise InputError(f"onnxruntime cannot run the input model: {msg}") from exc
+
+
+def run_reference(sess, feed: dict[str, np.ndarray], synthetic: bool) -> list[np.ndarray]:
+    """The input model's outputs on ``feed``.  When onnxruntime refuses, the one-line error
+    names every input and the dims it was fed; on a synthetic feed it suggests the real
+    sizes (``--input-shape``) or real data (``--calib``)."""
+    try:
+        return sess.run(None, feed)
+    except Exception as exc:
+        msg = " ".join(str(exc).split())[:300]
+        if synthetic:
+            raise InputError(
+                f"onnxruntime cannot run the input model on a synthetic feed ({describe_feed(feed)}; symbolic dims "
+                f"guessed): {msg}; give the real sizes with --input-shape NAME:D0,D1,... or real data with --calib"
+            ) from exc
+        raise InputError(f"onnxruntime cannot run the input model on the calibration samples ({describe_feed(feed)}): {msg}") from exc
+
+
+def run_original(path: str | os.PathLike, seed: int = 0, shapes: dict[str, tuple[int, ...]] | None = None,
+                 feed: dict[str, np.ndarray] | None = None) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+    """Run the input model once on ``feed`` (else a synthetic one, with ``shapes`` fixing
+    dims); an error here is the input's problem (exit 2)."""
+    sess = original_session(path)
+    synthetic = feed is None
+    if feed is None:
+        feed = random_feed(sess, seed, shapes=shapes)
+    return feed, run_reference(sess, feed, synthetic)
 
 
 def check_restructured(model: ir.Model, feed: dict[str, np.ndarray], reference: list[np.ndarray]) -> None:
@@ -152,7 +188,7 @@ def measure_fidelity(original: str | os.PathLike, pruned: str | os.PathLike, bat
     classifier = None
     for batch in batches:
         ya, yb = a.run(None, batch), b.run(None, batch)
-        m = next(iter(batch.values())).shape[0]
+        m = samples_in(batch)
         for i, (u, v) in enumerate(zip(ya, yb)):
             u = np.asarray(u, np.float64).reshape(m, -1)
             v = np.asarray(v, np.float64).reshape(m, -1)
