@@ -231,6 +231,7 @@ class RayPool:
         self.marks: dict[str, float] = {}
         self.waves = 0
         self.actors = [self._start(k) for k in range(workers)]
+        self.members = list(range(workers))  # the workers the current phase's calls go to
 
     def _start(self, k: int):
         # The driver's BLAS threading: the float32 products of the sums are summed in another
@@ -313,18 +314,20 @@ class RayPool:
         ref = self.ray.put(model)
         mine = [chunks[k :: len(self.actors)] for k in range(len(self.actors))]
         self._probe = (ref, mine, providers, budget // max(len(self.actors), 1))
+        self.members = [k for k in range(len(self.actors)) if mine[k]]  # fewer batches than workers: the rest wait
         self._count(self.sent, "probe_start", len(model) * len(self.actors) + _nbytes(chunks))
         return sum(self._each_own("probe_start", lambda k: (ref, mine[k], providers, self._probe[3])))
 
     def probe(self, frontier: list[str], later: list[str], tail: bytes, outputs: list[str], params: list[dict]) -> list[float]:
         """Per parameter set, Σ‖y − y₀‖² over all probe batches (the workers' sums added)."""
-        self._count(self.sent, "probe", (len(tail) + _nbytes(params)) * len(self.actors))
+        self._count(self.sent, "probe", (len(tail) + _nbytes(params)) * len(self.members))
         parts = self._each("probe", frontier, later, tail, outputs, params)
         return [sum(p[i] for p in parts) for i in range(len(params))]
 
     def probe_end(self) -> None:
         self._each("probe_end")
         self._probe = None
+        self.members = list(range(len(self.actors)))
         self.marks["probed"] = time.perf_counter()
 
     # -- the refit ----------------------------------------------------------------------
@@ -335,8 +338,9 @@ class RayPool:
         self.marks["refit"] = time.perf_counter()
         specs = [replace(t, node=None, _w32=None) for t in targets]
         original_ref = self.ray.put(ir.to_proto(original).SerializeToString())
+        self.members = [k for k in range(len(self.actors)) if self.blocks[k]]  # a worker without batches has no shard
         self._refit = (specs, target_positions(targets, pruned), original_ref, pruned, providers,
-                       budget // max(len(self.actors), 1), block)
+                       budget // max(len(self.members), 1), block)
         self._each("refit_start", *self._refit_args())
         return self
 
@@ -353,7 +357,7 @@ class RayPool:
         return self._each("advance", wave, later)
 
     def sums(self, wave: list[int], shifts: list) -> list[list[ShardSums]]:
-        self._count(self.sent, "sums", _nbytes(shifts) * len(self.actors))
+        self._count(self.sent, "sums", _nbytes(shifts) * len(self.members))
         parts = self._each("sums", wave, shifts)
         self._count(self.received, "sums", _nbytes(parts))
         self.marks["summed"] = time.perf_counter()
@@ -362,16 +366,16 @@ class RayPool:
     def apply(self, writes: list) -> None:
         # Between the sums and this call the driver merged and solved: its serial part.
         self._count(self.waited, "driver merge+solve", time.perf_counter() - self.marks.pop("summed", time.perf_counter()))
-        self._count(self.sent, "apply", _nbytes(writes) * len(self.actors))
+        self._count(self.sent, "apply", _nbytes(writes) * len(self.members))
         self._each("apply", writes)
 
     # -- failures -------------------------------------------------------------------------
     def _each(self, method: str, *args) -> list:
         """``method(*args)`` on every worker; a worker that died is rebuilt and catches up."""
         t0 = time.perf_counter()
-        refs = [getattr(a, method).remote(*args) for a in self.actors]
+        refs = [getattr(self.actors[k], method).remote(*args) for k in self.members]
         out = []
-        for k, ref in enumerate(refs):
+        for k, ref in zip(self.members, refs):
             while True:
                 try:
                     out.append(self.ray.get(ref))
@@ -388,9 +392,9 @@ class RayPool:
         """``method(*args_of(k))`` on every worker k; a worker that died is rebuilt (the
         restore repeats the call)."""
         t0 = time.perf_counter()
-        refs = [getattr(a, method).remote(*args_of(k)) for k, a in enumerate(self.actors)]
+        refs = [getattr(self.actors[k], method).remote(*args_of(k)) for k in self.members]
         out = []
-        for k, ref in enumerate(refs):
+        for k, ref in zip(self.members, refs):
             while True:
                 try:
                     out.append(self.ray.get(ref))
@@ -420,7 +424,7 @@ class RayPool:
         if self._probe is not None and during != "probe_start":  # else the caller repeats that call itself
             ref, mine, providers, budget = self._probe
             a.probe_start.remote(ref, mine[k], providers, budget)
-        if self._refit is not None:
+        if self._refit is not None and k in self.members:
             a.refit_start.remote(*self._refit_args())
             if self._wave is not None:
                 a.advance.remote(*self._wave)

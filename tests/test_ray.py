@@ -258,3 +258,12 @@ def test_probes_on_ray_workers_measure_what_one_process_does(tmp_path, runtime):
     for gid in one:
         np.testing.assert_allclose(two[gid], one[gid], rtol=1e-9, err_msg=str(gid))
         assert all(d > 0 for d in one[gid][1:])
+
+
+def test_workers_left_without_batches_sit_out(tmp_path, runtime):
+    """One block of batches (and 2 probe batches) for 4 workers: the idle ones take no
+    part in the probes or the refit, and the result is the one process's."""
+    proto = MODELS["residual_concat"]()
+    path = save(proto, tmp_path / "m.onnx")
+    data = _batches(proto, n=4, seed=9)  # 20 samples: 16 calibrated on in 8 batches of 2 (one block)
+    _same(_api_prune(path, data, ray="local", workers=4), _api_prune(path, data), "4 workers, 1 block")
