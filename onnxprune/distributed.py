@@ -370,27 +370,17 @@ class RayPool:
         self._each("apply", writes)
 
     # -- failures -------------------------------------------------------------------------
+    # Calls whose result the caller needs: repeated on a rebuilt worker.  The rest are
+    # repeated by the rebuild itself (_restore brings a worker to its predecessor's state).
+    REPEATED = ("statistics", "sums", "probe", "probe_start")
+
     def _each(self, method: str, *args) -> list:
-        """``method(*args)`` on every worker; a worker that died is rebuilt and catches up."""
-        t0 = time.perf_counter()
-        refs = [getattr(self.actors[k], method).remote(*args) for k in self.members]
-        out = []
-        for k, ref in zip(self.members, refs):
-            while True:
-                try:
-                    out.append(self.ray.get(ref))
-                    break
-                except self.ray.exceptions.RayActorError as exc:
-                    self._restore(k, exc)
-                    # The restore repeats every call but these two, whose results are wanted.
-                    ref = getattr(self.actors[k], method).remote(*args) if method in ("statistics", "sums", "probe") \
-                        else self.ray.put(None)
-        self._count(self.waited, method, time.perf_counter() - t0)
-        return out
+        """``method(*args)`` on every worker of the phase."""
+        return self._each_own(method, lambda k: args)
 
     def _each_own(self, method: str, args_of: Callable[[int], tuple]) -> list:
-        """``method(*args_of(k))`` on every worker k; a worker that died is rebuilt (the
-        restore repeats the call)."""
+        """``method(*args_of(k))`` on every worker k of the phase; a worker that died is
+        rebuilt and catches up."""
         t0 = time.perf_counter()
         refs = [getattr(self.actors[k], method).remote(*args_of(k)) for k in self.members]
         out = []
@@ -401,7 +391,8 @@ class RayPool:
                     break
                 except self.ray.exceptions.RayActorError as exc:
                     self._restore(k, exc, during=method)
-                    ref = getattr(self.actors[k], method).remote(*args_of(k))
+                    ref = getattr(self.actors[k], method).remote(*args_of(k)) if method in self.REPEATED \
+                        else self.ray.put(None)
         self._count(self.waited, method, time.perf_counter() - t0)
         return out
 
