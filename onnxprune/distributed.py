@@ -3,7 +3,10 @@ shard of the calibration batches from calibration to the end of the refit: whole
 ``calibrate.SHARD_BLOCK`` batches, dealt round-robin as the driver reads the source.  It
 collects their statistics (:class:`calibrate.Collector`), which the driver merges, then
 runs its part of the refit (:class:`reconstruct.RefitShard`): per wave it returns its fold
-sums, the driver merges them, solves, and sends the new weights back.  What crosses the
+sums, the driver merges them, the workers compute the held-out errors that choose each
+target's fit (one fold's at a time, :func:`reconstruct.fold_errors`: 8 folds × 5 fits of
+solves, the bulk of the solving), the driver solves once with the choice and sends the new
+weights back.  What crosses the
 wire per block or wave is O(sums): the statistics, the fold sums, the solved weights.
 
 The driver does not keep the batches: each block goes into Ray's object store (which spills
@@ -41,7 +44,7 @@ import onnx_ir as ir
 from .calibrate import SHARD_BLOCK, CollectPlan, Collector, Statistics
 from .data import Sample, samples_in
 from .errors import InputError, OnnxPruneError
-from .reconstruct import RefitShard, RefitTarget, ShardSums, on_copies, target_positions
+from .reconstruct import RefitShard, RefitTarget, ShardSums, fold_errors, on_copies, target_positions
 from .segments import SegmentPass
 
 RETRIES = 2  # rebuilds of one shard's worker before the run fails
@@ -188,6 +191,13 @@ class _Worker:
         if getattr(self, "probe_pass", None) is not None:
             self.probe_pass.close()
             self.probe_pass = self.y0 = None
+
+    def fold_errors(self, spec: RefitTarget, total: dict, folds: list[dict], grid: list) -> list[list[float]]:
+        t0 = time.perf_counter()
+        try:
+            return fold_errors(spec, total, folds, grid)
+        finally:
+            self._timed("fold_errors", t0)
 
     def pid(self) -> int:
         return os.getpid()
@@ -361,18 +371,32 @@ class RayPool:
         parts = self._each("sums", wave, shifts)
         self._count(self.received, "sums", _nbytes(parts))
         self.marks["summed"] = time.perf_counter()
+        self.marks["fold_wait"] = self.waited.get("fold_errors", 0.0)
         return parts
 
+    def fold_errors(self, target: RefitTarget, total: dict, folds: list[dict], grid: list) -> list[list[float]]:
+        """``reconstruct.fold_errors`` with the folds dealt round-robin to the workers (each
+        fold's errors are returned, and added in fold order by the caller)."""
+        spec = replace(target, node=None, _w32=None, sums=[], _pending=[])
+        total_ref = self.ray.put(total)
+        mine = {k: folds[j :: len(self.members)] for j, k in enumerate(self.members)}
+        self._count(self.sent, "fold_errors", (_nbytes(total) + _nbytes(spec)) * len(self.members) + _nbytes(folds))
+        parts = dict(zip(self.members, self._each_own("fold_errors", lambda k: (spec, total_ref, mine[k], grid))))
+        order = {k: iter(parts[k]) for k in self.members}
+        return [next(order[self.members[j % len(self.members)]]) for j in range(len(folds))]
+
     def apply(self, writes: list) -> None:
-        # Between the sums and this call the driver merged and solved: its serial part.
-        self._count(self.waited, "driver merge+solve", time.perf_counter() - self.marks.pop("summed", time.perf_counter()))
+        # Between the sums and this call the driver merged and solved (waiting on the fold
+        # errors aside): its serial part.
+        gap = time.perf_counter() - self.marks.pop("summed", time.perf_counter())
+        self._count(self.waited, "driver merge+solve", gap - (self.waited.get("fold_errors", 0.0) - self.marks.pop("fold_wait", 0.0)))
         self._count(self.sent, "apply", _nbytes(writes) * len(self.members))
         self._each("apply", writes)
 
     # -- failures -------------------------------------------------------------------------
     # Calls whose result the caller needs: repeated on a rebuilt worker.  The rest are
     # repeated by the rebuild itself (_restore brings a worker to its predecessor's state).
-    REPEATED = ("statistics", "sums", "probe", "probe_start")
+    REPEATED = ("statistics", "sums", "probe", "probe_start", "fold_errors")
 
     def _each(self, method: str, *args) -> list:
         """``method(*args)`` on every worker of the phase."""
@@ -461,7 +485,7 @@ class RayPool:
                              "worker_busy_sum_s": round(sum(work), 4), "worker_busy_max_s": round(max(work), 4)}
         if "refit" in m:
             wall = m.get("closed", time.perf_counter()) - m["refit"]
-            work = busy("refit_start", "advance", "sums", "apply")
+            work = busy("refit_start", "advance", "sums", "apply", "fold_errors")
             out["refit"] = {"wall_s": round(wall, 4), "driver_merge_solve_s": round(self.waited.get("driver merge+solve", 0.0), 4),
                             "worker_busy_sum_s": round(sum(work), 4), "worker_busy_max_s": round(max(work), 4)}
         return out

@@ -238,14 +238,15 @@ class RefitTarget:
         sq = float(np.sum((a @ s["pp"]) * a)) + 2.0 * float(c @ (a @ s["p"])) + s["n"] * float(c @ c)
         return s["yy"] - 2.0 * fit + sq
 
-    def solve(self, modes: tuple[str, ...] = ("lstsq", "bias")) -> tuple[np.ndarray, np.ndarray]:
+    def solve(self, modes: tuple[str, ...] = ("lstsq", "bias"), fold_errors: Callable | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(W' [O_kept, F'], b' [O_kept]): the least-squares refit shrunk toward the kept
         weights by the REFIT_SHRINK factor, or the plain bias fit, whichever predicts held-out
         samples best (K-fold by sample, each fit leaving one fold out) — with few rows per
         feature the plain refit overfits (all-MiniLM-L6-v2 on 24 sentences).
         ``modes=("bias",)``: the bias fit only (``--compensate bias``); ``("lstsq",)``: a
         shrink factor only; a target that keeps its zeros (``keep_zeros``) gets the bias fit
-        whatever ``modes`` says."""
+        whatever ``modes`` says.  ``fold_errors``: computes :func:`fold_errors` elsewhere (on
+        Ray workers), with the same result."""
         if self.keep_zeros:
             modes = ("bias",)
         self.flush()
@@ -255,15 +256,25 @@ class RefitTarget:
         if len(grid) == 1 or len(filled) < 2:  # nothing to compare on: bias if allowed, else the plain fit
             self.shrink = grid[0]
         else:
-            err = {k: 0.0 for k in range(len(grid))}
-            for s in filled:
-                rest = {k: total[k] - s[k] for k in s}
-                for k, shrink in enumerate(grid):
-                    err[k] += self._error(*self._fit(rest, shrink), s)
-            self.shrink = grid[min(err, key=err.get)]
+            per_fold = (fold_errors or globals()["fold_errors"])(self, total, filled, grid)
+            err = [0.0] * len(grid)
+            for errors in per_fold:  # in fold order, wherever they were computed: the same sums
+                for k, e in enumerate(errors):
+                    err[k] += e
+            self.shrink = grid[int(np.argmin(err))]
         self.mode = "bias" if self.shrink is None else "lstsq"
         a, c = self._fit(total, self.shrink)
         return a, self.b + c
+
+
+def fold_errors(target: RefitTarget, total: dict, folds: list[dict], grid: list) -> list[list[float]]:
+    """Per fold, per grid entry (a shrink factor, or None for the bias fit): the squared
+    error on that fold of the fit to the other folds."""
+    out = []
+    for s in folds:
+        rest = {k: total[k] - s[k] for k in s}
+        out.append([target._error(*target._fit(rest, shrink), s) for shrink in grid])
+    return out
 
 
 def relu_mean_shift(m0: np.ndarray, v0: np.ndarray, m1: np.ndarray, v1: np.ndarray) -> np.ndarray:
@@ -591,7 +602,7 @@ def refit_on_pruned(
                 t = targets[i]
                 _merged(t, [p[j] for p in parts])
                 if t.rows_seen:
-                    w_new, b_new = t.solve(modes)
+                    w_new, b_new = t.solve(modes, getattr(pool, "fold_errors", None))
                     _write(t, w_new, b_new, pruned.graph)
                     writes.append((i, w_new, b_new))
                 t.sums = []

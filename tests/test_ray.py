@@ -138,8 +138,9 @@ def test_starting_ray_keeps_the_clis_sigterm_handler():
 def _api_prune(path, data, **kw):
     from onnxprune.api import prune
 
-    model, _ = prune(path, None, calib=data, batch_size=2, method="wanda", target_macs=0.6, latency=False,
-                     eval_samples=10, **kw)
+    model, result = prune(path, None, calib=data, batch_size=2, method="wanda", target_macs=0.6, latency=False,
+                          eval_samples=10, **kw)
+    _api_prune.last = result
     return _weights(model), []
 
 
@@ -154,6 +155,8 @@ def test_calibration_on_ray_workers_selects_and_writes_what_one_process_does(tmp
     one = _api_prune(path, data)
     for workers in (1, 2, 4):
         got = _api_prune(path, data, ray="local", workers=workers)
+        waited = _api_prune.last.distributed["seconds_waited"]
+        assert {"take", "statistics", "probe", "sums", "fold_errors"} <= set(waited), waited  # all of it on the workers
         assert {k: w.shape for k, w in got[0].items()} == {k: w.shape for k, w in one[0].items()}, f"{workers} workers"
         _same(got, one, f"{workers} workers")
 
