@@ -14,7 +14,7 @@ from typing import Iterator
 import click
 from rich.console import Console
 
-from . import _ort, _signals, api
+from . import _ort, _signals, _temps, api
 from .criteria import METHODS
 from .compensate import COMPENSATIONS
 from .config import PruneConfig
@@ -229,8 +229,10 @@ def _run_tempdir() -> Iterator[None]:
     """
     previous, previous_env, folder = tempfile.tempdir, os.environ.get("TMPDIR"), None
     try:
+        _temps.remove_stale(tempfile.gettempdir())  # private folders of killed runs
         with _signals.deferred():
-            folder = tempfile.mkdtemp(prefix="onnxprune-run-")
+            folder = tempfile.mkdtemp(prefix=_temps.prefix(hidden=False))
+            _temps.created(folder)
             tempfile.tempdir = os.environ["TMPDIR"] = folder
         yield
     finally:

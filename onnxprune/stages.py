@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from . import _ort
+from . import _ort, _temps
 from ._graph import RESTRUCTURED, node_label
 from .allocate import PROBE_SAMPLES, allocate, probes_text
 from .calibrate import Statistics, calibrate, providers_for
@@ -31,7 +31,7 @@ from .criteria import score_groups, statistics_for
 from .data import InputSpec, batches, input_specs, source_items
 from .errors import GateError, InputError, VerificationError
 from .groups import Analysis, analyze_groups
-from .load import check_output_path, load_model, save_model
+from .load import check_output_path, input_files, load_model, save_model
 from .methods import REGISTRY, Method, MethodOptions
 from .reconstruct import refit_on_pruned, refit_targets
 from .result import PruneResult
@@ -117,10 +117,15 @@ class Load(Stage):
     name = "load"
 
     def run(self, state: PruneState) -> None:
+        c = state.config
         if state.output_path is not None:
-            check_output_path(state.model_path, state.output_path)
+            check_output_path(state.model_path, state.output_path,
+                              {"--calib": c.calib, "--eval": c.eval_data, "--labels": c.labels})
         state.model, state.external = load_model(state.model_path)
+        # The first onnxruntime session on the input: a crash here is named by the CLI's parent.
+        _temps.phase("input")
         state.feed, state.reference = run_original(state.model_path, state.config.seed)
+        _temps.phase("pruning")
         if state.model.graph.meta.get(RESTRUCTURED):
             check_restructured(state.model, state.feed, state.reference)
         state.providers = providers_for(state.config.device)
@@ -309,6 +314,7 @@ class Verify(Stage):
         try:
             if state.output_path is not None:
                 save_model(state.model, state.output_path, external=state.external, validate=validate)
+                _temps.phase("written")
             else:
                 with tempfile.TemporaryDirectory(prefix="onnxprune-") as d:
                     save_model(state.model, Path(d) / "pruned.onnx", external=state.external, validate=validate)
@@ -436,13 +442,9 @@ def gate(fid: Fidelity, max_error: float | None, min_agreement: float | None, fo
 
 
 def file_size(path: str | os.PathLike, external: bool) -> int:
-    """Bytes of the model file and its ``.data`` file, if any."""
-    p = Path(path)
-    total = p.stat().st_size
-    data = p.with_name(p.name + ".data")
-    if data.exists():
-        total += data.stat().st_size
-    return total
+    """Bytes of the model file and, when ``external``, the data files it names."""
+    files = input_files(path) if external else [Path(path)]
+    return sum(f.stat().st_size for f in files if f.is_file())
 
 
 def blame(model_path: str | os.PathLike, exclude: tuple[str, ...], removed: dict[int, np.ndarray], message: str) -> str:
