@@ -134,7 +134,8 @@ def prune_cmd(**params) -> None:
     """Prune INPUT_MODEL and write the checked result to OUTPUT_MODEL."""
     options = cli_options(params)
     check_side_outputs(params["input_model"], params["output_model"],
-                       [("--report", params["report_path"]), ("--plot", params["plot_path"])])
+                       [("--report", params["report_path"]), ("--plot", params["plot_path"])],
+                       reads={"--calib": params["calib"], "--eval": params["eval_data"], "--labels": params["labels"]})
     config = PruneConfig(**options)  # every option checked here, with the API's messages
     _, result = api.prune_with(config, params["input_model"], params["output_model"])
     if params["plot_path"]:
