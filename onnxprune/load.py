@@ -389,7 +389,9 @@ def save_model(
             tmpdir = Path(tempfile.mkdtemp(prefix=_temps.prefix(), dir=folder))
             _temps.created(tmpdir)
         _temps.phase("verify")
-        tmp_model = tmpdir / out.name
+        # Staged under a fixed .onnx name: onnx and onnx_ir pick the serialisation from the
+        # suffix, so an output called "x.json" would be written and checked as JSON text.
+        tmp_model = tmpdir / "model.onnx"
         data = None
         if external:
             staged = f"{out.name}.data"
