@@ -24,7 +24,8 @@ _PHASES = {
     "input": ("onnxruntime crashed on the input model (its first run, the check of the input)", "nothing was written"),
     "pruning": ("the run crashed in native code (onnxruntime, onnx or numpy)", "nothing was written"),
     "verify": ("the run crashed while checking the pruned model (onnxruntime)", "nothing was written"),
-    "written": ("the run crashed after writing the output model", "the --report/--plot files may be missing"),
+    "plot": ("the run crashed while drawing the --plot", "nothing was written"),
+    "written": ("the run crashed after writing the output model", "it is in place"),
 }
 
 

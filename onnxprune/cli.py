@@ -21,7 +21,7 @@ from .config import PruneConfig
 from .data import Preprocess
 from .methods import MethodOptions
 from .errors import InputError, OnnxPruneError
-from .load import check_side_outputs
+from .load import check_side_outputs, one_commit
 from .report import plot, print_analysis, print_result, write_json
 
 
@@ -137,12 +137,17 @@ def prune_cmd(**params) -> None:
                        [("--report", params["report_path"]), ("--plot", params["plot_path"])],
                        reads={"--calib": params["calib"], "--eval": params["eval_data"], "--labels": params["labels"]})
     config = PruneConfig(**options)  # every option checked here, with the API's messages
-    _, result = api.prune_with(config, params["input_model"], params["output_model"])
-    if params["plot_path"]:
-        sweep = api.error_sweep(params["input_model"], config, result) if (config.calib or config.eval_data) else []
-        plot(result, sweep, params["plot_path"])
-    if params["report_path"]:
-        write_json(result.to_dict(), params["report_path"])
+    # The model, the plot and the report are staged and renamed into place together: a
+    # failure or a signal while drawing the plot leaves nothing written.
+    with one_commit(params["output_model"], params["report_path"], params["plot_path"]):
+        _, result = api.prune_with(config, params["input_model"], params["output_model"])
+        if params["plot_path"]:
+            _temps.phase("plot")
+            sweep = api.error_sweep(params["input_model"], config, result) if (config.calib or config.eval_data) else []
+            plot(result, sweep, params["plot_path"])
+        if params["report_path"]:
+            write_json(result.to_dict(), params["report_path"])
+    _temps.phase("written")
     if not params["quiet"]:
         print_result(result, Console())
 

@@ -370,17 +370,19 @@ def save_model(
     *,
     external: bool,
     validate: Callable[[Path], None],
-) -> None:
-    """Write ``model`` to ``output_path`` only after ``validate`` accepts the written file.
+) -> Path:
+    """Write ``model`` to ``output_path`` only after ``validate`` accepts the written file;
+    returns where the model file is now.
 
     The file (and its data file when ``external``, or when the model is too large for one
     protobuf: ``NAME.<hash>.data``, see :func:`data_name`) is written to a temporary folder
     beside the target, validated there, then committed by :func:`_commit`, so a failure
-    leaves nothing behind.  Stale temp folders of killed runs beside the target go first.
+    leaves nothing behind.  Inside :func:`one_commit` naming this output, the validated
+    files stay staged (the returned path is in the temp folder) until the block ends.
+    Stale temp folders of killed runs beside the target go first.
     """
-    out = Path(output_path)
-    folder = out.parent.resolve()
-    out = folder / out.name  # a link at out is replaced by the file, never written through
+    out = _target(output_path)
+    folder = out.parent
     external = external or model_bytes(model) > EXTERNAL_DATA_THRESHOLD
     _temps.remove_stale(folder)
     tmpdir = None
@@ -402,11 +404,78 @@ def save_model(
         else:
             ir.save(model, tmp_model)
         validate(tmp_model)
+        txn = claimed(out)
+        if txn is not None:
+            with deferred():  # the transaction removes the folder from now on
+                txn.models.append((tmpdir, data, out))
+                tmpdir = None
+            return tmp_model
         _commit(tmp_model, data, out)
+        return out
     finally:
         with deferred():
             if tmpdir is not None:
                 shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _target(path: str | os.PathLike) -> Path:
+    """Where a written path lands: its folder resolved, its own name kept (a link there is
+    replaced by the file, never written through)."""
+    p = Path(path)
+    return p.parent.resolve() / p.name
+
+
+class Commit:
+    """The outputs of one run, staged and validated, to be renamed into place together."""
+
+    def __init__(self, paths: list[str | os.PathLike | None]) -> None:
+        self.targets = {_target(p) for p in paths if p is not None}
+        self.models: list[tuple[Path, str | None, Path]] = []  # (temp folder, data file name, target)
+        self.files: list[tuple[Path, Path]] = []  # (temp file, target)
+
+    def commit(self) -> None:
+        """Rename every staged file into place, with no signal in between: the side files
+        first, the model last (its data file before it)."""
+        with deferred():
+            for tmp, target in self.files:
+                os.replace(tmp, target)
+            for tmpdir, data, out in self.models:
+                _commit(tmpdir / "model.onnx", data, out)
+
+    def discard(self) -> None:
+        """Remove whatever is still staged."""
+        with deferred():
+            for tmp, _ in self.files:
+                tmp.unlink(missing_ok=True)
+            for tmpdir, _, _ in self.models:
+                shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+_transactions: list[Commit] = []
+
+
+def claimed(target: Path) -> Commit | None:
+    """The open :func:`one_commit` that holds ``target`` back, if any."""
+    return next((t for t in reversed(_transactions) if target in t.targets), None)
+
+
+@contextlib.contextmanager
+def one_commit(*paths: str | os.PathLike | None) -> Iterator[Commit]:
+    """Hold back the writes of ``paths`` (the output model, ``--report``, ``--plot``) made
+    inside the block (by :func:`save_model` and ``report.atomic_write``): each is staged and
+    validated beside its target, and all are renamed into place when the block ends without
+    an error.  An error or a signal in the block (the plot's sweep, the report) leaves
+    nothing written."""
+    txn = Commit(list(paths))
+    _transactions.append(txn)
+    try:
+        yield txn
+        _transactions.remove(txn)
+        txn.commit()
+    finally:
+        if txn in _transactions:
+            _transactions.remove(txn)
+        txn.discard()
 
 
 def _sha256(path: Path) -> str:

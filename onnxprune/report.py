@@ -14,6 +14,7 @@ from rich.table import Table
 
 from . import _temps
 from ._signals import deferred
+from .load import claimed
 from .result import AnalysisReport, PruneResult
 
 
@@ -131,7 +132,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # what open() would have given, not mkstemp's 0600
         write(tmp)
-        os.replace(tmp, target)
+        txn = claimed(target)
+        if txn is not None:  # renamed with the output model when the run ends (load.one_commit)
+            with deferred():
+                txn.files.append((tmp, target))
+                tmp = None
+        else:
+            os.replace(tmp, target)
     finally:
         with deferred():
             if tmp is not None:

@@ -81,6 +81,7 @@ class PruneState:
     refit_note: str | None = None
     # verify / report
     measured: dict[str, Any] = field(default_factory=dict)  # fidelity, forced (gate), latency
+    written: Path | None = None  # the saved model: the output, or its staged copy (load.one_commit)
     times: dict[str, float] = field(default_factory=dict)
     result: PruneResult | None = None
 
@@ -313,8 +314,7 @@ class Verify(Stage):
         validate = lambda path: self._validate(state, path, labels)  # noqa: E731
         try:
             if state.output_path is not None:
-                save_model(state.model, state.output_path, external=state.external, validate=validate)
-                _temps.phase("written")
+                state.written = save_model(state.model, state.output_path, external=state.external, validate=validate)
             else:
                 with tempfile.TemporaryDirectory(prefix="onnxprune-") as d:
                     save_model(state.model, Path(d) / "pruned.onnx", external=state.external, validate=validate)
@@ -359,7 +359,7 @@ class Report(Stage):
             groups=self._groups(state),
             output=str(state.output_path) if state.output_path is not None else None,
             file_size_before=file_size(state.model_path, state.external),
-            file_size_after=file_size(state.output_path, state.external) if state.output_path is not None else None,
+            file_size_after=file_size(state.written, state.external) if state.written is not None else None,
             # The stages before this one: the report's own time is not part of the result.
             seconds={k: round(v, 4) for k, v in state.times.items()},
             compensation=c.compensate if stats is not None else "none",

@@ -117,3 +117,18 @@ def test_killing_the_parent_stops_the_child_cleanly(tmp_path):
     assert not _running(child), "the child runs on without its parent"
     for name in ("out", "tmp", "cwd"):
         assert list(folders[name].iterdir()) == [], name
+
+
+def test_a_crash_while_drawing_the_plot_writes_nothing(tmp_path):
+    """The model, the report and the plot are committed together: the model is validated
+    and staged before the plot is drawn, and a crash there leaves none of them."""
+    folders = _folders(tmp_path)
+    model = save(_cnn(), folders["in"] / "m.onnx")
+    side = ["--plot", str(folders["out"] / "p.png"), "--report", str(folders["out"] / "r.json")]
+    run = _run(folders, model, *side, ONNXPRUNE_TEST_CRASH_AT="plot")
+    assert run.returncode == 1 and "crashed while drawing the --plot" in run.stderr, run.stderr
+    for name in ("out", "tmp", "cwd"):
+        assert list(folders[name].iterdir()) == [], name
+    run = _run(folders, model, *side)  # the same run, not crashed: all three appear at once
+    assert run.returncode == 0, run.stderr
+    assert sorted(p.name for p in folders["out"].iterdir()) == ["o.onnx", "p.png", "r.json"]

@@ -156,3 +156,27 @@ def test_a_signal_inside_importlib_is_raised_just_after_it(handlers):
         time.sleep(5)  # the retry raises here, at the next bytecode outside importlib
     assert info.value.exit_code == 143
     assert signal.getsignal(signal.SIGALRM) is signal.SIG_DFL
+
+
+def test_sigterm_before_the_commit_leaves_no_output(tmp_path, handlers):
+    """Inside ``one_commit`` the validated model waits beside the target: a signal before
+    the block ends (the CLI's plot and report) leaves neither the model nor the report."""
+    from onnxprune.load import one_commit
+    from onnxprune.report import write_json
+
+    model = ir.load(str(save(_cnn(), tmp_path / "m.onnx")))
+    listing = sorted(p.name for p in tmp_path.iterdir())
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    with pytest.raises(_signals.Interrupted):
+        with one_commit(out, report):
+            staged = save_model(model, out, external=True, validate=lambda p: None)
+            write_json({"a": 1}, report)
+            assert staged.is_file() and not out.exists() and not report.exists()
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # cut short by the handler
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing
+    with one_commit(out, report):  # and without the signal, both appear when the block ends
+        save_model(model, out, external=True, validate=lambda p: None)
+        write_json({"a": 1}, report)
+    new = sorted(p.name for p in tmp_path.iterdir() if p.name not in listing)
+    assert len(new) == 3 and new == sorted(["o.onnx", "r.json", *(p.name for p in tmp_path.glob("o.onnx.*.data"))])
