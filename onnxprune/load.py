@@ -263,7 +263,8 @@ def output_data_files(output_path: str | os.PathLike) -> list[Path]:
         names = sorted(os.listdir(folder))
     except OSError:
         return []
-    return [folder / n for n in names if n != f"{out.name}.data" and is_output_data(out, folder / n, fold=lambda _: False)]
+    candidates = [n for n in names if n.startswith(out.name + ".") and n.endswith(".data") and n != f"{out.name}.data"]
+    return [folder / n for n in candidates if is_output_data(out, folder / n, fold=lambda _: False)]
 
 
 def input_files(model_path: str | os.PathLike) -> list[Path]:
