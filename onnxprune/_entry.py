@@ -142,7 +142,7 @@ def _remove(path: str) -> None:
     import shutil
 
     name = os.path.basename(path.rstrip("/"))
-    if not name.startswith((".onnxprune-", "onnxprune-run-")):
+    if not name.startswith((".onnxprune-", "opr-")):
         return
     try:
         if os.path.isdir(path) and not os.path.islink(path):

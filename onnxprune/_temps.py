@@ -2,9 +2,9 @@
 status channel to the CLI's guarding parent process.
 
 Every temporary entry onnxprune creates beside an output (the staging folder of a save, the
-temp file of a report or plot, the writability probe) and its private folder under
-``TMPDIR`` carries a tag of this machine and the creating process id in its name:
-``.onnxprune-<tag>-<pid>-<random>``.  A SIGKILLed run (or a power cut) cannot remove them,
+temp file of a report or plot, the writability probe) carries a tag of this machine and the
+creating process id in its name: ``.onnxprune-<tag>-<pid>-<random>``; the run's private
+folder under ``TMPDIR`` is ``opr-<pid>-<random>`` with the tag in a marker file inside.  A SIGKILLed run (or a power cut) cannot remove them,
 so the next run into the same folder does: an entry is stale when its process is gone (same
 tag: same host, boot and pid namespace, so the pid means this process) or when it is older
 than :data:`STALE_AFTER` (any tag: another machine on a shared folder, or a reused pid).
@@ -25,7 +25,12 @@ from pathlib import Path
 
 # A run's staging folder lives while it saves and validates; a day is far beyond that.
 STALE_AFTER = 24 * 3600.0
-_STALE = re.compile(r"^(?:\.onnxprune-|onnxprune-run-)([0-9a-f]{8})-(\d+)-[A-Za-z0-9_]{8}(?:\.[A-Za-z0-9]{1,8})?$")
+_STALE = re.compile(r"^\.onnxprune-([0-9a-f]{8})-(\d+)-[A-Za-z0-9_]{8}(?:\.[A-Za-z0-9]{1,8})?$")
+# The run's private folder under TMPDIR: a short name, because Ray puts its AF_UNIX sockets
+# (107 bytes at most) under it; the machine tag is in a marker file inside, and a folder
+# without the marker is never removed.
+_RUN = re.compile(r"^opr-(\d+)-[A-Za-z0-9_]{8}$")
+RUN_MARKER = ".onnxprune-run"
 # Names of onnxprune before the tag (no pid to ask): removed by age only.
 _LEGACY = re.compile(r"^\.onnxprune-(?:probe-)?[a-z0-9_]{8}(?:\.[A-Za-z0-9]{1,8})?$")
 _tag: list[str] = []
@@ -46,9 +51,19 @@ def _machine_tag() -> str:
     return _tag[0]
 
 
-def prefix(hidden: bool = True) -> str:
-    """The prefix for ``tempfile.mkdtemp``/``mkstemp``: ``.onnxprune-<tag>-<pid>-``."""
-    return f"{'.' if hidden else ''}onnxprune-{'' if hidden else 'run-'}{_machine_tag()}-{os.getpid()}-"
+def prefix() -> str:
+    """The prefix for ``tempfile.mkdtemp``/``mkstemp`` beside an output: ``.onnxprune-<tag>-<pid>-``."""
+    return f".onnxprune-{_machine_tag()}-{os.getpid()}-"
+
+
+def run_prefix() -> str:
+    """The prefix of the run's private folder under TMPDIR: ``opr-<pid>-`` (see :func:`mark`)."""
+    return f"opr-{os.getpid()}-"
+
+
+def mark(folder: str | os.PathLike) -> None:
+    """Write the machine tag into a run folder, so a later run can judge its pid."""
+    Path(folder, RUN_MARKER).write_text(_machine_tag())
 
 
 def _alive(pid: int) -> bool:
@@ -63,17 +78,25 @@ def _alive(pid: int) -> bool:
 
 def is_stale(entry: Path, now: float | None = None) -> bool:
     """Whether ``entry`` is a temporary file or folder of an onnxprune run that is gone."""
+    tag = pid = None
     m = _STALE.match(entry.name)
-    if m is None and not _LEGACY.match(entry.name):
+    if m is not None:
+        tag, pid = m.group(1), int(m.group(2))
+    elif (r := _RUN.match(entry.name)) is not None and not entry.is_symlink():
+        try:
+            tag, pid = (entry / RUN_MARKER).read_text()[:8], int(r.group(1))
+        except OSError:
+            return False  # not (or not yet) marked as a run folder: never ours to remove
+    elif not _LEGACY.match(entry.name):
         return False
     try:
         age = (time.time() if now is None else now) - entry.lstat().st_mtime
     except OSError:
         return False
-    ours = m is not None and m.group(1) == _machine_tag()
-    if ours and int(m.group(2)) == os.getpid():
+    ours = tag == _machine_tag()
+    if ours and pid == os.getpid():
         return False  # this run's own, however old
-    return age > STALE_AFTER or (ours and not _alive(int(m.group(2))))
+    return age > STALE_AFTER or (ours and not _alive(pid))
 
 
 def remove_stale(folder: str | os.PathLike) -> list[Path]:

@@ -237,8 +237,9 @@ def _run_tempdir() -> Iterator[None]:
     try:
         _temps.remove_stale(tempfile.gettempdir())  # private folders of killed runs
         with _signals.deferred():
-            folder = tempfile.mkdtemp(prefix=_temps.prefix(hidden=False))
+            folder = tempfile.mkdtemp(prefix=_temps.run_prefix())
             _temps.created(folder)
+            _temps.mark(folder)
             tempfile.tempdir = os.environ["TMPDIR"] = folder
         yield
     finally:

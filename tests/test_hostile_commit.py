@@ -179,6 +179,31 @@ def test_old_or_foreign_temp_entries(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     mine = tmp_path / f".onnxprune-{_temps._machine_tag()}-{int(dead.stdout)}-abcdefgh"
     mine.mkdir()  # this host, a process that has exited: stale however young
+    run = tmp_path / f"opr-{int(dead.stdout)}-abcdefgh"  # a run folder under TMPDIR, marked
+    run.mkdir()
+    _temps.mark(run)
+    unmarked = tmp_path / f"opr-{int(dead.stdout)}-abcdefg2"  # someone else's, or not yet marked
+    unmarked.mkdir()
     removed = {p.name for p in _temps.remove_stale(tmp_path)}
-    assert removed == {n for n, (gone, _) in entries.items() if gone} | {mine.name}
-    assert {p.name for p in tmp_path.iterdir()} == {n for n, (gone, _) in entries.items() if not gone}
+    assert removed == {n for n, (gone, _) in entries.items() if gone} | {mine.name, run.name}
+    assert {p.name for p in tmp_path.iterdir()} == {n for n, (gone, _) in entries.items() if not gone} | {unmarked.name}
+
+
+def test_a_killed_runs_tmpdir_folder_is_removed_by_the_next_run(tmp_path):
+    """An unguarded run SIGKILLed mid-way leaves its private folder under TMPDIR; the next
+    run with that TMPDIR removes it."""
+    src = save(_cnn(), tmp_path / "m.onnx")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = dict(os.environ, TMPDIR=str(tmp), ONNXPRUNE_NO_GUARD="1")
+    cmd = [sys.executable, "-m", "onnxprune", str(src), str(tmp_path / "o.onnx"), "-q"]
+    killed = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+    while not any(tmp.glob("opr-*/" + _temps.RUN_MARKER)):
+        assert killed.poll() is None, killed.stderr.read()
+        time.sleep(0.01)
+    killed.kill()
+    killed.wait()
+    (left,) = tmp.iterdir()
+    assert left.name.startswith(f"opr-{killed.pid}-")
+    assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
+    assert list(tmp.iterdir()) == []
