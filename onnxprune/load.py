@@ -534,5 +534,8 @@ def _commit(tmp_model: Path, data: str | None, out: Path) -> None:
         os.replace(tmp_model, out)
         if locked:
             for old in output_data_files(out):
-                if old.name != data:
-                    old.unlink(missing_ok=True)
+                if old.name != data and (old.is_symlink() or old.is_file()):  # a folder so named is not ours
+                    try:
+                        old.unlink()
+                    except OSError:  # the new model is in place: a leftover file must not fail the run
+                        pass
