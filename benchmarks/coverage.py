@@ -212,7 +212,7 @@ def worker(args: argparse.Namespace) -> dict:
         return row
     out = CACHE / "pruned" / f"{name}.{exporter}.onnx"
     out.parent.mkdir(parents=True, exist_ok=True)
-    for p in (out, out.with_name(out.name + ".data")):
+    for p in (out, *out.parent.glob(out.name + ".*.data")):  # NAME.<hash>.data
         p.unlink(missing_ok=True)
     t = time.perf_counter()
     try:
@@ -237,7 +237,7 @@ def worker(args: argparse.Namespace) -> dict:
     row["status"] = "ok" if valid and chk["same_shapes"] and after < before else (
         "INVALID" if not (valid and chk["same_shapes"]) else "not smaller")
     if not args.keep:
-        for p in (out, out.with_name(out.name + ".data")):
+        for p in (out, *out.parent.glob(out.name + ".*.data")):  # NAME.<hash>.data
             p.unlink(missing_ok=True)
     return row
 

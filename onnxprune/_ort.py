@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
+from ._signals import deferred
 from .errors import InputError
 
 # onnxruntime's own log lines would break the one-line-per-failure contract: fatal only
@@ -14,7 +15,8 @@ LOG_SEVERITY = 4
 def ort() -> ModuleType:
     """The onnxruntime module, or an InputError telling how to install it."""
     try:
-        import onnxruntime
+        with deferred():  # a signal inside its (pybind11) module init would abort the process
+            import onnxruntime
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise InputError(
             "onnxruntime is not installed: pip install 'onnxprune[cpu]' (or 'onnxprune[gpu]' "
@@ -28,7 +30,8 @@ def set_log_severity(level: int) -> None:
     global LOG_SEVERITY
     LOG_SEVERITY = level
     try:
-        import onnxruntime
+        with deferred():  # as in ort()
+            import onnxruntime
     except ImportError:  # pragma: no cover - reported by ort() when it is needed
         return
     onnxruntime.set_default_logger_severity(level)

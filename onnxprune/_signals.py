@@ -13,11 +13,13 @@ in place before numpy, onnx and onnxruntime load.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 from typing import Iterator
 
 _NAMES = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
-_state = {"depth": 0, "pending": None}
+_state = {"depth": 0, "pending": None, "exit_now": False}
 
 
 class Interrupted(BaseException):
@@ -38,6 +40,12 @@ def _in_import_lock(frame) -> bool:
 def _handler(signum: int, frame) -> None:
     for sig in _NAMES:  # the first signal wins; later ones must not interrupt the cleanup
         signal.signal(sig, signal.SIG_IGN)
+    if _state["exit_now"]:
+        # The start-up imports: nothing to clean up yet, and an exception raised inside a
+        # native module's init (onnx's pybind11) would abort the process instead.
+        line, code = message(Interrupted(signum))
+        os.write(2, f"{line}\n".encode())
+        os._exit(code)
     if _state["depth"]:
         _state["pending"] = _state["pending"] or signum
         return
@@ -61,12 +69,39 @@ def _retry(_signum: int, frame) -> None:
         raise Interrupted(pending)
 
 
-def install() -> None:
-    """Route SIGINT and SIGTERM to :class:`Interrupted` (main thread only)."""
+def install(exit_now: bool = False) -> None:
+    """Route SIGINT and SIGTERM to :class:`Interrupted` (main thread only), then unblock
+    them: the CLI's guarding parent starts this process with both blocked, so one sent
+    during the interpreter's start-up waits for these handlers.  With ``exit_now``, until
+    :func:`started`, a signal prints its line and exits at once (the imports: nothing
+    exists yet that needs removing)."""
+    _state["exit_now"] = exit_now
     for sig in _NAMES:
         # An inherited SIG_IGN is a choice of the caller (nohup, a shell's background job): kept.
         if signal.getsignal(sig) is not signal.SIG_IGN:
             signal.signal(sig, _handler)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, list(_NAMES))
+
+
+def die_with_parent(parent: int | None) -> None:
+    """In the CLI's child process (Linux): receive SIGTERM when the guarding parent dies
+    (SIGKILLed), so the run still stops and cleans up instead of running on orphaned."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if parent is not None and os.getppid() != parent:  # it died before the call above
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def started() -> None:
+    """The start-up imports are done: signals raise :class:`Interrupted` from now on."""
+    _state["exit_now"] = False
 
 
 def ignore() -> None:

@@ -14,14 +14,14 @@ from typing import Iterator
 import click
 from rich.console import Console
 
-from . import _ort, _signals, api, checks
+from . import _ort, _signals, _temps, api, checks
 from .criteria import METHODS
 from .compensate import COMPENSATIONS
 from .config import PruneConfig
 from .data import Preprocess
 from .methods import MethodOptions
 from .errors import InputError, OnnxPruneError
-from .load import check_side_outputs
+from .load import check_side_outputs, one_commit
 from .report import plot, print_analysis, print_result, write_json
 
 
@@ -138,14 +138,20 @@ def prune_cmd(**params) -> None:
     """Prune INPUT_MODEL and write the checked result to OUTPUT_MODEL."""
     options = cli_options(params)
     check_side_outputs(params["input_model"], params["output_model"],
-                       [("--report", params["report_path"]), ("--plot", params["plot_path"])])
+                       [("--report", params["report_path"]), ("--plot", params["plot_path"])],
+                       reads={"--calib": params["calib"], "--eval": params["eval_data"], "--labels": params["labels"]})
     config = PruneConfig(**options)  # every option checked here, with the API's messages
-    _, result = api.prune_with(config, params["input_model"], params["output_model"])
-    if params["plot_path"]:
-        sweep = api.error_sweep(params["input_model"], config, result) if (config.calib or config.eval_data) else []
-        plot(result, sweep, params["plot_path"])
-    if params["report_path"]:
-        write_json(result.to_dict(), params["report_path"])
+    # The model, the plot and the report are staged and renamed into place together: a
+    # failure or a signal while drawing the plot leaves nothing written.
+    with one_commit(params["output_model"], params["report_path"], params["plot_path"]):
+        _, result = api.prune_with(config, params["input_model"], params["output_model"])
+        if params["plot_path"]:
+            _temps.phase("plot")
+            sweep = api.error_sweep(params["input_model"], config, result) if (config.calib or config.eval_data) else []
+            plot(result, sweep, params["plot_path"])
+        if params["report_path"]:
+            write_json(result.to_dict(), params["report_path"])
+    _temps.phase("written")
     if not params["quiet"]:
         print_result(result, Console())
 
@@ -236,8 +242,11 @@ def _run_tempdir() -> Iterator[None]:
     """
     previous, previous_env, folder = tempfile.tempdir, os.environ.get("TMPDIR"), None
     try:
+        _temps.remove_stale(tempfile.gettempdir())  # private folders of killed runs
         with _signals.deferred():
-            folder = tempfile.mkdtemp(prefix="onnxprune-run-")
+            folder = tempfile.mkdtemp(prefix=_temps.run_prefix())
+            _temps.created(folder)
+            _temps.mark(folder)
             tempfile.tempdir = os.environ["TMPDIR"] = folder
         yield
     finally:

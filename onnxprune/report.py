@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -12,7 +13,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from . import _temps
 from ._signals import deferred
+from .load import claimed
 from .result import AnalysisReport, PruneResult
 
 
@@ -121,21 +124,36 @@ def write_json(data: dict, path: str | os.PathLike) -> None:
     atomic_write(path, write)
 
 
+def _suffix(target: Path) -> str:
+    """The target's suffix for the temp file (matplotlib reads the format from it), when it
+    is one a stale-file sweep recognises."""
+    return target.suffix if re.fullmatch(r"\.[A-Za-z0-9]{1,8}", target.suffix) else ""
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """Let ``write`` fill a hidden temp file beside ``path``, then rename it into place:
     a failure or a signal leaves the old file (or none), never a truncated one."""
-    target = Path(path)
+    folder = Path(path).parent.resolve()
+    target = folder / Path(path).name  # a link there is replaced by the file, never written through
+    _temps.remove_stale(folder)
     tmp = None
     try:
         with deferred():  # the file exists only once the finally below will remove it
-            fd, name = tempfile.mkstemp(prefix=".onnxprune-", suffix=target.suffix, dir=target.resolve().parent)
+            fd, name = tempfile.mkstemp(prefix=_temps.prefix(), suffix=_suffix(target), dir=folder)
             os.close(fd)
             tmp = Path(name)
+            _temps.created(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # what open() would have given, not mkstemp's 0600
         write(tmp)
-        os.replace(tmp, target)
+        txn = claimed(target)
+        if txn is not None:  # renamed with the output model when the run ends (load.one_commit)
+            with deferred():
+                txn.files.append((tmp, target))
+                tmp = None
+        else:
+            os.replace(tmp, target)
     finally:
         with deferred():
             if tmp is not None:

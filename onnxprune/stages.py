@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from . import _ort, checks
+from . import _ort, _temps, checks
 from ._graph import RESTRUCTURED, node_label
 from .allocate import PROBE_SAMPLES, allocate, probes_text
 from .calibrate import Statistics, calibrate, providers_for
@@ -32,7 +32,7 @@ from .criteria import score_groups, statistics_for
 from .data import InputSpec, Sample, batches, input_specs, samples_in, source_items, take_samples
 from .errors import GateError, InputError, VerificationError
 from .groups import Analysis, analyze_groups
-from .load import check_output_path, load_model, save_model
+from .load import check_output_path, input_files, load_model, save_model
 from .methods import REGISTRY, Method, MethodOptions
 from .reconstruct import refit_on_pruned, refit_targets
 from .result import PruneResult
@@ -86,6 +86,7 @@ class PruneState:
     refit_note: str | None = None
     # verify / report
     measured: dict[str, Any] = field(default_factory=dict)  # fidelity, forced (gate), latency
+    written: Path | None = None  # the saved model: the output, or its staged copy (load.one_commit)
     times: dict[str, float] = field(default_factory=dict)
     result: PruneResult | None = None
 
@@ -125,8 +126,11 @@ class Load(Stage):
     def run(self, state: PruneState) -> None:
         c = state.config
         if state.output_path is not None:
-            check_output_path(state.model_path, state.output_path)
+            check_output_path(state.model_path, state.output_path,
+                              {"--calib": c.calib, "--eval": c.eval_data, "--labels": c.labels})
         state.model, state.external = load_model(state.model_path)
+        # The first onnxruntime session on the input: a crash here is named by the CLI's parent.
+        _temps.phase("input")
         sess = original_session(state.model_path)
         specs = input_specs(sess)
         checks.input_shapes_fit(c.input_shape, specs)
@@ -139,6 +143,7 @@ class Load(Stage):
             state.feed = random_feed(sess, c.seed, shapes=c.input_shape)
         state.reference = run_reference(sess, state.feed, synthetic=c.calib is None)
         del sess
+        _temps.phase("pruning")
         state.count_shapes, state.macs_basis = count_shapes(specs, c.input_shape, state.feed if c.calib is not None else None)
         if state.model.graph.meta.get(RESTRUCTURED):
             check_restructured(state.model, state.feed, state.reference)
@@ -346,7 +351,7 @@ class Verify(Stage):
         validate = lambda path: self._validate(state, path, labels)  # noqa: E731
         try:
             if state.output_path is not None:
-                save_model(state.model, state.output_path, external=state.external, validate=validate)
+                state.written = save_model(state.model, state.output_path, external=state.external, validate=validate)
             else:
                 with tempfile.TemporaryDirectory(prefix="onnxprune-") as d:
                     save_model(state.model, Path(d) / "pruned.onnx", external=state.external, validate=validate)
@@ -395,7 +400,7 @@ class Report(Stage):
             groups=self._groups(state),
             output=str(state.output_path) if state.output_path is not None else None,
             file_size_before=file_size(state.model_path, state.external),
-            file_size_after=file_size(state.output_path, state.external) if state.output_path is not None else None,
+            file_size_after=file_size(state.written, state.external) if state.written is not None else None,
             # The stages before this one: the report's own time is not part of the result.
             seconds={k: round(v, 4) for k, v in state.times.items()},
             compensation=c.compensate if stats is not None else "none",
@@ -506,13 +511,9 @@ def gate(fid: Fidelity, max_error: float | None, min_agreement: float | None, fo
 
 
 def file_size(path: str | os.PathLike, external: bool) -> int:
-    """Bytes of the model file and its ``.data`` file, if any."""
-    p = Path(path)
-    total = p.stat().st_size
-    data = p.with_name(p.name + ".data")
-    if data.exists():
-        total += data.stat().st_size
-    return total
+    """Bytes of the model file and, when ``external``, the data files it names."""
+    files = input_files(path) if external else [Path(path)]
+    return sum(f.stat().st_size for f in files if f.is_file())
 
 
 def blame(model_path: str | os.PathLike, exclude: tuple[str, ...], removed: dict[int, np.ndarray], message: str,

@@ -4,6 +4,7 @@ automatically for outputs too large for one protobuf."""
 from __future__ import annotations
 
 import hashlib
+import re
 
 import numpy as np
 import onnx
@@ -34,15 +35,19 @@ def test_external_in_external_out(tmp_path):
     data_digest = hashlib.sha256((src_dir / "m.onnx.data").read_bytes()).hexdigest()
     out = out_dir / "p.onnx"
     _, result = onnxprune.prune(src, out, ratio=0.5)
-    assert (out_dir / "p.onnx.data").is_file()
-    locations = {
-        e.value for t in onnx.load(str(out), load_external_data=False).graph.initializer for e in t.external_data if e.key == "location"
-    }
-    assert locations == {"p.onnx.data"}  # relative, beside the model, never the temp name
+    locations = _locations(out)
+    (data,) = locations  # relative, beside the model, never the temp name; named by its content
+    assert re.fullmatch(r"p\.onnx\.[0-9a-f]{16}\.data", data)
+    assert data == f"p.onnx.{hashlib.sha256((out_dir / data).read_bytes()).hexdigest()[:16]}.data"
     assert run(out, _feed())[0].shape == run(src, _feed())[0].shape
     assert result.params_after < result.params_before
     assert hashlib.sha256((src_dir / "m.onnx.data").read_bytes()).hexdigest() == data_digest
-    assert sorted(p.name for p in out_dir.iterdir()) == ["p.onnx", "p.onnx.data"]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["p.onnx", data]
+
+
+def _locations(model) -> set[str]:
+    proto = onnx.load(str(model), load_external_data=False)
+    return {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
 
 
 def test_large_output_goes_to_external_data(tmp_path, monkeypatch):
@@ -52,7 +57,8 @@ def test_large_output_goes_to_external_data(tmp_path, monkeypatch):
     onnx.save(_net(), str(src))
     out = tmp_path / "p.onnx"
     onnxprune.prune(src, out, ratio=0.25, round_to=1)
-    assert (tmp_path / "p.onnx.data").is_file()
+    (data,) = _locations(out)
+    assert (tmp_path / data).is_file()
     assert params(out) < params(src)
     assert run(out, _feed())[0].shape == (2, 4, 1, 1)
 

@@ -85,6 +85,22 @@ def test_sigterm_at_any_moment(tmp_path, delay):
         assert "terminated" in run.stderr
 
 
+# SIGTERM at random moments as well: a new draw each session, reproducible with
+# ONNXPRUNE_SIGNAL_SEED (the seed is in every failure message).  A prune of the shipped CNN
+# takes about 5 s on an idle machine; the draws span that and more.
+SEED = int(os.environ.get("ONNXPRUNE_SIGNAL_SEED", time.time_ns() % 2**32))
+RANDOM_DELAYS = [round(d, 3) for d in np.random.default_rng(SEED).uniform(0.0, 6.0, 4)]
+
+
+@pytest.mark.parametrize("delay", RANDOM_DELAYS, ids=[f"random{i}" for i in range(len(RANDOM_DELAYS))])
+def test_sigterm_at_random_moments(tmp_path, delay):
+    run, folders = _run_and_signal(tmp_path, signal.SIGTERM, delay)
+    try:
+        _check_nothing_left(run, folders, 143)
+    except AssertionError as exc:
+        raise AssertionError(f"SIGTERM after {delay} s (ONNXPRUNE_SIGNAL_SEED={SEED}): {exc}") from exc
+
+
 @pytest.mark.parametrize("delay", [0.0, 1.5])
 def test_sigint_at_any_moment(tmp_path, delay):
     run, folders = _run_and_signal(tmp_path, signal.SIGINT, delay)
@@ -108,7 +124,7 @@ def test_sigterm_during_save_leaves_no_temp_folder(tmp_path, handlers):
     listing = sorted(p.name for p in tmp_path.iterdir())
 
     def killed(path: Path) -> None:  # the model and its data are in the temp folder now
-        assert path.is_file() and path.with_name(path.name + ".data").is_file()
+        assert path.is_file() and len(list(path.parent.glob("o.onnx.*.data"))) == 1
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # the handler raises at the next bytecode: the sleep is cut short
 
@@ -140,3 +156,27 @@ def test_a_signal_inside_importlib_is_raised_just_after_it(handlers):
         time.sleep(5)  # the retry raises here, at the next bytecode outside importlib
     assert info.value.exit_code == 143
     assert signal.getsignal(signal.SIGALRM) is signal.SIG_DFL
+
+
+def test_sigterm_before_the_commit_leaves_no_output(tmp_path, handlers):
+    """Inside ``one_commit`` the validated model waits beside the target: a signal before
+    the block ends (the CLI's plot and report) leaves neither the model nor the report."""
+    from onnxprune.load import one_commit
+    from onnxprune.report import write_json
+
+    model = ir.load(str(save(_cnn(), tmp_path / "m.onnx")))
+    listing = sorted(p.name for p in tmp_path.iterdir())
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    with pytest.raises(_signals.Interrupted):
+        with one_commit(out, report):
+            staged = save_model(model, out, external=True, validate=lambda p: None)
+            write_json({"a": 1}, report)
+            assert staged.is_file() and not out.exists() and not report.exists()
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # cut short by the handler
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing
+    with one_commit(out, report):  # and without the signal, both appear when the block ends
+        save_model(model, out, external=True, validate=lambda p: None)
+        write_json({"a": 1}, report)
+    new = sorted(p.name for p in tmp_path.iterdir() if p.name not in listing)
+    assert len(new) == 3 and new == sorted(["o.onnx", "r.json", *(p.name for p in tmp_path.glob("o.onnx.*.data"))])

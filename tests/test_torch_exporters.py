@@ -413,15 +413,15 @@ def test_prune(exported, name, exporter, tmp_path):
     before, after = session(str(src)).run(None, feed), session(str(out)).run(None, feed)
     assert [a.shape for a in before] == [a.shape for a in after]
     assert all(np.isfinite(a).all() for a in after)
-    data = out.with_name("out.onnx.data")
+    data = sorted(tmp_path.glob("out.onnx.*.data"))  # NAME.<hash>.data
     if exporter == "dynamo":
-        assert data.is_file(), "the dynamo export's external data was not kept"
+        assert len(data) == 1, "the dynamo export's external data was not kept"
         lazy = onnx.load(str(out), load_external_data=False)
         assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in lazy.graph.initializer)
         full = onnx.load(str(out))
         assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in full.graph.initializer)
     else:
-        assert not data.exists()
+        assert not data
 
 
 def _weight_axes(node) -> tuple[int, int]:

@@ -1,0 +1,134 @@
+"""A crash in native code (onnxruntime on a hostile model) is one line and exit 1, not
+silence: the console script runs the command in a child process and its parent names the
+crash, removes the child's temp folders, and forwards SIGINT/SIGTERM.
+
+No model is known that crashes this onnxruntime (1.32), so the child is made to crash at the
+same point by a real SIGSEGV (``ONNXPRUNE_TEST_CRASH_AT``, read by ``_temps.phase``): what is
+tested is the process that dies of it and the parent that reports it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from builders import save
+from test_bad_input import _cnn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _folders(tmp_path: Path) -> dict[str, Path]:
+    folders = {name: tmp_path / name for name in ("in", "out", "tmp", "cwd")}
+    for f in folders.values():
+        f.mkdir()
+    return folders
+
+
+def _run(folders: dict[str, Path], model: Path, *extra: str, **env: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "onnxprune", str(model), str(folders["out"] / "o.onnx"), "-q", *extra]
+    return subprocess.run(cmd, cwd=folders["cwd"], env=dict(os.environ, TMPDIR=str(folders["tmp"]), **env),
+                          capture_output=True, text=True, timeout=600)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("phase, needle", [
+    ("input", "onnxruntime crashed on the input model"),
+    ("verify", "crashed while checking the pruned model"),  # its temp folder beside the output exists then
+])
+def test_a_segfault_is_one_line_and_exit_1(tmp_path, phase, needle):
+    folders = _folders(tmp_path)
+    model = save(_cnn(), folders["in"] / "m.onnx")
+    digest = _digest(model)
+    run = _run(folders, model, ONNXPRUNE_TEST_CRASH_AT=phase)
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert run.returncode == 1, run.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0] and "SIGSEGV" in lines[0], run.stderr
+    assert _digest(model) == digest and [p.name for p in folders["in"].iterdir()] == ["m.onnx"]
+    for name in ("out", "tmp", "cwd"):  # the parent removed the child's temp folders
+        assert list(folders[name].iterdir()) == [], name
+
+
+def test_the_crash_hook_needs_the_guard(tmp_path):
+    """The hook fires only in a guarded child (an API or unguarded run is never crashed on
+    purpose); a process that dies of SIGSEGV is silent by itself: what the guard is for."""
+    folders = _folders(tmp_path)
+    model = save(_cnn(), folders["in"] / "m.onnx")
+    run = _run(folders, model, ONNXPRUNE_TEST_CRASH_AT="input", ONNXPRUNE_NO_GUARD="1")
+    assert run.returncode == 0, run.stderr
+    crash = subprocess.run([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"],
+                           capture_output=True, text=True)
+    assert crash.returncode == -signal.SIGSEGV and crash.stderr == ""
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting for whoever reaps orphans here."""
+    try:
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux")
+def test_killing_the_parent_stops_the_child_cleanly(tmp_path):
+    """SIGKILL of the console script's process (what a careless supervisor does): its child
+    gets SIGTERM from the kernel, cleans up and exits; nothing is left."""
+    folders = _folders(tmp_path)
+    model = folders["in"] / "mnist_cnn.onnx"
+    model.write_bytes((ROOT / "models" / "mnist_cnn.onnx").read_bytes())
+    cmd = [sys.executable, "-m", "onnxprune", str(model), str(folders["out"] / "o.onnx"), "-q",
+           "--calib", str(ROOT / "models" / "data" / "calib")]
+    parent = subprocess.Popen(cmd, cwd=folders["cwd"], env=dict(os.environ, TMPDIR=str(folders["tmp"])),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    while not _children(parent.pid):
+        assert parent.poll() is None, parent.stderr.read()
+        time.sleep(0.01)
+    (child,) = _children(parent.pid)
+    while not any(folders["tmp"].iterdir()):  # the child's run folder: it is past its handlers
+        time.sleep(0.01)
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 120
+    while _running(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(child), "the child runs on without its parent"
+    for name in ("out", "tmp", "cwd"):
+        assert list(folders[name].iterdir()) == [], name
+
+
+def test_a_crash_while_drawing_the_plot_writes_nothing(tmp_path):
+    """The model, the report and the plot are committed together: the model is validated
+    and staged before the plot is drawn, and a crash there leaves none of them."""
+    folders = _folders(tmp_path)
+    model = save(_cnn(), folders["in"] / "m.onnx")
+    side = ["--plot", str(folders["out"] / "p.png"), "--report", str(folders["out"] / "r.json")]
+    run = _run(folders, model, *side, ONNXPRUNE_TEST_CRASH_AT="plot")
+    assert run.returncode == 1 and "crashed while drawing the --plot" in run.stderr, run.stderr
+    for name in ("out", "tmp", "cwd"):
+        assert list(folders[name].iterdir()) == [], name
+    run = _run(folders, model, *side)  # the same run, not crashed: all three appear at once
+    assert run.returncode == 0, run.stderr
+    assert sorted(p.name for p in folders["out"].iterdir()) == ["o.onnx", "p.png", "r.json"]
