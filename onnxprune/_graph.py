@@ -421,9 +421,10 @@ def _packed_chain(rs: ir.Node):
     if (not isinstance(k, int) or k < 2 or not rest or not all(isinstance(r, int) for r in rest)
             or dp[-1] != k * int(np.prod(rest)) or None in dp[:-1] or d[:lead] != dp[:-1]):
         return None
-    (first,) = [u.node for u in rs.outputs[0].uses()] or [None]
-    if first is None or len(rs.outputs[0].uses()) != 1:
+    uses = rs.outputs[0].uses()
+    if len(uses) != 1:  # (a Reshape [N, C] -> [N, C, 1, 1] read twice, say: not a packed projection)
         return None
+    first = uses[0].node
     n = len(d)
     part_perm = None
     if first.op_type == "Unsqueeze" and len(rest) == 1:  # nn.MultiheadAttention

@@ -148,12 +148,14 @@ def symbolic_dims(model: ir.Model) -> dict[str, list[str]]:
 
 @dataclass
 class _Plan:
-    """The removal-independent part of :func:`estimate_after`: the counts before, and per
-    sliced constant its size, the atoms of each sliced axis and the MACs that shrink with it."""
+    """The removal-independent part of :func:`estimate_after`: the counts before; per sliced
+    constant input, the atoms of each sliced axis and the MACs that shrink with it; per sliced
+    constant, its size, its sliced readers and whether a reader leaves it whole."""
 
     params: int
     macs: int
-    sliced: list[tuple[int, int, list[np.ndarray]]] = field(default_factory=list)  # (size, MACs, atoms per axis)
+    sliced: list[tuple[int, list[np.ndarray]]] = field(default_factory=list)  # (MACs, atoms per axis)
+    constants: list[tuple[int, list[int], bool]] = field(default_factory=list)  # (size, indices into sliced, read whole)
     products: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (MACs, atoms): products of computed tensors
 
 
@@ -171,20 +173,30 @@ def _plan(analysis) -> _Plan:
             axes.setdefault(key, {})[e.axis] = np.asarray(e.atoms)
             first.setdefault(key, e)
     plan = _Plan(count_params(model), int(sum(table.values())))
-    seen: set[int] = set()
+    readers: dict[int, tuple[ir.Value, list[int]]] = {}
     for key, by_axis in axes.items():
         e = first[key]
         value = e.node.inputs[e.index]
-        size = 0
-        if value is not None and id(value) not in seen:
-            seen.add(id(value))
-            size = math.prod(d if isinstance(d, int) else 1 for d in (value.shape or ()))
+        if value is not None:
+            readers.setdefault(id(value), (value, []))[1].append(len(plan.sliced))
         macs = table.get(id(e.node), 0) if key[1] == 1 and e.node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") else 0
-        plan.sliced.append((size, macs, list(by_axis.values())))
+        plan.sliced.append((macs, list(by_axis.values())))
+    for value, idx in readers.values():
+        size = math.prod(d if isinstance(d, int) else 1 for d in (value.shape or ()))
+        whole = value.is_graph_output() or any((id(u.node), u.idx) not in axes for u in value.uses())
+        plan.constants.append((size, idx, whole))
     # A product of two computed tensors (QKᵀ, attention·V) has no weight to slice: it
     # shrinks with the channels (heads) its operands carry.
     for node in model.graph:
-        if node.op_type != "MatMul" or any(is_const(v) for v in node.inputs):
+        if node.op_type != "MatMul":
+            continue
+        if any(is_const(v) for v in node.inputs):
+            # A constant weight whose left operand carries the channels on a batch axis
+            # (MatMul over W of an NCHW tensor): the layout passes through, the weight is not
+            # sliced, and the MACs shrink with the kept channels.
+            lay = analysis.layouts.get(node.inputs[0])
+            if lay is not None and len(lay) and analysis.layouts.get(node.outputs[0]) is lay:
+                plan.products.append((table.get(id(node), 0), np.asarray(lay.atoms)))
             continue
         lay = analysis.layouts.get(node.inputs[0]) or analysis.layouts.get(node.inputs[1])
         if lay is not None and len(lay):
@@ -211,10 +223,16 @@ def estimate_after(analysis, removed) -> tuple[int, int]:
         return float(keep(atoms).mean()) if len(atoms) else 1.0
 
     params, macs = plan.params, plan.macs
-    for size, node_mac, atoms in plan.sliced:
-        f = math.prod(kept(a) for a in atoms)
-        params -= int(round(size * (1 - f)))
+    fs = [math.prod(kept(a) for a in atoms) for _, atoms in plan.sliced]
+    for (node_mac, _), f in zip(plan.sliced, fs):
         macs -= int(round(node_mac * (1 - f)))
+    for size, idx, whole in plan.constants:
+        # As the rewrite does it (_graph.replace_const): a constant shared by several readers
+        # gives each reader that loses entries its own sliced copy, and stays as it is while
+        # any reader keeps all of it.
+        cut = [fs[i] for i in idx if fs[i] < 1]
+        kept_whole = whole or len(cut) < len(idx)
+        params += int(round(sum(size * f for f in cut) + (size if kept_whole else 0))) - size
     for node_mac, atoms in plan.products:
         macs -= int(round(node_mac * (1 - kept(atoms))))
     return params, macs

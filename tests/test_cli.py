@@ -177,16 +177,18 @@ def test_console_script_runs(tmp_path):
 
 @pytest.mark.parametrize("path", [CNN, LENET], ids=["mnist_cnn", "lenet300"])
 def test_sample_models_prune_and_keep_accuracy(tmp_path, path):
-    """The shipped models prune to valid smaller graphs.  Accuracy is only asserted at a
-    light ratio: data-free l1 without compensation collapses the CNN at 50% (see
-    docs/STATUS.md); that is what calibration and compensation are for."""
+    """The shipped models prune to valid smaller graphs that still read digits: at 50% with
+    calibration and the default least-squares compensation (data-free l1 without
+    compensation collapses the CNN at 50%, to 0.18 on these digits: chance is 0.1), and at
+    a light ratio data-free."""
     x = np.load(ROOT / "models" / "data" / "eval" / "heldout.npz")["input"][:300]
     y = np.load(ROOT / "models" / "data" / "heldout_labels.npy")[:300]
     acc = lambda p: float((run(p, {"input": x})[0].argmax(1) == y).mean())  # noqa: E731
     out = tmp_path / "o.onnx"
-    _, result = onnxprune.prune(path, out, method="l1", ratio=0.5)
+    _, result = onnxprune.prune(path, out, method="l1", ratio=0.5, calib=ROOT / "models" / "data" / "calib",
+                                max_samples=128)
     assert result.params_after < 0.5 * result.params_before
-    assert acc(out) > 0.1  # runs and predicts on real digits
+    assert acc(out) > 0.93  # measured 0.99 (CNN) and 0.973 (LeNet)
     _, light = onnxprune.prune(path, out, method="l1", ratio=0.1)
     assert light.params_after < light.params_before
     assert acc(path) > 0.95 and acc(out) > 0.9

@@ -12,10 +12,11 @@ ops that are not in it) on NCHW, [N, T, C] and [N, F] tensors, then prunes each 
    blocked, and no output file is left behind.
 
 Anything else (``VerificationError`` above all) means the engine wrote a broken graph.
+At ratio 0 the written model must also give the input's output values.
 Independently, every group ``analyze`` reports as blocked must say why, and
 ``analyze`` and ``prune`` must agree on whether anything is prunable.
 
-CI runs 200 derandomized examples; ``ONNXPRUNE_FUZZ=5000 pytest tests/test_random_graphs.py``
+CI runs 200 derandomized examples (and 200 for the exact invariants at the end of the file); ``ONNXPRUNE_FUZZ=5000 pytest tests/test_random_graphs.py``
 runs that many fresh random ones instead (a local bug hunt).
 """
 
@@ -942,9 +943,213 @@ def test_prune_random_graph_is_valid_or_refused(case: Case, ratio: float, seed: 
         assert sorted(p.name for p in Path(d).iterdir()) == ["in.onnx", "out.onnx"]
         onnx.checker.check_model(str(out), full_check=True)
         assert _output_shapes(out, feed) == ref_shapes
+        if ratio == 0.0:  # nothing removed: the same values, not only the same shapes
+            assert result.params_after == result.params_before
+            assert _same_outputs(session(str(src)).run(None, feed), session(str(out)).run(None, feed))
+            event("ratio 0: outputs compared")
         extra = _copies(src)
         assert params(out) <= params(src) + extra
         assert result.params_after <= result.params_before + extra
         event("pruned" if result.params_after < result.params_before else "pruned nothing (ratio too small)")
         if any(" = attention(" in step for step in case.steps):
             event("pruned a graph with attention")
+
+
+# -- exact invariants on the same random graphs -------------------------------------------
+#
+# Two facts hold exactly whatever the graph, so a random graph can check them value by value:
+#
+# * Removing channels that are exactly zero wherever they flow changes no output.  The
+#   chosen classes' constants (producer filters, biases, norm and per-channel parameters,
+#   consumer input weights: every SliceParam edit of theirs) are set to zero (a per-channel
+#   divisor to one); whether that makes the channels zero in every tensor that carries them
+#   depends on the ops in between (a Sigmoid, a scalar Add, a Softmax over H make them
+#   non-zero), so it is measured: the zeroed model runs with every carrying tensor as an
+#   output, and only the classes found zero everywhere are removed.  The zeroed model and the
+#   pruned one must then give the same outputs.
+# * ``count.estimate_after(analysis, removed)``, which budgets bisect on, equals the params and
+#   MACs counted on the rewritten model.
+
+_CHECKED: dict[str, int] = {"zero channels removed": 0, "no zero channel": 0, "estimate compared": 0, "no prunable group": 0}
+
+
+def _pick_removal(analysis, rng: np.random.Generator) -> np.ndarray:
+    """A random removal: from each prunable group some classes, never all of a group, nor
+    the last kept class of a Split/Slice chunk (as ``select`` guarantees)."""
+    left: dict[tuple[int, ...], int] = {}
+    for g in analysis.groups:
+        if g.prunable:
+            for chunk in g.keep_any:
+                left.setdefault(tuple(int(c) for c in chunk), len(chunk))
+    removed: list[int] = []
+    for g in analysis.groups:
+        if not g.prunable:
+            continue
+        n = len(g.classes)
+        want = int(rng.integers(1, n))  # 1 .. n-1
+        for i in rng.permutation(n)[:want].tolist():
+            c = int(g.classes[i])
+            chunks = [k for k in left if c in k]
+            if any(left[k] == 1 for k in chunks):
+                continue
+            for k in chunks:
+                left[k] -= 1
+            removed.append(c)
+    return np.asarray(sorted(set(removed)), dtype=np.int64)
+
+
+def _zero_classes(analysis, removed: np.ndarray) -> None:
+    """Set every constant entry that belongs to a class in ``removed`` to zero (a divisor to one)."""
+    from onnxprune._graph import const_array, replace_const
+    from onnxprune.layout import SliceParam
+
+    gone = np.isin(analysis.roots, removed)
+    per_input: dict[tuple[int, int], list] = {}
+    for e in analysis.edits:
+        if isinstance(e, SliceParam):
+            per_input.setdefault((id(e.node), e.index), []).append(e)
+    for edits in per_input.values():
+        node, index = edits[0].node, edits[0].index
+        array = np.array(const_array(node.inputs[index]), copy=True)
+        fill = 1 if node.op_type == "Div" and index == 1 else 0
+        for e in edits:
+            hit = np.flatnonzero(gone[e.atoms])
+            if len(hit):
+                index_ = [slice(None)] * array.ndim
+                index_[e.axis] = hit
+                array[tuple(index_)] = fill
+        replace_const(node, index, array, analysis.model.graph)
+
+
+def _carried_zero(analysis, path: Path, feed: dict, candidates: np.ndarray) -> np.ndarray:
+    """The classes of ``candidates`` that are exactly zero in every tensor that carries
+    them (the model at ``path`` run with every carrying tensor as an output)."""
+    import onnx_ir as ir
+
+    model = ir.load(str(path))
+    by_name = {v.name: v for node in model.graph for v in node.outputs}
+    carried = [(v.name, lay) for v, lay in analysis.layouts.items()
+               if v.name in by_name and np.isin(analysis.roots[lay.atoms], candidates).any()]
+    for name, _ in carried:
+        if by_name[name] not in model.graph.outputs:
+            model.graph.outputs.append(by_name[name])
+    probe = path.with_name("probe.onnx")
+    ir.save(model, str(probe))
+    sess = session(str(probe))
+    values = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
+    ok = set(candidates.tolist())
+    for v, lay in analysis.layouts.items():
+        if not np.isin(analysis.roots[lay.atoms], candidates).any():
+            continue
+        if v.name not in values:  # a graph input, or a tensor the normalised graph no longer has
+            if v.is_graph_input():
+                ok -= set(analysis.roots[lay.atoms].tolist())
+            continue
+        arr = np.asarray(values[v.name])
+        if arr.ndim <= lay.axis or arr.shape[lay.axis] != len(lay):
+            ok -= set(analysis.roots[lay.atoms].tolist())
+            continue
+        for i, root in enumerate(analysis.roots[lay.atoms].tolist()):
+            if root in ok and np.any(np.take(arr, i, axis=lay.axis) != 0):
+                ok.discard(root)
+    return np.asarray(sorted(ok), dtype=np.int64)
+
+
+def _same_outputs(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
+    for x, y in zip(a, b):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        if x.shape != y.shape:
+            return False
+        scale = 1.0 + float(np.max(np.abs(x))) if x.size else 1.0
+        if not np.allclose(x, y, rtol=1e-5, atol=1e-5 * scale):
+            return False
+    return True
+
+
+_INVARIANT_EXAMPLES = 200
+
+
+@settings(
+    max_examples=_FUZZ or _INVARIANT_EXAMPLES,
+    deadline=None,
+    derandomize=not _FUZZ,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(case=random_graphs(), seed=st.integers(0, 2**16))
+def test_random_graph_exact_invariants(case: Case, seed: int, workdir: Path) -> None:
+    from onnxprune.count import count_macs, count_params, estimate_after
+    from onnxprune.groups import analyze_groups
+    from onnxprune.load import load_model, save_model
+    from onnxprune.rewrite import apply_removal
+    from onnxprune.verify import check_pruned
+
+    rng = np.random.default_rng(seed)
+    with tempfile.TemporaryDirectory(dir=workdir) as d:
+        src = Path(d) / "in.onnx"
+        onnx.save(case.proto, str(src))
+        note(f"seed={seed}")
+
+        # 1. estimate_after == the count after the real rewrite, for a random removal.
+        model, _ = load_model(src)
+        analysis = analyze_groups(model)
+        if not any(g.prunable for g in analysis.groups):
+            _CHECKED["no prunable group"] += 1
+            return
+        removed = _pick_removal(analysis, rng)
+        note(f"removed classes {removed.tolist()}")
+        estimate = estimate_after(analysis, removed)
+        apply_removal(analysis, removed)
+        assert estimate == (count_params(model), count_macs(model)), "estimate_after (params, MACs) != the rewritten count"
+        _CHECKED["estimate compared"] += 1
+
+        # 2. Channels that are zero wherever they flow: removing them changes no output.
+        model, _ = load_model(src)
+        analysis = analyze_groups(model)
+        candidates = _pick_removal(analysis, rng)
+        _zero_classes(analysis, candidates)
+        zeroed = Path(d) / "zeroed.onnx"
+        save_model(model, zeroed, external=False, validate=lambda p: None)
+        feed = random_feed(session(str(zeroed)), seed=5, batch=2)
+        reference = session(str(zeroed)).run(None, feed)
+        if not all(np.isfinite(np.asarray(r, np.float64)).all() for r in reference):
+            _CHECKED["no zero channel"] += 1
+            return
+        zero = _carried_zero(analysis, zeroed, feed, candidates)
+        if not len(zero):
+            _CHECKED["no zero channel"] += 1
+            return
+        note(f"zero classes removed {zero.tolist()}")
+        apply_removal(analysis, zero)
+        out = Path(d) / "out.onnx"
+        save_model(model, out, external=False, validate=lambda p: check_pruned(p, feed, reference))
+        assert _same_outputs(reference, session(str(out)).run(None, feed)), "removing all-zero channels changed the outputs"
+        _CHECKED["zero channels removed"] += 1
+
+
+def test_exact_invariants_checked_a_good_share() -> None:
+    """The invariants above must really be compared on most graphs, not skipped (this runs
+    after them, in file order; on its own it has nothing to look at)."""
+    prunable = _CHECKED["estimate compared"]
+    if not prunable:
+        pytest.skip("run with test_random_graph_exact_invariants")
+    print(f"exact invariants: {_CHECKED}")
+    # 200 derandomized examples: 131 graphs with a prunable group, 123 of them with zero channels removed.
+    assert prunable >= 0.5 * (prunable + _CHECKED["no prunable group"]), _CHECKED
+    assert _CHECKED["zero channels removed"] >= 0.7 * prunable, _CHECKED
+
+
+def test_reshape_to_4d_read_twice_loads(tmp_path: Path) -> None:
+    """A Reshape [N, C] -> [N, C, 1, 1] whose output has two readers (a squeeze-excitation
+    after a Gemm) is no packed projection: loading it once crashed the packed-projection
+    fold (found by the invariants above)."""
+    from builders import save
+    from onnxprune.groups import analyze_groups
+    from onnxprune.load import load_model
+
+    g = G(opset=18)
+    x = g.input("x", ["N", 9])
+    y = g.op("Reshape", [g.gemm(x, 9, 3, name="fc"), g.const(np.array([0, 3, 1, 1], np.int64))])
+    s = g.op("Sigmoid", [g.conv(g.op("GlobalAveragePool", [y]), 3, 3, k=1, name="se")])
+    z = g.op("Flatten", [g.op("Mul", [y, s])], axis=1)
+    model, _ = load_model(save(g.model([g.gemm(z, 3, 2, name="head")]), tmp_path / "m.onnx"))
+    assert any(g_.prunable for g_ in analyze_groups(model).groups)
