@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "benchmarks" / ".cache"
 NET_BYTES_S = 1.25e9  # 10 Gbit/s between driver and workers, on paper
 MEM_BYTES_S = 5e9  # the driver adding the workers' sums
+PROBE_BATCHES = 4  # 32 probe samples in batches of allocate.PROBE_CHUNK = 8: at most 4 workers share a probe
 
 
 def weights(path: Path) -> dict[str, np.ndarray]:
@@ -82,24 +83,26 @@ def run(label: str, extra: list[str], calib: Path, held: Path, out: Path, feeds,
 
 def estimate(one: dict, workers: int) -> dict:
     """Predicted wall seconds at ``workers`` workers from the one-worker run's measurements:
-    the driver's parts stay (the stages outside calibration and the refit: load, probes,
-    rewrite, verification; reading and dealing the images; merging and solving), the
-    workers' busy seconds divide, the calibration cannot outrun the driver's reading (the
-    two overlap), and the sums cross a 10 Gbit/s wire and the driver's memory once per
-    worker."""
+    the driver's parts stay (the stages outside calibration, probes and refit: load, rewrite,
+    verification; reading and dealing the images; merging and solving), the workers' busy
+    seconds divide (the probes' only up to their number of probe batches), the calibration
+    cannot outrun the driver's reading (the two overlap), and the sums cross a 10 Gbit/s wire
+    and the driver's memory once per worker."""
     d = one["distributed"]
-    cal, ref = d["calibrate"], d["refit"]
+    cal, ref, probes = d["calibrate"], d["refit"], d.get("probes", {"wall_s": 0.0, "worker_busy_sum_s": 0.0})
     read = cal["driver_read_s"] + cal["driver_put_s"]
-    c, r, solve = cal["worker_busy_sum_s"], ref["worker_busy_sum_s"], ref["driver_merge_solve_s"]
-    other = one["wall_s"] - cal["wall_s"] - ref["wall_s"]
+    c, r, p, solve = cal["worker_busy_sum_s"], ref["worker_busy_sum_s"], probes["worker_busy_sum_s"], ref["driver_merge_solve_s"]
+    other = one["wall_s"] - cal["wall_s"] - ref["wall_s"] - probes["wall_s"]
     cal_fixed = max(cal["wall_s"] - max(read, c), 0.0)  # worker start-up, the statistics' return
     ref_fixed = max(ref["wall_s"] - r - solve, 0.0)
+    probe_fixed = max(probes["wall_s"] - p, 0.0)  # the driver's part of the probes (rung parameters, tails)
     waves = max(d["waves"], 1)
     per_wave = d["bytes_received"].get("sums", 0) / waves  # one worker's fold sums per wave
     stats = d["bytes_received"].get("statistics", 0)
     wire = workers * (waves * per_wave + stats) * (1 / NET_BYTES_S + 1 / MEM_BYTES_S)
-    parts = {"driver stages (load, probes, verify)": other, "driver reading": read, "merge+solve": solve,
-             "calibrate on workers": max(c / workers - read, 0.0), "refit on workers": r / workers,
+    parts = {"driver stages (load, rewrite, verify)": other, "driver reading": read, "merge+solve": solve,
+             "calibrate on workers": max(c / workers - read, 0.0),
+             "probes on workers": p / min(workers, PROBE_BATCHES) + probe_fixed, "refit on workers": r / workers,
              "fixed (start-up, returns)": cal_fixed + ref_fixed, "transfer+merge of sums": wire}
     return {"workers": workers, "parts": parts, "total_s": sum(parts.values()),
             "bytes_per_wave_per_worker": per_wave, "statistics_bytes_per_worker": stats}
@@ -132,13 +135,35 @@ def table(runs: list[dict], base: dict) -> str:
     return "\n".join(lines)
 
 
+def report(runs: list[dict]) -> None:
+    print()
+    print(table(runs, runs[0]))
+    ones = [r for r in runs if r["distributed"] and r["distributed"]["workers"] == 1 and r["rc"] == 0]
+    if ones:
+        est = [estimate(ones[0], w) for w in (1, 2, 8, 64)]
+        names = list(est[0]["parts"])
+        print("\n| workers | " + " | ".join(names) + " | predicted wall s | speed-up over 1 worker |")
+        print("|---" * (len(names) + 3) + "|")
+        for e in est:
+            print(f"| {e['workers']} | " + " | ".join(f"{e['parts'][n]:.1f}" for n in names)
+                  + f" | {e['total_s']:.1f} | {est[0]['total_s'] / e['total_s']:.2f}× |")
+        print(f"\nbytes per wave per worker (fold sums): {est[0]['bytes_per_wave_per_worker'] / 2**20:.1f} MiB; "
+              f"statistics per worker: {est[0]['statistics_bytes_per_worker'] / 2**20:.1f} MiB")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=1024)
     ap.add_argument("--workers", default="1,2", help="Ray worker counts to run beside one process")
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--from-json", type=Path, default=None, help="print the tables of a saved run instead of running")
     opts = ap.parse_args(argv)
+    if opts.from_json:
+        saved = json.loads(opts.from_json.read_text())
+        print(f"EfficientNet-Lite0, {saved['images']} calibration images; run of {saved['date']}")
+        report(saved["runs"])
+        return 0
     _, held_files = cost.photo_lists()
     files = cost.crops_2048()[: opts.images]
     work = CACHE / "shards-run"
@@ -158,19 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         if r["rc"] == 0 and reference is not None:
             r["weight_diff"] = max_rel_diff(weights(out), reference)
         runs.append(r)
-    print()
-    print(table(runs, runs[0]))
-    ones = [r for r in runs if r["distributed"] and r["distributed"]["workers"] == 1 and r["rc"] == 0]
-    if ones:
-        est = [estimate(ones[0], w) for w in (1, 2, 8, 64)]
-        names = list(est[0]["parts"])
-        print("\n| workers | " + " | ".join(names) + " | predicted wall s | speed-up over 1 worker |")
-        print("|---" * (len(names) + 3) + "|")
-        for e in est:
-            print(f"| {e['workers']} | " + " | ".join(f"{e['parts'][n]:.1f}" for n in names)
-                  + f" | {e['total_s']:.1f} | {est[0]['total_s'] / e['total_s']:.2f}× |")
-        print(f"\nbytes per wave per worker (fold sums): {est[0]['bytes_per_wave_per_worker'] / 2**20:.1f} MiB; "
-              f"statistics per worker: {est[0]['statistics_bytes_per_worker'] / 2**20:.1f} MiB")
+    report(runs)
     if opts.json:
         opts.json.write_text(json.dumps({"date": time.strftime("%c"), "images": len(files), "runs": runs}, indent=1))
     return 0
