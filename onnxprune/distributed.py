@@ -27,9 +27,12 @@ The driver keeps the held-out batches (verification, which it runs) and the prob
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
+import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -72,17 +75,35 @@ def connect(address: str, workers: int):
     main = threading.current_thread() is threading.main_thread()
     term = signal.getsignal(signal.SIGTERM) if main else None
     try:
-        if address == "local":
-            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
-        else:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        with _stderr_aside():
+            if address == "local":
+                ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+            else:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False)
     except Exception as exc:  # ConnectionError, RuntimeError, ValueError ... depending on the failure
         where = "a local Ray runtime" if address == "local" else f"the Ray cluster at {address}"
-        raise InputError(f"cannot start or reach {where}: {' '.join(str(exc).split())[:200]}") from None
+        hint = "" if address == "local" else " (a cluster with token authentication needs its token in RAY_AUTH_TOKEN)"
+        raise InputError(f"cannot start or reach {where}: {' '.join(str(exc).split())[:200]}{hint}") from None
     finally:
         if term is not None:
             signal.signal(signal.SIGTERM, term)
     return ray, True
+
+
+@contextlib.contextmanager
+def _stderr_aside():
+    """File descriptor 2 into an anonymous file while Ray starts: its C++ core logs every
+    failed connection attempt there (a wrong token: a line a second), and a failure is one
+    line, ours."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def _reachable(address: str, timeout: float = 5.0) -> None:
