@@ -21,13 +21,12 @@ store; merging and solving the refit's sums), the workers' busy seconds (sum and
 seconds the driver waited, and the bytes each way. The written weights of the Ray runs are
 compared with the one-process run (max relative difference over all initializers).
 
-The scaling estimate: the refit and the calibration's collect step split over the workers;
-the driver's reading, the probes, verification, the merges and the solves do not. Per worker
-count W: ``T(W) = serial + parallel / W + waves · W · (S / B + S / M)`` with ``parallel`` the
-workers' busy seconds of the one-worker run (the same 2 cores per worker), ``S`` the bytes one
-worker returns per wave (fold sums), ``B`` = 1.25 GB/s (10 Gbit/s) and ``M`` = 5 GB/s (the
-driver adding W sums in memory). The statistics' merge (bytes per worker, once) is counted the
-same way.
+The scaling estimate (:func:`estimate`), from the one-worker run's measured parts: what stays
+on the driver (the stages outside calibration, probes and refit; reading and dealing the
+images; merging and the one solve per target) stays; the workers' busy seconds divide by W
+(the probes' only up to their 4 batches of 8 samples; the calibration no faster than the
+driver reads); the sums cross a 10 Gbit/s wire and the driver's memory (5 GB/s) once per
+worker: ``W · (waves · S + statistics) · (1/B + 1/M)``, with S one worker's fold sums per wave.
 """
 
 from __future__ import annotations

@@ -118,7 +118,8 @@ class _Tails:
             self.scale = pool.probe_start(ir.to_proto(self.model).SerializeToString(), self.samples, providers, budget) or 1.0
             return
         self.passes = SegmentPass(self.model, self.samples, providers=providers, budget=budget, label="probe samples")
-        self.y0, self.scale = reference_outputs(self.model, self.samples, providers)
+        self.y0, scale = reference_outputs(self.model, self.samples, providers)
+        self.scale = scale or 1.0  # all-zero outputs: damages stay absolute
 
     def close(self) -> None:
         if self.pool is not None:
