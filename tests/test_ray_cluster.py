@@ -15,11 +15,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from onnxprune.load import load_model
-from test_segments import _weights
+from test_ray import same_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 RAY = Path(sys.executable).parent / "ray"
@@ -66,9 +64,4 @@ def test_cli_ray_runs_on_a_cluster_at_an_address(tmp_path):
     finally:
         subprocess.run([str(RAY), "stop", "--force"], capture_output=True, timeout=180)
         shutil.rmtree(tmp, ignore_errors=True)
-    a, _ = load_model(tmp_path / "plain.onnx")
-    b, _ = load_model(tmp_path / "ray.onnx")
-    wa, wb = _weights(a), _weights(b)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        np.testing.assert_allclose(wb[k], wa[k], rtol=1e-6, atol=1e-6 * float(np.abs(wa[k]).max()), err_msg=k)
+    same_weights(tmp_path / "ray.onnx", tmp_path / "plain.onnx")
