@@ -16,8 +16,9 @@ same images (decoded beforehand, batches of 32) is timed before each prune.
 
 Per run: wall time, the report's stage seconds, and with ``--ray`` the report's
 ``distributed`` section (``distributed.RayPool.summary``): per phase the wall time, the
-driver's own serial work (reading and decoding the images and dealing them through the object
-store; merging and solving the refit's sums), the workers' busy seconds (sum and max), the
+driver's own serial work (the images' calibration data: the workers read their own batches
+from the folder, the driver the first batch, the probe and held-out samples; merging and
+solving the refit's sums), the workers' busy seconds (sum and max), the
 seconds the driver waited, and the bytes each way. The written weights of the Ray runs are
 compared with the one-process run (max relative difference over all initializers).
 
@@ -125,7 +126,8 @@ def table(runs: list[dict], base: dict) -> str:
         sent, got = d["bytes_sent"], d["bytes_received"]
         lines.append(f"| {r['label']} | calibrate | {cal['wall_s']:.1f} | {cal['driver_read_s']:.1f} (read, decode) | "
                      f"{cal['driver_put_s']:.1f} | {cal['worker_busy_sum_s']:.1f} / {cal['worker_busy_max_s']:.1f} | "
-                     f"{sent.get('take', 0) / 2**20:.0f} MiB samples + {sent.get('collect_start', 0) / 2**20:.0f} MiB graphs | "
+                     f"{sent.get('take', 0) / 2**20:.0f} MiB samples, {sent.get('read', 0) / 2**10:.0f} KiB recipes + "
+                     f"{sent.get('collect_start', 0) / 2**20:.0f} MiB graphs | "
                      f"{got.get('statistics', 0) / 2**20:.0f} MiB statistics |")
         lines.append(f"| {r['label']} | refit ({d['waves']} waves) | {ref['wall_s']:.1f} | {ref['driver_merge_solve_s']:.1f} (merge, solve) | – | "
                      f"{ref['worker_busy_sum_s']:.1f} / {ref['worker_busy_max_s']:.1f} | "

@@ -220,10 +220,25 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"error: {' '.join(str(exc).split())}", err=True)
         return exc.exit_code
     except Exception as exc:  # a bug: still one line, with the traceback on request
+        stop = _stop_inside(exc)
+        if stop is not None:
+            return _stopped(stop)
         if os.environ.get("ONNXPRUNE_DEBUG"):
             raise
         click.echo(f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())} (set ONNXPRUNE_DEBUG=1 for a traceback)", err=True)
         return 1
+
+
+def _stop_inside(exc: BaseException) -> BaseException | None:
+    """A stop request raised while native code called back into Python (Ray's Cython
+    calls, for one) arrives wrapped: a SystemError caused by the Interrupted."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (_signals.Interrupted, KeyboardInterrupt)):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _stopped(exc: BaseException) -> int:

@@ -66,7 +66,8 @@ def input_specs(session) -> list[InputSpec]:
 # ----------------------------------------------------------------------------- sources
 
 
-def _folder_items(folder: Path, specs: list[InputSpec], pre: Preprocess | None) -> Iterator[tuple[str, Sample]]:
+def data_files(folder: Path, specs: list[InputSpec]) -> list[Path]:
+    """The folder's data files in reading order (sorted by name): arrays or images, not both."""
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     arrays = [p for p in files if p.suffix in (".npy", ".npz")]
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
@@ -74,29 +75,35 @@ def _folder_items(folder: Path, specs: list[InputSpec], pre: Preprocess | None) 
         raise InputError(f"calibration folder {folder} holds no .npy, .npz or image files")
     if arrays and images:
         raise InputError(f"calibration folder {folder} mixes arrays and images; use one kind")
-    if images:
-        if len(specs) != 1:
-            raise InputError(f"images can only feed a single-input model; this one has {len(specs)} inputs")
-        for path in images:
-            yield str(path), {specs[0].name: load_image(path, specs[0], pre or Preprocess())}
-        return
-    for path in arrays:
-        try:
-            if path.suffix == ".npy":
-                if len(specs) != 1:
-                    raise InputError(
-                        f"{path.name}: a .npy file can only feed a single-input model; use .npz with keys "
-                        + ", ".join(s.name for s in specs)
-                    )
-                yield str(path), {specs[0].name: np.load(path, allow_pickle=False)}
-            else:
-                check_npz_size(path)
-                with np.load(path, allow_pickle=False) as z:
-                    yield str(path), {k: z[k] for k in z.files}
-        except InputError:
-            raise
-        except Exception as exc:
-            raise InputError(f"{path}: cannot be read as a numpy array ({' '.join(str(exc).split())[:200]})") from exc
+    if images and len(specs) != 1:
+        raise InputError(f"images can only feed a single-input model; this one has {len(specs)} inputs")
+    return images or arrays
+
+
+def file_item(path: Path, specs: list[InputSpec], pre: Preprocess | None) -> tuple[str, Sample]:
+    """(where, sample-or-batch) read from one data file, not yet checked."""
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return str(path), {specs[0].name: load_image(path, specs[0], pre or Preprocess())}
+    try:
+        if path.suffix == ".npy":
+            if len(specs) != 1:
+                raise InputError(
+                    f"{path.name}: a .npy file can only feed a single-input model; use .npz with keys "
+                    + ", ".join(s.name for s in specs)
+                )
+            return str(path), {specs[0].name: np.load(path, allow_pickle=False)}
+        check_npz_size(path)
+        with np.load(path, allow_pickle=False) as z:
+            return str(path), {k: z[k] for k in z.files}
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"{path}: cannot be read as a numpy array ({' '.join(str(exc).split())[:200]})") from exc
+
+
+def _folder_items(folder: Path, specs: list[InputSpec], pre: Preprocess | None) -> Iterator[tuple[str, Sample]]:
+    for path in data_files(folder, specs):
+        yield file_item(path, specs, pre)
 
 
 def check_npz_size(path: Path, bound: int | None = None) -> None:
@@ -123,17 +130,23 @@ def check_npz_size(path: Path, bound: int | None = None) -> None:
 
 def _declared_bytes(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> int:
     """The array size an .npy member's header announces (numpy allocates that much first)."""
+    header = npz_member_header(zf, info)
+    return 0 if header is None else int(np.prod(header[0], dtype=object)) * header[1].itemsize
+
+
+def npz_member_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo | str) -> tuple[tuple[int, ...], np.dtype] | None:
+    """(shape, dtype) from an .npy member's header, without reading its data; None if unreadable."""
     try:
         with zf.open(info) as f:
             fmt = np.lib.format
             version = fmt.read_magic(f)
             reader = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
             if reader is None:
-                return 0
+                return None
             shape, _, dtype = reader(f)
     except Exception:  # a bad header: np.load reports it
-        return 0
-    return int(np.prod(shape, dtype=object)) * dtype.itemsize
+        return None
+    return tuple(shape), dtype
 
 
 def load_image(path: Path, spec: InputSpec, pre: Preprocess) -> np.ndarray:
@@ -349,7 +362,10 @@ def check_sample(where: str, sample: Any, specs: list[InputSpec]) -> Sample:
 
 def samples_in(batch: Sample) -> int:
     """Samples in ``batch``: the leading dim of its first input that has one (a scalar input
-    is shared by the whole batch; a batch of scalars only is one sample)."""
+    is shared by the whole batch; a batch of scalars only is one sample).  A batch still
+    to be read (``shared_data.LazyBatch``) says itself."""
+    if not isinstance(batch, dict):
+        return batch.samples()
     for v in batch.values():
         if np.ndim(v):
             return int(np.shape(v)[0])
@@ -357,7 +373,10 @@ def samples_in(batch: Sample) -> int:
 
 
 def take_samples(batch: Sample, index: Any) -> Sample:
-    """The samples ``index`` (a slice or a mask) of every batched input; scalar inputs as they are."""
+    """The samples ``index`` (a slice, a mask or positions) of every batched input; scalar
+    inputs as they are.  A batch still to be read takes its own."""
+    if not isinstance(batch, dict):
+        return batch.take(index)
     return {k: v[index] if np.ndim(v) else v for k, v in batch.items()}
 
 

@@ -9,9 +9,12 @@ solves, the bulk of the solving), the driver solves once with the choice and sen
 weights back.  What crosses the
 wire per block or wave is O(sums): the statistics, the fold sums, the solved weights.
 
-The driver does not keep the batches: each block goes into Ray's object store (which spills
-to disk past its memory) and the driver keeps only its reference, so a worker that dies is
-rebuilt and fed its blocks again.  A rebuilt worker repeats the calibration of its blocks
+The driver does not keep the batches.  With a calibration folder every worker can read
+(:meth:`RayPool.use_folder` checks that each sees the driver's files), it sends recipes
+(which samples of which files, :mod:`shared_data`) and the worker reads its blocks itself;
+otherwise each block it read goes into Ray's object store (which spills to disk past its
+memory) and the driver keeps only its reference.  Either way a worker that dies is rebuilt
+and fed its blocks again.  A rebuilt worker repeats the calibration of its blocks
 (during calibration) or starts its refit from the driver's current graphs, which hold every
 weight solved so far (during the refit), up to ``RETRIES`` times per shard; past that the
 run fails with one line naming the shard.  Ray's own actor restarts are not used: they
@@ -22,7 +25,7 @@ The allocation's probes run on the workers too: the probe batches (cut into batc
 each worker runs the original over its own once (a segment pass) and, per group, the group's
 tail (sent serialised) for every probed rung, returning one sum of squared errors per rung.
 The driver keeps the held-out batches (verification, which it runs) and the probe samples
-(to deal them).
+(to deal them), reading them from the folder itself when the workers read the rest.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from .data import Sample, samples_in
 from .errors import InputError, OnnxPruneError
 from .reconstruct import RefitShard, RefitTarget, ShardSums, fold_errors, on_copies, target_positions
 from .segments import SegmentPass
+from .shared_data import FolderIndex, LazyBatch, folder_sizes, read
 
 RETRIES = 2  # rebuilds of one shard's worker before the run fails
 
@@ -75,19 +79,75 @@ def connect(address: str, workers: int):
     main = threading.current_thread() is threading.main_thread()
     term = signal.getsignal(signal.SIGTERM) if main else None
     try:
+        _init(ray, address, workers, term)
+    except Exception as exc:  # ConnectionError, RuntimeError, ValueError ... depending on the failure
+        where = "a local Ray runtime" if address == "local" else f"the Ray cluster at {address}"
+        hint = "" if address == "local" else " (a cluster with token authentication needs its token in RAY_AUTH_TOKEN)"
+        raise InputError(f"cannot start or reach {where}: {' '.join(str(exc).split())[:200]}{hint}") from None
+    return ray, True
+
+
+def _init(ray, address: str, workers: int, term) -> None:
+    """``ray.init``, then the SIGTERM handler ``term`` back in place.  If it fails or is
+    stopped, what it started of a local runtime is stopped; a SIGTERM while Ray's own
+    handler stood (``sys.exit(15)``) is the CLI's stop request, raised by its handler (one
+    line, exit 143)."""
+    try:
         with _stderr_aside():
             if address == "local":
                 ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
             else:
                 ray.init(address=address, include_dashboard=False, log_to_driver=False)
-    except Exception as exc:  # ConnectionError, RuntimeError, ValueError ... depending on the failure
-        where = "a local Ray runtime" if address == "local" else f"the Ray cluster at {address}"
-        hint = "" if address == "local" else " (a cluster with token authentication needs its token in RAY_AUTH_TOKEN)"
-        raise InputError(f"cannot start or reach {where}: {' '.join(str(exc).split())[:200]}{hint}") from None
+    except BaseException as exc:
+        if address == "local":
+            # ray.shutdown only knows a node whose start finished; the raylet, the GCS and
+            # their agents of one cut short are this process's children.
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+            _stop_children()
+        if isinstance(exc, SystemExit) and exc.code == signal.SIGTERM and callable(term):
+            signal.signal(signal.SIGTERM, term)
+            term(signal.SIGTERM, None)
+        raise
     finally:
         if term is not None:
             signal.signal(signal.SIGTERM, term)
-    return ray, True
+
+
+def _stop_children(grace: float = 5.0) -> None:
+    """SIGTERM to every process below this one, SIGKILL to those still there after
+    ``grace`` seconds (Linux: read from /proc; elsewhere nothing is found)."""
+    pids = _descendants(os.getpid())
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+    end = time.monotonic() + grace
+    while pids and time.monotonic() < end:
+        pids = [p for p in pids if _running(p)]
+        time.sleep(0.05)
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _descendants(root: int) -> list[int]:
+    parent: dict[int, int] = {}
+    for d in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    out, frontier = [], {root}
+    while frontier:
+        frontier = {p for p, pp in parent.items() if pp in frontier}
+        out += sorted(frontier)
+    return out
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a child that exited is reaped only by its parent)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 @contextlib.contextmanager
@@ -129,6 +189,7 @@ class _Worker:
         self.first: dict[int, int] = {}  # each batch's first sample, numbered in the stream
         self.collector: Collector | None = None
         self.shard: RefitShard | None = None
+        self.folder: FolderIndex | None = None  # the shared calibration folder, when this worker reads it
         self.busy: dict[str, float] = {}  # seconds of work per method, for the pool's summary
 
     def _timed(self, method: str, t0: float) -> None:
@@ -147,6 +208,19 @@ class _Worker:
         if collect:
             self.collector.block_end()
         self._timed("take", t0)
+
+    def folder_sizes(self, folder: str, names: tuple[str, ...]) -> tuple[int, ...] | str:
+        return folder_sizes(folder, names)
+
+    def open_folder(self, index: FolderIndex) -> None:
+        self.folder = index
+
+    def read(self, numbers: list[int], firsts: list[int], batches: list[LazyBatch], collect: bool) -> None:
+        """Read one block of batches from the shared folder, then as :meth:`take`."""
+        t0 = time.perf_counter()
+        arrays = [read(self.folder, b) for b in batches]
+        self._timed("read", t0)
+        self.take(numbers, firsts, arrays, collect)
 
     def statistics(self) -> Statistics:
         stats, self.collector = self.collector.result(), None
@@ -244,7 +318,11 @@ class RayPool:
         self.block = block
         self.run = uuid.uuid4().hex[:8]
         self.tries = [0] * workers
-        self.blocks: list[list[tuple[list[int], list[int], object]]] = [[] for _ in range(workers)]
+        # Per worker, its blocks: (numbers, firsts, what to call with them: "take" with an
+        # object-store reference, or "read" with the recipes of a shared folder's batches).
+        self.blocks: list[list[tuple[list[int], list[int], str, object]]] = [[] for _ in range(workers)]
+        self.folder: FolderIndex | None = None  # the workers read the calibration batches from it
+        self.data_note = "read by the driver and dealt through Ray's object store"
         self.calls: list[list] = [[] for _ in range(workers)]
         self.sizes: list[int] = []  # samples per batch, by number
         self._pending: list[tuple[int, int, Sample]] = []
@@ -277,24 +355,52 @@ class RayPool:
     def __len__(self) -> int:
         return len(self.sizes)
 
-    def put(self, k: int, numbers: list[int], firsts: list[int], batches: list[Sample], collect: bool) -> None:
-        """Send one block to worker ``k`` (through the object store; the driver keeps the reference)."""
+    def put(self, k: int, numbers: list[int], firsts: list[int], batches: list[Sample | LazyBatch], collect: bool) -> None:
+        """Send one block to worker ``k``: arrays through the object store (the driver
+        keeps the reference), recipes of a shared folder's batches as they are."""
         t0 = time.perf_counter()
-        ref = self.ray.put(batches)
+        lazy = isinstance(batches[0], LazyBatch)
+        payload = batches if lazy else self.ray.put(batches)
         self._count(self.waited, "put", time.perf_counter() - t0)
-        self._count(self.sent, "take", _nbytes(batches))
-        self.blocks[k].append((numbers, firsts, ref))
-        self.calls[k].append(self.actors[k].take.remote(numbers, firsts, ref, collect))
+        self._count(self.sent, "read" if lazy else "take", _nbytes(batches))
+        how = "read" if lazy else "take"
+        self.blocks[k].append((numbers, firsts, how, payload))
+        self.calls[k].append(getattr(self.actors[k], how).remote(numbers, firsts, payload, collect))
         while len(self.calls[k]) > self.IN_FLIGHT:
             self._settle(k, self.calls[k].pop(0))
 
     def _settle(self, k: int, ref) -> None:
         t0 = time.perf_counter()
         try:
-            self.ray.get(ref)
+            self._get(ref)
         except self.ray.exceptions.RayActorError as exc:
             self._restore(k, exc)  # the restored worker took every block again
         self._count(self.waited, "take", time.perf_counter() - t0)
+
+    def _get(self, ref):
+        """``ray.get``; a worker's own failure on the data (one line, exit 2) is raised as
+        itself, without Ray's traceback around it."""
+        try:
+            return self.ray.get(ref)
+        except self.ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, OnnxPruneError):
+                raise exc.cause from None
+            raise
+
+    def use_folder(self, index: FolderIndex) -> bool:
+        """Whether every worker sees the calibration folder as the driver does (the same
+        files, the same sizes): then each reads its own batches from it (:meth:`put` gets
+        recipes); else the driver reads and deals them, and :attr:`data_note` says why."""
+        sizes = self._each("folder_sizes", index.folder, index.names)
+        for k, got in enumerate(sizes):
+            if got != index.sizes:
+                why = got if isinstance(got, str) else "its files differ from the driver's"
+                self.data_note = f"read by the driver: worker {k} cannot read {index.folder} ({why})"
+                return False
+        self.folder = index
+        self.data_note = f"read by the workers from {index.folder}"
+        self._each("open_folder", index)
+        return True
 
     @staticmethod
     def _count(table: dict, key: str, amount: float) -> None:
@@ -432,7 +538,7 @@ class RayPool:
         for k, ref in zip(self.members, refs):
             while True:
                 try:
-                    out.append(self.ray.get(ref))
+                    out.append(self._get(ref))
                     break
                 except self.ray.exceptions.RayActorError as exc:
                     self._restore(k, exc, during=method)
@@ -445,18 +551,20 @@ class RayPool:
         """A new worker ``k`` in the state its predecessor had before the failed call
         (``during``, when that call is repeated by the caller)."""
         self.tries[k] += 1
-        numbers = sorted(b for ns, _, _ in self.blocks[k] for b in ns)
+        numbers = sorted(b for ns, _, _, _ in self.blocks[k] for b in ns)
         if self.tries[k] > RETRIES:
             held = f"batches {numbers[0]}-{numbers[-1]}" if numbers else "no batches"
             raise ShardError(f"shard {k} ({held}) lost its Ray worker {self.tries[k]} times: "
                              f"{' '.join(str(exc).split())[:160]}") from None
         a = self.actors[k] = self._start(k)
+        if self.folder is not None:
+            a.open_folder.remote(self.folder)
         if self._collect is not None:
             a.collect_start.remote(*self._collect)
         # Actor calls from one caller run in order: no waiting between them.
         self.calls[k] = []
-        for ns, fs, ref in self.blocks[k]:
-            a.take.remote(ns, fs, ref, self._collect is not None)
+        for ns, fs, how, payload in self.blocks[k]:
+            getattr(a, how).remote(ns, fs, payload, self._collect is not None)
         if self._probe is not None and during != "probe_start":  # else the caller repeats that call itself
             ref, mine, providers, budget = self._probe
             a.probe_start.remote(ref, mine[k], providers, budget)
@@ -491,12 +599,13 @@ class RayPool:
         m = self.marks
         busy = lambda *keys: [sum(b.get(k, 0.0) for k in keys) for b in self.busy] or [0.0]  # noqa: E731
         out: dict = {"workers": len(self.actors), "rebuilt": sum(self.tries), "waves": self.waves,
+                     "calibration_data": self.data_note,
                      "seconds_waited": {k: round(v, 4) for k, v in self.waited.items()},
                      "bytes_sent": dict(self.sent), "bytes_received": dict(self.received)}
         if "calibrated" in m:
             wall = m["calibrated"] - m["calibrate"]
             waited = sum(self.waited.get(k, 0.0) for k in ("collect_start", "take", "statistics", "put"))
-            work = busy("take")
+            work = busy("read", "take")
             out["calibrate"] = {"wall_s": round(wall, 4), "driver_read_s": round(wall - waited, 4),
                                 "driver_put_s": round(self.waited.get("put", 0.0), 4),
                                 "worker_busy_sum_s": round(sum(work), 4), "worker_busy_max_s": round(max(work), 4)}

@@ -30,6 +30,7 @@ from .consumers import ConsumerView, consumer_views
 from .count import count_macs, count_params, estimate_after, macs_by_node, symbolic_dims
 from .criteria import score_groups, statistics_for
 from .data import InputSpec, Sample, batches, input_specs, samples_in, source_items, take_samples
+from .shared_data import index_folder, lazy_batches, read
 from .errors import GateError, InputError, VerificationError
 from .groups import Analysis, analyze_groups
 from .load import check_output_path, input_files, load_model, save_model
@@ -69,6 +70,7 @@ class PruneState:
     held: list = field(default_factory=list)
     specs: list[InputSpec] | None = None  # the model's inputs (set by load when there is calibration data)
     calib_batches: Any = None  # the calibration batches, read once: the first was already the reference feed
+    calib_index: Any = None  # with --ray and a folder: its shared_data.FolderIndex (the batches are recipes)
     store: Any = None  # the kept calibration batches: a BatchStore, or a distributed.RayPool whose workers hold them
     # score / select
     scores: dict[int, np.ndarray] = field(default_factory=dict)
@@ -155,6 +157,14 @@ class Load(Stage):
         run and stays at the head of ``state.calib_batches``, which calibrate reads on (the
         source is read once)."""
         c, specs = state.config, state.specs
+        if c.ray and isinstance(c.calib, (str, os.PathLike)) and Path(c.calib).is_dir():
+            # Ray workers may read their own batches from the folder: recipes here, the
+            # arrays only of the first batch (the reference run).
+            index = state.calib_index = index_folder(os.path.abspath(c.calib), specs, c.preprocess)
+            it = lazy_batches(index, fixed_batch(specs, c.batch_size), c.max_samples)
+            first = next(it)
+            state.calib_batches = itertools.chain([first], it)
+            return read(index, first)
         it = batches(source_items(c.calib, specs, c.preprocess)(), specs, fixed_batch(specs, c.batch_size), c.max_samples)
         first = next(it)
         state.calib_batches = itertools.chain([first], it)
@@ -199,6 +209,9 @@ class Calibrate(Stage):
             from .distributed import RayPool  # Ray is an extra: imported only when asked for
 
             pool = state.store = RayPool(c.ray, c.workers)
+            index = state.calib_index
+            if index is not None and not pool.use_folder(index):  # the workers cannot read it: the driver does
+                state.calib_batches = (read(index, b) for b in state.calib_batches)
         elif c.compensate != "none":
             state.store = BatchStore(c.memory_budget // 4)
         state.stats, state.held = calibrate(
@@ -210,6 +223,9 @@ class Calibrate(Stage):
             keep=PROBE_SAMPLES if c.target is not None and not c.global_ else 0,  # the allocation's probes
             record=None if pool is not None else state.store, pool=pool,
         )
+        if state.calib_index is not None:  # the driver's own samples: verification's and the probes'
+            state.held = [read(state.calib_index, b) for b in state.held]
+            state.stats.kept = [read(state.calib_index, b) for b in state.stats.kept]
 
     @staticmethod
     def _requests(state: PruneState, views: list[ConsumerView]) -> list:
