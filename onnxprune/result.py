@@ -43,13 +43,14 @@ class RefitCounts:
     bias: int = 0  # the bias fit, which predicted held-out samples better
     keep_zeros: int = 0  # the bias fit, to keep their zero weights (sparse on purpose)
     post_relu: int = 0  # ``--compensate bias``: feeding a Relu, bias refitted for the post-ReLU mean
+    bias_only: bool = False  # ``--compensate bias`` (the result's ``compensation`` says so too)
 
     def to_dict(self) -> dict[str, int]:
         return {"lstsq": self.lstsq, "bias": self.bias, "keep_zeros": self.keep_zeros, "post_relu": self.post_relu}
 
     def note(self) -> str:
         """The report's sentence, built from the counts."""
-        if not (self.lstsq or self.bias or self.keep_zeros):
+        if self.bias_only:
             return f"{self.post_relu} consumers feeding a Relu: bias refitted in the pruned graph to keep the post-ReLU mean"
         text = f"{self.lstsq} consumers refitted by least squares from their inputs in the pruned graph"
         if self.bias:

@@ -329,7 +329,7 @@ class Compensate(Stage):
                 progress=tick,
             )
         if bias_only:
-            state.refit = RefitCounts(post_relu=n_bias)
+            state.refit = RefitCounts(post_relu=n_bias, bias_only=True)
             return
         n_zeros = sum(t.keep_zeros and t.mode == "bias" for t in state.targets)
         state.refit = RefitCounts(lstsq=n_ls, bias=n_bias - n_zeros, keep_zeros=n_zeros)
