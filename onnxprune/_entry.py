@@ -3,7 +3,7 @@
 On POSIX the command runs in a child process of a small guarding parent, so that a crash in
 native code (a segfault inside onnxruntime on a hostile model, an abort, the OOM killer's
 SIGKILL) is one line on stderr and a non-zero exit instead of silence: the parent is a bare
-interpreter (no numpy, onnx or onnxruntime; about 0.1 s), forwards SIGINT/SIGTERM to the
+interpreter (no numpy, onnx or onnxruntime, so it starts fast), forwards SIGINT/SIGTERM to the
 child (which cleans up and exits 130/143 itself), and on a crash removes the temporary
 files and folders the child told it about.  ``ONNXPRUNE_NO_GUARD=1`` runs the command in
 one process.

@@ -342,8 +342,8 @@ def _local_error(sites: list[_Site], analysis: Analysis, removed: np.ndarray) ->
 def _interpolated(counts: list[int], local: list[float], measured: dict[int, float]) -> list[float]:
     """The damage of every rung: measured where probed; between two probed rungs,
     interpolated along the local error in log-log (damage ∝ local^p piecewise), which
-    follows the measured curves within a few per cent (benchmarks/RESULTS.md, "Cost"); by
-    channel count where the local errors cannot carry it (zero, or not increasing)."""
+    follows the measured curves far closer than a line in channel count (benchmarks/RESULTS.md,
+    "Cost"); by channel count where the local errors cannot carry it (zero, or not increasing)."""
     idx = sorted(measured)
     lx = [local[i] for i in idx]
     ly = [measured[i] for i in idx]

@@ -120,8 +120,9 @@ class TensorStats:
         they are small, else channel rows or pieces of one row.  Each block is cast to
         float32, transformed into one scratch buffer (x², |x|, x ≤ 0) and summed along its
         contiguous rows in float32 with numpy's pairwise summation (a few 1e-7 relative;
-        a BLAS product with a ones vector is 20 % faster but was off by 7e-6 on
-        EfficientNet rows of 56×56), and the per-row sums are added in float64.  When rest
+        a BLAS product with a ones vector is faster but less exact on long rows:
+        benchmarks/RESULTS.md, "Design measurements"), and the per-row sums are added in
+        float64.  When rest
         is 1 ([N, C] inputs, channels last) the block is summed over its rows directly in
         float64.  No temporary grows with the batch.
         """

@@ -145,9 +145,9 @@ def rows_to_weight(node: ir.Node, rows: np.ndarray, shape) -> np.ndarray:
     return rows.T.reshape(shape)
 
 
-# Fewer rows than this per kept feature and the fit is mostly ridge: measured on
-# all-MiniLM-L6-v2 with 24 calibration sentences (~300 tokens for 1536 inputs), lstsq gave a
-# cosine of 0.75 where bias gave 0.91.  Such consumers get bias compensation.
+# Fewer rows than this per kept feature and the fit is mostly ridge, worse than the bias
+# fit on a transformer with little calibration text; such consumers get bias compensation
+# (benchmarks/RESULTS.md, "Design measurements").
 LSTSQ_ROWS_PER_FEATURE = 4
 
 
@@ -155,7 +155,7 @@ LSTSQ_ROWS_PER_FEATURE = 4
 # write every connection back, so it gets the bias fit.  On purpose means zeros onnxprune
 # wrote itself (relief's ``--granularity connection`` marks the node with KEEP_ZEROS) or at
 # least this share of exact zeros (a model pruned before).  Trained dense weights hold a few
-# incidental zeros: EfficientNet-Lite0's convolutions 0.1–6 %.
+# incidental zeros, far below this share (benchmarks/RESULTS.md, "Design measurements").
 SPARSE_SHARE = 0.25
 KEEP_ZEROS = "onnxprune.keep_zeros"
 

@@ -345,7 +345,7 @@ class RayPool:
     def _start(self, k: int):
         # The driver's BLAS threading: the float32 products of the sums are summed in another
         # order with another thread count (Ray starts workers with OMP_NUM_THREADS=1), which
-        # moved refitted weights by 3e-5 relative on the shipped CNN.
+        # moves refitted weights measurably (benchmarks/RESULTS.md, "Design measurements").
         threads = os.environ.get("OMP_NUM_THREADS") or str(os.cpu_count() or 1)
         actor = self.ray.remote(_Worker).options(name=f"onnxprune-{self.run}-shard-{k}-try-{self.tries[k]}",
                                                  runtime_env={"env_vars": {"OMP_NUM_THREADS": threads}})

@@ -138,8 +138,9 @@ def normalise(model: ir.Model) -> None:
     are computed.  Static shape reads fold once shapes are inferred, which may in turn
     let inference reach further, until nothing changes.  onnx's data propagation stops at
     a Div, so a chain of blocks that read their own shape (``chunk`` in a TorchScript
-    export: Shape → Gather → Div → Slice) gains one block per round: torchvision's
-    shufflenet_v2 needs 9 rounds.  The model computes the same values.
+    export: Shape → Gather → Div → Slice) gains one block per round (torchvision's
+    shufflenet_v2: benchmarks/RESULTS.md, "Structural coverage").  The model computes the
+    same values.
     """
     prepare_graph(model.graph)
     for _ in range(NORMALISE_ROUNDS):

@@ -57,8 +57,8 @@ from .segments import SegmentPass
 REFIT_ROWS = 4096  # sampled rows (positions, tokens) per batch and consumer
 # Folds of the lstsq-or-bias choice: each fit leaves one fold out, so it sees (K-1)/K of the
 # samples.  With two folds least squares was judged on half the data and lost to the bias
-# fit at consumers where the full-data refit wins by far (EfficientNet-Lite0's late
-# projections: 7 consumers fell back to bias and the logit error doubled, 0.30 → 0.69).
+# fit at consumers where the full-data refit wins by far (benchmarks/RESULTS.md,
+# "EfficientNet-Lite0", the folds table).
 REFIT_FOLDS = 8
 # Each fold keeps its own F×F and O×F sums: the fold count drops (to 2 at least) where 8 folds
 # of a wide consumer would pass this many bytes (a 4096-input MatMul: 134 MB a fold).
@@ -563,7 +563,7 @@ def refit_on_pruned(
     Targets are refitted in waves: a wave holds the consumers whose inputs depend on no
     consumer still to be refitted, so each fit sees its final upstream.  (Refitting all at
     once lets a deep layer learn to undo an upstream error that its own refit then removes:
-    measured on EfficientNet-Lite0, that doubled the output error.)  Both graphs run
+    benchmarks/RESULTS.md, "Design measurements".)  Both graphs run
     segment by segment on cached tensors (:class:`segments.SegmentPass`): every batch goes
     through every node of each graph once, whatever the number of waves; the pruned graph's
     next segment is built after the wave before it was written.  ``shards``: the batches

@@ -36,6 +36,31 @@ class AnalysisReport:
 
 
 @dataclass
+class RefitCounts:
+    """How many consumers the compensate stage refitted on the pruned graph, by fit."""
+
+    lstsq: int = 0  # least squares from their inputs in the pruned graph
+    bias: int = 0  # the bias fit, which predicted held-out samples better
+    keep_zeros: int = 0  # the bias fit, to keep their zero weights (sparse on purpose)
+    post_relu: int = 0  # ``--compensate bias``: feeding a Relu, bias refitted for the post-ReLU mean
+    bias_only: bool = False  # ``--compensate bias`` (the result's ``compensation`` says so too)
+
+    def to_dict(self) -> dict[str, int]:
+        return {"lstsq": self.lstsq, "bias": self.bias, "keep_zeros": self.keep_zeros, "post_relu": self.post_relu}
+
+    def note(self) -> str:
+        """The report's sentence, built from the counts."""
+        if self.bias_only:
+            return f"{self.post_relu} consumers feeding a Relu: bias refitted in the pruned graph to keep the post-ReLU mean"
+        text = f"{self.lstsq} consumers refitted by least squares from their inputs in the pruned graph"
+        if self.bias:
+            text += f", {self.bias} by bias only (it predicted held-out samples better)"
+        if self.keep_zeros:
+            text += f", {self.keep_zeros} by bias only to keep their zero weights (sparse)"
+        return text
+
+
+@dataclass
 class PruneResult:
     """What a prune did: counts before/after, per-group kept channels, blocked groups, timings."""
 
@@ -51,7 +76,8 @@ class PruneResult:
     file_size_after: int | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     compensation: str = "none"
-    compensation_note: str | None = None
+    compensation_note: str | None = None  # RefitCounts.note() of ``refit``
+    refit: dict[str, int] | None = None  # RefitCounts.to_dict(): consumers refitted on the pruned graph, by fit
     calibration: dict | None = None
     fidelity: dict | None = None
     latency: dict | None = None
@@ -84,6 +110,7 @@ class PruneResult:
             "seconds": self.seconds,
             "compensation": self.compensation,
             "compensation_note": self.compensation_note,
+            "refit": self.refit,
             "calibration": self.calibration,
             "fidelity": self.fidelity,
             "latency": self.latency,

@@ -36,7 +36,7 @@ from .groups import Analysis, analyze_groups
 from .load import check_output_path, input_files, load_model, save_model
 from .methods import REGISTRY, Method, MethodOptions
 from .reconstruct import refit_on_pruned, refit_targets
-from .result import PruneResult
+from .result import PruneResult, RefitCounts
 from .rewrite import apply_removal, refresh_shapes
 from .progress import bar
 from .segments import BatchStore
@@ -85,7 +85,7 @@ class PruneState:
     deltas: list = field(default_factory=list)  # bias corrections from the statistics
     targets: list = field(default_factory=list)  # consumers refitted again on the pruned graph
     original: ir.Model | None = None  # a copy of the loaded model, run beside the pruned one for that refit
-    refit_note: str | None = None
+    refit: RefitCounts | None = None
     # verify / report
     measured: dict[str, Any] = field(default_factory=dict)  # fidelity, forced (gate), latency
     written: Path | None = None  # the saved model: the output, or its staged copy (load.one_commit)
@@ -345,15 +345,10 @@ class Compensate(Stage):
                 progress=tick,
             )
         if bias_only:
-            state.refit_note = f"{n_bias} consumers feeding a Relu: bias refitted in the pruned graph to keep the post-ReLU mean"
+            state.refit = RefitCounts(post_relu=n_bias, bias_only=True)
             return
-        note = f"{n_ls} consumers refitted by least squares from their inputs in the pruned graph"
         n_zeros = sum(t.keep_zeros and t.mode == "bias" for t in state.targets)
-        if n_bias - n_zeros:
-            note += f", {n_bias - n_zeros} by bias only (it predicted held-out samples better)"
-        if n_zeros:
-            note += f", {n_zeros} by bias only to keep their zero weights (sparse)"
-        state.refit_note = note
+        state.refit = RefitCounts(lstsq=n_ls, bias=n_bias - n_zeros, keep_zeros=n_zeros)
 
 
 class Verify(Stage):
@@ -420,7 +415,8 @@ class Report(Stage):
             # The stages before this one: the report's own time is not part of the result.
             seconds={k: round(v, 4) for k, v in state.times.items()},
             compensation=c.compensate if stats is not None else "none",
-            compensation_note=state.refit_note,
+            compensation_note=state.refit.note() if state.refit else None,
+            refit=state.refit.to_dict() if state.refit else None,
             calibration=None if stats is None else self._calibration(stats, state.held),
             fidelity=None if fid is None else fid.to_dict(),
             latency=None if lat is None else {"before_s": lat[0], "after_s": lat[1],

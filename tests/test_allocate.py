@@ -115,8 +115,8 @@ def test_probe_lstsq_recovers_linearly_dependent_channels(tmp_path):
     np.testing.assert_allclose(ref, session(str(path)).run(None, stats.kept[0])[0], rtol=1e-5, atol=1e-5)
     ls = _probe_outputs(analysis, views, stats, removed, "lstsq", tmp_path)
     none = _probe_outputs(analysis, views, stats, removed, "none", tmp_path)
-    assert np.abs(ls - ref).max() < 1e-2 * np.abs(ref).max()
-    assert np.abs(none - ref).max() > 0.1 * np.abs(ref).max()
+    assert np.abs(ls - ref).max() < 5e-3 * np.abs(ref).max()
+    assert np.abs(none - ref).max() > 0.2 * np.abs(ref).max()
 
 
 def test_probe_model_leaves_the_analysed_model_as_it_was(tmp_path):

@@ -377,7 +377,7 @@ def test_report_has_fidelity_latency_calibration(tmp_path, mlp):
     assert d["fidelity"]["samples"] == 4 and 0 <= d["fidelity"]["rel_l2"]
     assert d["latency"]["before_s"] > 0 and d["latency"]["after_s"] > 0
     assert d["compensation"] == "lstsq"  # the default with calibration data
-    assert "by least squares" in d["compensation_note"]
+    assert d["refit"] == {"lstsq": 1, "bias": 0, "keep_zeros": 0, "post_relu": 0}  # the one consumer
     assert "calibrate" in d["seconds"]
 
 

@@ -61,7 +61,8 @@ def test_analyze_lists_groups_shares_and_blocked(capsys, tmp_path):
         assert name in text
     assert "blocked" in text and "graph output" in text
     data = json.loads(js.read_text())
-    assert 0.9 < data["prunable_params_share"] <= 1.0 and data["prunable_macs_share"] > 0.9
+    # Everything but fc's bias (4 of 3,160 params): its outputs are the graph output.
+    assert data["prunable_params_share"] == pytest.approx(1 - 4 / 3160) and data["prunable_macs_share"] == 1.0
     assert [g["channels"] for g in data["groups"]] == [16, 12, 8, 4]
 
 
@@ -175,12 +176,12 @@ def test_console_script_runs(tmp_path):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
 
 
-@pytest.mark.parametrize("path", [CNN, LENET], ids=["mnist_cnn", "lenet300"])
-def test_sample_models_prune_and_keep_accuracy(tmp_path, path):
+@pytest.mark.parametrize("path, least", [(CNN, 0.98), (LENET, 0.96)], ids=["mnist_cnn", "lenet300"])
+def test_sample_models_prune_and_keep_accuracy(tmp_path, path, least):
     """The shipped models prune to valid smaller graphs that still read digits: at 50% with
     calibration and the default least-squares compensation (data-free l1 without
-    compensation collapses the CNN at 50%, to 0.18 on these digits: chance is 0.1), and at
-    a light ratio data-free."""
+    compensation collapses the CNN at 50%), and at a light ratio data-free.  The bounds sit about
+    a point under what the code achieves on these 300 digits."""
     x = np.load(ROOT / "models" / "data" / "eval" / "heldout.npz")["input"][:300]
     y = np.load(ROOT / "models" / "data" / "heldout_labels.npy")[:300]
     acc = lambda p: float((run(p, {"input": x})[0].argmax(1) == y).mean())  # noqa: E731
@@ -188,10 +189,10 @@ def test_sample_models_prune_and_keep_accuracy(tmp_path, path):
     _, result = onnxprune.prune(path, out, method="l1", ratio=0.5, calib=ROOT / "models" / "data" / "calib",
                                 max_samples=128)
     assert result.params_after < 0.5 * result.params_before
-    assert acc(out) > 0.93  # measured 0.99 (CNN) and 0.973 (LeNet)
+    assert acc(out) >= least
     _, light = onnxprune.prune(path, out, method="l1", ratio=0.1)
     assert light.params_after < light.params_before
-    assert acc(path) > 0.95 and acc(out) > 0.9
+    assert acc(out) >= acc(path) - 0.01
 
 
 def test_plot_writes_a_png(tmp_path):

@@ -96,9 +96,9 @@ def test_lstsq_beats_bias_on_the_shipped_cnn(tmp_path):
         )
         acc[comp] = r.fidelity["accuracy_after"]
         before = r.fidelity["accuracy_before"]
-    # Measured 2026-11-22: 98.8% unpruned, 96.8% bias, 98.2% lstsq at 50% MACs.
-    assert acc["lstsq"] > acc["bias"]
-    assert acc["lstsq"] >= before - 0.015
+    # Bounds about half a point under what the code achieves on the 1,000 held-out digits.
+    assert acc["lstsq"] > acc["bias"] + 0.005
+    assert acc["lstsq"] >= before - 0.008
 
 
 def test_refit_uses_the_inputs_of_the_final_pruned_graph(tmp_path, monkeypatch):
@@ -122,7 +122,7 @@ def test_refit_uses_the_inputs_of_the_final_pruned_graph(tmp_path, monkeypatch):
     out = tmp_path / "p.onnx"
     _, result = onnxprune.prune(src, out, method="random", ratio=0.4, calib=calib, eval_data=calib[:1],
                                 compensate="lstsq", latency=False)
-    assert "3 consumers refitted by least squares" in result.compensation_note
+    assert result.refit == {"lstsq": 3, "bias": 0, "keep_zeros": 0, "post_relu": 0}
 
     pruned = onnx.load(str(out))
     relu_in = next(n.input[0] for n in pruned.graph.node if n.name == "c")
@@ -215,7 +215,7 @@ def test_choice_judges_least_squares_on_nearly_all_the_data(monkeypatch):
         _feed(t, x, kept, batches=3)
         a, b = t.solve(modes=(mode,))
         errors[mode] = float(np.mean((fresh_kept @ a.T + b - fresh_x @ w.T) ** 2))
-    assert errors["lstsq"] < 0.8 * errors["bias"]
+    assert errors["lstsq"] < 0.6 * errors["bias"]
     t = _target(w, keep)
     _feed(t, x, kept, batches=3)
     t.solve()
@@ -254,8 +254,8 @@ def test_shrinkage_toward_the_kept_weights_beats_both_ends():
     plain.flush()  # the rows are buffered until a solve (or a flush) sums them
     total = {k: sum(s[k] for s in plain.sums) for k in plain.sums[0]}
     a0, c0 = plain._fit(total, REFIT_SHRINK[0])
-    assert chosen < 0.8 * bias
-    assert chosen < 0.8 * float(np.mean((fresh_kept @ a0.T + c0 - fresh_x @ w.T) ** 2))
+    assert chosen < 0.7 * bias
+    assert chosen < 0.3 * float(np.mean((fresh_kept @ a0.T + c0 - fresh_x @ w.T) ** 2))
     # The closed form, by hand.
     mx, my = kept.mean(0), (x @ w.T).mean(0)
     cpp = (kept - mx).T @ (kept - mx) / len(kept)
@@ -421,7 +421,7 @@ def test_bias_keeps_the_post_relu_mean_where_the_plain_delta_loses_it(tmp_path, 
         return res
 
     res = prune(tmp_path / "relu.onnx")
-    assert "post-ReLU mean" in res.compensation_note
+    assert res.refit == {"lstsq": 0, "bias": 0, "keep_zeros": 0, "post_relu": 1}
     monkeypatch.setattr(rc, "_feeds_relu", lambda node: False)
     prune(tmp_path / "delta.onnx")
     want = relu_means(src)
@@ -464,10 +464,10 @@ def test_lstsq_keeps_the_zeros_of_a_sparse_consumer(tmp_path, sparse):
     if sparse:
         np.testing.assert_array_equal(w_new[wc[:, 2:] == 0], 0)
         np.testing.assert_array_equal(w_new, wc[:, 2:])  # the bias fit keeps the kept weights
-        assert "keep their zero weights" in r.compensation_note
+        assert r.refit == {"lstsq": 0, "bias": 0, "keep_zeros": 1, "post_relu": 0}
     else:
         assert not np.allclose(w_new, wc[:, 2:])  # refitted
-        assert "1 consumers refitted by least squares" in r.compensation_note
+        assert r.refit == {"lstsq": 1, "bias": 0, "keep_zeros": 0, "post_relu": 0}
 
 
 def test_holds_zeros_marks_deliberate_sparsity_only():

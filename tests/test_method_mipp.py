@@ -368,13 +368,10 @@ def test_mlp_estimator_small_layers(tmp_path):
 
 
 def test_shipped_cnn_half_macs(tmp_path):
-    """mnist_cnn.onnx (98.8% held-out) at target_macs=0.5.
-
-    Measured here (seed 0, 1000 held-out digits): 98.4% with --compensate lstsq (the
-    compensation MIPP's criterion presumes: it removes what the kept channels can
-    predict, which only a refit realises), 21.4% with the default bias compensation, which
-    cannot use that redundancy (10-86% across seeds; see the module docstring).
-    """
+    """mnist_cnn.onnx at target_macs=0.5 with --compensate lstsq, the compensation MIPP's
+    criterion presumes (it removes what the kept channels can predict, which only a refit
+    realises; bias cannot use that redundancy: see the module docstring).  The bound sits
+    about a point under what the code achieves on the 1,000 held-out digits."""
     out = tmp_path / "cnn_mipp.onnx"
     _, r = onnxprune.prune(
         ROOT / "models" / "mnist_cnn.onnx", out, method="mipp", calib=ROOT / "models" / "data" / "calib",
@@ -384,7 +381,7 @@ def test_shipped_cnn_half_macs(tmp_path):
     assert out.exists() and r.params_after < r.params_before
     assert r.macs_after / r.macs_before <= 0.5
     assert r.fidelity["accuracy_before"] == pytest.approx(0.988)
-    assert r.fidelity["accuracy_after"] >= 0.95
+    assert r.fidelity["accuracy_after"] >= 0.975
 
 
 def test_fold_downdates_are_the_same_when_dead_positions_are_dropped():

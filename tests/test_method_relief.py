@@ -462,16 +462,10 @@ def test_deterministic(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------ the shipped CNN
 @pytest.mark.parametrize("granularity", ["channel", "connection"])
 def test_shipped_cnn(tmp_path: Path, granularity: str) -> None:
-    """α_conv 0.9 / α_fc 0.95, bias compensation, 256 calibration samples, 1,000 held-out digits.
-
-    Measured (onnxruntime 1.31 on CPU): accuracy 98.8 % before;
-      channel:    98.7 % after, 78,675 params (17.7 %) and 78,650 MACs (1.3 %) removed — every conv
-                  channel keeps at least one connection, only fc1 loses units (128 → 103);
-                  connection-level compression 19.3 % (60.6 % if the α-pruned connections
-                  of kept channels were zeroed too);
-      connection: 98.4 % after, same shapes, compression 60.6 % (251,906 of 444,160
-                  consumer weights pruned).
-    """
+    """α_conv 0.9 / α_fc 0.95, the default compensation, 256 calibration samples, 1,000 held-out
+    digits: both granularities keep the accuracy within about a point of the original's, and the
+    connection granularity zeroes more than half of the consumer weights (its compression is
+    the rule's), the channel one none (the rule's connections of kept channels stay)."""
     out = tmp_path / "cnn.onnx"
     _, r = onnxprune.prune(
         MODELS / "mnist_cnn.onnx", out, method="relief", calib=MODELS / "data" / "calib",
@@ -481,12 +475,12 @@ def test_shipped_cnn(tmp_path: Path, granularity: str) -> None:
     assert r.params_after < r.params_before and r.macs_after < r.macs_before
     onnx.checker.check_model(str(out), full_check=True)
     assert r.fidelity["accuracy_before"] == pytest.approx(0.988)
-    assert r.fidelity["accuracy_after"] >= 0.97
+    assert r.fidelity["accuracy_after"] >= 0.975
     rep = r.method_report
     assert rep["granularity"] == granularity
     assert 0 < rep["connections_pruned"] < rep["connections_total"]
     if granularity == "connection":
-        assert rep["connections_zeroed"] > 0 and rep["connection_compression"] > 0.5
+        assert rep["connections_zeroed"] > 0 and rep["connection_compression"] > 0.58
         assert rep["connection_compression"] == pytest.approx(rep["rule_connection_compression"])
     else:
         assert rep["connections_zeroed"] == 0 and rep["rule_connection_compression"] > rep["connection_compression"]

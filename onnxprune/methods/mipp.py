@@ -49,10 +49,10 @@ What is onnxprune's reading
 * Same evidence at every layer: every consumer's statistics come from at most
   ``ROWS_PER_SAMPLE`` rows per calibration sample (positions of a Conv input, tokens of a
   MatMul, positions of a flattened channel; a Gemm input has one), drawn per sample.  With
-  all positions, a Conv's estimates are ~10x more precise than a dense layer's, so one
-  confidence level means "prune the dense layers flat": measured on the shipped CNN, the
-  50%-MACs budget then kept 1 of fc1's 128 channels (24% accuracy even with lstsq); with
-  two rows per sample it keeps 84 and reaches 98.4% (lstsq).
+  all positions, a Conv's estimates are far more precise than a dense layer's, so one
+  confidence level means "prune the dense layers flat": on the shipped CNN the budget then
+  kept almost none of fc1's channels, which two rows per sample avoid
+  (benchmarks/RESULTS.md, "Design measurements").
 * Repeated estimates are cross-validated: calibration batches go round-robin to
   ``mi_estimates`` shards (ChannelGram); estimate ``f`` fits the predictor on all other
   shards and measures its loss on shard ``f`` (second moment about the training mean).  An
@@ -97,14 +97,14 @@ What is onnxprune's reading
 * Compensation: MIPP removes a channel when the kept ones can *predict* what it gave the
   consumer; only a refit of the consumer realises that (retraining in the paper,
   ``--compensate lstsq`` here).  With ``--compensate bias`` the removed channels' variation
-  is simply lost, and accuracy after a budget is erratic: on the shipped CNN at 50% MACs,
-  seeds 0-3 gave 21/11/33/86% with bias against 98.4/97.6/98.9/98.6% with lstsq (original
-  98.8%).
+  is simply lost, and accuracy after a budget is erratic from seed to seed where lstsq's is
+  steady (benchmarks/RESULTS.md, "Design measurements").
 * Cost: a consumer with s predictor features holds five stacked ``[mi_estimates, s, s]``
   matrices while its group is decided, a test is O(|k|²·s) and a removal O(|k|·s²) per
   estimate; a budget runs at most ``BISECT_STEPS + 1`` sweeps, fewer where steps repeat a
-  known sweep (``SweepCache``) or a selection lands within ``BUDGET_TOL`` of the target.  Seconds for the shipped CNN; a
-  2048-channel layer (ResNet-50's last stage) needs ~0.8 GB and minutes per sweep.
+  known sweep (``SweepCache``) or a selection lands within ``BUDGET_TOL`` of the target; a
+  wide layer (ResNet-50's last stage) needs memory and minutes per sweep
+  (benchmarks/RESULTS.md, "Design measurements").
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ DENSE_MAX_FEATURES = 4096  # Gemm/MatMul input features held as a dense covarian
 BISECT_STEPS = 24  # bisection steps on log10 α in [LOG_ALPHA_MIN, 0]
 # The bisection stops once a selection meets the target within this share of the original
 # (MACs or params): the other budget paths land no closer (a rung or an alignment step), and
-# each further sweep costs ~30 s on the CIFAR-10 CNN's 1024-wide group.
+# each further sweep is costly on a wide group (benchmarks/RESULTS.md, "Design measurements").
 BUDGET_TOL = 0.005
 LOG_ALPHA_MIN = -300.0
 MLP_MAX_CHANNELS = 64
@@ -149,7 +149,7 @@ KEY = "mipp:"
 def _one_blas_thread() -> Iterator[None]:
     """Run with single-threaded BLAS when threadpoolctl is installed: the sweep and the MLP
     fits are thousands of tiny products, for which a multi-threaded BLAS is several times
-    slower (10x measured for the MLP on a loaded 2-core machine).  A no-op otherwise."""
+    slower (benchmarks/RESULTS.md, "Design measurements").  A no-op otherwise."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
@@ -902,7 +902,7 @@ class SweepCache:
     so a sweep at α' takes exactly the path of a finished sweep at α (same decisions, same
     state, hence the same next p-values) when none of that path's p-values lies in
     ``(min(α, α'), max(α, α')]``.  A budget bisection narrows onto one threshold, and most of
-    its late steps fall in such a gap (the CIFAR-10 CNN's fc0 group: each sweep is minutes)."""
+    its late steps fall in such a gap, where each sweep on a wide group is costly."""
 
     def __init__(self, ctx: Context, groups: list[Group]) -> None:
         self.ctx, self.groups = ctx, groups

@@ -47,16 +47,17 @@ or constant here, so it is easy to change):
   A single *raw* global ``τ`` bisected to the budget was measured and rejected: ``r``
   scales like 1/fan-in (the shares of a unit's inputs sum to at most 1), so channels read
   by a wide consumer (the 3136-input Gemm of the shipped CNN) all fall below any ``τ``
-  that touches the convs, and that layer collapses (10% accuracy at 50% MACs).  An
+  that touches the convs, and that layer collapses
+  (benchmarks/RESULTS.md, "Design measurements").  An
   explicit ``--tau`` is absolute in the same way: choose it per model; ``min_keep``
   keeps every group alive.
 
-Measured on the shipped CNN at 50% MACs (bias compensation): 47.8% held-out accuracy
-with 128 calibration samples, 44.9% with 256 — below random (50.1%).  With per-position
+Ranked by that max, the shipped CNN at a MACs budget fell below random selection
+(benchmarks/RESULTS.md, "Design measurements").  With per-position
 rows, background positions dominate ``μ``, and bias-like channels (nearly constant
 activations, harmless to remove once their mean moves into the bias) get the largest
 shares; the max over j rewards a channel that dominates any single unit.  Ranking by
-``Σ_j (μ_jk + z·σ_jk)`` instead measured 88.7%, so budgets rank by that sum (onnxprune's
+``Σ_j (μ_jk + z·σ_jk)`` instead did far better, so budgets rank by that sum (onnxprune's
 choice, a deviation from METHODS.md's ``I_k = max_j``, which the τ rule keeps).
 
 Out of scope: the paper's pruning-aware (regularised) training.  onnxprune converts a
@@ -601,7 +602,7 @@ class Relative(Method):
 
     def scores(self, analysis: Analysis, stats: Statistics, views: list[ConsumerView], opts: MethodOptions) -> dict[int, float]:
         # Budgets rank by the total share a channel explains over all units it feeds:
-        # measured 88.7% vs 47.8% (max over units) on the shipped CNN at 50% MACs.
+        # far better than the max over units (benchmarks/RESULTS.md, "Design measurements").
         return self.class_importance(analysis, stats, views, opts.z, how="sum")
 
     def own_rule(self, opts: MethodOptions) -> bool:
