@@ -26,9 +26,14 @@ from .errors import InputError
 from .groups import Analysis, analyze_groups
 from .load import load_model
 from .methods import MethodOptions
+from .progress import bar
 from .result import AnalysisReport, PruneResult
-from .stages import PIPELINE, PruneState, Stage, count_shapes
+from .stages import PIPELINE, SWEEP_STAGES, PruneState, Stage, count_shapes, sweep_state
 from .verify import original_session
+
+
+SWEEP_POINTS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
+"""MACs targets of ``--plot``'s error curve."""
 
 
 def _prunable_share(analysis: Analysis, table: dict[int, int]) -> tuple[int, int]:
@@ -153,15 +158,24 @@ def prune(
 
 def prune_with(
     config: PruneConfig, model_path: str | os.PathLike, output_path: str | os.PathLike | None = None,
-    *, reference: str | os.PathLike | None = None,
+    *, reference: str | os.PathLike | None = None, sweep: tuple[float, ...] = (),
 ) -> tuple[ir.Model, PruneResult]:
     """Prune with a checked configuration: in ``config.steps`` rounds, else one pass of the
-    stages.  ``reference``: the model fidelity and latency compare against (default: the input)."""
+    stages.  ``reference``: the model fidelity and latency compare against (default: the input).
+    ``sweep``: MACs targets of the error curve (``--plot``), pruned on this run's calibration
+    and stored in ``result.sweep`` (see :func:`error_sweep`)."""
     if config.steps > 1:
-        return _prune_in_steps(model_path, output_path, config)
-    state = PruneState(model_path, output_path, config, reference_path=reference)
+        model, result = _prune_in_steps(model_path, output_path, config)
+        result.sweep = error_sweep(model_path, config, result, sweep) if sweep else []
+        return model, result
+    shared = bool(sweep) and not config.ray  # a Ray pool's phases run once: its points prune afresh
+    state = PruneState(model_path, output_path, config, reference_path=reference, keep_for_sweep=shared)
     try:
         run_stages(state)
+        if shared:
+            state.result.sweep = _shared_sweep(state, sweep)
+        elif sweep:
+            state.result.sweep = error_sweep(model_path, config, state.result, sweep)
     finally:
         if state.store is not None:  # also on error: a Ray pool's workers, a store's spill folder
             state.store.close()
@@ -214,20 +228,41 @@ def _prune_in_steps(model_path, output_path, config: PruneConfig) -> tuple[ir.Mo
     return model, result
 
 
-def error_sweep(model_path, config: PruneConfig, result: PruneResult,
-                points=(0.9, 0.8, 0.7, 0.6, 0.5, 0.4)) -> list:
-    """(MACs removed, rel. L2 error, agreement) at several MACs targets with the same options,
-    plus the result itself: the error-vs-compression curve of ``--plot``."""
-    out = []
-    if result.fidelity:
-        out.append((1 - result.macs_after / result.macs_before, result.fidelity["rel_l2"], result.fidelity["agreement"]))
+def _point(result: PruneResult) -> tuple[float, float, float | None] | None:
+    """(MACs removed, rel. L2 error, agreement) of one prune, if its fidelity was measured."""
+    if not result.fidelity:
+        return None
+    return 1 - result.macs_after / result.macs_before, result.fidelity["rel_l2"], result.fidelity["agreement"]
+
+
+def _sweep_config(config: PruneConfig, target: float) -> PruneConfig:
     # The sweep's own budget replaces the run's, and no point may fail a gate or print.
-    base = replace(config, ratio=PruneConfig.ratio, target_params=None, max_error=None, min_agreement=None,
-                   progress=False, latency=False)
-    for target in points:
-        _, r = prune_with(replace(base, target_macs=target), model_path, None)
-        if r.fidelity:
-            out.append((1 - r.macs_after / r.macs_before, r.fidelity["rel_l2"], r.fidelity["agreement"]))
+    return replace(config, ratio=PruneConfig.ratio, target_macs=target, target_params=None, max_error=None,
+                   min_agreement=None, progress=False, latency=False, steps=1)
+
+
+def _shared_sweep(base: PruneState, points: tuple[float, ...]) -> list:
+    """The error curve on ``base``'s calibration: each point runs the stages from the
+    analysis on, on a fresh copy of the loaded model."""
+    out = [p for p in [_point(base.result)] if p]
+    with bar("error curve (--plot)", base.config.progress) as tick:
+        for k, target in enumerate(points):
+            tick(k, len(points))
+            state = run_stages(sweep_state(base, _sweep_config(base.config, target)), SWEEP_STAGES)
+            out += [p for p in [_point(state.result)] if p]
+    return out
+
+
+def error_sweep(model_path, config: PruneConfig, result: PruneResult, points=SWEEP_POINTS) -> list:
+    """(MACs removed, rel. L2 error, agreement) at several MACs targets with the same
+    options, plus the result itself, each point a prune of its own (``--steps`` and
+    ``--ray`` runs; :func:`prune_with` ``sweep=`` shares one calibration otherwise)."""
+    out = [p for p in [_point(result)] if p]
+    with bar("error curve (--plot)", config.progress) as tick:
+        for k, target in enumerate(points):
+            tick(k, len(points))
+            _, r = prune_with(_sweep_config(config, target), model_path, None)
+            out += [p for p in [_point(r)] if p]
     return out
 
 

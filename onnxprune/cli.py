@@ -144,11 +144,11 @@ def prune_cmd(**params) -> None:
     # The model, the plot and the report are staged and renamed into place together: a
     # failure or a signal while drawing the plot leaves nothing written.
     with one_commit(params["output_model"], params["report_path"], params["plot_path"]):
-        _, result = api.prune_with(config, params["input_model"], params["output_model"])
+        curve = api.SWEEP_POINTS if params["plot_path"] and (config.calib or config.eval_data) else ()
+        _, result = api.prune_with(config, params["input_model"], params["output_model"], sweep=curve)
         if params["plot_path"]:
             _temps.phase("plot")
-            sweep = api.error_sweep(params["input_model"], config, result) if (config.calib or config.eval_data) else []
-            plot(result, sweep, params["plot_path"])
+            plot(result, result.sweep, params["plot_path"])
         if params["report_path"]:
             write_json(result.to_dict(), params["report_path"])
     _temps.phase("written")

@@ -92,6 +92,8 @@ class PruneResult:
     macs_input_shapes: dict[str, list[int]] | None = None
     macs_basis: str = "declared shapes"
     macs_symbolic: dict[str, list[str]] | None = None
+    # --plot's error curve: (MACs removed, rel. L2 error, agreement or None) per point
+    sweep: list[tuple[float, float, float | None]] = field(default_factory=list)
 
     @property
     def blocked(self) -> list[dict]:
@@ -113,6 +115,7 @@ class PruneResult:
             "refit": self.refit,
             "calibration": self.calibration,
             "fidelity": self.fidelity,
+            "error_curve": [{"macs_removed": m, "rel_l2": e, "agreement": a} for m, e, a in self.sweep] or None,
             "latency": self.latency,
             "method_report": self.method_report,
             "steps": self.steps,

@@ -72,6 +72,9 @@ class PruneState:
     calib_batches: Any = None  # the calibration batches, read once: the first was already the reference feed
     calib_index: Any = None  # with --ray and a folder: its shared_data.FolderIndex (the batches are recipes)
     store: Any = None  # the kept calibration batches: a BatchStore, or a distributed.RayPool whose workers hold them
+    # the plot's error curve: the calibrated state is kept for its points (see sweep_state)
+    keep_for_sweep: bool = False
+    pristine: Any = None  # the loaded model as a proto, before any rewrite (kept_for_sweep)
     # score / select
     scores: dict[int, np.ndarray] = field(default_factory=dict)
     views: list[ConsumerView] = field(default_factory=list)
@@ -150,6 +153,8 @@ class Load(Stage):
         if state.model.graph.meta.get(RESTRUCTURED):
             check_restructured(state.model, state.feed, state.reference)
         state.providers = providers_for(c.device)
+        if state.keep_for_sweep:
+            state.pristine = ir.to_proto(state.model)
 
     @staticmethod
     def _open_calibration(state: PruneState) -> Sample:
@@ -331,7 +336,7 @@ class Compensate(Stage):
             refresh_shapes(state.model)
         if state.original is not None:
             self._refit(state)
-        if state.store is not None:
+        if state.store is not None and not state.keep_for_sweep:  # else the sweep's points replay it
             state.store.close()
 
     @staticmethod
@@ -449,6 +454,24 @@ class Report(Stage):
 
 PIPELINE: tuple[Stage, ...] = (Load(), Analyze(), Calibrate(), Score(), Select(), Rewrite(), Compensate(), Verify(), Report())
 """Every stage of a prune, in the order they run."""
+SWEEP_STAGES: tuple[Stage, ...] = PIPELINE[1:2] + PIPELINE[3:]
+"""The stages of one point of the plot's error curve: loading and calibration are shared."""
+
+# What one point of the error curve shares with the prune it belongs to (read only).
+_SHARED = ("external", "feed", "reference", "providers", "count_shapes", "macs_basis", "stats", "held", "specs",
+           "store", "keep_for_sweep")
+
+
+def sweep_state(base: PruneState, config: PruneConfig) -> PruneState:
+    """A state for one point of the error curve: ``base``'s loading and calibration (it
+    ran with ``keep_for_sweep``), a fresh copy of the loaded model, no output."""
+    state = PruneState(base.model_path, None, config, reference_path=base.reference_path)
+    for name in _SHARED:
+        setattr(state, name, getattr(base, name))
+    copy = type(base.pristine)()
+    copy.CopyFrom(base.pristine)
+    state.model = ir.from_proto(copy)
+    return state
 
 
 def flat(removed: dict[int, np.ndarray]) -> np.ndarray:

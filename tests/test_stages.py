@@ -152,3 +152,32 @@ def test_cli_defaults_are_the_api_defaults(tmp_path, monkeypatch):
         main([str(src), str(out)])
     # The CLI shows progress unless -q and always passes its (default) image options and knobs.
     assert seen == [PruneConfig(progress=True, preprocess=Preprocess(), method_options=MethodOptions())]
+
+
+class _OnceReader:
+    """A CalibrationDataReader without rewind(): it can be read once."""
+
+    def __init__(self, batches):
+        self.it = iter(batches)
+
+    def get_next(self):
+        return next(self.it, None)
+
+
+@pytest.mark.parametrize("method, compensate", [("wanda", "lstsq"), ("relief", "bias"), ("l1", "none")])
+def test_the_error_curve_shares_one_calibration_and_equals_separate_prunes(tmp_path, method, compensate):
+    """``sweep=`` (the CLI's --plot) prunes every point on the run's own calibration: a
+    reader that can be read once suffices, and each point is what a prune of its own at
+    that target gives (the same MACs removed, error and agreement, exactly)."""
+    src = save(_net(), tmp_path / "m.onnx")
+    data = _data(12)
+    config = PruneConfig(calib=_OnceReader(data), target_macs=0.7, method=method, compensate=compensate,
+                         progress=False, latency=False, batch_size=8)
+    _, result = api.prune_with(config, src, None, sweep=(0.8, 0.5))
+    assert "calibrate" in result.seconds
+    separate = api.error_sweep(src, dataclasses.replace(config, calib=data), result, (0.8, 0.5))
+    assert len(result.sweep) == 3
+    assert result.sweep == separate
+    assert result.to_dict()["error_curve"][1]["macs_removed"] == separate[1][0]
+    with pytest.raises(onnxprune.InputError, match="no samples"):  # what a prune per point met: the reader is spent
+        api.error_sweep(src, config, result, (0.8,))
