@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from ._graph import node_label, opset, prepare_graph
+from ._graph import all_graph_nodes, node_label, opset, prepare_graph
+from .errors import InputError
 from .layout import FIXED, Edit, Layout, SliceBounds, SliceParam, SplitSizes, UnionFind
-from .ops import handler_for
+from .ops import handler_for, subgraph_reason
 
 
 @dataclass
@@ -114,6 +115,10 @@ class _Context:
     def block(self, atoms: np.ndarray, node: ir.Node, reason: str) -> None:
         self.blocks.append((atoms, f"{node_label(node)}: {reason}"))
 
+    def block_reason(self, atoms: np.ndarray, reason: str) -> None:
+        """Block ``atoms`` with a reason that names its own node."""
+        self.blocks.append((atoms, reason))
+
     def edit(self, record: Edit) -> None:
         self.edits.append(record)
 
@@ -140,16 +145,60 @@ def analyze_groups(model: ir.Model, exclude: list[str] | tuple[str, ...] = ()) -
         if carried or handler.creates_channels:
             handler.propagate(node, ctx)
 
+    owners = control_flow_owners(graph)
     for value, lay in ctx.layouts.items():
         if value.is_graph_output():
             ctx.blocks.append((lay.atoms, f"'{value.name}' is a graph output: its channels are kept"))
         for use in value.uses():
-            if use.node.graph is not graph:
-                ctx.blocks.append(
-                    (lay.atoms, f"'{value.name}' is read inside a subgraph by {node_label(use.node)}")
-                )
+            if use.node.graph is not graph and id(use.node) in owners:
+                ctx.block_reason(lay.atoms, subgraph_reason(value, owners[id(use.node)]))
 
     return _build(model, ctx, exclude)
+
+
+def control_flow_owners(graph: ir.Graph) -> dict[int, ir.Node]:
+    """id of every node inside a subgraph (at any depth) -> the main-graph If/Loop/Scan
+    (or other node with a body) that holds it: a capture read at any depth blocks as a
+    read of that top-level node, which is what a user can find in the graph."""
+    owners: dict[int, ir.Node] = {}
+    for node in graph:
+        for attr in node.attributes.values():
+            bodies = [attr.value] if attr.type == ir.AttributeType.GRAPH else (
+                list(attr.value) if attr.type == ir.AttributeType.GRAPHS else [])
+            for body in bodies:
+                owners.update((id(inner), node) for inner in all_graph_nodes(body))
+    return owners
+
+
+_WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def control_flow_summary(graph: ir.Graph) -> str | None:
+    """One phrase naming the weighted nodes that live inside If/Loop/Scan bodies (which
+    onnxprune neither prunes nor counts MACs of), or None when there are none."""
+    owners = control_flow_owners(graph)
+    inside = [n for n in all_graph_nodes(graph) if id(n) in owners and n.op_type in _WEIGHTED]
+    if not inside:
+        return None
+    by_op: dict[str, int] = {}
+    for n in inside:
+        by_op[n.op_type] = by_op.get(n.op_type, 0) + 1
+    ops = f"{next(iter(by_op))} nodes" if len(by_op) == 1 else (
+        "weighted nodes (" + ", ".join(f"{k} {v}" for k, v in sorted(by_op.items())) + ")")
+    holders = list(dict.fromkeys(node_label(owners[id(n)]) for n in inside))
+    more = f" and {len(holders) - 3} more" if len(holders) > 3 else ""
+    return f"{len(inside)} {ops} are inside the subgraphs of {', '.join(holders[:3])}{more}"
+
+
+def refuse_control_flow_only(graph: ir.Graph, any_prunable: bool = True) -> None:
+    """Raise the one-line refusal when nothing outside control flow can be pruned: no
+    weighted node in the main graph (checked before any run, so a model whose branches
+    need special inputs is refused without them), or no prunable group (``any_prunable``)."""
+    inside = control_flow_summary(graph)
+    outside = any(n.op_type in _WEIGHTED for n in graph)
+    if inside and (not outside or not any_prunable):
+        raise InputError(f"nothing outside control flow is prunable: {inside}, "
+                         "which onnxprune does not rewrite; nothing was written")
 
 
 def _build(model: ir.Model, ctx: _Context, exclude) -> Analysis:

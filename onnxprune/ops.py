@@ -72,6 +72,23 @@ class Block(Handler):
         _block_all(node, ctx, self.reason)
 
 
+def subgraph_reason(value: ir.Value, owner: ir.Node) -> str:
+    """The one wording for channels that reach an If/Loop/Scan body (as an input or a
+    capture): the rewrite leaves subgraphs untouched, so a body would read removed channels."""
+    return f"'{value.name}' is read inside the subgraph of {node_label(owner)}: onnxprune does not rewrite subgraphs"
+
+
+class ControlFlow(Handler):
+    """If/Loop/Scan: their explicit inputs are read inside the body, which is not rewritten;
+    their outputs start without channels.  Outer-scope captures are blocked by the analysis."""
+
+    def propagate(self, node: ir.Node, ctx: Ctx) -> None:
+        for value in node.inputs:
+            lay = ctx.layout(value)
+            if lay is not None:
+                ctx.block_reason(lay.atoms, subgraph_reason(value, node))
+
+
 class Unary(Handler):
     """Elementwise on its first input; any other input must be a scalar-like operand."""
 
@@ -894,7 +911,7 @@ _ELEMENTWISE = Elementwise()
 _POOL = Pool()
 _REDUCE = Reduce()
 _SOFTMAX = Softmax()
-_CONTROL = Block("control flow: onnxprune does not rewrite subgraphs")
+_CONTROL = ControlFlow()
 
 OP_TABLE: dict[str, Handler] = {
     # pass-through

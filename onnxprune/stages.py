@@ -32,7 +32,7 @@ from .criteria import score_groups, statistics_for
 from .data import InputSpec, Sample, batches, input_specs, samples_in, source_items, take_samples
 from .shared_data import index_folder, lazy_batches, read
 from .errors import GateError, InputError, VerificationError
-from .groups import Analysis, analyze_groups
+from .groups import Analysis, analyze_groups, refuse_control_flow_only
 from .load import check_output_path, input_files, load_model, save_model
 from .methods import REGISTRY, Method, MethodOptions
 from .reconstruct import refit_on_pruned, refit_targets
@@ -134,6 +134,7 @@ class Load(Stage):
             check_output_path(state.model_path, state.output_path,
                               {"--calib": c.calib, "--eval": c.eval_data, "--labels": c.labels})
         state.model, state.external = load_model(state.model_path)
+        refuse_control_flow_only(state.model.graph)  # all weights in If/Loop/Scan bodies: say so before any run
         # The first onnxruntime session on the input: a crash here is named by the CLI's parent.
         _temps.phase("input")
         sess = original_session(state.model_path)
@@ -189,6 +190,7 @@ class Analyze(Stage):
         analysis = state.analysis = analyze_groups(state.model, state.config.exclude)
         analysis.node_macs = table  # the selection's estimates count what the report counts
         if not any(g.prunable for g in analysis.groups):
+            refuse_control_flow_only(state.model.graph, any_prunable=False)
             reasons = [r for g in analysis.groups for r in g.blocked][:1]
             why = f" (first reason: {reasons[0]})" if reasons else ""
             raise InputError(f"nothing to prune: none of the {len(analysis.groups)} channel groups is prunable{why}")

@@ -153,7 +153,7 @@ def _if_model(conv_outside: bool) -> onnx.ModelProto:
 
 def test_weights_only_inside_if(capsys, tmp_path):
     src = save(_if_model(conv_outside=False), tmp_path / "if.onnx")
-    expect_refusal(capsys, tmp_path, [str(src), str(tmp_path / "o.onnx")], [src], "nothing to prune")
+    expect_refusal(capsys, tmp_path, [str(src), str(tmp_path / "o.onnx")], [src], "nothing outside control flow is prunable: 2 MatMul nodes are inside the subgraphs of If 'branchy'")
 
 
 def test_if_prunes_outside_and_leaves_subgraphs_untouched(capsys, tmp_path):

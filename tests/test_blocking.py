@@ -223,7 +223,7 @@ def test_value_read_inside_if_blocks(tmp_path: Path) -> None:
     a = analysis_of(tmp_path, if_model())
     grp = group_of(a, "c1")
     assert not grp.prunable
-    assert any("read inside a subgraph" in r and "act_out" in r for r in grp.blocked), grp.blocked
+    assert any("read inside the subgraph of If 'branch'" in r and "act_out" in r for r in grp.blocked), grp.blocked
     assert group_of(a, "c2").prunable  # the other branch is untouched
     assert not any("subgraph" in r for r in group_of(a, "after").blocked)  # the If's output starts fresh
 
