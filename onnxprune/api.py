@@ -23,7 +23,7 @@ from .count import count_params, macs_by_node, symbolic_dims
 from .data import input_specs
 from .data import Preprocess
 from .errors import InputError
-from .groups import Analysis, analyze_groups
+from .groups import Analysis, analyze_groups, control_flow_summary
 from .load import load_model
 from .methods import MethodOptions
 from .progress import bar
@@ -79,7 +79,8 @@ def analyze(model_path: str | os.PathLike, exclude: tuple[str, ...] | list[str] 
     pp, pm = _prunable_share(analysis, table)
     return AnalysisReport(analysis.groups, params, macs, pp, pm, macs_basis=basis,
                           macs_input_shapes=None if shapes is None else {k: list(v) for k, v in shapes.items()},
-                          macs_symbolic=symbolic_dims(model) if basis == "per unit" else None)
+                          macs_symbolic=symbolic_dims(model) if basis == "per unit" else None,
+                          macs_excluded=control_flow_summary(model.graph))
 
 
 def prune(

@@ -6,6 +6,10 @@ symbolic spatial or sequence dims is counted on real input shapes when the run k
 on a weightless copy of the graph, shapes are inferred again there (onnx, then
 onnxruntime's symbolic pass), and each node of the model is counted on its copy's shapes.
 Without them the count is per unit of the symbolic dims (see :func:`symbolic_dims`).
+
+Only the main graph is counted: the nodes inside If/Loop/Scan bodies are not (which branch
+runs, and how many times a body runs, is known only at run time; those bodies are never
+pruned either).  The report names what was left out (``groups.control_flow_summary``).
 """
 
 from __future__ import annotations

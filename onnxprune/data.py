@@ -34,6 +34,7 @@ class InputSpec:
     name: str
     dtype: np.dtype
     dims: tuple[int | None, ...]
+    batch_axis: int = 0  # 1 for a recurrent state [layers, batch, hidden] (see batch_axes)
 
 
 @dataclass
@@ -60,7 +61,27 @@ def input_specs(session) -> list[InputSpec]:
             raise InputError(f"input '{inp.name}' has type {inp.type}, which onnxprune cannot feed")
         dims = tuple(d if isinstance(d, int) and d > 0 else None for d in inp.shape)
         specs.append(InputSpec(inp.name, np.dtype(dtype), dims))
-    return specs
+    axes = batch_axes([list(inp.shape) for inp in session.get_inputs()])
+    return [InputSpec(s.name, s.dtype, s.dims, a) for s, a in zip(specs, axes)]
+
+
+def batch_axes(shapes: list[list]) -> list[int]:
+    """The batch axis of every input, 0 unless the model has a dynamic batch (a symbolic
+    leading dim on some input) and this input's leading dim is fixed: then the axis of the
+    same named dim, or its only symbolic dim (Silero VAD's state ``[2, batch, 128]``)."""
+    def symbolic(d) -> bool:
+        return not (isinstance(d, int) and d > 0)
+
+    leads = {str(sh[0]) for sh in shapes if sh and symbolic(sh[0])}
+    out = []
+    for sh in shapes:
+        if not leads or not sh or symbolic(sh[0]):
+            out.append(0)
+            continue
+        named = [i for i, d in enumerate(sh) if isinstance(d, str) and d and d in leads]
+        free = [i for i, d in enumerate(sh) if symbolic(d)]
+        out.append(named[0] if named else free[0] if len(free) == 1 else 0)
+    return out
 
 
 # ----------------------------------------------------------------------------- sources
@@ -335,8 +356,9 @@ def check_sample(where: str, sample: Any, specs: list[InputSpec]) -> Sample:
                 raise InputError(f"{where}: input '{spec.name}' contains NaN or Inf")
             out[spec.name] = arr
             continue
+        ax = spec.batch_axis
         if arr.ndim == rank - 1:
-            arr = arr[None]
+            arr = np.expand_dims(arr, ax)
         elif arr.ndim != rank:
             raise InputError(
                 f"{where}: input '{spec.name}' expected rank {rank} (or {rank - 1} for one sample), "
@@ -345,19 +367,39 @@ def check_sample(where: str, sample: Any, specs: list[InputSpec]) -> Sample:
         if arr.dtype != spec.dtype:
             raise InputError(f"{where}: input '{spec.name}' expected dtype {spec.dtype}, found {arr.dtype}")
         for axis, (want, got) in enumerate(zip(spec.dims, arr.shape)):
-            if axis > 0 and want is not None and want != got:
+            if axis != ax and want is not None and want != got:
                 raise InputError(
                     f"{where}: input '{spec.name}' expected shape {_fmt(spec.dims)}, found {list(arr.shape)}"
                 )
-        if arr.shape[0] == 0:
+        if arr.shape[ax] == 0:
             raise InputError(f"{where}: input '{spec.name}' holds no samples")
         if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
             raise InputError(f"{where}: input '{spec.name}' contains NaN or Inf")
-        if batch is not None and arr.shape[0] != batch:
-            raise InputError(f"{where}: inputs disagree on the number of samples")
-        batch = arr.shape[0]
+        if batch is not None and arr.shape[ax] != batch:
+            raise InputError(f"{where}: inputs disagree on the number of samples"
+                             + (f" (input '{spec.name}' has them on axis {ax})" if ax else ""))
+        batch = arr.shape[ax]
         out[spec.name] = arr
-    return out
+    axes = {s.name: s.batch_axis for s in specs if s.batch_axis}
+    return Batch(out, axes) if axes else out
+
+
+class Batch(dict):
+    """A sample dict whose inputs named in ``axes`` carry their samples on another axis than
+    0; take_samples, samples_in and batching keep it.  Plain dicts mean axis 0 everywhere."""
+
+    def __init__(self, items: dict, axes: dict[str, int]) -> None:
+        super().__init__(items)
+        self.axes = axes
+
+
+def _axis(batch: Sample, name: str) -> int:
+    return getattr(batch, "axes", {}).get(name, 0)
+
+
+def _with_axes(like: Sample, items: dict) -> Sample:
+    axes = getattr(like, "axes", None)
+    return Batch(items, axes) if axes else items
 
 
 def samples_in(batch: Sample) -> int:
@@ -366,9 +408,9 @@ def samples_in(batch: Sample) -> int:
     to be read (``shared_data.LazyBatch``) says itself."""
     if not isinstance(batch, dict):
         return batch.samples()
-    for v in batch.values():
+    for k, v in batch.items():
         if np.ndim(v):
-            return int(np.shape(v)[0])
+            return int(np.shape(v)[_axis(batch, k)])
     return 1
 
 
@@ -377,7 +419,8 @@ def take_samples(batch: Sample, index: Any) -> Sample:
     inputs as they are.  A batch still to be read takes its own."""
     if not isinstance(batch, dict):
         return batch.take(index)
-    return {k: v[index] if np.ndim(v) else v for k, v in batch.items()}
+    return _with_axes(batch, {k: v[(slice(None),) * _axis(batch, k) + (index,)] if np.ndim(v) else v
+                              for k, v in batch.items()})
 
 
 def _join(buffer: list[Sample]) -> Sample:
@@ -386,7 +429,7 @@ def _join(buffer: list[Sample]) -> Sample:
     out: Sample = {}
     for k, first in buffer[0].items():
         if np.ndim(first):
-            out[k] = np.concatenate([b[k] for b in buffer])
+            out[k] = np.concatenate([b[k] for b in buffer], axis=_axis(buffer[0], k))
             continue
         other = next((b[k] for b in buffer if not np.array_equal(b[k], first)), None)
         if other is not None:
@@ -395,7 +438,7 @@ def _join(buffer: list[Sample]) -> Sample:
                 "the samples of one batch share it; give one value, or --batch-size 1"
             )
         out[k] = first
-    return out
+    return _with_axes(buffer[0], out)
 
 
 def _fmt(dims: tuple[int | None, ...]) -> str:

@@ -103,7 +103,13 @@ def print_result(result: PruneResult, console: Console | None = None) -> None:
 
 def macs_basis_text(result: PruneResult | AnalysisReport, remedy: str = "--input-shape or --calib") -> str:
     """One line: which input shapes the MACs were counted on, or that they are per unit
-    (and what gives real shapes: ``remedy``)."""
+    (and what gives real shapes: ``remedy``), and what control flow keeps out of the count."""
+    text = _macs_basis(result, remedy)
+    excluded = getattr(result, "macs_excluded", None)
+    return text + (f"; not counted: {excluded} (onnxprune counts the main graph only)" if excluded else "")
+
+
+def _macs_basis(result: PruneResult | AnalysisReport, remedy: str) -> str:
     if result.macs_basis == "per unit":
         dims = "; ".join(f"{k} [{', '.join(v)}]" for k, v in (result.macs_symbolic or {}).items())
         return f"MACs per unit of the symbolic dims ({dims}), not a total: give {remedy} to count them on real input shapes"

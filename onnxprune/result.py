@@ -19,6 +19,7 @@ class AnalysisReport:
     macs_basis: str = "declared shapes"  # as PruneResult's
     macs_input_shapes: dict[str, list[int]] | None = None
     macs_symbolic: dict[str, list[str]] | None = None
+    macs_excluded: str | None = None  # weighted nodes inside If/Loop/Scan bodies (groups.control_flow_summary)
 
     def to_dict(self) -> dict:
         return {
@@ -31,6 +32,7 @@ class AnalysisReport:
             "macs_counted_on": self.macs_basis,
             "macs_input_shapes": self.macs_input_shapes,
             "macs_symbolic_dims": self.macs_symbolic,
+            "macs_not_counted": self.macs_excluded,
             "groups": [g.to_dict() for g in self.groups],
         }
 
@@ -94,6 +96,7 @@ class PruneResult:
     macs_symbolic: dict[str, list[str]] | None = None
     # --plot's error curve: (MACs removed, rel. L2 error, agreement or None) per point
     sweep: list[tuple[float, float, float | None]] = field(default_factory=list)
+    macs_excluded: str | None = None  # weighted nodes inside If/Loop/Scan bodies: not counted
 
     @property
     def blocked(self) -> list[dict]:
@@ -105,7 +108,8 @@ class PruneResult:
             "ratio": self.ratio,
             "params": {"before": self.params_before, "after": self.params_after},
             "macs": {"before": self.macs_before, "after": self.macs_after, "input_shapes": self.macs_input_shapes,
-                     "counted_on": self.macs_basis, "symbolic_dims": self.macs_symbolic},
+                     "counted_on": self.macs_basis, "symbolic_dims": self.macs_symbolic,
+                     "not_counted": self.macs_excluded},
             "file_size": {"before": self.file_size_before, "after": self.file_size_after},
             "output": self.output,
             "groups": self.groups,

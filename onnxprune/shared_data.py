@@ -90,7 +90,7 @@ def _samples_in_file(path: Path, specs: list[InputSpec]) -> int:
         if header is None:
             return 1  # no such member: the worker's check names what is missing
         shape = header[0]
-    return int(shape[0]) if len(shape) == len(spec.dims) else 1
+    return int(shape[spec.batch_axis]) if len(shape) == len(spec.dims) else 1
 
 
 def lazy_batches(index: FolderIndex, batch_size: int, max_samples: int | None = None) -> Iterator[LazyBatch]:

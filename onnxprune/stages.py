@@ -32,7 +32,7 @@ from .criteria import score_groups, statistics_for
 from .data import InputSpec, Sample, batches, input_specs, samples_in, source_items, take_samples
 from .shared_data import index_folder, lazy_batches, read
 from .errors import GateError, InputError, VerificationError
-from .groups import Analysis, analyze_groups, refuse_control_flow_only
+from .groups import Analysis, analyze_groups, control_flow_summary, refuse_control_flow_only
 from .load import check_output_path, input_files, load_model, save_model
 from .methods import REGISTRY, Method, MethodOptions
 from .reconstruct import refit_on_pruned, refit_targets
@@ -415,6 +415,7 @@ class Report(Stage):
             macs_input_shapes=None if state.count_shapes is None else {k: list(v) for k, v in state.count_shapes.items()},
             macs_basis=state.macs_basis,
             macs_symbolic=symbolic_dims(model) if state.macs_basis == "per unit" else None,
+            macs_excluded=control_flow_summary(model.graph),
             groups=self._groups(state),
             output=str(state.output_path) if state.output_path is not None else None,
             file_size_before=file_size(state.model_path, state.external),
@@ -498,8 +499,9 @@ def count_shapes(specs: list[InputSpec], input_shape: dict[str, tuple[int, ...]]
             dims = tuple(np.shape(sample[spec.name]))
         if dims is None:
             continue
-        if len(dims) >= 2 and spec.dims[0] is None:
-            dims = (1, *dims[1:])
+        ax = spec.batch_axis
+        if len(dims) >= 2 and spec.dims[ax] is None:
+            dims = (*dims[:ax], 1, *dims[ax + 1:])
         shapes[spec.name] = tuple(int(d) for d in dims)
     if shapes:
         basis = "--input-shape" if sample is None else ("calibration data" if not input_shape else "calibration data, --input-shape")
@@ -510,7 +512,7 @@ def count_shapes(specs: list[InputSpec], input_shape: dict[str, tuple[int, ...]]
 
 def fixed_batch(specs: list[InputSpec], batch_size: int) -> int:
     """A model with a fixed batch dim gets batches of exactly that size."""
-    fixed = {s.dims[0] for s in specs if s.dims and s.dims[0] is not None}
+    fixed = {s.dims[s.batch_axis] for s in specs if s.dims and s.dims[s.batch_axis] is not None}
     return fixed.pop() if len(fixed) == 1 else batch_size
 
 

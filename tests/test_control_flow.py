@@ -130,6 +130,8 @@ def test_analyze_shows_the_reason(tmp_path):
     report = onnxprune.analyze(src)
     reasons = [r for g in report.groups for r in g.blocked]
     assert "'pre_act_out' " + REASON.format(op="If", name="sr_switch") in reasons
+    # MACs are counted on the main graph only, and the report says what it left out.
+    assert report.macs_excluded == "2 Conv nodes are inside the subgraphs of If 'sr_switch'"
 
 
 def test_capture_in_a_nested_body_names_the_outer_node(tmp_path):
@@ -264,6 +266,9 @@ def test_vad_prunes_outside_the_if_with_its_data(tmp_path):
     assert body_bytes(out) == body_bytes(src)
     r = json.loads(report.read_text())
     assert any(REASON.format(op="If", name="sr_switch") in b for g in r["groups"] for b in g["blocked"])
+    assert r["macs"]["not_counted"] == "2 Conv nodes are inside the subgraphs of If 'sr_switch'"
+    t = (1024 - FRAME) // HOP + 1  # time steps after the branch's Conv, on the calibration frames
+    assert r["macs"]["before"] == 8 * 1024 + t * (2 * 16 * 16 * 3 + 16)  # pre, enc1, enc2, head; not the branch
     held = frames(30, seed=7)
     pruned = np.concatenate([run(out, s)[0] for s in held])
     original = np.concatenate([run(src, s)[0] for s in held])
@@ -324,3 +329,51 @@ def test_real_silero_vad_says_nothing_outside_control_flow(capsys, tmp_path):
     src = _silero(tmp_path / "wheel")
     expect_refusal(capsys, tmp_path, [str(src), str(tmp_path / "o.onnx")], [src],
                    "nothing outside control flow is prunable: 12 Conv nodes are inside the subgraphs of If 'If_0'")
+
+
+# ----------------------------------------------------------------------------- a recurrent state [2, batch, H]
+
+
+def test_batch_axes_rule():
+    from onnxprune.data import batch_axes
+
+    assert batch_axes([[None, None], [2, None, 128], []]) == [0, 1, 0]  # silero_vad.onnx as onnxruntime reports it
+    assert batch_axes([["batch", "sequence"], [2, "batch", 128], []]) == [0, 1, 0]
+    assert batch_axes([[1, 3, None, None]]) == [0]  # a fixed batch of 1 with free H, W: no batch elsewhere
+    assert batch_axes([[None, 16], [2, None, None]]) == [0, 0]  # ambiguous: two free dims, axis 0 kept
+
+
+def stateful_model() -> onnx.ModelProto:
+    """x [batch, 512] → Conv encoder (8 → 8 → 4 channels) → mean over time, plus the mean of a
+    recurrent state [2, batch, 4] (batch on axis 1, as Silero's), and the state passed on."""
+    g = G(seed=5)
+    x = g.input("x", ["batch", FRAME])
+    state = g.input("state", [2, "batch", 4])
+    u = g.op("Unsqueeze", [x, g.const(np.array([1], np.int64))])
+    h = g.op("Relu", [g.op("Conv", [u, g.const(g.w(8, 1, 64, scale=0.2)), g.const(g.w(8))], name="frame",
+                           kernel_shape=[64], strides=[32])])
+    h = _conv1d(g, h, 8, 8, "enc")
+    head = g.op("Conv", [h, g.const(g.w(4, 8, 1)), g.const(g.w(4))], name="head", kernel_shape=[1])
+    y = g.op("ReduceMean", [head], axes=[2], keepdims=0)
+    s = g.op("ReduceMean", [state], axes=[0], keepdims=0)
+    out = g.op("Add", [y, s], name="out")
+    state_n = g.op("Mul", [state, g.const(np.array(0.5, np.float32))], name="state_n")
+    return g.model([out, state_n])
+
+
+def test_state_with_the_batch_on_axis_one_calibrates(tmp_path):
+    """Per-sample files hold the state as [2, 1, 4]; batches join it on axis 1, and the
+    held-out split, the reference run and the checks cut it there too."""
+    src = save(stateful_model(), tmp_path / "s.onnx")
+    rng = np.random.default_rng(0)
+    samples = [{"x": f["x"][:, :FRAME], "state": rng.standard_normal((2, 1, 4)).astype(np.float32)}
+               for f in frames(40, seed=1)]
+    calib = npz_folder(tmp_path / "calib", samples)
+    out0, out = tmp_path / "o0.onnx", tmp_path / "o.onnx"
+    assert main([str(src), str(out0), "--calib", str(calib), "--ratio", "0", "--batch-size", "8", "-q"]) == 0
+    batch = {"x": np.concatenate([s["x"] for s in samples[:5]]), "state": np.concatenate([s["state"] for s in samples[:5]], 1)}
+    assert all(np.array_equal(a, b) for a, b in zip(run(out0, batch), run(src, batch)))
+    assert main([str(src), str(out), "--calib", str(calib), "--ratio", "0.5", "--round-to", "1",
+                 "--batch-size", "8", "-q"]) == 0
+    assert conv_out(out, "frame") == 4 and conv_out(out, "enc") == 4
+    assert [a.shape for a in run(out, batch)] == [(5, 4), (2, 5, 4)]
