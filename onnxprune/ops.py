@@ -15,6 +15,9 @@ Torch-Pruning's per-layer handlers):
 - ``Pool``, ``Reduce``, ``Resize``, ``Pad``, ``Softmax``, ``ShapeOf``: pass-through under
   a condition on the axes they touch; otherwise they block.
 - ``Block``: ops known to forbid pruning the channels that reach them, with the reason.
+- ``ControlFlow``: If/Loop/Scan bodies are never rewritten, so channels that enter one (an
+  explicit input here, an outer-scope capture at any depth in ``groups``) block their group
+  ("read inside the subgraph of If 'name'"); their outputs start without channels.
 
 An op missing from :data:`OP_TABLE` blocks every group whose channels reach it; the
 analysis reports that op by name.  Adding support for an op is one entry here.
