@@ -31,6 +31,7 @@ import onnx_ir as ir
 from . import _ort
 from .data import Sample, samples_in, take_samples
 from .errors import InputError
+from .temporary import temporary_changes
 
 
 STATISTICS = ("sum", "sumsq", "sumabs", "nonpos")  # what TensorStats can gather
@@ -367,15 +368,11 @@ def instrumented_model_path(
             node.outputs[0].name = name
             nodes.append(node)
             added.append(node.outputs[0])
-    graph.extend(nodes)
-    graph.outputs.extend(added)
-    try:
+    with temporary_changes(graph) as changes:
+        changes.add_nodes(nodes)
+        changes.add_outputs(added)
         path = folder / "instrumented.onnx"
         ir.save(model, path, external_data="instrumented.onnx.data")
-    finally:
-        for v in added:
-            graph.outputs.remove(v)
-        graph.remove(nodes, safe=True)
     return path
 
 

@@ -310,18 +310,39 @@ def apply_refits(analysis: Analysis, refits: list[Refit], removed: np.ndarray) -
     keep = keep_function(analysis, removed)
     graph = analysis.model.graph
     for r in refits:
-        node = r.node
-        dtype = const_array(node.inputs[1]).dtype
         rows = slice(None) if r.out_atoms is None else keep(r.out_atoms)
         weight = np.compress(rows, r.weight, axis=r.out_axis) if r.out_atoms is not None else r.weight
-        bias = r.bias[rows]
-        replace_const(node, 1, np.ascontiguousarray(weight.astype(dtype)), graph)
-        if node.op_type == "MatMul":
-            old = 0.0
-            _append_add(node, (bias - old).astype(dtype), graph)
-        elif len(node.inputs) > 2 and node.inputs[2] is not None:
-            current = const_array(node.inputs[2])
-            replace_const(node, 2, np.broadcast_to(bias.astype(current.dtype), np.broadcast_shapes(current.shape, bias.shape)).copy(), graph)
+        # A MatMul's bias Add is new: one a previous --steps round appended stays as it is.
+        write_consumer(r.node, weight, r.bias[rows], graph, fresh_add=True)
+
+
+def write_consumer(node: ir.Node, weight: np.ndarray, bias: np.ndarray, graph: ir.Graph, *, fresh_add: bool) -> None:
+    """Write a consumer's compensated weight (in its own layout, kept outputs only) and bias
+    (one per kept output) into the pruned graph, in the weight's dtype: the one writer of
+    refitted weights (:func:`apply_refits`, :mod:`onnxprune.reconstruct`).  A MatMul has no
+    bias input: its bias goes into an ``Add`` after it, a new one (``fresh_add``) or the one
+    this round's compensation appended (:func:`bias_add`; a new one when there is none)."""
+    dtype = const_array(node.inputs[1]).dtype
+    replace_const(node, 1, np.ascontiguousarray(weight.astype(dtype)), graph)
+    if node.op_type == "MatMul":
+        add = None if fresh_add else bias_add(node)
+        if add is not None:
+            replace_const(add, 1, bias.astype(dtype), graph)
         else:
-            node.resize_inputs(3)
-            _new_input(node, 2, bias.astype(dtype), graph)
+            _append_add(node, bias.astype(dtype), graph)
+    elif len(node.inputs) > 2 and node.inputs[2] is not None:
+        current = const_array(node.inputs[2])
+        shape = np.broadcast_shapes(current.shape, bias.shape)  # a Gemm's C keeps its rank
+        replace_const(node, 2, np.broadcast_to(bias.astype(current.dtype), shape).copy(), graph)
+    else:
+        node.resize_inputs(3)
+        _new_input(node, 2, bias.astype(dtype), graph)
+
+
+def bias_add(node: ir.Node) -> ir.Node | None:
+    """The ``Add`` onnxprune appended to a MatMul for its compensation bias, if any."""
+    for use in node.outputs[0].uses():
+        reader = use.node
+        if reader.op_type == "Add" and reader.name and reader.name.endswith("_bias_add") and use.idx == 0:
+            return reader
+    return None

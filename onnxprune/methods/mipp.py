@@ -118,6 +118,7 @@ import numpy as np
 
 from .._graph import attr_int, node_label
 from ..calibrate import Statistics, StatRequest
+from ..chunks import ChunkGuard
 from ..consumers import ConsumerView
 from ..errors import InputError
 from ..gram import ChannelGram, PatchGram
@@ -820,14 +821,12 @@ def backward_order(ctx: Context, groups: list[Group]) -> list[Group]:
 
 
 def decide_group(ctx: Context, group: Group, removed: np.ndarray, alpha: float,
-                 left: list[int] | None = None, chunks_of: dict[int, list[int]] | None = None,
-                 p_values: list[float] | None = None) -> np.ndarray:
+                 chunks: ChunkGuard | None = None, p_values: list[float] | None = None) -> np.ndarray:
     """TERC on one group: visit its classes from the least informative (single-channel MI
     summed over the consumers that read it) and remove each unless the keep test is
     confident at level ``1 − alpha``.  Updates ``removed`` (a mask over class roots) and
     returns the removed roots; every p-value the test computed is appended to ``p_values``."""
-    left = [] if left is None else left
-    chunks_of = {} if chunks_of is None else chunks_of
+    chunks = ChunkGuard([]) if chunks is None else chunks
     classes = [int(c) for c in group.classes]
     wanted = set(classes)
     consumers = [ctx.consumer(it, removed) for it in ctx.items if wanted.intersection(it.by_class)]
@@ -844,8 +843,7 @@ def decide_group(ctx: Context, group: Group, removed: np.ndarray, alpha: float,
         readers = [c for c in consumers if c.reads(k)]
         if not readers:
             continue  # nothing measures it: keep
-        ks = chunks_of.get(k, [])
-        if any(left[j] == 1 for j in ks):
+        if chunks.last_of_chunk(k):
             continue  # the last kept class of a Split/Slice chunk
         d = np.sum([c.deltas(k) for c in readers], axis=0)
         p = _p_value(d)
@@ -858,40 +856,21 @@ def decide_group(ctx: Context, group: Group, removed: np.ndarray, alpha: float,
         if drop:
             for c in readers:
                 c.commit(k)
-            for j in ks:
-                left[j] -= 1
+            chunks.remove(k)
             removed[k] = True
             gone.append(k)
             kept -= 1
     return np.sort(np.array(gone, dtype=np.int64))
 
 
-def _chunks(groups: list[Group]) -> tuple[list[int], dict[int, list[int]]]:
-    """Kept-count per Split/Slice chunk and the chunks of each class (as in select.py)."""
-    left: list[int] = []
-    chunks_of: dict[int, list[int]] = {}
-    seen: set[tuple[int, ...]] = set()
-    for g in groups:
-        if not g.prunable:
-            continue
-        for chunk in g.keep_any:
-            key = tuple(int(c) for c in chunk)
-            if key not in seen:
-                seen.add(key)
-                for c in key:
-                    chunks_of.setdefault(c, []).append(len(left))
-                left.append(len(key))
-    return left, chunks_of
-
-
 def sweep(ctx: Context, groups: list[Group], alpha: float, p_values: list[float] | None = None) -> dict[int, np.ndarray]:
     """Decide every prunable group, outputs first; group id -> removed class roots.  The
     p-values of every keep test on the way are appended to ``p_values``."""
     removed = np.zeros(len(ctx.analysis.roots), dtype=bool)
-    left, chunks_of = _chunks(groups)
+    chunks = ChunkGuard(g for g in groups if g.prunable)
     out: dict[int, np.ndarray] = {}
     for g in backward_order(ctx, groups):
-        out[g.id] = decide_group(ctx, g, removed, alpha, left, chunks_of, p_values)
+        out[g.id] = decide_group(ctx, g, removed, alpha, chunks, p_values)
     return out
 
 

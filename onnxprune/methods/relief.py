@@ -56,6 +56,7 @@ import onnx_ir as ir
 
 from .._graph import attr_int, attr_ints, attr_str, const_array, dims, replace_const
 from ..calibrate import StatRequest, Statistics
+from ..chunks import ChunkGuard
 from ..compensate import KEEP_ZEROS, ZEROED
 from ..consumers import ConsumerView
 from ..errors import InputError
@@ -523,17 +524,7 @@ def _limited(groups: list[Group], remove: np.ndarray, importance: np.ndarray, mi
     """Group id -> the classes of ``remove``, least important first, while the group keeps
     ``max(1, min_keep)`` classes and every Split/Slice chunk keeps one (as select.py does)."""
     todo = [g for g in groups if g.prunable]
-    left: list[int] = []
-    chunks_of: dict[int, list[int]] = {}
-    seen: set[tuple[int, ...]] = set()
-    for g in todo:
-        for chunk in g.keep_any:
-            key = tuple(int(c) for c in chunk)
-            if key not in seen:
-                seen.add(key)
-                for c in key:
-                    chunks_of.setdefault(c, []).append(len(left))
-                left.append(len(key))
+    chunks = ChunkGuard(todo)
     out: dict[int, np.ndarray] = {}
     for g in todo:
         n = len(g.classes)
@@ -545,11 +536,9 @@ def _limited(groups: list[Group], remove: np.ndarray, importance: np.ndarray, mi
             if len(chosen) >= limit:
                 break
             c = int(g.classes[i])
-            ks = chunks_of.get(c, [])
-            if any(left[k] == 1 for k in ks):
-                continue  # the last kept channel of a chunk
-            for k in ks:
-                left[k] -= 1
+            if chunks.last_of_chunk(c):
+                continue
+            chunks.remove(c)
             chosen.append(c)
         out[g.id] = np.sort(np.array(chosen, dtype=np.int64))
     return out
