@@ -37,7 +37,7 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
-from .calibrate import Statistics
+from .calibrate import GramKey, InputRef, Statistics
 from ._graph import const_array
 from .compensate import _taps, enough_rows, ridged, rows_to_weight, weight_rows
 from .data import samples_in, take_samples
@@ -262,7 +262,7 @@ def _sites(analysis: Analysis, views: list[ConsumerView], stats: Statistics, com
         if v.value.dtype != ir.DataType.FLOAT or rank < 2 or v.axis not in (1, rank - 1):
             continue
         shape = [c] + [1] * (rank - 1 - v.axis)
-        gram = stats.extra.get(f"lstsq:{i}") if compensate == "lstsq" else None
+        gram = stats.extra.get(GramKey(InputRef.of(v))) if compensate == "lstsq" else None
         mean = stats.tensors[v.tensor].mean if v.tensor in stats.tensors else np.zeros(c)
         cov, rows = None, 0.0
         if gram is not None and not gram.empty:

@@ -22,7 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ._graph import const_array, new_initializer, replace_const
-from .calibrate import Statistics
+from .calibrate import GramKey, InputRef, Statistics
 from .consumers import consumer_views
 from .gram import solve_spd
 from .groups import Analysis
@@ -226,12 +226,12 @@ def lstsq_requests(analysis: Analysis) -> list:
     from .gram import ChannelGram, PatchGram
 
     out = []
-    for i, view in enumerate(consumer_views(analysis)):
+    for view in consumer_views(analysis):
         kind = _lstsq_kind(view)
         if kind == "rows":
-            out.append(StatRequest(f"lstsq:{i}", view.value, lambda a=view.axis: ChannelGram(a, shards=1, buffer=GRAM_BUFFER)))
+            out.append(StatRequest(GramKey(InputRef.of(view)), view.value, lambda a=view.axis: ChannelGram(a, shards=1, buffer=GRAM_BUFFER)))
         elif kind == "patch":
-            out.append(StatRequest(f"lstsq:{i}", view.value, lambda n=view.node: PatchGram(n, shards=1, buffer=GRAM_BUFFER)))
+            out.append(StatRequest(GramKey(InputRef.of(view)), view.value, lambda n=view.node: PatchGram(n, shards=1, buffer=GRAM_BUFFER)))
     return out
 
 
@@ -262,11 +262,11 @@ def lstsq_refits(analysis: Analysis, stats: Statistics, removed: np.ndarray) -> 
     out_atoms = {id(e.node): e.atoms for e in analysis.edits if isinstance(e, SliceParam) and e.role == "weight_out"}
     refits: list[Refit] = []
     fallback: dict[int, BiasDelta] = {}
-    for i, view in enumerate(consumer_views(analysis)):
+    for view in consumer_views(analysis):
         drop = gone[analysis.roots[view.atoms]]
         if not loses_inputs(view, drop):
             continue
-        gram = stats.extra.get(f"lstsq:{i}")
+        gram = stats.extra.get(GramKey(InputRef.of(view)))
         node = view.node
         if (gram is None or gram.empty or not enough_rows(gram.total()[2], int((~drop).sum()) * _taps(view))
                 or holds_zeros(node, view.weight())):

@@ -117,7 +117,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .._graph import attr_int, node_label
-from ..calibrate import Statistics, StatRequest
+from ..calibrate import InputRef, MethodKey, Statistics, StatRequest
 from ..chunks import ChunkGuard
 from ..consumers import ConsumerView
 from ..errors import InputError
@@ -143,7 +143,8 @@ MLP_HIDDEN = 16
 MLP_ITERS = 150
 MLP_DECAY = 1e-4
 
-KEY = "mipp:"
+KEY = "mipp"  # MethodKey(KEY, view): a consumer's Gram or row reservoir
+REPORT = MethodKey(KEY)  # Statistics.derived: the report of this run's own selection
 
 
 @contextlib.contextmanager
@@ -228,10 +229,9 @@ def graph_positions(analysis: Analysis) -> dict[int, int]:
     return {id(n): i for i, n in enumerate(analysis.model.graph)}
 
 
-def request_key(pos: dict[int, int], view: ConsumerView) -> str:
-    """Key of a consumer's statistics in ``Statistics.extra`` (graph position + tensor:
-    node names may be empty, and two consumers may read one tensor)."""
-    return f"{KEY}{pos[id(view.node)]}:{view.tensor}"
+def request_key(view: ConsumerView) -> MethodKey:
+    """Key of a consumer's statistics in ``Statistics.extra``."""
+    return MethodKey(KEY, InputRef.of(view))
 
 
 # ----------------------------------------------------------------------------- accumulators
@@ -787,9 +787,8 @@ def build_context(analysis: Analysis, stats: Statistics, views: list[ConsumerVie
     _check_estimates(opts)
     items = []
     estimates: set[int] = set()
-    pos = graph_positions(analysis)
     for view in views:
-        acc = stats.extra.get(request_key(pos, view)) if stats is not None else None
+        acc = stats.extra.get(request_key(view)) if stats is not None else None
         if acc is None:
             continue
         mlp = isinstance(acc, (PatchReservoir, RowReservoir))
@@ -811,7 +810,7 @@ def build_context(analysis: Analysis, stats: Statistics, views: list[ConsumerVie
             "give more samples or a smaller --batch-size"
         )
     out_atoms = {id(e.node): e.atoms for e in analysis.edits if isinstance(e, SliceParam) and e.role == "weight_out"}
-    return Context(analysis, opts, items, out_atoms, pos, estimates=min(estimates) if estimates else opts.mi_estimates)
+    return Context(analysis, opts, items, out_atoms, graph_positions(analysis), estimates=min(estimates) if estimates else opts.mi_estimates)
 
 
 def backward_order(ctx: Context, groups: list[Group]) -> list[Group]:
@@ -908,17 +907,13 @@ class Mipp(Method):
 
     name = "mipp"
 
-    def __init__(self) -> None:
-        self._report: tuple[int, dict] | None = None
-
     def requests(self, analysis: Analysis, views: list[ConsumerView], opts: MethodOptions) -> list[StatRequest]:
         _check_estimates(opts)
         out = []
         mlp = opts.mi_estimator == "mlp"
-        pos = graph_positions(analysis)
         for view in views:
             geo = geometry(view, patches=mlp)
-            key = request_key(pos, view)
+            key = request_key(view)
             node = view.node
             if mlp:
                 c, o = len(view.atoms), int(geo.weight.shape[0])
@@ -963,7 +958,7 @@ class Mipp(Method):
         with _one_blas_thread():
             ctx = build_context(analysis, stats, views, opts)
             sel = sweep(ctx, groups, 1.0 - x)
-        self._remember(analysis, groups, sel, x, math.log10(1.0 - x) if x < 1 else -math.inf, ctx, "confidence")
+        _remember(stats, groups, sel, x, math.log10(1.0 - x) if x < 1 else -math.inf, ctx, "confidence")
         return sel
 
     def select_budget(self, analysis: Analysis, stats: Statistics, views: list[ConsumerView], opts: MethodOptions,
@@ -997,29 +992,32 @@ class Mipp(Method):
                 else:
                     hi = mid
         x = 1.0 - 10.0**best_a
-        self._remember(analysis, groups, best, x, best_a, ctx, "budget")
-        self._report[1]["mipp"]["sweeps"] = run.sweeps
+        _remember(stats, groups, best, x, best_a, ctx, "budget")["mipp"]["sweeps"] = run.sweeps
         return best, x
 
     def pre_rewrite(self, analysis: Analysis, stats: Statistics, views: list[ConsumerView], opts: MethodOptions,
                     removed: np.ndarray) -> dict | None:
-        if self._report is not None and self._report[0] == id(analysis):
-            return self._report[1]
-        return None
+        """The report of this run's own selection (confidence rule or budget), if it made one."""
+        return None if stats is None else stats.derived.get(REPORT)
 
-    def _remember(self, analysis: Analysis, groups: list[Group], sel: dict[int, np.ndarray], x: float,
-                  log_alpha: float, ctx: Context, how: str) -> None:
-        self._report = (id(analysis), {
-            "mipp": {
-                "estimator": ctx.opts.mi_estimator,
-                "estimates": ctx.estimates,
-                "confidence": x,
-                "log10_alpha": log_alpha,
-                "chosen_by": how,
-                "kept": {str(g.id): [int(len(g.classes) - len(sel.get(g.id, ()))), len(g.classes)]
-                         for g in groups if g.prunable},
-            }
-        })
+
+def _remember(stats: Statistics | None, groups: list[Group], sel: dict[int, np.ndarray], x: float, log_alpha: float,
+              ctx: Context, how: str) -> dict:
+    """Keep the report of a selection with the run's statistics, for ``pre_rewrite``; returns it."""
+    report = {
+        "mipp": {
+            "estimator": ctx.opts.mi_estimator,
+            "estimates": ctx.estimates,
+            "confidence": x,
+            "log10_alpha": log_alpha,
+            "chosen_by": how,
+            "kept": {str(g.id): [int(len(g.classes) - len(sel.get(g.id, ()))), len(g.classes)]
+                     for g in groups if g.prunable},
+        }
+    }
+    if stats is not None:
+        stats.derived[REPORT] = report
+    return report
 
 
 register(Mipp())
