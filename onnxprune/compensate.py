@@ -16,12 +16,13 @@ sliced like the consumer's own outputs when those are pruned too.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
-from ._graph import const_array, new_initializer, replace_const
+from ._graph import _unique_name, const_array, new_initializer, replace_const
 from .calibrate import GramKey, InputRef, Statistics
 from .consumers import consumer_views
 from .gram import solve_spd
@@ -91,7 +92,9 @@ def _new_input(node: ir.Node, index: int, array: np.ndarray, graph: ir.Graph) ->
 def _append_add(node: ir.Node, delta: np.ndarray, graph: ir.Graph) -> None:
     out = node.outputs[0]
     bias = new_initializer(graph, f"{node.name or 'matmul'}_bias", delta)
-    add = ir.Node("", "Add", [out, bias], name=f"{node.name or 'matmul'}_bias_add", num_outputs=1)
+    # Names a MatMul's Add from an earlier round (--steps reloads the file) has are not reused.
+    add_name = _free(f"{node.name or 'matmul'}_bias_add", {n.name for n in graph})
+    add = ir.Node("", "Add", [out, bias], name=add_name, num_outputs=1)
     result = add.outputs[0]
     result.dtype = out.dtype
     # Readers of the MatMul now read MatMul + delta; a graph output keeps its name.
@@ -100,13 +103,21 @@ def _append_add(node: ir.Node, delta: np.ndarray, graph: ir.Graph) -> None:
     for use in list(out.uses()):
         use.node.replace_input_with(use.idx, result)
     if is_output:
-        out.name = f"{old_name}_before_bias"
+        out.name = _unique_name(graph, f"{old_name}_before_bias")
         result.name = old_name
         graph.outputs[graph.outputs.index(out)] = result
     else:
-        result.name = f"{old_name}_biased"
+        result.name = _unique_name(graph, f"{old_name}_biased")
     add.replace_input_with(0, out)
     graph.insert_after(node, add)
+
+
+def _free(base: str, taken: set[str]) -> str:
+    """``base``, or ``base_k`` with the first ``k`` that is not ``taken``."""
+    name, k = base, 1
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    return name
 
 
 # ----------------------------------------------------------------------------- lstsq
@@ -340,9 +351,10 @@ def write_consumer(node: ir.Node, weight: np.ndarray, bias: np.ndarray, graph: i
 
 
 def bias_add(node: ir.Node) -> ir.Node | None:
-    """The ``Add`` onnxprune appended to a MatMul for its compensation bias, if any."""
+    """The ``Add`` onnxprune appended last to a MatMul for its compensation bias, if any
+    (named by :func:`_append_add`: ``…_bias_add``, ``…_bias_add_1`` after an earlier round's)."""
     for use in node.outputs[0].uses():
         reader = use.node
-        if reader.op_type == "Add" and reader.name and reader.name.endswith("_bias_add") and use.idx == 0:
+        if reader.op_type == "Add" and use.idx == 0 and re.search(r"_bias_add(_\d+)?$", reader.name or ""):
             return reader
     return None
