@@ -37,7 +37,7 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
-from .calibrate import Statistics
+from .calibrate import GramKey, InputRef, Statistics
 from ._graph import const_array
 from .compensate import _taps, enough_rows, ridged, rows_to_weight, weight_rows
 from .data import samples_in, take_samples
@@ -45,6 +45,7 @@ from .consumers import ConsumerView, consumer_views
 from .groups import Analysis, Group
 from . import _ort
 from .segments import SegmentPass, const_cone, node_reads, session_from_view, view_bytes, with_cone
+from .temporary import temporary_changes
 from .select import choose, round_for
 
 LADDER = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)  # removed shares probed per group
@@ -150,32 +151,26 @@ class _Tails:
         f32 = ir.TensorType(ir.DataType.FLOAT)
         added: dict[int, list[ir.Node]] = {}
         params: list[ir.Value] = []
-        swapped = []
-        for s in sites:
-            node = s.view.node
-            m = ir.Value(name=f"{s.name}_m", shape=ir.Shape(s.shape), type=f32)
-            cb = ir.Value(name=f"{s.name}_c", shape=ir.Shape(s.shape), type=f32)
-            mul = ir.node("Mul", [s.view.value, m])
-            add = ir.node("Add", [mul.outputs[0], cb])
-            mul.outputs[0].name, add.outputs[0].name = f"{s.name}_mul", f"{s.name}_out"  # detached: unnamed
-            added.setdefault(id(node), []).extend([mul, add])
-            params += [m, cb]
-            swapped.append((node, 0, s.view.value))
-            node.replace_input_with(0, add.outputs[0])
-            if s.mixes:
-                w = node.inputs[1]
-                fed = ir.Value(name=f"{s.name}_w", shape=ir.Shape(list(w.shape)), type=w.type)
-                params.append(fed)
-                swapped.append((node, 1, w))
-                node.replace_input_with(1, fed)
-        ordered = [m for n in nodes for m in added.get(id(n), []) + [n]]
-        produced = {id(o) for n in nodes for o in n.outputs}
-        self.outputs = [o for o in self.graph.outputs if id(o) in produced]
-        try:
+        with temporary_changes(self.graph) as changes:
+            for s in sites:
+                node = s.view.node
+                m = ir.Value(name=f"{s.name}_m", shape=ir.Shape(s.shape), type=f32)
+                cb = ir.Value(name=f"{s.name}_c", shape=ir.Shape(s.shape), type=f32)
+                mul = ir.node("Mul", [s.view.value, m])
+                add = ir.node("Add", [mul.outputs[0], cb])
+                mul.outputs[0].name, add.outputs[0].name = f"{s.name}_mul", f"{s.name}_out"  # detached: unnamed
+                added.setdefault(id(node), []).extend([mul, add])
+                params += [m, cb]
+                changes.swap_input(node, 0, add.outputs[0])
+                if s.mixes:
+                    w = node.inputs[1]
+                    fed = ir.Value(name=f"{s.name}_w", shape=ir.Shape(list(w.shape)), type=w.type)
+                    params.append(fed)
+                    changes.swap_input(node, 1, fed)
+            ordered = [m for n in nodes for m in added.get(id(n), []) + [n]]
+            produced = {id(o) for n in nodes for o in n.outputs}
+            self.outputs = [o for o in self.graph.outputs if id(o) in produced]
             return view_bytes(self.model, frontier + params, self.outputs, ordered)
-        finally:
-            for node, index, value in swapped:
-                node.replace_input_with(index, value)
 
     def damages_fn(self, sites: list[_Site], analysis: Analysis, compensate: str, later: list[str]):
         """``removals -> damages`` for a group whose consumers are ``sites``: per removal,
@@ -267,7 +262,7 @@ def _sites(analysis: Analysis, views: list[ConsumerView], stats: Statistics, com
         if v.value.dtype != ir.DataType.FLOAT or rank < 2 or v.axis not in (1, rank - 1):
             continue
         shape = [c] + [1] * (rank - 1 - v.axis)
-        gram = stats.extra.get(f"lstsq:{i}") if compensate == "lstsq" else None
+        gram = stats.extra.get(GramKey(InputRef.of(v))) if compensate == "lstsq" else None
         mean = stats.tensors[v.tensor].mean if v.tensor in stats.tensors else np.zeros(c)
         cov, rows = None, 0.0
         if gram is not None and not gram.empty:

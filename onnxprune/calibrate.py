@@ -23,7 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from typing import Any, Callable, Hashable, Iterable, Iterator, Protocol
 
 import numpy as np
 import onnx_ir as ir
@@ -31,6 +31,7 @@ import onnx_ir as ir
 from . import _ort
 from .data import Sample, samples_in, take_samples
 from .errors import InputError
+from .temporary import temporary_changes
 
 
 STATISTICS = ("sum", "sumsq", "sumabs", "nonpos")  # what TensorStats can gather
@@ -204,11 +205,44 @@ class Accumulator(Protocol):
     def merge(self, other: Any) -> Any: ...
 
 
+@dataclass(frozen=True)
+class InputRef:
+    """One consumer's input, the same in every pass and process: the name of the consumer's
+    first output (tensor names are unique in a graph; node names need not be) and the
+    input it reads.  Unlike a position in a list of consumers, it survives any reordering."""
+
+    consumer: str
+    index: int = 0
+
+    @classmethod
+    def of(cls, view: Any) -> "InputRef":
+        """The input a :class:`~onnxprune.consumers.ConsumerView` reads (input 0)."""
+        return cls(view.node.outputs[0].name, 0)
+
+
+@dataclass(frozen=True)
+class GramKey:
+    """The least-squares Gram statistics of one consumer input (compensate, allocate, obs)."""
+
+    view: InputRef
+
+
+@dataclass(frozen=True)
+class MethodKey:
+    """A method's own statistic, of one consumer input (``view``) or of one tensor (``tensor``)."""
+
+    method: str
+    view: InputRef | None = None
+    tensor: str | None = None
+
+
 @dataclass
 class StatRequest:
-    """Ask the calibrate stage for ``factory()`` fed with every batch of ``value``."""
+    """Ask the calibrate stage for ``factory()`` fed with every batch of ``value``, kept in
+    ``Statistics.extra`` under ``key`` (a :class:`GramKey`, a :class:`MethodKey`, or any
+    hashable a caller of :func:`calibrate` chooses)."""
 
-    key: str
+    key: Hashable
     value: ir.Value
     factory: Callable[[], Accumulator]
 
@@ -222,8 +256,12 @@ class Statistics:
     samples: int = 0
     seconds: float = 0.0
     runs_per_batch: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[Hashable, Any] = field(default_factory=dict)  # StatRequest.key -> its accumulator
     kept: list[Sample] = field(default_factory=list)  # the first samples calibrated on (``calibrate(keep=)``)
+    # What a method derives from these statistics during the run that gathered them (relief's
+    # scores, mipp's report of its selection), shared by its hooks: it lives and dies with
+    # the run, where a method object is one for the whole process.  A merge starts it empty.
+    derived: dict[Hashable, Any] = field(default_factory=dict, repr=False)
 
     def merge(self, other: "Statistics") -> "Statistics":
         def join(x: dict, y: dict) -> dict:
@@ -368,15 +406,11 @@ def instrumented_model_path(
             node.outputs[0].name = name
             nodes.append(node)
             added.append(node.outputs[0])
-    graph.extend(nodes)
-    graph.outputs.extend(added)
-    try:
+    with temporary_changes(graph) as changes:
+        changes.add_nodes(nodes)
+        changes.add_outputs(added)
         path = folder / "instrumented.onnx"
         ir.save(model, path, external_data="instrumented.onnx.data")
-    finally:
-        for v in added:
-            graph.outputs.remove(v)
-        graph.remove(nodes, safe=True)
     return path
 
 
@@ -391,7 +425,7 @@ class CollectPlan:
     reduced: dict[str, dict[str, str]]  # tensor onnxruntime reduces -> statistic -> output name
     spatial: dict[str, int | None]  # reduced tensor -> elements behind one channel, when static
     fetched: list[tuple[str, int, bool]]  # (name, inferred bytes per sample, whether that is exact)
-    accumulators: dict[str, list[tuple[str, Any]]]  # tensor -> (key, empty accumulator)
+    accumulators: dict[str, list[tuple[Hashable, Any]]]  # tensor -> (key, empty accumulator)
     statistics: tuple[str, ...]
     batch_size: int
     memory_budget: int
@@ -407,7 +441,7 @@ def plan_collect(
     for r in requests:
         if r.value.name not in tensors and r.value not in values:
             values.append(r.value)
-    accumulators: dict[str, list[tuple[str, Any]]] = {}
+    accumulators: dict[str, list[tuple[Hashable, Any]]] = {}
     for r in requests:
         accumulators.setdefault(r.value.name, []).append((r.key, r.factory()))
     gathered = _statistics(statistics)

@@ -16,13 +16,14 @@ sliced like the consumer's own outputs when those are pruned too.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
-from ._graph import const_array, new_initializer, replace_const
-from .calibrate import Statistics
+from ._graph import _unique_name, const_array, new_initializer, replace_const
+from .calibrate import GramKey, InputRef, Statistics
 from .consumers import consumer_views
 from .gram import solve_spd
 from .groups import Analysis
@@ -91,7 +92,9 @@ def _new_input(node: ir.Node, index: int, array: np.ndarray, graph: ir.Graph) ->
 def _append_add(node: ir.Node, delta: np.ndarray, graph: ir.Graph) -> None:
     out = node.outputs[0]
     bias = new_initializer(graph, f"{node.name or 'matmul'}_bias", delta)
-    add = ir.Node("", "Add", [out, bias], name=f"{node.name or 'matmul'}_bias_add", num_outputs=1)
+    # Names a MatMul's Add from an earlier round (--steps reloads the file) has are not reused.
+    add_name = _free(f"{node.name or 'matmul'}_bias_add", {n.name for n in graph})
+    add = ir.Node("", "Add", [out, bias], name=add_name, num_outputs=1)
     result = add.outputs[0]
     result.dtype = out.dtype
     # Readers of the MatMul now read MatMul + delta; a graph output keeps its name.
@@ -100,13 +103,21 @@ def _append_add(node: ir.Node, delta: np.ndarray, graph: ir.Graph) -> None:
     for use in list(out.uses()):
         use.node.replace_input_with(use.idx, result)
     if is_output:
-        out.name = f"{old_name}_before_bias"
+        out.name = _unique_name(graph, f"{old_name}_before_bias")
         result.name = old_name
         graph.outputs[graph.outputs.index(out)] = result
     else:
-        result.name = f"{old_name}_biased"
+        result.name = _unique_name(graph, f"{old_name}_biased")
     add.replace_input_with(0, out)
     graph.insert_after(node, add)
+
+
+def _free(base: str, taken: set[str]) -> str:
+    """``base``, or ``base_k`` with the first ``k`` that is not ``taken``."""
+    name, k = base, 1
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    return name
 
 
 # ----------------------------------------------------------------------------- lstsq
@@ -226,12 +237,12 @@ def lstsq_requests(analysis: Analysis) -> list:
     from .gram import ChannelGram, PatchGram
 
     out = []
-    for i, view in enumerate(consumer_views(analysis)):
+    for view in consumer_views(analysis):
         kind = _lstsq_kind(view)
         if kind == "rows":
-            out.append(StatRequest(f"lstsq:{i}", view.value, lambda a=view.axis: ChannelGram(a, shards=1, buffer=GRAM_BUFFER)))
+            out.append(StatRequest(GramKey(InputRef.of(view)), view.value, lambda a=view.axis: ChannelGram(a, shards=1, buffer=GRAM_BUFFER)))
         elif kind == "patch":
-            out.append(StatRequest(f"lstsq:{i}", view.value, lambda n=view.node: PatchGram(n, shards=1, buffer=GRAM_BUFFER)))
+            out.append(StatRequest(GramKey(InputRef.of(view)), view.value, lambda n=view.node: PatchGram(n, shards=1, buffer=GRAM_BUFFER)))
     return out
 
 
@@ -262,11 +273,11 @@ def lstsq_refits(analysis: Analysis, stats: Statistics, removed: np.ndarray) -> 
     out_atoms = {id(e.node): e.atoms for e in analysis.edits if isinstance(e, SliceParam) and e.role == "weight_out"}
     refits: list[Refit] = []
     fallback: dict[int, BiasDelta] = {}
-    for i, view in enumerate(consumer_views(analysis)):
+    for view in consumer_views(analysis):
         drop = gone[analysis.roots[view.atoms]]
         if not loses_inputs(view, drop):
             continue
-        gram = stats.extra.get(f"lstsq:{i}")
+        gram = stats.extra.get(GramKey(InputRef.of(view)))
         node = view.node
         if (gram is None or gram.empty or not enough_rows(gram.total()[2], int((~drop).sum()) * _taps(view))
                 or holds_zeros(node, view.weight())):
@@ -310,18 +321,40 @@ def apply_refits(analysis: Analysis, refits: list[Refit], removed: np.ndarray) -
     keep = keep_function(analysis, removed)
     graph = analysis.model.graph
     for r in refits:
-        node = r.node
-        dtype = const_array(node.inputs[1]).dtype
         rows = slice(None) if r.out_atoms is None else keep(r.out_atoms)
         weight = np.compress(rows, r.weight, axis=r.out_axis) if r.out_atoms is not None else r.weight
-        bias = r.bias[rows]
-        replace_const(node, 1, np.ascontiguousarray(weight.astype(dtype)), graph)
-        if node.op_type == "MatMul":
-            old = 0.0
-            _append_add(node, (bias - old).astype(dtype), graph)
-        elif len(node.inputs) > 2 and node.inputs[2] is not None:
-            current = const_array(node.inputs[2])
-            replace_const(node, 2, np.broadcast_to(bias.astype(current.dtype), np.broadcast_shapes(current.shape, bias.shape)).copy(), graph)
+        # A MatMul's bias Add is new: one a previous --steps round appended stays as it is.
+        write_consumer(r.node, weight, r.bias[rows], graph, fresh_add=True)
+
+
+def write_consumer(node: ir.Node, weight: np.ndarray, bias: np.ndarray, graph: ir.Graph, *, fresh_add: bool) -> None:
+    """Write a consumer's compensated weight (in its own layout, kept outputs only) and bias
+    (one per kept output) into the pruned graph, in the weight's dtype: the one writer of
+    refitted weights (:func:`apply_refits`, :mod:`onnxprune.reconstruct`).  A MatMul has no
+    bias input: its bias goes into an ``Add`` after it, a new one (``fresh_add``) or the one
+    this round's compensation appended (:func:`bias_add`; a new one when there is none)."""
+    dtype = const_array(node.inputs[1]).dtype
+    replace_const(node, 1, np.ascontiguousarray(weight.astype(dtype)), graph)
+    if node.op_type == "MatMul":
+        add = None if fresh_add else bias_add(node)
+        if add is not None:
+            replace_const(add, 1, bias.astype(dtype), graph)
         else:
-            node.resize_inputs(3)
-            _new_input(node, 2, bias.astype(dtype), graph)
+            _append_add(node, bias.astype(dtype), graph)
+    elif len(node.inputs) > 2 and node.inputs[2] is not None:
+        current = const_array(node.inputs[2])
+        shape = np.broadcast_shapes(current.shape, bias.shape)  # a Gemm's C keeps its rank
+        replace_const(node, 2, np.broadcast_to(bias.astype(current.dtype), shape).copy(), graph)
+    else:
+        node.resize_inputs(3)
+        _new_input(node, 2, bias.astype(dtype), graph)
+
+
+def bias_add(node: ir.Node) -> ir.Node | None:
+    """The ``Add`` onnxprune appended last to a MatMul for its compensation bias, if any
+    (named by :func:`_append_add`: ``…_bias_add``, ``…_bias_add_1`` after an earlier round's)."""
+    for use in node.outputs[0].uses():
+        reader = use.node
+        if reader.op_type == "Add" and use.idx == 0 and re.search(r"_bias_add(_\d+)?$", reader.name or ""):
+            return reader
+    return None

@@ -43,9 +43,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from ._graph import const_array, replace_const
+from ._graph import const_array
 from .calibrate import SHARD_BLOCK
-from .compensate import ZEROED, _append_add, _lstsq_kind, _new_input, holds_zeros, loses_inputs, rows_to_weight, weight_rows
+from .compensate import ZEROED, _lstsq_kind, holds_zeros, loses_inputs, rows_to_weight, weight_rows, write_consumer
 from .consumers import consumer_views
 from .data import Sample, samples_in
 from .errors import InputError
@@ -656,32 +656,7 @@ def _all_values(graph: ir.Graph):
 
 
 def _write(t: RefitTarget, w_new: np.ndarray, b_new: np.ndarray, graph: ir.Graph) -> None:
-    """Write ``W'``, ``b'`` into the pruned consumer, in its weight layout."""
-    node = t.node
-    old = const_array(node.inputs[1])
-    dtype = old.dtype
-    weight = rows_to_weight(node, w_new, old.shape)
-    replace_const(node, 1, np.ascontiguousarray(weight.astype(dtype)), graph)
-    bias = b_new.astype(dtype)
-    if node.op_type == "MatMul":
-        add = _bias_add(node)
-        if add is not None:
-            replace_const(add, 1, bias, graph)
-        else:
-            _append_add(node, bias, graph)
-    elif len(node.inputs) > 2 and node.inputs[2] is not None:
-        current = const_array(node.inputs[2])
-        replace_const(node, 2, np.broadcast_to(bias.astype(current.dtype), current.shape if current.size == bias.size else bias.shape).copy(), graph)
-    else:
-        node.resize_inputs(3)
-        _new_input(node, 2, bias, graph)
-
-
-def _bias_add(node: ir.Node) -> ir.Node | None:
-    """The ``Add`` onnxprune appended to a MatMul for its compensation bias, if any."""
-    for use in node.outputs[0].uses():
-        reader = use.node
-        if reader.op_type == "Add" and reader.name and reader.name.endswith("_bias_add") and use.idx == 0:
-            return reader
-    return None
-
+    """Write ``W'``, ``b'`` into the pruned consumer, in its weight layout (a MatMul's bias
+    goes into the ``Add`` the first refit or the bias compensation appended)."""
+    shape = const_array(t.node.inputs[1]).shape
+    write_consumer(t.node, rows_to_weight(t.node, w_new, shape), b_new, graph, fresh_add=False)

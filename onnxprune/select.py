@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 
+from .chunks import ChunkGuard
 from .groups import Group
 
 # Kept Conv widths keep the alignment they had, up to 16: onnxruntime's CPU Convs run in
@@ -93,20 +94,7 @@ def choose(
     for g in todo:  # channels dead on the calibration data are always removed
         want[g.id] = max(want.get(g.id, 0), int(np.isneginf(scores[g.id]).sum()))
 
-    # How many classes of each Split/Slice chunk (Group.keep_any) are still kept: the last
-    # one of a chunk is skipped, so no chunk ever becomes an empty tensor.  Chunks may span
-    # groups, so the count is shared by all of them.
-    left: list[int] = []
-    chunks_of: dict[int, list[int]] = {}
-    seen: set[tuple[int, ...]] = set()
-    for g in todo:
-        for chunk in g.keep_any:
-            key = tuple(int(c) for c in chunk)
-            if key not in seen:
-                seen.add(key)
-                for c in key:
-                    chunks_of.setdefault(c, []).append(len(left))
-                left.append(len(key))
+    chunks = ChunkGuard(todo)  # the last kept class of a Split/Slice chunk is skipped
 
     removed: dict[int, np.ndarray] = {}
     for g in todo:
@@ -118,11 +106,9 @@ def choose(
             if len(chosen) == n - keep:
                 break
             c = int(g.classes[i])
-            ks = chunks_of.get(c, [])
-            if any(left[k] == 1 for k in ks):
-                continue  # the last kept channel of a chunk
-            for k in ks:
-                left[k] -= 1
+            if chunks.last_of_chunk(c):
+                continue
+            chunks.remove(c)
             chosen.append(c)
         removed[g.id] = np.sort(np.array(chosen, dtype=np.int64))
     return removed

@@ -8,6 +8,7 @@ import numpy as np
 
 import onnxprune
 from builders import G, calibrated, save
+from onnxprune.calibrate import GramKey, InputRef
 from onnxprune.compensate import LSTSQ_RIDGE
 from onnxprune.criteria import score_groups
 
@@ -49,7 +50,7 @@ def test_gemm_order_matches_the_brute_force_and_a_dependent_channel_goes_first(t
     scores = score_groups(analysis, "obs", stats=stats)[group.id]
     order = [int(i) for i in np.argsort(scores, kind="stable")]
     (i,) = [k for k, v in enumerate(views) if v.node.name == "fc2"]
-    gram = stats.extra[f"lstsq:{i}"]
+    gram = stats.extra[GramKey(InputRef.of(views[i]))]
     blocks = [np.array([k]) for k in range(6)]
     assert order == _brute_order(w2.astype(np.float64), gram.covariance(), blocks)
     assert order[0] in (0, 1, 5)  # any one of the three dependent channels costs nothing
@@ -66,7 +67,7 @@ def test_conv_order_uses_whole_kernel_blocks(tmp_path):
     scores = score_groups(analysis, "obs", stats=stats)[group.id]
     order = [int(i) for i in np.argsort(scores, kind="stable")]
     (i,) = [k for k, v in enumerate(views) if v.node.name == "c2"]
-    gram = stats.extra[f"lstsq:{i}"]
+    gram = stats.extra[GramKey(InputRef.of(views[i]))]
     w = views[i].weight().reshape(4, -1)
     blocks = [np.arange(9) + 9 * k for k in range(5)]
     assert order == _brute_order(w, gram.covariance(), blocks)

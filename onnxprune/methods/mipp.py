@@ -117,7 +117,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .._graph import attr_int, node_label
-from ..calibrate import Statistics, StatRequest
+from ..calibrate import InputRef, MethodKey, Statistics, StatRequest
+from ..chunks import ChunkGuard
 from ..consumers import ConsumerView
 from ..errors import InputError
 from ..gram import ChannelGram, PatchGram
@@ -142,7 +143,8 @@ MLP_HIDDEN = 16
 MLP_ITERS = 150
 MLP_DECAY = 1e-4
 
-KEY = "mipp:"
+KEY = "mipp"  # MethodKey(KEY, view): a consumer's Gram or row reservoir
+REPORT = MethodKey(KEY)  # Statistics.derived: the report of this run's own selection
 
 
 @contextlib.contextmanager
@@ -227,10 +229,9 @@ def graph_positions(analysis: Analysis) -> dict[int, int]:
     return {id(n): i for i, n in enumerate(analysis.model.graph)}
 
 
-def request_key(pos: dict[int, int], view: ConsumerView) -> str:
-    """Key of a consumer's statistics in ``Statistics.extra`` (graph position + tensor:
-    node names may be empty, and two consumers may read one tensor)."""
-    return f"{KEY}{pos[id(view.node)]}:{view.tensor}"
+def request_key(view: ConsumerView) -> MethodKey:
+    """Key of a consumer's statistics in ``Statistics.extra``."""
+    return MethodKey(KEY, InputRef.of(view))
 
 
 # ----------------------------------------------------------------------------- accumulators
@@ -786,9 +787,8 @@ def build_context(analysis: Analysis, stats: Statistics, views: list[ConsumerVie
     _check_estimates(opts)
     items = []
     estimates: set[int] = set()
-    pos = graph_positions(analysis)
     for view in views:
-        acc = stats.extra.get(request_key(pos, view)) if stats is not None else None
+        acc = stats.extra.get(request_key(view)) if stats is not None else None
         if acc is None:
             continue
         mlp = isinstance(acc, (PatchReservoir, RowReservoir))
@@ -810,7 +810,7 @@ def build_context(analysis: Analysis, stats: Statistics, views: list[ConsumerVie
             "give more samples or a smaller --batch-size"
         )
     out_atoms = {id(e.node): e.atoms for e in analysis.edits if isinstance(e, SliceParam) and e.role == "weight_out"}
-    return Context(analysis, opts, items, out_atoms, pos, estimates=min(estimates) if estimates else opts.mi_estimates)
+    return Context(analysis, opts, items, out_atoms, graph_positions(analysis), estimates=min(estimates) if estimates else opts.mi_estimates)
 
 
 def backward_order(ctx: Context, groups: list[Group]) -> list[Group]:
@@ -820,14 +820,12 @@ def backward_order(ctx: Context, groups: list[Group]) -> list[Group]:
 
 
 def decide_group(ctx: Context, group: Group, removed: np.ndarray, alpha: float,
-                 left: list[int] | None = None, chunks_of: dict[int, list[int]] | None = None,
-                 p_values: list[float] | None = None) -> np.ndarray:
+                 chunks: ChunkGuard | None = None, p_values: list[float] | None = None) -> np.ndarray:
     """TERC on one group: visit its classes from the least informative (single-channel MI
     summed over the consumers that read it) and remove each unless the keep test is
     confident at level ``1 − alpha``.  Updates ``removed`` (a mask over class roots) and
     returns the removed roots; every p-value the test computed is appended to ``p_values``."""
-    left = [] if left is None else left
-    chunks_of = {} if chunks_of is None else chunks_of
+    chunks = ChunkGuard([]) if chunks is None else chunks
     classes = [int(c) for c in group.classes]
     wanted = set(classes)
     consumers = [ctx.consumer(it, removed) for it in ctx.items if wanted.intersection(it.by_class)]
@@ -844,8 +842,7 @@ def decide_group(ctx: Context, group: Group, removed: np.ndarray, alpha: float,
         readers = [c for c in consumers if c.reads(k)]
         if not readers:
             continue  # nothing measures it: keep
-        ks = chunks_of.get(k, [])
-        if any(left[j] == 1 for j in ks):
+        if chunks.last_of_chunk(k):
             continue  # the last kept class of a Split/Slice chunk
         d = np.sum([c.deltas(k) for c in readers], axis=0)
         p = _p_value(d)
@@ -858,40 +855,21 @@ def decide_group(ctx: Context, group: Group, removed: np.ndarray, alpha: float,
         if drop:
             for c in readers:
                 c.commit(k)
-            for j in ks:
-                left[j] -= 1
+            chunks.remove(k)
             removed[k] = True
             gone.append(k)
             kept -= 1
     return np.sort(np.array(gone, dtype=np.int64))
 
 
-def _chunks(groups: list[Group]) -> tuple[list[int], dict[int, list[int]]]:
-    """Kept-count per Split/Slice chunk and the chunks of each class (as in select.py)."""
-    left: list[int] = []
-    chunks_of: dict[int, list[int]] = {}
-    seen: set[tuple[int, ...]] = set()
-    for g in groups:
-        if not g.prunable:
-            continue
-        for chunk in g.keep_any:
-            key = tuple(int(c) for c in chunk)
-            if key not in seen:
-                seen.add(key)
-                for c in key:
-                    chunks_of.setdefault(c, []).append(len(left))
-                left.append(len(key))
-    return left, chunks_of
-
-
 def sweep(ctx: Context, groups: list[Group], alpha: float, p_values: list[float] | None = None) -> dict[int, np.ndarray]:
     """Decide every prunable group, outputs first; group id -> removed class roots.  The
     p-values of every keep test on the way are appended to ``p_values``."""
     removed = np.zeros(len(ctx.analysis.roots), dtype=bool)
-    left, chunks_of = _chunks(groups)
+    chunks = ChunkGuard(g for g in groups if g.prunable)
     out: dict[int, np.ndarray] = {}
     for g in backward_order(ctx, groups):
-        out[g.id] = decide_group(ctx, g, removed, alpha, left, chunks_of, p_values)
+        out[g.id] = decide_group(ctx, g, removed, alpha, chunks, p_values)
     return out
 
 
@@ -929,17 +907,13 @@ class Mipp(Method):
 
     name = "mipp"
 
-    def __init__(self) -> None:
-        self._report: tuple[int, dict] | None = None
-
     def requests(self, analysis: Analysis, views: list[ConsumerView], opts: MethodOptions) -> list[StatRequest]:
         _check_estimates(opts)
         out = []
         mlp = opts.mi_estimator == "mlp"
-        pos = graph_positions(analysis)
         for view in views:
             geo = geometry(view, patches=mlp)
-            key = request_key(pos, view)
+            key = request_key(view)
             node = view.node
             if mlp:
                 c, o = len(view.atoms), int(geo.weight.shape[0])
@@ -984,7 +958,7 @@ class Mipp(Method):
         with _one_blas_thread():
             ctx = build_context(analysis, stats, views, opts)
             sel = sweep(ctx, groups, 1.0 - x)
-        self._remember(analysis, groups, sel, x, math.log10(1.0 - x) if x < 1 else -math.inf, ctx, "confidence")
+        _remember(stats, groups, sel, x, math.log10(1.0 - x) if x < 1 else -math.inf, ctx, "confidence")
         return sel
 
     def select_budget(self, analysis: Analysis, stats: Statistics, views: list[ConsumerView], opts: MethodOptions,
@@ -1018,29 +992,32 @@ class Mipp(Method):
                 else:
                     hi = mid
         x = 1.0 - 10.0**best_a
-        self._remember(analysis, groups, best, x, best_a, ctx, "budget")
-        self._report[1]["mipp"]["sweeps"] = run.sweeps
+        _remember(stats, groups, best, x, best_a, ctx, "budget")["mipp"]["sweeps"] = run.sweeps
         return best, x
 
     def pre_rewrite(self, analysis: Analysis, stats: Statistics, views: list[ConsumerView], opts: MethodOptions,
                     removed: np.ndarray) -> dict | None:
-        if self._report is not None and self._report[0] == id(analysis):
-            return self._report[1]
-        return None
+        """The report of this run's own selection (confidence rule or budget), if it made one."""
+        return None if stats is None else stats.derived.get(REPORT)
 
-    def _remember(self, analysis: Analysis, groups: list[Group], sel: dict[int, np.ndarray], x: float,
-                  log_alpha: float, ctx: Context, how: str) -> None:
-        self._report = (id(analysis), {
-            "mipp": {
-                "estimator": ctx.opts.mi_estimator,
-                "estimates": ctx.estimates,
-                "confidence": x,
-                "log10_alpha": log_alpha,
-                "chosen_by": how,
-                "kept": {str(g.id): [int(len(g.classes) - len(sel.get(g.id, ()))), len(g.classes)]
-                         for g in groups if g.prunable},
-            }
-        })
+
+def _remember(stats: Statistics | None, groups: list[Group], sel: dict[int, np.ndarray], x: float, log_alpha: float,
+              ctx: Context, how: str) -> dict:
+    """Keep the report of a selection with the run's statistics, for ``pre_rewrite``; returns it."""
+    report = {
+        "mipp": {
+            "estimator": ctx.opts.mi_estimator,
+            "estimates": ctx.estimates,
+            "confidence": x,
+            "log10_alpha": log_alpha,
+            "chosen_by": how,
+            "kept": {str(g.id): [int(len(g.classes) - len(sel.get(g.id, ()))), len(g.classes)]
+                     for g in groups if g.prunable},
+        }
+    }
+    if stats is not None:
+        stats.derived[REPORT] = report
+    return report
 
 
 register(Mipp())

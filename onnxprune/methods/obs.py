@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..calibrate import StatRequest, Statistics
+from ..calibrate import GramKey, InputRef, StatRequest, Statistics
 from ..compensate import lstsq_requests, ridged, weight_rows
 from ..consumers import ConsumerView
 from ..groups import Analysis
@@ -71,9 +71,9 @@ class Obs(Method):
         class_group = {int(c): g.id for g in analysis.groups if g.prunable for c in g.classes}
         by_group: dict[int, list[_Site]] = {}
         fallback: dict[int, float] = {}
-        for i, view in enumerate(views):
+        for view in views:
             roots = analysis.roots[view.atoms]
-            gram = stats.extra.get(f"lstsq:{i}")
+            gram = stats.extra.get(GramKey(InputRef.of(view)))
             if gram is None or gram.empty:  # no statistics: wanda's order, after the OBS steps
                 st = stats.tensors.get(view.tensor)
                 if st is not None:

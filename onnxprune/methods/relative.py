@@ -80,7 +80,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .._graph import attr_int, attr_ints, const_array, rank
-from ..calibrate import StatRequest, Statistics
+from ..calibrate import InputRef, MethodKey, StatRequest, Statistics
 from ..consumers import ConsumerView
 from ..groups import Analysis, Group
 from ..select import select as select_by_scores
@@ -556,9 +556,8 @@ class RelativeStats:
         return per.reshape(spec.channels)
 
 
-def _key(view: ConsumerView) -> str:
-    # Output names are unique in a graph (SSA); node names need not be.
-    return f"relative:{view.node.outputs[0].name}"
+def _key(view: ConsumerView) -> MethodKey:
+    return MethodKey("relative", InputRef.of(view))
 
 
 def accumulator_for(stats: Statistics | None, view: ConsumerView) -> RelativeStats | None:

@@ -47,15 +47,15 @@ from __future__ import annotations
 
 import itertools
 import math
-import weakref
+import operator
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
 from .._graph import attr_int, attr_ints, attr_str, const_array, dims, replace_const
-from ..calibrate import StatRequest, Statistics
+from ..calibrate import MethodKey, StatRequest, Statistics
+from ..chunks import ChunkGuard
 from ..compensate import KEEP_ZEROS, ZEROED
 from ..consumers import ConsumerView
 from ..errors import InputError
@@ -63,7 +63,8 @@ from ..groups import Analysis, Group
 from ..layout import SliceParam
 from . import Method, MethodOptions, register
 
-KEY = "relief:absmap:"  # + tensor name: the mean |x| map of a Conv input
+KEY = "relief"  # MethodKey(KEY, tensor=name): the mean |x| map of a Conv input
+SCORES = MethodKey(KEY)  # Statistics.derived: this run's scores of every consumer
 DEFAULT_ALPHA_CONV = 0.9
 DEFAULT_ALPHA_FC = 0.95
 _TOL = 1e-9  # cumulative sums "reach" α within this rounding slack
@@ -139,12 +140,6 @@ class Relief(Method):
 
     name = "relief"
 
-    def __init__(self) -> None:
-        # Scores are computed once per (analysis, statistics) pair: ``scores``, ``select``
-        # and ``pre_rewrite`` of one prune all need them.  Weak references, so a new
-        # round (--steps) or a new prune never sees stale entries.
-        self._cache: tuple[Any, Any, tuple[int, ...], list[ViewScores]] | None = None
-
     # -- calibration ---------------------------------------------------------------
     def requests(self, analysis: Analysis, views: list[ConsumerView], opts: MethodOptions) -> list[StatRequest]:
         """The mean |x| map of every Conv input whose spatial size is static."""
@@ -153,7 +148,7 @@ class Relief(Method):
             if v.node.op_type != "Conv" or v.tensor in seen or not _static_spatial(v.value):
                 continue
             seen.add(v.tensor)
-            out.append(StatRequest(KEY + v.tensor, v.value, AbsMap))
+            out.append(StatRequest(MethodKey(KEY, tensor=v.tensor), v.value, AbsMap))
         return out
 
     # -- budget mode -----------------------------------------------------------------
@@ -249,7 +244,7 @@ class Relief(Method):
             n["rule"] += int((pruned | by_rule).sum())
             n["w_total"] += o * k * vs.taps
             n["w_pruned"] += int(pruned.sum()) * vs.taps
-        self._cache = None  # the weights may have changed
+        stats.derived.pop(SCORES, None)  # the weights may have changed
         total = n["total"]
         report = {
             "granularity": opts.granularity,
@@ -273,16 +268,19 @@ class Relief(Method):
 
     # -- scores ------------------------------------------------------------------------
     def _scores(self, analysis: Analysis, stats: Statistics, views: list[ConsumerView]) -> list[ViewScores]:
-        key = tuple(id(v.node) for v in views)
-        c = self._cache
-        if c is not None and c[0]() is analysis and c[1]() is stats and c[2] == key:
-            return c[3]
+        """The scores of every consumer, computed once per run: ``scores``, ``select`` and
+        ``pre_rewrite`` of one prune all need them, so they are kept with the run's
+        statistics (a new round of --steps or a new prune calibrates anew)."""
+        nodes = [v.node for v in views]  # held by the entry: compared by identity
+        c = stats.derived.get(SCORES)
+        if c is not None and c[0] is analysis and len(c[1]) == len(nodes) and all(map(operator.is_, c[1], nodes)):
+            return c[2]
         out = []
         for v in views:
             vs = view_scores(analysis, stats, v)
             if vs is not None:
                 out.append(vs)
-        self._cache = (weakref.ref(analysis), weakref.ref(stats), key, out)
+        stats.derived[SCORES] = (analysis, nodes, out)
         return out
 
 
@@ -330,7 +328,7 @@ def view_scores(analysis: Analysis, stats: Statistics, view: ConsumerView) -> Vi
     if op == "Conv":
         group = attr_int(view.node, "group", 1)
         per = w.shape[1]  # input channels per group (the tensor has group·per)
-        absmap = stats.extra.get(KEY + view.tensor)
+        absmap = stats.extra.get(MethodKey(KEY, tensor=view.tensor))
         mean_map = absmap.mean if isinstance(absmap, AbsMap) else None
         if mean_map is not None and mean_map.shape[0] != group * per:
             mean_map = None
@@ -523,17 +521,7 @@ def _limited(groups: list[Group], remove: np.ndarray, importance: np.ndarray, mi
     """Group id -> the classes of ``remove``, least important first, while the group keeps
     ``max(1, min_keep)`` classes and every Split/Slice chunk keeps one (as select.py does)."""
     todo = [g for g in groups if g.prunable]
-    left: list[int] = []
-    chunks_of: dict[int, list[int]] = {}
-    seen: set[tuple[int, ...]] = set()
-    for g in todo:
-        for chunk in g.keep_any:
-            key = tuple(int(c) for c in chunk)
-            if key not in seen:
-                seen.add(key)
-                for c in key:
-                    chunks_of.setdefault(c, []).append(len(left))
-                left.append(len(key))
+    chunks = ChunkGuard(todo)
     out: dict[int, np.ndarray] = {}
     for g in todo:
         n = len(g.classes)
@@ -545,11 +533,9 @@ def _limited(groups: list[Group], remove: np.ndarray, importance: np.ndarray, mi
             if len(chosen) >= limit:
                 break
             c = int(g.classes[i])
-            ks = chunks_of.get(c, [])
-            if any(left[k] == 1 for k in ks):
-                continue  # the last kept channel of a chunk
-            for k in ks:
-                left[k] -= 1
+            if chunks.last_of_chunk(c):
+                continue
+            chunks.remove(c)
             chosen.append(c)
         out[g.id] = np.sort(np.array(chosen, dtype=np.int64))
     return out

@@ -1,0 +1,142 @@
+"""One source for each piece of shared logic (issue 16, item 2): temporary graph changes are
+undone whatever happens, the Split/Slice chunk rule is one guard, statistics are found by
+the consumer they belong to (not by a position in a list), and a run's method state lives
+with the run's statistics, never on the registered method objects."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+import onnxprune
+from builders import G, calibrated, save
+from onnxprune.calibrate import GramKey, InputRef, MethodKey
+from onnxprune.chunks import ChunkGuard
+from onnxprune._ort import session
+from onnxprune.compensate import lstsq_requests, write_consumer
+from onnxprune.groups import Group
+from onnxprune.load import load_model
+from onnxprune.methods import REGISTRY, MethodOptions
+from onnxprune.temporary import temporary_changes
+
+
+def _chain(tmp_path):
+    """Two 3×3 Convs of different widths and a Gemm: two consumers of prunable groups."""
+    g = G(seed=5)
+    x = g.input("x", ["N", 3, 6, 6])
+    a = g.op("Relu", [g.conv(x, 3, 6, name="c1")])
+    b = g.op("Relu", [g.conv(a, 6, 5, name="c2")])
+    y = g.gemm(g.op("Flatten", [g.op("GlobalAveragePool", [b])]), 5, 3, name="fc")
+    rng = np.random.default_rng(0)
+    data = [{"x": rng.standard_normal((4, 3, 6, 6)).astype(np.float32)} for _ in range(8)]
+    return save(g.model([y]), tmp_path / "chain.onnx"), data
+
+
+def _bytes(model: ir.Model) -> bytes:
+    return ir.to_proto(model).SerializeToString()
+
+
+def test_temporary_changes_are_undone_in_reverse_also_on_an_error(tmp_path):
+    path, _ = _chain(tmp_path)
+    model, _ = load_model(path)
+    graph = model.graph
+    before = _bytes(model)
+    conv = next(n for n in graph if n.name == "c2")
+    relu = conv.inputs[0].producer()
+    fed = ir.Value(name="fed", shape=conv.inputs[0].shape, type=conv.inputs[0].type)
+    with pytest.raises(RuntimeError, match="in the block"):
+        with temporary_changes(graph) as changes:
+            extra = ir.node("Neg", [relu.outputs[0]])
+            extra.outputs[0].name = "negated"
+            changes.add_nodes([extra])
+            changes.add_outputs([extra.outputs[0]])
+            changes.swap_input(conv, 0, extra.outputs[0])
+            changes.swap_input(conv, 0, fed)  # the same input twice: undone last first
+            assert conv.inputs[0] is fed and graph.outputs[-1].name == "negated"
+            raise RuntimeError("in the block")
+    assert conv.inputs[0] is relu.outputs[0]
+    assert [o.name for o in graph.outputs] == [o.name for o in model.graph.outputs] and "negated" not in {
+        o.name for o in graph.outputs}
+    assert _bytes(model) == before
+
+
+def test_chunk_guard_keeps_one_class_of_every_chunk_across_groups():
+    # Chunk {1, 2} lies in group 0, chunk {3, 4} spans groups 0 and 1 (a Concat then a Slice).
+    g0 = Group(0, [], [], np.array([1, 2, 3]), 3, keep_any=[np.array([1, 2]), np.array([3, 4])])
+    g1 = Group(1, [], [], np.array([4, 5]), 2, keep_any=[np.array([3, 4])])
+    guard = ChunkGuard([g0, g1])
+    assert guard.left == [2, 2]  # the shared chunk is counted once
+    assert not guard.last_of_chunk(1)
+    guard.remove(1)
+    assert guard.last_of_chunk(2) and not guard.last_of_chunk(5)
+    guard.remove(4)  # group 1 takes one of the shared chunk ...
+    assert guard.last_of_chunk(3)  # ... so group 0 must keep the other
+    assert guard.left == [1, 1]
+
+
+def test_statistics_are_found_by_their_consumer_whatever_the_view_order(tmp_path):
+    path, data = _chain(tmp_path)
+    analysis, views, stats = calibrated(path, data, "obs")
+    keys = [r.key for r in lstsq_requests(analysis)]
+    assert keys == [GramKey(InputRef(v.node.outputs[0].name)) for v in views] == list(stats.extra)
+    assert len(set(keys)) == 2  # c2 and fc: c1 reads the graph input
+    obs, opts = REGISTRY["obs"], MethodOptions()
+    forward = obs.scores(analysis, stats, views, opts)
+    assert obs.scores(analysis, stats, views[::-1], opts) == forward  # exact: the same sums
+    # Keys of different kinds never meet, even on one consumer.
+    assert GramKey(InputRef("a")) != MethodKey("mipp", InputRef("a")) != MethodKey("relative", InputRef("a"))
+
+
+def test_methods_keep_no_state_between_runs(tmp_path):
+    path, data = _chain(tmp_path)
+    _, r = onnxprune.prune(path, method="mipp", calib=data, batch_size=4, latency=False,
+                           method_options=MethodOptions(confidence=99.9))
+    assert r.method_report["mipp"]["chosen_by"] == "confidence"
+    _, r = onnxprune.prune(path, method="mipp", calib=data, batch_size=4, ratio=0.3, latency=False)
+    assert r.method_report is None  # the ratio run made no selection of its own to report
+    _, r = onnxprune.prune(path, method="relief", calib=data, batch_size=4, latency=False,
+                           method_options=MethodOptions(alpha_conv=0.9))
+    assert r.method_report["connections_total"] > 0
+    for name, method in REGISTRY.items():
+        assert vars(method) == {}, name
+
+
+def test_one_writer_puts_a_matmul_bias_in_a_new_or_in_this_rounds_add(tmp_path):
+    g = G(seed=2)
+    x = g.input("x", ["N", 4])
+    y = g.op("MatMul", [x, g.const(g.w(4, 3))], name="mm")
+    model, _ = load_model(save(g.model([y]), tmp_path / "mm.onnx"))
+    node = next(n for n in model.graph if n.op_type == "MatMul")
+    rng = np.random.default_rng(1)
+    w1, w2 = rng.standard_normal((2, 4, 3)).astype(np.float32)
+    b1, b2, b3 = rng.standard_normal((3, 3))
+    write_consumer(node, w1, b1, model.graph, fresh_add=True)  # the first refit: a new Add
+    write_consumer(node, w2, b2, model.graph, fresh_add=False)  # the reconstruct pass: the same Add
+    assert [n.op_type for n in model.graph] == ["MatMul", "Add"]
+    write_consumer(node, w2, b3, model.graph, fresh_add=True)  # a later round: the earlier Add stays
+    assert [n.op_type for n in model.graph] == ["MatMul", "Add", "Add"]
+    feed = {"x": rng.standard_normal((5, 4)).astype(np.float32)}
+    (out,) = session(ir.to_proto(model).SerializeToString()).run(None, feed)
+    assert out.dtype == np.float32 and [o.name for o in model.graph.outputs] == [y]
+    np.testing.assert_allclose(out, feed["x"] @ w2 + b3.astype(np.float32) + b2.astype(np.float32), rtol=1e-5, atol=1e-6)
+
+
+def test_steps_on_matmuls_give_each_rounds_bias_add_its_own_names(tmp_path):
+    # Round 2 reloads round 1's file, whose MatMuls already carry a compensation Add.
+    g = G(seed=7)
+    x = g.input("x", ["N", 16])
+    h = g.op("Relu", [g.op("MatMul", [x, g.const(g.w(16, 24))], name="mm1")])
+    h = g.op("Relu", [g.op("MatMul", [h, g.const(g.w(24, 20))], name="mm2")])
+    path = save(g.model([g.op("MatMul", [h, g.const(g.w(20, 5))], name="mm3")]), tmp_path / "mlp.onnx")
+    rng = np.random.default_rng(0)
+    data = [{"x": rng.standard_normal((32, 16)).astype(np.float32)} for _ in range(8)]
+    out = tmp_path / "out.onnx"
+    _, r = onnxprune.prune(path, out, calib=data, target_macs=0.5, steps=2, latency=False)
+    assert r.steps == 2
+    model, _ = load_model(out)
+    names = [n.name for n in model.graph]
+    assert len(set(names)) == len(names)
+    # mm3 loses inputs in both rounds: one Add each (the reconstruct pass rewrote the Add of
+    # its round's first refit, not an earlier round's); mm2 only in the first.
+    assert [n for n in names if "bias_add" in n] == ["mm2_bias_add", "mm3_bias_add_1", "mm3_bias_add"]
