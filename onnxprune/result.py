@@ -66,6 +66,8 @@ class PruneResult:
     macs_input_shapes: dict[str, list[int]] | None = None
     macs_basis: str = "declared shapes"
     macs_symbolic: dict[str, list[str]] | None = None
+    # With --target-macs/--target-params: requested vs achieved (select.target_outcome).
+    target: dict | None = None
 
     @property
     def blocked(self) -> list[dict]:
@@ -91,4 +93,5 @@ class PruneResult:
             "steps": self.steps,
             "selection": self.selection,
             "distributed": self.distributed,
+            "target": self.target,
         }
