@@ -204,7 +204,8 @@ def fit_band(
     with single groups relaxed to 8, then to 1 (:data:`RELAX`).
 
     Alignment stays a constraint of the search rather than a rounding after it: each
-    change moves a group between counts it may keep.  Under the band a group gives back as
+    change moves a group between counts it may keep.  Aligned changes go on while they
+    fit under the target (inside the band too); relaxed ones stop at the band.  Under the band a group gives back as
     many channels as fit under the target; over the target it removes the fewest more that
     reach it (else as many as ``most[g.id]`` allows).  Of the groups' changes, the one
     landing in the band with the largest ``gain(gid, before, after)`` (the damage it saves;
@@ -217,7 +218,7 @@ def fit_band(
     for level in (0, *RELAX):
         for _ in range(4 * len(groups) + 4):
             m = measure(removed)
-            if in_band(m, target):
+            if level and in_band(m, target):  # aligned steps go on while they fit: they cost nothing
                 return removed, relaxed
             steps = {g.id: align[g.id] if level == 0 else level for g in groups if level == 0 or level < align[g.id]}
             change = _best_change(groups, scores, removed, measure, target, m, steps, min_keep, most, gain)
