@@ -25,7 +25,8 @@ error).  Damages of different groups are
 taken as additive, and a Lagrangian allocation picks one ladder rung per group: the rung
 minimising ``damage − λ·saving`` for each group, λ bisected until the MACs (params)
 estimate meets the target, then rungs are given back greedily while the target still
-holds.
+holds, each group a step of its alignment at a time; where that leaves the target out of
+the band (``select.TOLERANCE``), single groups' alignment is relaxed (``select.fit_band``).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from .groups import Analysis, Group
 from . import _ort
 from .segments import SegmentPass, const_cone, node_reads, session_from_view, view_bytes, with_cone
 from .temporary import temporary_changes
-from .select import choose, round_for
+from .select import choose, fit_band, round_for
 
 LADDER = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)  # removed shares probed per group
 PROBE_SAMPLES = 32  # calibration samples the probes run on
@@ -437,6 +438,11 @@ def allocate(
                 break
         else:
             break
+    # Aligned rungs and steps can leave the target out of reach or far under it: relax the
+    # alignment of single groups, as few as the band needs (select.fit_band).
+    most = {gid: max(len(rungs[gid][-1][0]), int(math.floor(LADDER[-1] * len(by_id[gid].classes)))) for gid in rungs}
+    final, relaxed = fit_band(groups, scores, final, measure, target, min_keep=min_keep, round_to=round_to, most=most,
+                              gain=lambda gid, a, b: curve(gid, len(a)) - curve(gid, len(b)))
     predicted = sum(curve(gid, len(r)) for gid, r in final.items())
     report = {
         "probes": probes, "probe_samples": sum(samples_in(b) for b in samples),
@@ -444,6 +450,7 @@ def allocate(
         "not_probed": [g.id for g in groups if g.id not in reach],
         # per group: channels removed, of how many, and the damage its curve predicts there
         "groups": {gid: (len(r), len(by_id[gid].classes), curve(gid, len(r))) for gid, r in final.items()},
+        "relaxed": relaxed,  # group id -> the multiple it keeps, where its alignment was relaxed
     }
     return final, report
 

@@ -28,6 +28,7 @@ from .load import load_model
 from .methods import MethodOptions
 from .progress import bar
 from .result import AnalysisReport, PruneResult
+from .select import target_outcome
 from .stages import PIPELINE, SWEEP_STAGES, PruneState, Stage, count_shapes, sweep_state
 from .verify import original_session
 
@@ -225,6 +226,12 @@ def _prune_in_steps(model_path, output_path, config: PruneConfig) -> tuple[ir.Mo
     result.params_before, result.macs_before = first.params_before, first.macs_before
     result.file_size_before = first.file_size_before
     result.ratio = config.ratio if config.target is None else result.ratio
+    if result.target is not None:  # the rounds compound: requested and achieved against the original
+        t = result.target
+        before, after = ((result.macs_before, result.macs_after) if t["kind"] == "MACs"
+                         else (result.params_before, result.params_after))
+        relaxed = {int(k): tuple(v) for k, v in t["relaxed_alignment"].items()}
+        result.target = target_outcome(t["kind"], config.target, after / max(before, 1), relaxed)
     result.steps = steps
     return model, result
 

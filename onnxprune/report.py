@@ -70,6 +70,8 @@ def print_result(result: PruneResult, console: Console | None = None) -> None:
     console.print(f"params {pct(result.params_before, result.params_after)}")
     console.print(f"MACs   {pct(result.macs_before, result.macs_after)}")
     console.print(f"       {escape(macs_basis_text(result))}")
+    if result.target is not None:
+        console.print(escape(target_text(result.target)))
     if result.file_size_after is not None:
         console.print(f"file   {pct(result.file_size_before, result.file_size_after)} bytes")
     if result.calibration:
@@ -99,6 +101,16 @@ def print_result(result: PruneResult, console: Console | None = None) -> None:
         console.print(f"[yellow]blocked[/] group {g['id']} ({_short(g['producers'], 2)}): {g['blocked'][0]}")
     if result.output:
         console.print(f"wrote {result.output} (checked: onnx full check, onnxruntime run, output shapes)")
+
+
+def target_text(target: dict) -> str:
+    """One line: the target requested vs achieved (by the pruned model's own count), and
+    the note when it was missed or alignment was relaxed to meet it."""
+    t = target
+    if not t["within_tolerance"]:
+        return t["note"]
+    line = f"target {t['kind']} {t['requested']:.3g}: achieved {t['achieved']:.3f} (within ±{t['tolerance'] * 100:.0f} points)"
+    return line + (f"; {t['note']}" if t["note"] else "")
 
 
 def macs_basis_text(result: PruneResult | AnalysisReport, remedy: str = "--input-shape or --calib") -> str:

@@ -97,6 +97,8 @@ class PruneResult:
     # --plot's error curve: (MACs removed, rel. L2 error, agreement or None) per point
     sweep: list[tuple[float, float, float | None]] = field(default_factory=list)
     macs_excluded: str | None = None  # weighted nodes inside If/Loop/Scan bodies: not counted
+    # With --target-macs/--target-params: requested vs achieved (select.target_outcome).
+    target: dict | None = None
 
     @property
     def blocked(self) -> list[dict]:
@@ -125,4 +127,5 @@ class PruneResult:
             "steps": self.steps,
             "selection": self.selection,
             "distributed": self.distributed,
+            "target": self.target,
         }

@@ -40,7 +40,7 @@ from .result import PruneResult, RefitCounts
 from .rewrite import apply_removal, refresh_shapes
 from .progress import bar
 from .segments import BatchStore
-from .select import select, select_for_target
+from .select import round_for, select, select_for_target, target_outcome
 from .verify import (Fidelity, check_pruned, check_restructured, measure_fidelity, original_session, paired_latency,
                      random_feed, run_reference)
 
@@ -82,6 +82,7 @@ class PruneState:
     all_removed: np.ndarray | None = None  # every removed class root, over all groups
     ratio: float = 0.0  # the ratio reported: the requested one, or what a target came to
     rule: str = ""
+    relaxed: dict[int, int] = field(default_factory=dict)  # group id -> the multiple a target relaxed its alignment to
     # rewrite / compensate
     method_report: dict | None = None
     refits: list = field(default_factory=list)  # least-squares weight refits from the statistics
@@ -297,10 +298,11 @@ class Select(Stage):
                                                 pool=state.store if hasattr(state.store, "probe") else None)
             prunable = sum(len(g.classes) for g in analysis.groups if g.prunable)
             state.ratio = len(flat(state.removed)) / max(prunable, 1)
+            state.relaxed = probe["relaxed"]
             state.rule += f", allocated by measured sensitivity ({probes_text(probe)})"
         else:
-            state.removed, state.ratio = select_for_target(analysis.groups, state.scores, kept_fraction, c.target,
-                                                           min_keep=c.min_keep, round_to=c.round_to)
+            state.removed, state.ratio, state.relaxed = select_for_target(
+                analysis.groups, state.scores, kept_fraction, c.target, min_keep=c.min_keep, round_to=c.round_to)
 
 
 class Rewrite(Stage):
@@ -434,6 +436,7 @@ class Report(Stage):
             selection=state.rule,
             distributed=state.store.summary() if hasattr(state.store, "summary") else None,
         )
+        state.result.target = self._target(state)
 
     @staticmethod
     def _groups(state: PruneState) -> list[dict]:
@@ -446,6 +449,18 @@ class Report(Stage):
                 d["dead"] = int(np.isneginf(state.scores[g.id]).sum())
             groups.append(d)
         return groups
+
+    @staticmethod
+    def _target(state: PruneState) -> dict | None:
+        """Requested vs achieved, by the counts of the pruned model, for a target."""
+        c, r = state.config, state.result
+        if c.target is None:
+            return None
+        kind = "MACs" if c.target_macs is not None else "params"
+        achieved = r.macs_after / max(r.macs_before, 1) if kind == "MACs" else r.params_after / max(r.params_before, 1)
+        by_id = {g.id: g for g in state.analysis.groups}
+        relaxed = {gid: (round_for(by_id[gid], c.round_to), a) for gid, a in state.relaxed.items()}
+        return target_outcome(kind, c.target, achieved, relaxed)
 
     @staticmethod
     def _calibration(stats: Statistics, held: list) -> dict:
