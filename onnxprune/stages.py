@@ -41,7 +41,7 @@ from .rewrite import apply_removal, refresh_shapes
 from .progress import bar
 from .segments import BatchStore
 from .select import round_for, select, select_for_target, target_outcome
-from .verify import (Fidelity, check_pruned, check_restructured, measure_fidelity, original_session, paired_latency,
+from .verify import (Fidelity, Sessions, check_pruned, check_restructured, measure_fidelity, original_session, paired_latency,
                      random_feed, run_reference)
 
 
@@ -382,21 +382,23 @@ class Verify(Stage):
     @staticmethod
     def _validate(state: PruneState, path: Path, labels: np.ndarray | None) -> None:
         c, held = state.config, state.held
-        check_pruned(path, state.feed, state.reference)
+        sessions = Sessions()  # one per graph variant: the check, the fidelity and the latency share them
+        check_pruned(path, state.feed, state.reference, sessions)
         if c.eval_data is not None or held:
             if c.eval_data is not None:
-                specs = state.specs or input_specs(_ort.session(str(state.model_path)))
+                specs = state.specs or input_specs(sessions(state.model_path))
                 eval_iter = batches(source_items(c.eval_data, specs, c.preprocess)(), specs,
                                     fixed_batch(state.specs or [], c.batch_size))
                 source = "eval data"
             else:
                 eval_iter, source = iter(held), "held-out calibration samples"
-            fid = measure_fidelity(state.reference_path, path, eval_iter, labels, state.providers)
+            fid = measure_fidelity(state.reference_path, path, eval_iter, labels, state.providers, sessions)
             fid.source = source
             state.measured["fidelity"] = fid
             state.measured["forced"] = gate(fid, c.max_error, c.min_agreement, c.force)
         if c.latency:
-            state.measured["latency"] = paired_latency(state.reference_path, path, held[0] if held else state.feed)
+            state.measured["latency"] = paired_latency(state.reference_path, path, held[0] if held else state.feed,
+                                                       sessions=sessions)
 
 
 class Report(Stage):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,14 +140,29 @@ def check_restructured(model: ir.Model, feed: dict[str, np.ndarray], reference: 
             raise VerificationError("load's attention folds changed the model's outputs (an onnxprune bug: please report it)")
 
 
-def check_pruned(path: Path, feed: dict[str, np.ndarray], reference: list[np.ndarray]) -> None:
+class Sessions:
+    """One onnxruntime session per graph variant (file and providers) for the checks of one
+    run: the pruned file's check, its fidelity and its latency share one."""
+
+    def __init__(self) -> None:
+        self._open: dict[tuple[str, tuple[str, ...]], Any] = {}
+
+    def __call__(self, path: str | os.PathLike, providers: list[str] | None = None):
+        key = (str(path), tuple(providers or ("CPUExecutionProvider",)))
+        if key not in self._open:
+            self._open[key] = _ort.session(key[0], list(key[1]))
+        return self._open[key]
+
+
+def check_pruned(path: Path, feed: dict[str, np.ndarray], reference: list[np.ndarray],
+                 sessions: Sessions | None = None) -> None:
     """Raise VerificationError unless ``path`` is a valid model matching the reference shapes."""
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:
         raise VerificationError(f"onnx checker rejects the pruned graph: {' '.join(str(exc).split())[:300]}") from exc
     try:
-        sess = _ort.session(str(path))
+        sess = (sessions or Sessions())(path)
         outs = sess.run(None, feed)
     except Exception as exc:
         raise VerificationError(f"onnxruntime rejects the pruned graph: {' '.join(str(exc).split())[:300]}") from exc
@@ -176,9 +192,11 @@ class Fidelity:
         return {k: getattr(self, k) for k in ("samples", "rel_l2", "cosine", "agreement", "accuracy_before", "accuracy_after", "source")}
 
 
-def measure_fidelity(original: str | os.PathLike, pruned: str | os.PathLike, batches, labels: np.ndarray | None = None, providers=None) -> Fidelity:
+def measure_fidelity(original: str | os.PathLike, pruned: str | os.PathLike, batches, labels: np.ndarray | None = None,
+                     providers=None, sessions: Sessions | None = None) -> Fidelity:
     """Run both models on ``batches`` and compare their outputs."""
-    a, b = _ort.session(str(original), providers), _ort.session(str(pruned), providers)
+    sessions = sessions or Sessions()
+    a, b = sessions(original, providers), sessions(pruned, providers)
     names = [o.name for o in a.get_outputs()]
     diff2 = np.zeros(len(names))
     ref2 = np.zeros(len(names))
@@ -226,12 +244,12 @@ def _labels_mismatch(n_labels: int, n_samples: str) -> str:
 
 
 def paired_latency(original: str | os.PathLike, pruned: str | os.PathLike, feed: dict[str, np.ndarray],
-                   runs: int = 7, budget_s: float = 2.0) -> tuple[float, float]:
+                   runs: int = 7, budget_s: float = 2.0, sessions: Sessions | None = None) -> tuple[float, float]:
     """Median wall time of one run on ``feed`` of each model (after one warm-up), the two
     models' runs interleaved so that load on the machine hits both alike.  ``runs`` per
     model at most, fewer past ``budget_s`` (3 at least): every run costs a batch of
     inferences, which a prune in CI pays for."""
-    sessions = [_ort.session(str(original)), _ort.session(str(pruned))]
+    sessions = [(sessions or Sessions())(path) for path in (original, pruned)]
     for sess in sessions:
         sess.run(None, feed)
     times: list[list[float]] = [[], []]
