@@ -123,7 +123,7 @@ from ..errors import InputError
 from ..gram import ChannelGram, PatchGram
 from ..groups import Analysis, Group
 from ..layout import SliceParam
-from . import Method, MethodOptions, register
+from . import Criterion, MethodOptions, register_criterion
 
 RIDGE = 1e-6  # λ = RIDGE · mean diag(H): numerical only, keeps Σ_SS invertible
 REL_TOL = 1e-6  # δ of the keep test, in fractions of a consumer's kept output variance
@@ -924,10 +924,8 @@ class SweepCache:
 # ----------------------------------------------------------------------------- the plug-in
 
 
-class Mipp(Method):
+class Mipp(Criterion):
     """Mutual Information Preserving Pruning (see the module docstring)."""
-
-    name = "mipp"
 
     def __init__(self) -> None:
         self._report: tuple[int, dict] | None = None
@@ -1043,4 +1041,4 @@ class Mipp(Method):
         })
 
 
-register(Mipp())
+register_criterion("mipp", Mipp())
