@@ -107,11 +107,6 @@ def register_criterion(name: str, criterion: Criterion, *, replace: bool = False
     return criterion
 
 
-def criterion(name: str) -> Criterion:
-    """The registered criterion ``name``."""
-    return REGISTRY[name]
-
-
 from . import basic  # noqa: E402,F401  (registered first: the order --help lists them in)
 from . import relief  # noqa: E402,F401
 from . import relative  # noqa: E402,F401
