@@ -26,6 +26,7 @@ from .errors import InputError
 from .groups import Analysis, analyze_groups, control_flow_summary
 from .load import load_model
 from .methods import MethodOptions
+from .plugins import load_plugins
 from .progress import bar
 from .result import AnalysisReport, PruneResult
 from .select import target_outcome
@@ -65,6 +66,7 @@ def analyze(model_path: str | os.PathLike, exclude: tuple[str, ...] | list[str] 
     """Find every channel group of the model at ``model_path`` and what blocks the others;
     MACs on ``input_shape`` (as ``prune``'s) when given, else on the declared shapes."""
     checks.path_like("model_path", model_path)
+    load_plugins()  # a plug-in's op handlers
     exclude = checks.patterns(exclude)
     input_shape = checks.input_shapes(input_shape)
     model, _ = load_model(model_path)

@@ -83,7 +83,9 @@ _verbose_option = click.option(
 @cli.command("prune")
 @click.argument("input_model", type=click.Path(dir_okay=True, path_type=str))
 @click.argument("output_model", type=click.Path(path_type=str))
-@click.option("--method", type=click.Choice(METHODS), default=None, help="importance criterion [default: wanda with --calib, else l1]")
+@click.option("--method", default=None, metavar="NAME",
+              help=f"importance criterion: {', '.join(METHODS)}, or one an installed plug-in registers "
+                   "[default: wanda with --calib, else l1]")
 @click.option("--ratio", type=float, default=0.5, show_default=True, help="share of each group's channels to remove")
 @click.option("--global", "global_", is_flag=True,
               help="one threshold over per-group standardised scores (with a target: instead of the sensitivity allocation)")

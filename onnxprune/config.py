@@ -15,10 +15,11 @@ import numpy as np
 
 from . import checks
 from .compensate import COMPENSATIONS
-from .criteria import DATA_DRIVEN, METHODS
+from .criteria import criterion, methods
 from .data import Preprocess
 from .errors import InputError
 from .methods import MethodOptions
+from .plugins import load_plugins
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,8 @@ class PruneConfig:
 
     def _check_options(self) -> None:
         """The options that need no data (types included: the API's callers)."""
-        checks.choice("--method", self.method, METHODS)
+        load_plugins()  # a plug-in's criteria are choices too
+        checks.choice("--method", self.method, methods())
         checks.real("--ratio", self.ratio, 0.0, 1.0, hi_open=True)
         checks.integer("--min-keep", self.min_keep, 1)
         checks.integer("--round-to", self.round_to, 1, optional=True)
@@ -95,7 +97,7 @@ class PruneConfig:
     def _check_data_options(self) -> None:
         """The data, budget and gate options, and how they combine."""
         checks.choice("--compensate", self.compensate, tuple(COMPENSATIONS))
-        if self.method in DATA_DRIVEN and self.calib is None:
+        if criterion(self.method).needs_data and self.calib is None:
             raise InputError(f"--method {self.method} scores channels from activations: give calibration data with --calib")
         checks.integer("--batch-size", self.batch_size, 1)
         checks.integer("--max-samples", self.max_samples, 1, optional=True)

@@ -20,7 +20,8 @@ Torch-Pruning's per-layer handlers):
   ("read inside the subgraph of If 'name'"); their outputs start without channels.
 
 An op missing from :data:`OP_TABLE` blocks every group whose channels reach it; the
-analysis reports that op by name.  Adding support for an op is one entry here.
+analysis reports that op by name.  Adding support for an op is one entry here, or, from
+outside, :func:`register_op` (ops of any domain; README "Extending the op table").
 
 Handlers talk to the analysis through a small context (see ``groups._Context``):
 ``layout(v)``, ``set_layout(v, L)``, ``new_atoms(n, node)``, ``fixed(n)``,
@@ -35,6 +36,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ._graph import attr_int, attr_ints, const_array, const_ints, dims, is_const, named_dims, node_label, rank
+from .errors import InputError
 from .layout import Layout, SetCount, SetGroup, SliceBounds, SliceParam, SplitSizes
 
 Ctx = Any  # groups._Context; typed loosely to keep this module free of the analysis
@@ -976,9 +978,38 @@ OP_TABLE: dict[str, Handler] = {
 }
 
 
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+# Ops of other domains (contrib or custom ops), by (domain, op_type): only register_op adds here.
+DOMAIN_TABLE: dict[tuple[str, str], Handler] = {}
+
+
 def handler_for(node: ir.Node) -> Handler | None:
     """The table entry for ``node``, or None for an op onnxprune does not know."""
-    if node.domain not in ("", "ai.onnx"):
-        return None
-    return OP_TABLE.get(node.op_type)
+    if node.domain in _DEFAULT_DOMAINS:
+        return OP_TABLE.get(node.op_type)
+    return DOMAIN_TABLE.get((node.domain, node.op_type))
+
+
+def register_op(op_type: str, domain: str, handler: Handler, *, replace: bool = False) -> None:
+    """Tell onnxprune how ``domain::op_type`` treats channels (``""`` or ``"ai.onnx"``: the
+    default domain).  Registering an op that already has a handler (a built-in one or an
+    earlier registration) raises :class:`~onnxprune.InputError` unless ``replace=True``.
+
+    The table is read by the analysis, which runs in the calling process only (with Ray too):
+    register before calling ``prune``/``analyze``.
+    """
+    if not isinstance(op_type, str) or not op_type:
+        raise InputError(f"register_op: op_type must be a non-empty string, got {op_type!r}")
+    if not isinstance(domain, str):
+        raise InputError(f"register_op: domain must be a string, got {domain!r}")
+    if not isinstance(handler, Handler):
+        kind = f"the class {handler.__name__}: pass an instance" if isinstance(handler, type) else type(handler).__name__
+        raise InputError(f"register_op: handler must be an onnxprune.Handler instance, got {kind}")
+    default = domain in _DEFAULT_DOMAINS
+    table, key = (OP_TABLE, op_type) if default else (DOMAIN_TABLE, (domain, op_type))
+    if key in table and not replace:
+        where = op_type if default else f"{domain}::{op_type}"
+        raise InputError(f"register_op: '{where}' already has a handler ({type(table[key]).__name__}); "
+                         "pass replace=True to replace it")
+    table[key] = handler
 

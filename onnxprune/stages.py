@@ -28,13 +28,13 @@ from .compensate import apply_bias, apply_refits, bias_deltas, lstsq_refits, lst
 from .config import PruneConfig
 from .consumers import ConsumerView, consumer_views
 from .count import count_macs, count_params, estimate_after, macs_by_node, symbolic_dims
-from .criteria import score_groups, statistics_for
+from .criteria import criterion, score_groups, statistics_for
 from .data import InputSpec, Sample, batches, input_specs, samples_in, source_items, take_samples
 from .shared_data import index_folder, lazy_batches, read
 from .errors import GateError, InputError, VerificationError
 from .groups import Analysis, analyze_groups, control_flow_summary, refuse_control_flow_only
 from .load import check_output_path, input_files, load_model, save_model
-from .methods import REGISTRY, Method, MethodOptions
+from .methods import Criterion, MethodOptions
 from .reconstruct import refit_on_pruned, refit_targets
 from .result import PruneResult, RefitCounts
 from .rewrite import apply_removal, refresh_shapes
@@ -97,7 +97,7 @@ class PruneState:
     result: PruneResult | None = None
 
     # set from the config
-    plugin: Method | None = field(init=False)  # None: a criterion that needs only basic statistics
+    plugin: Criterion = field(init=False)  # the method's registered criterion
     opts: MethodOptions = field(init=False)
 
     def __post_init__(self) -> None:
@@ -105,7 +105,7 @@ class PruneState:
         if self.reference_path is None:
             self.reference_path = self.model_path
         self.ratio = c.ratio
-        self.plugin = REGISTRY.get(c.method)
+        self.plugin = criterion(c.method)
         # A copy with the run's min_keep and seed: the caller's MethodOptions stay as given.
         self.opts = replace(c.method_options or MethodOptions(), min_keep=c.min_keep, seed=c.seed)
 
@@ -238,7 +238,7 @@ class Calibrate(Stage):
     @staticmethod
     def _requests(state: PruneState, views: list[ConsumerView]) -> list:
         """The method's extra statistics, and the lstsq refit's Gram sums."""
-        requests = state.plugin.requests(state.analysis, views, state.opts) if state.plugin is not None else []
+        requests = state.plugin.requests(state.analysis, views, state.opts)
         if state.config.compensate == "lstsq":  # the same Gram statistics once, when the method asks for them too
             asked = {r.key for r in requests}
             requests = requests + [r for r in lstsq_requests(state.analysis) if r.key not in asked]
@@ -262,12 +262,12 @@ class Select(Stage):
 
     def run(self, state: PruneState) -> None:
         c, plugin = state.config, state.plugin
-        state.views = consumer_views(state.analysis) if plugin is not None else []
+        state.views = consumer_views(state.analysis)
         state.rule = f"global ratio {c.ratio:.3g}" if c.global_ else f"ratio {c.ratio:.3g}"
         if c.target is not None:
             state.rule = f"target {'MACs' if c.target_macs is not None else 'params'} {c.target:.3g}"
             self._for_target(state)
-        elif plugin is not None and plugin.own_rule(state.opts):
+        elif plugin.own_rule(state.opts):
             state.removed = plugin.select(state.analysis, state.stats, state.views, state.opts, state.analysis.groups)
             state.rule = f"{c.method}'s own rule"
         else:
@@ -286,8 +286,7 @@ class Select(Stage):
         def kept_fraction(sel: dict[int, np.ndarray]) -> float:
             return estimate_after(analysis, flat(sel))[pick] / max(base, 1)
 
-        own = plugin.select_budget(analysis, stats, state.views, state.opts, analysis.groups, kept_fraction,
-                                   c.target) if plugin else None
+        own = plugin.select_budget(analysis, stats, state.views, state.opts, analysis.groups, kept_fraction, c.target)
         if own is not None:
             state.removed, state.ratio = own
         elif stats is not None and stats.kept:
@@ -312,8 +311,7 @@ class Rewrite(Stage):
 
     def run(self, state: PruneState) -> None:
         c, analysis, stats, removed = state.config, state.analysis, state.stats, state.all_removed
-        if state.plugin is not None:
-            state.method_report = state.plugin.pre_rewrite(analysis, stats, state.views, state.opts, removed)
+        state.method_report = state.plugin.pre_rewrite(analysis, stats, state.views, state.opts, removed)
         if stats is not None and c.compensate == "bias":
             state.deltas = bias_deltas(analysis, stats, removed)
             # consumers feeding a Relu: keep the post-ReLU mean

@@ -124,7 +124,7 @@ from ..errors import InputError
 from ..gram import ChannelGram, PatchGram
 from ..groups import Analysis, Group
 from ..layout import SliceParam
-from . import Method, MethodOptions, register
+from . import Criterion, MethodOptions, register_criterion
 
 RIDGE = 1e-6  # λ = RIDGE · mean diag(H): numerical only, keeps Σ_SS invertible
 REL_TOL = 1e-6  # δ of the keep test, in fractions of a consumer's kept output variance
@@ -902,10 +902,8 @@ class SweepCache:
 # ----------------------------------------------------------------------------- the plug-in
 
 
-class Mipp(Method):
+class Mipp(Criterion):
     """Mutual Information Preserving Pruning (see the module docstring)."""
-
-    name = "mipp"
 
     def requests(self, analysis: Analysis, views: list[ConsumerView], opts: MethodOptions) -> list[StatRequest]:
         _check_estimates(opts)
@@ -1020,4 +1018,4 @@ def _remember(stats: Statistics | None, groups: list[Group], sel: dict[int, np.n
     return report
 
 
-register(Mipp())
+register_criterion("mipp", Mipp())

@@ -27,7 +27,7 @@ from ..calibrate import GramKey, InputRef, StatRequest, Statistics
 from ..compensate import lstsq_requests, ridged, weight_rows
 from ..consumers import ConsumerView
 from ..groups import Analysis
-from . import Method, MethodOptions, register
+from . import Criterion, MethodOptions, register_criterion
 
 
 class _Site:
@@ -61,8 +61,7 @@ class _Site:
         self.hinv[:, j] = 0.0
 
 
-class Obs(Method):
-    name = "obs"
+class Obs(Criterion):
 
     def requests(self, analysis: Analysis, views: list[ConsumerView], opts: MethodOptions) -> list[StatRequest]:
         return lstsq_requests(analysis)
@@ -117,4 +116,4 @@ class Obs(Method):
         return scores
 
 
-register(Obs())
+register_criterion("obs", Obs())

@@ -84,7 +84,7 @@ from ..calibrate import InputRef, MethodKey, StatRequest, Statistics
 from ..consumers import ConsumerView
 from ..groups import Analysis, Group
 from ..select import select as select_by_scores
-from . import Method, MethodOptions, register
+from . import Criterion, MethodOptions, register_criterion
 
 MAX_ROWS = 1024  # rows (Conv: output positions) sampled per batch and consumer
 CHUNK_ELEMENTS = 1 << 21  # rows are processed in chunks of about this many (j, k) entries
@@ -568,8 +568,7 @@ def accumulator_for(stats: Statistics | None, view: ConsumerView) -> RelativeSta
 # ----------------------------------------------------------------------------- the method
 
 
-class Relative(Method):
-    name = "relative"
+class Relative(Criterion):
 
     def requests(self, analysis: Analysis, views: list[ConsumerView], opts: MethodOptions) -> list[StatRequest]:
         out = []
@@ -660,4 +659,4 @@ def _factory(spec: Spec, seed: int) -> Callable[[], RelativeStats]:
     return lambda: RelativeStats(spec, seed)
 
 
-register(Relative())
+register_criterion("relative", Relative())

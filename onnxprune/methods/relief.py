@@ -61,7 +61,7 @@ from ..consumers import ConsumerView
 from ..errors import InputError
 from ..groups import Analysis, Group
 from ..layout import SliceParam
-from . import Method, MethodOptions, register
+from . import Criterion, MethodOptions, register_criterion
 
 KEY = "relief"  # MethodKey(KEY, tensor=name): the mean |x| map of a Conv input
 SCORES = MethodKey(KEY)  # Statistics.derived: this run's scores of every consumer
@@ -135,10 +135,10 @@ class ViewScores:
         return self.masks[alpha][0]
 
 
-class Relief(Method):
+class Relief(Criterion):
     """NNrelief connection scores, the per-unit cumulative α rule, ``I_k = max_j s_jk``."""
 
-    name = "relief"
+    statistics = ("sum", "sumsq", "sumabs")  # E|x| of the dense consumers' inputs
 
     # -- calibration ---------------------------------------------------------------
     def requests(self, analysis: Analysis, views: list[ConsumerView], opts: MethodOptions) -> list[StatRequest]:
@@ -541,4 +541,4 @@ def _limited(groups: list[Group], remove: np.ndarray, importance: np.ndarray, mi
     return out
 
 
-register(Relief())
+register_criterion("relief", Relief())
