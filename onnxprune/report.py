@@ -131,12 +131,19 @@ def _macs_basis(result: PruneResult | AnalysisReport, remedy: str) -> str:
     return "MACs per sample, counted on the model's declared input shapes"
 
 
+def _plain(value):
+    """numpy scalars and arrays as JSON numbers and lists (a count summed over booleans is one)."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
 def write_json(data: dict, path: str | os.PathLike) -> None:
     """Write ``data`` as JSON to ``path``, atomically."""
 
     def write(tmp: Path) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
+            json.dump(data, f, indent=2, sort_keys=True, default=_plain)
             f.write("\n")
 
     atomic_write(path, write)

@@ -48,7 +48,9 @@ class RefitCounts:
     bias_only: bool = False  # ``--compensate bias`` (the result's ``compensation`` says so too)
 
     def to_dict(self) -> dict[str, int]:
-        return {"lstsq": self.lstsq, "bias": self.bias, "keep_zeros": self.keep_zeros, "post_relu": self.post_relu}
+        # int(): the counts are sums over numpy booleans
+        return {"lstsq": int(self.lstsq), "bias": int(self.bias), "keep_zeros": int(self.keep_zeros),
+                "post_relu": int(self.post_relu)}
 
     def note(self) -> str:
         """The report's sentence, built from the counts."""
