@@ -190,6 +190,7 @@ class _Worker:
         self.collector: Collector | None = None
         self.shard: RefitShard | None = None
         self.folder: FolderIndex | None = None  # the shared calibration folder, when this worker reads it
+        self.last_file: dict = {}  # the last file it read (shared_data.read)
         self.busy: dict[str, float] = {}  # seconds of work per method, for the pool's summary
 
     def _timed(self, method: str, t0: float) -> None:
@@ -218,7 +219,7 @@ class _Worker:
     def read(self, numbers: list[int], firsts: list[int], batches: list[LazyBatch], collect: bool) -> None:
         """Read one block of batches from the shared folder, then as :meth:`take`."""
         t0 = time.perf_counter()
-        arrays = [read(self.folder, b) for b in batches]
+        arrays = [read(self.folder, b, self.last_file) for b in batches]
         self._timed("read", t0)
         self.take(numbers, firsts, arrays, collect)
 

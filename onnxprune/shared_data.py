@@ -103,20 +103,25 @@ def lazy_batches(index: FolderIndex, batch_size: int, max_samples: int | None = 
         yield LazyBatch(np.arange(lo, min(lo + batch_size, total), dtype=np.int64))
 
 
-def read(index: FolderIndex, batch: LazyBatch | Sample) -> Sample:
+def read(index: FolderIndex, batch: LazyBatch | Sample, last: dict | None = None) -> Sample:
     """The arrays of ``batch`` (a Sample is returned as it is): each file it touches read
-    and checked once, the samples taken in order and joined."""
+    and checked, the samples taken in order and joined.  ``last``: a dict that keeps the
+    last file read between calls, so consecutive batches cut from one many-sample file
+    read it once."""
     if not isinstance(batch, LazyBatch):
         return batch
+    last = {} if last is None else last
     starts = index.starts()
     files = np.searchsorted(starts, batch.rows, side="right") - 1
     pieces = []
     for f in np.unique(files):  # increasing: the rows are
-        path = Path(index.folder) / index.names[f]
-        if not path.is_file():
-            raise InputError(f"{path}: not readable here (--ray with a calibration folder needs one every worker can read)")
-        whole = _read_file(path, index)
-        pieces.append(take_samples(whole, batch.rows[files == f] - starts[f]))
+        if last.get("file") != f:
+            path = Path(index.folder) / index.names[f]
+            if not path.is_file():
+                raise InputError(f"{path}: not readable here (--ray with a calibration folder needs one every worker can read)")
+            last.clear()
+            last.update(file=f, arrays=_read_file(path, index))
+        pieces.append(take_samples(last["arrays"], batch.rows[files == f] - starts[f]))
     return _join(pieces)
 
 

@@ -213,13 +213,14 @@ class Calibrate(Stage):
         # The calibrated batches, kept for the refit's passes: the source is read once.  On
         # Ray the workers keep them, each its shard (distributed.RayPool).
         pool = None
+        last: dict = {}  # the last calibration file the driver read itself (shared_data.read)
         if c.ray:
             from .distributed import RayPool  # Ray is an extra: imported only when asked for
 
             pool = state.store = RayPool(c.ray, c.workers)
             index = state.calib_index
             if index is not None and not pool.use_folder(index):  # the workers cannot read it: the driver does
-                state.calib_batches = (read(index, b) for b in state.calib_batches)
+                state.calib_batches = (read(index, b, last) for b in state.calib_batches)
         elif c.compensate != "none":
             state.store = BatchStore(c.memory_budget // 4)
         state.stats, state.held = calibrate(
@@ -232,8 +233,8 @@ class Calibrate(Stage):
             record=None if pool is not None else state.store, pool=pool,
         )
         if state.calib_index is not None:  # the driver's own samples: verification's and the probes'
-            state.held = [read(state.calib_index, b) for b in state.held]
-            state.stats.kept = [read(state.calib_index, b) for b in state.stats.kept]
+            state.held = [read(state.calib_index, b, last) for b in state.held]
+            state.stats.kept = [read(state.calib_index, b, last) for b in state.stats.kept]
 
     @staticmethod
     def _requests(state: PruneState, views: list[ConsumerView]) -> list:

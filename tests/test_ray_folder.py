@@ -224,3 +224,28 @@ def test_sigterm_during_a_ray_run_is_one_line_and_leaves_no_process_or_file(tmp_
         assert list(tmp.iterdir()) == []
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_batches_cut_from_one_many_sample_file_read_it_once(tmp_path):
+    """A folder of one 40-sample .npz read in batches of 4 with the ``last`` cache: the
+    file is gone after the first batch, and the other nine still come, equal to the
+    driver's batches."""
+    proto = MODELS["residual_concat"]()
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    parts = _batches(proto, n=8, seed=6)
+    np.savez(folder / "all.npz", **{k: np.concatenate([b[k] for b in parts]) for k in parts[0]})
+    specs = _specs(proto)
+    index = index_folder(folder, specs, Preprocess())
+    assert index.counts == (40,)
+    want = list(batches(source_items(str(folder), specs)(), specs, 4))
+    last: dict = {}
+    got = []
+    for k, recipe in enumerate(lazy_batches(index, 4)):
+        got.append(read(index, recipe, last))
+        if k == 0:
+            (folder / "all.npz").unlink()
+    assert len(got) == 10
+    for w, g in zip(want, got, strict=True):
+        for name in w:
+            np.testing.assert_array_equal(g[name], w[name])
