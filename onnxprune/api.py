@@ -248,7 +248,7 @@ def _point(result: PruneResult) -> tuple[float, float, float | None] | None:
 def _sweep_config(config: PruneConfig, target: float) -> PruneConfig:
     # The sweep's own budget replaces the run's, and no point may fail a gate or print.
     return replace(config, ratio=PruneConfig.ratio, target_macs=target, target_params=None, max_error=None,
-                   min_agreement=None, progress=False, latency=False, steps=1)
+                   min_agreement=None, progress=False, latency=False)
 
 
 def _shared_sweep(base: PruneState, points: tuple[float, ...]) -> list:
