@@ -92,6 +92,7 @@ def _init(ray, address: str, workers: int, term) -> None:
     stopped, what it started of a local runtime is stopped; a SIGTERM while Ray's own
     handler stood (``sys.exit(15)``) is the CLI's stop request, raised by its handler (one
     line, exit 143)."""
+    before = set(_descendants(os.getpid())) if address == "local" else set()
     try:
         with _stderr_aside():
             if address == "local":
@@ -101,10 +102,11 @@ def _init(ray, address: str, workers: int, term) -> None:
     except BaseException as exc:
         if address == "local":
             # ray.shutdown only knows a node whose start finished; the raylet, the GCS and
-            # their agents of one cut short are this process's children.
+            # their agents of one cut short are this process's new children (an API
+            # caller's own child processes were there before and are left alone).
             with contextlib.suppress(Exception):
                 ray.shutdown()
-            _stop_children()
+            _stop_children(before)
         if isinstance(exc, SystemExit) and exc.code == signal.SIGTERM and callable(term):
             signal.signal(signal.SIGTERM, term)
             term(signal.SIGTERM, None)
@@ -114,10 +116,10 @@ def _init(ray, address: str, workers: int, term) -> None:
             signal.signal(signal.SIGTERM, term)
 
 
-def _stop_children(grace: float = 5.0) -> None:
-    """SIGTERM to every process below this one, SIGKILL to those still there after
-    ``grace`` seconds (Linux: read from /proc; elsewhere nothing is found)."""
-    pids = _descendants(os.getpid())
+def _stop_children(keep: set[int], grace: float = 5.0) -> None:
+    """SIGTERM to every process below this one but ``keep``, SIGKILL to those still there
+    after ``grace`` seconds (Linux: read from /proc; elsewhere nothing is found)."""
+    pids = [p for p in _descendants(os.getpid()) if p not in keep]
     for pid in pids:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGTERM)
