@@ -23,3 +23,13 @@ def __getattr__(name: str):
 
         return getattr(import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'onnxprune' has no attribute {name!r}")
+
+
+def _defer_imports() -> None:
+    from ._deferred import defer
+
+    defer("sympy")  # onnx_ir imports it for symbolic-dim arithmetic (onnxprune._deferred)
+    defer("onnx_ir._symbolic_shapes")  # reads sympy's attributes at import
+
+
+_defer_imports()

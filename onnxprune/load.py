@@ -95,8 +95,9 @@ def load_model(path: str | os.PathLike) -> tuple[ir.Model, bool]:
         raise InputError(f"input model not found: {p}")
     if not p.is_file():
         raise InputError(f"input model is not a file: {p}")
+    data = p.read_bytes()  # read once: parsed here, and by the checker from these bytes
     try:
-        proto = onnx.load(str(p), load_external_data=False)
+        proto = onnx.load_model_from_string(data)
     except Exception as exc:  # protobuf raises DecodeError and friends
         raise InputError(f"{p} is not an ONNX model (it does not parse: {_one_line(exc)})") from exc
     if proto.ir_version <= 0 or not proto.opset_import or not proto.HasField("graph"):
@@ -113,13 +114,14 @@ def load_model(path: str | os.PathLike) -> tuple[ir.Model, bool]:
                 f"quantized graph ({node.op_type} node '{node.name}'): onnxprune prunes float graphs; "
                 "prune before quantizing"
             )
-    try:
-        onnx.checker.check_model(str(p))
+    try:  # external data is checked against the model's folder, so by path there
+        onnx.checker.check_model(str(p) if external else data)
     except Exception as exc:
         raise InputError(f"{p} is not a valid ONNX model: {_one_line(exc)}") from exc
-    del proto
-    try:
-        model = ir.load(str(p))
+    del data
+    try:  # ir.load(p) would parse the file a third time
+        model = ir.serde.deserialize_model(proto)
+        ir.external_data.set_base_dir(model.graph, p.parent)
     except Exception as exc:
         raise InputError(f"{p} could not be loaded: {_one_line(exc)}") from exc
     normalise(model)
