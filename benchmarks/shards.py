@@ -44,12 +44,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import assets  # noqa: E402
 import cost  # noqa: E402
+from onnxprune import allocate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "benchmarks" / ".cache"
 NET_BYTES_S = 1.25e9  # 10 Gbit/s between driver and workers, on paper
 MEM_BYTES_S = 5e9  # the driver adding the workers' sums
-PROBE_BATCHES = 4  # 32 probe samples in batches of allocate.PROBE_CHUNK = 8: at most 4 workers share a probe
+PROBE_BATCHES = allocate.PROBE_SAMPLES // allocate.PROBE_CHUNK  # at most this many workers share the probes
 
 
 def weights(path: Path) -> dict[str, np.ndarray]:

@@ -4,7 +4,7 @@ shard of the calibration batches from calibration to the end of the refit: whole
 collects their statistics (:class:`calibrate.Collector`), which the driver merges, then
 runs its part of the refit (:class:`reconstruct.RefitShard`): per wave it returns its fold
 sums, the driver merges them, the workers compute the held-out errors that choose each
-target's fit (one fold's at a time, :func:`reconstruct.fold_errors`: 8 folds × 5 fits of
+target's fit (one fold's at a time, :func:`reconstruct.fold_errors`: 4 folds × 5 fits of
 solves, the bulk of the solving), the driver solves once with the choice and sends the new
 weights back.  What crosses the
 wire per block or wave is O(sums): the statistics, the fold sums, the solved weights.

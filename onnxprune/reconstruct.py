@@ -58,9 +58,10 @@ REFIT_ROWS = 4096  # sampled rows (positions, tokens) per batch and consumer
 # Folds of the lstsq-or-bias choice: each fit leaves one fold out, so it sees (K-1)/K of the
 # samples.  With two folds least squares was judged on half the data and lost to the bias
 # fit at consumers where the full-data refit wins by far (benchmarks/RESULTS.md,
-# "EfficientNet-Lite0", the folds table).
-REFIT_FOLDS = 8
-# Each fold keeps its own F×F and O×F sums: the fold count drops (to 2 at least) where 8 folds
+# "EfficientNet-Lite0", the folds table); four folds (each fit on 3/4) choose as well as eight
+# did at half the solves (RESULTS "Cost").
+REFIT_FOLDS = 4
+# Each fold keeps its own F×F and O×F sums: the fold count drops (to 2 at least) where 4 folds
 # of a wide consumer would pass this many bytes (a 4096-input MatMul: 134 MB a fold).
 REFIT_FOLD_BYTES = 512 * 2**20
 
