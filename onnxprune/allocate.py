@@ -50,8 +50,9 @@ from .temporary import temporary_changes
 from .select import choose, fit_band, round_for
 
 LADDER = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)  # removed shares probed per group
-# Calibration samples the probes run on: half of the 32 used before cost as much as three plain
-# passes less at 256 samples and left the targets' quality in place (RESULTS "Cost").
+# Calibration samples the probes run on: the probes' cost does not grow with the calibration
+# set, so at a few hundred samples it is a large share of a prune; 16 chose as well as 32 did
+# on the benchmark models (RESULTS "Cost").
 PROBE_SAMPLES = 16
 PROBE_CHUNK = 8  # samples per probe run: the same batches whatever the number of workers sharing them
 

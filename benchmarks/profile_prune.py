@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""Where a prune's time goes: one prune of a ``cost.py`` row through the CLI in this process
+under cProfile, summed into the parts that issue 17 is about (RESULTS "Cost", "Where the time
+goes").
+
+Exact command (repo root; the rows and their data as in ``benchmarks/cost.py``)::
+
+    .venv/bin/python benchmarks/profile_prune.py [--row effnet|minilm|cnn] [--stats FILE.prof]
+
+Prints the wall time, the report's seconds per stage, and the cumulative seconds of each part
+below (parts nest: the probes' and the refit's onnxruntime runs are also in "onnxruntime runs").
+cProfile adds its own overhead to Python-heavy parts; onnxruntime and BLAS run at full speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pstats
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+import cost  # noqa: E402
+
+# (label, file suffix, function name): cumulative time of every function matching both (no
+# suffix: a built-in, matched by a part of its name)
+PARTS = (
+    ("onnxruntime runs (all)", "", "onnxruntime_pybind11_state.run"),
+    ("calibration (stage)", "onnxprune/calibrate.py", "calibrate"),
+    ("  Gram sums", "onnxprune/gram.py", "update"),
+    ("  image decoding", "onnxprune/data.py", "load_image"),
+    ("allocation probes (tails)", "onnxprune/allocate.py", "squared_errors"),
+    ("refit: segment passes", "onnxprune/segments.py", "advance"),
+    ("refit: fold sums", "onnxprune/reconstruct.py", "update"),
+    ("refit: held-out fold errors", "onnxprune/reconstruct.py", "fold_errors"),
+    ("  Cholesky solves", "onnxprune/gram.py", "solve_spd"),
+    ("verification: fidelity", "onnxprune/verify.py", "measure_fidelity"),
+    ("verification: latency", "onnxprune/verify.py", "paired_latency"),
+)
+
+
+def case_args(row: str, work: Path) -> tuple[Path, list[str], Path]:
+    """The model, the CLI arguments after the two paths, and the cwd of ``row``."""
+    if row == "cnn":
+        c = cost.cnn_case()
+        return cost.ROOT / c.model, c.args, cost.ROOT
+    cases = cost.build_cases([row], argparse.Namespace(seq_len=48), work, {})
+    c = next(iter(cases))
+    return c.model, c.args, c.cwd
+
+
+def part_seconds(stats: pstats.Stats) -> dict[str, float]:
+    """Cumulative seconds of each PARTS entry (summed over matching functions)."""
+    def matches(f: str, fn: str, suffix: str, name: str) -> bool:
+        return f.endswith(suffix) and fn == name if suffix else name in fn
+
+    return {label: sum(v[3] for (f, _, fn), v in stats.stats.items() if matches(f, fn, suffix, name))
+            for label, suffix, name in PARTS}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--row", default="effnet", choices=("effnet", "minilm", "cnn"))
+    ap.add_argument("--stats", type=Path, help="also write the raw cProfile stats here")
+    opts = ap.parse_args(argv)
+    import cProfile
+
+    from onnxprune import cli
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model, args, cwd = case_args(opts.row, work)
+        report = work / "report.json"
+        argv_ = [str(model), str(work / "out.onnx"), *[a for a in args if a != "-q"], "-q", "--report", str(report)]
+        os.chdir(cwd)  # the cnn row's paths are relative to the repository
+        prof = cProfile.Profile()
+        start = time.perf_counter()
+        prof.enable()
+        rc = cli.main(argv_)
+        prof.disable()
+        wall = time.perf_counter() - start
+        seconds = json.loads(report.read_text())["seconds"] if rc == 0 else {}
+    if opts.stats:
+        prof.dump_stats(str(opts.stats))
+    stats = pstats.Stats(prof)
+    print(f"{opts.row}: exit {rc}, {wall:.1f} s wall under cProfile")
+    print("stages: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
+    for label, s in part_seconds(stats).items():
+        print(f"  {label:34s} {s:6.1f} s")
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
