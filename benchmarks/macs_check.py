@@ -19,8 +19,9 @@ text sequences 128 tokens, the built graphs as said) and:
 
 - **onnxprune**: ``count.count_macs(load_model(path), input_shapes)``, what a prune reports
   with that ``--input-shape`` or calibration data of that shape;
-- **declared**: ``count_macs`` on the graph's declared shapes (what was reported before:
-  per unit of any symbolic dim);
+- **declared**: ``count_macs(model)`` without input shapes, what a prune without data or
+  ``--input-shape`` reports: per unit of any symbolic dim but the batch (a batch that is
+  the only symbolic dim is fixed to 1 and the shapes inferred again);
 - **onnxruntime**: independent of onnxprune's shape inference: the input file (read with
   onnx, not onnxprune's loader) gets every input and output of each Conv, ConvTranspose,
   Gemm and MatMul of the main graph as graph outputs, runs once in onnxruntime on the
