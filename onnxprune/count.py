@@ -1,7 +1,8 @@
 """onnxprune's own counters: parameters and multiply-accumulates over inferred shapes.
 
-MACs are per sample: a symbolic batch is fixed to 1 and the shapes inferred again (a dim an
-exporter named that merges the batch with a static count still counts that count).  A model with
+MACs are per sample: a symbolic batch is fixed to 1 and the shapes inferred again (a dim that
+merges the batch with a static count, unknown after load or named by the exporter, still counts
+that count).  A model with
 symbolic spatial or sequence dims is counted on real input shapes when the run knows them
 (``input_shapes``: ``--input-shape``, or a calibration sample's shape): the dims are fixed
 on a weightless copy of the graph, shapes are inferred again there (onnx, then

@@ -125,8 +125,8 @@ def test_analyze_counts_on_input_shape_or_says_per_unit(tmp_path, capsys):
 
 def _windows() -> onnx.ModelProto:
     """x [batch, 3, 8, 8] → 1×1 Conv (8) → NHWC → Reshape to 4 windows of 16 tokens merged
-    with the batch → MatMul 8→6 → Relu; the exporter named the merged dim ``windows`` (as
-    TorchScript's and tf2onnx's exporters name dims they cannot tie to the inputs)."""
+    with the batch → MatMul 8→6 → Relu; the merged dim is declared ``windows``, a name that
+    says nothing of the batch (as an exporter's own dim names do)."""
     g = G()
     x = g.input("x", ["batch", 3, 8, 8])
     h = g.op("Transpose", [g.conv(x, 3, 8, 1)], perm=[0, 2, 3, 1])
