@@ -36,6 +36,7 @@ A markdown table goes to stdout.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import math
 import sys
 import tempfile
@@ -174,13 +175,15 @@ def main() -> int:
     ap.add_argument("--models-dir", type=Path, action="append", default=[],
                     help="check every *.onnx in this folder instead (repeatable; e.g. benchmarks/.cache/coverage)")
     ap.add_argument("--skip", action="append", default=[], help="skip models whose file stem is this (repeatable)")
+    ap.add_argument("--only", action="append", default=[],
+                    help="check only models whose file stem matches this fnmatch pattern (repeatable)")
     args = ap.parse_args()
     worst, missed = 0.0, []
     with tempfile.TemporaryDirectory(prefix="macs-check-") as d:
         print("| model | input (batch 1) | onnxprune | declared shapes | onnxruntime shapes | difference |")
         print("|---|---|---:|---:|---:|---:|")
         for name, path, sizes in model_list(args, Path(d)):
-            if path.stem in args.skip:
+            if path.stem in args.skip or (args.only and not any(fnmatch.fnmatchcase(path.stem, p) for p in args.only)):
                 continue
             row, diff = check_one(name, path, sizes)
             print(row, flush=True)
