@@ -144,17 +144,22 @@ def built_models(folder: Path) -> list[tuple[str, Path, dict[str, int]]]:
 
 def check_one(name: str, path: Path, sizes: dict[str, int]) -> tuple[str, float | None]:
     """One table row and the relative difference (``None``: onnxruntime could not give shapes)."""
+    def why(exc: Exception) -> str:
+        return " ".join(f"{type(exc).__name__}: {exc}".split())[:160].replace("|", "\\|")
+
     feed = feed_for(path, sizes)
     shapes = {k: tuple(v.shape) for k, v in feed.items()}
-    model, _ = load_model(path)
-    ours, declared = count_macs(model, shapes), count_macs(model)
-    del model
     inputs = ", ".join(f"{k} {list(v)}" for k, v in shapes.items())
+    try:
+        model, _ = load_model(path)
+        ours, declared = count_macs(model, shapes), count_macs(model)
+    except Exception as exc:  # reported as a row: one model must not end the run
+        return f"| {name} | {inputs} | not counted: {why(exc)} | - | - | - |", None
+    del model
     try:
         theirs = ort_macs(path, feed)
     except Exception as exc:  # the method's limit, not a count: reported, never dropped
-        why = " ".join(f"{type(exc).__name__}: {exc}".split())[:160].replace("|", "\\|")
-        return f"| {name} | {inputs} | {ours:,} | {declared:,} | not compared: {why} | - |", None
+        return f"| {name} | {inputs} | {ours:,} | {declared:,} | not compared: {why(exc)} | - |", None
     diff = abs(ours - theirs) / max(theirs, 1)
     return f"| {name} | {inputs} | {ours:,} | {declared:,} | {theirs:,} | {diff:.2%} |", diff
 
