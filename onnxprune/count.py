@@ -1,6 +1,8 @@
 """onnxprune's own counters: parameters and multiply-accumulates over inferred shapes.
 
-Symbolic dims (a dynamic batch) count as 1, so MACs are per sample.  A model with
+MACs are per sample: a symbolic batch is fixed to 1 and the shapes inferred again (a dim that
+merges the batch with a static count, unknown after load or named by the exporter, still counts
+that count).  A model with
 symbolic spatial or sequence dims is counted on real input shapes when the run knows them
 (``input_shapes``: ``--input-shape``, or a calibration sample's shape): the dims are fixed
 on a weightless copy of the graph, shapes are inferred again there (onnx, then
@@ -72,6 +74,9 @@ def _count_dims(value: ir.Value | None) -> list[int | None] | None:
     return out
 
 
+_COUNTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
 def node_macs(node: ir.Node) -> int:
     """MACs of one Conv/ConvTranspose/Gemm/MatMul node (0 for other ops or unknown shapes)."""
     op = node.op_type
@@ -98,17 +103,56 @@ def node_macs(node: ir.Node) -> int:
 
 
 def count_macs(model: ir.Model, input_shapes: InputShapes | None = None) -> int:
-    """MACs of the main graph's convolutions and matrix products (on ``input_shapes`` when given)."""
-    if input_shapes:
-        return int(sum(macs_by_node(model, input_shapes).values()))
-    return int(sum(node_macs(n) for n in model.graph))
+    """MACs of the main graph's convolutions and matrix products (on ``input_shapes`` when
+    given, else as :func:`macs_by_node` counts without them)."""
+    return int(sum(macs_by_node(model, input_shapes).values()))
+
+
+def batch_one_shapes(model: ir.Model) -> InputShapes | None:
+    """The declared input shapes with a symbolic batch fixed to 1, when the batch is the only
+    symbolic dim: a dim inferred as an unnamed product of the batch and a static count
+    (Swin's ``B·windows`` in a TorchScript export) would otherwise count as 1.  None when
+    no input has a symbolic batch, or another dim is symbolic (counted per unit)."""
+    if symbolic_dims(model):
+        return None
+    shapes: InputShapes = {}
+    batch: set[str] = set()
+    for v in model.graph.inputs:
+        if v.shape is None or len(v.shape) < 2 or isinstance(v.shape[0], int):
+            continue
+        factors = str(getattr(v.shape[0], "value", v.shape[0])).split("*")
+        batch.update(f.strip() for f in factors if not f.strip().isdigit())
+        # A batch declared as a product (``7*batch``) keeps its static factor, as _count_dims does.
+        shapes[v.name] = (math.prod(int(f) for f in factors if f.strip().isdigit()), *(int(d) for d in v.shape[1:]))
+    return shapes if shapes and not _only_batch_dims(model, batch) else None
+
+
+def _only_batch_dims(model: ir.Model, batch: set[str]) -> bool:
+    """Whether every symbolic dim a counted node reads is a batch dim or a static multiple
+    of one (``197*batch``): then the declared shapes count per sample exactly, and the
+    inference on a copy (seconds on a large graph) is not needed."""
+    for node in model.graph:
+        if node.op_type not in _COUNTED:
+            continue
+        for v in (*node.inputs, *node.outputs):
+            nd = named_dims(v)
+            if v is not None and nd is None:  # rank unknown here: a copy may infer it
+                return False
+            for d in nd or ():
+                if isinstance(d, int):
+                    continue
+                if d is None or not all(f.strip().isdigit() or f.strip() in batch for f in d.split("*")):
+                    return False
+    return True
 
 
 def macs_by_node(model: ir.Model, input_shapes: InputShapes | None = None) -> dict[int, int]:
     """``id(node)`` -> MACs of every main-graph node (0 for ops that are not counted), with
     the graph inputs named in ``input_shapes`` fixed to those dims (on a copy: ``model``
-    keeps its shapes)."""
+    keeps its shapes).  Without them, a symbolic batch is fixed to 1 when it is the only
+    symbolic dim (:func:`batch_one_shapes`); otherwise the graph's own shapes count."""
     nodes = list(model.graph)
+    input_shapes = input_shapes or batch_one_shapes(model)
     if not input_shapes:
         return {id(n): node_macs(n) for n in nodes}
     fixed = fixed_shape_copy(model, input_shapes)

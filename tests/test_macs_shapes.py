@@ -121,3 +121,35 @@ def test_analyze_counts_on_input_shape_or_says_per_unit(tmp_path, capsys):
     assert "counted on input shapes images [1, 3, 64, 48]" in " ".join(capsys.readouterr().out.split())
     assert main(["analyze", str(src), "--input-shape", "images:1,3,64"]) == 2
     assert "has rank 3, but input 'images' has rank 4" in capsys.readouterr().err
+
+
+def _windows() -> onnx.ModelProto:
+    """x [batch, 3, 8, 8] → 1×1 Conv (8) → NHWC → Reshape to 4 windows of 16 tokens merged
+    with the batch → MatMul 8→6 → Relu; the merged dim is declared ``windows``, a name that
+    says nothing of the batch (as an exporter's own dim names do)."""
+    g = G()
+    x = g.input("x", ["batch", 3, 8, 8])
+    h = g.op("Transpose", [g.conv(x, 3, 8, 1)], perm=[0, 2, 3, 1])
+    w = g.op("Reshape", [h, g.const(np.array([-1, 16, 8], np.int64))])
+    y = g.op("MatMul", [w, g.const(g.w(8, 6))])
+    proto = g.model([g.op("Relu", [y])])
+    kept = [vi for vi in proto.graph.value_info if vi.name not in (w, y)]
+    del proto.graph.value_info[:]
+    proto.graph.value_info.extend(kept + [onnx.helper.make_tensor_value_info(w, onnx.TensorProto.FLOAT, ["windows", 16, 8]),
+                                          onnx.helper.make_tensor_value_info(y, onnx.TensorProto.FLOAT, ["windows", 16, 6])])
+    return proto
+
+
+def test_a_dim_merged_with_the_batch_counts_its_windows(tmp_path):
+    # Only the batch is symbolic: the MACs are counted per sample on the declared shapes
+    # with the batch fixed to 1, so the exporter's 'windows' dim counts as the 4 windows
+    # it holds per sample, not as 1 (Swin v2's TorchScript export, RESULTS "MAC counts on
+    # real shapes").
+    src = save(_windows(), tmp_path / "win.onnx")
+    model, _ = load_model(src)
+    per_sample = 8 * 8 * 8 * 3 + 4 * 16 * 6 * 8
+    assert count_macs(model) == count_macs(model, {"x": (1, 3, 8, 8)}) == per_sample
+    report = onnxprune.analyze(src)
+    assert report.macs == per_sample and report.to_dict()["macs_counted_on"] == "declared shapes"
+    _, result = onnxprune.prune(src, None, ratio=0.5, latency=False)
+    assert result.macs_before == per_sample
