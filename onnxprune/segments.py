@@ -51,12 +51,26 @@ class _Spilled:
         return np.load(self.path, allow_pickle=False)
 
 
+class _FromSource:
+    """A graph input's batch, read from the caller's batch sequence when indexed: a
+    :class:`BatchStore` that spilled reads it back from disk, so holding every batch here
+    would bring the whole spilled store back into memory, uncounted."""
+
+    __slots__ = ("batches", "k", "name")
+
+    def __init__(self, batches: Sequence[Sample], k: int, name: str) -> None:
+        self.batches, self.k, self.name = batches, k, name
+
+    def load(self) -> np.ndarray:
+        return self.batches[self.k][self.name]
+
+
 class Batches(list):
     """One tensor's batches, in order; a spilled batch is read from disk when indexed."""
 
     def __getitem__(self, k):  # type: ignore[override]
         item = super().__getitem__(k)
-        return item.load() if isinstance(item, _Spilled) else item
+        return item.load() if isinstance(item, (_Spilled, _FromSource)) else item
 
     def __iter__(self):
         return (self[k] for k in range(len(self)))
@@ -77,12 +91,12 @@ class TensorCache:
         self._folder: Path | None = None
         self._files = 0
 
-    def put(self, name: str, batch: int, array: np.ndarray, shared: bool = False) -> None:
+    def put(self, name: str, batch: int, array: np.ndarray | _FromSource, shared: bool = False) -> None:
         """Store ``array`` as batch ``batch`` of ``name`` (batches arrive in order).
-        ``shared``: the caller keeps the array alive anyway (input batches): never spilled."""
+        ``shared``: the caller owns it (input batches, or where to read them): never spilled."""
         rows = self.arrays.setdefault(name, Batches())
         assert len(rows) == batch, "batches arrive in order"
-        item: np.ndarray | _Spilled = array
+        item: np.ndarray | _Spilled | _FromSource = array
         if shared:
             self.shared.add(name)
         elif self.in_memory + array.nbytes > self.budget:
@@ -247,10 +261,11 @@ class SegmentPass:
         self.done: set[int] = set()  # ids of nodes already run
         self.cone = const_cone(self.graph)  # run inside every segment that reads them, never cached
         self.values = {v.name: v for v in self._all_values()}
+        fed = set(batches[0]) if len(batches) else set()  # every batch feeds the same names
         for v in self.graph.inputs:
-            for k, b in enumerate(batches):
-                if v.name in b:
-                    self.cache.put(v.name, k, b[v.name], shared=True)
+            if v.name in fed:
+                for k in range(len(batches)):
+                    self.cache.put(v.name, k, _FromSource(batches, k, v.name), shared=True)
         self.segments = 0  # sub-models run
         self.nodes_run = 0  # nodes in them (each node runs in one segment only)
         self.seconds = 0.0  # running segments, building their sessions included

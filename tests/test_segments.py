@@ -185,6 +185,33 @@ def test_batch_store_replays_what_it_was_given_within_its_budget():
             np.testing.assert_array_equal(a["x"], b["x"])
 
 
+def test_a_pass_over_a_spilled_store_holds_one_input_batch_at_a_time(tmp_path):
+    """The pass reads graph inputs from the store when it needs them: holding every batch
+    it was given would bring a spilled store back into memory, outside any budget."""
+    import tracemalloc
+
+    g = G(seed=3)
+    x = g.input("x", ["N", 64, 32, 32])
+    model, _ = load_model(save(g.model([g.op("ReduceMean", [g.op("Relu", [x])], keepdims=0, axes=[2, 3])]),
+                               tmp_path / "m.onnx"))
+    rng = np.random.default_rng(0)
+    with BatchStore(budget=0) as store:  # everything on disk
+        for _ in range(24):
+            store.append({"x": rng.standard_normal((4, 64, 32, 32)).astype(np.float32)})  # 1 MiB each
+        expected = [b["x"].clip(0).mean(axis=(2, 3)) for b in store]
+        out = model.graph.outputs[0].name
+        tracemalloc.start()
+        try:
+            with SegmentPass(model, store, providers=CPU, budget=1 << 30) as sp:
+                got = sp.advance([out])
+                _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 6 * 2**20, peak  # a few batches, not the store's 24 MiB
+        for a, b in zip(got[out], expected):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_subgraph_reads_are_segment_inputs(tmp_path):
     model, _ = load_model(save(with_if(), tmp_path / "m.onnx"))
     branch = next(n for n in model.graph if n.op_type == "If")
