@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/minilm.py [--exporter torchscript|dynamo|both] [--ratio 0.3 0.5]
                                           [--method l1 wanda ...] [--compensate none bias lstsq]
-                                          [--analyze-only]
+                                          [--target-macs 0.717] [--global] [--analyze-only]
 
 Builds the exports into ``benchmarks/.cache/`` when they are missing (TorchScript exporter
 with opset 17, dynamo exporter), runs ``onnxprune.analyze`` on each (groups, prunable share
@@ -200,7 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compensate", nargs="+", default=[None],
                     help="with data-driven methods: none, bias, lstsq (default: prune's)")
     ap.add_argument("--target-macs", type=float, nargs="+", default=None,
-                    help="fractions of MACs kept (global selection); replaces --ratio")
+                    help="fractions of MACs kept (with data: the measured allocation); replaces --ratio")
+    ap.add_argument("--global", dest="global_", action="store_true",
+                    help="one threshold across groups (prune's --global) instead of a per-group ratio "
+                         "or, with --target-macs, the measured allocation")
     ap.add_argument("--exclude", nargs="*", default=[],
                     help="producer-name patterns kept whole (TorchScript names: '*intermediate*' = the MLPs, "
                          "'*attention*' = the heads)")
@@ -224,8 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                 budgets = [("target_macs", t) for t in args.target_macs] if args.target_macs else [
                     ("ratio", r) for r in args.ratio]
                 for key, ratio in budgets:
-                    out = CACHE / f"minilm-{exporter}-{method}-{comp}-{key}{ratio:g}.onnx"
-                    kwargs = {key: ratio, "exclude": args.exclude}
+                    out = CACHE / f"minilm-{exporter}-{method}-{comp}-{key}{ratio:g}{'-global' * args.global_}.onnx"
+                    kwargs = {key: ratio, "exclude": args.exclude, "global_": args.global_}
                     if data_driven:
                         # One sample per sentence, tokenized alone: no padding tokens in the statistics.
                         kwargs["calib"] = [tokenize([s]) for s in calib_s]
@@ -238,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                     pooled, hidden = embeddings(out, feed)
                     cs, ch = cosine(pooled, ref_pooled), cosine(hidden, ref_hidden)
                     label = f"{method} / {comp or ('none' if not data_driven else 'default')}"
-                    budget = f"{ratio:g}" if key == "ratio" else f"MACs {ratio:g}"
+                    budget = (f"{ratio:g}" if key == "ratio" else f"MACs {ratio:g}") + (" global" if args.global_ else "")
                     print(
                         f"  {key} {ratio:g} {label}: params {result.params_before:,} -> {result.params_after:,} "
                         f"({result.params_after / result.params_before:.1%}), MACs "
