@@ -120,6 +120,19 @@ class TensorCache:
     def get(self, name: str) -> Batches:
         return self.arrays[name]
 
+    def release(self, name: str, batch: int) -> None:
+        """Forget one batch of ``name`` (nothing reads it again), so its bytes count no
+        more: a segment frees its inputs batch by batch as its outputs arrive."""
+        rows = self.arrays.get(name)
+        if rows is None or name in self.shared:
+            return
+        item = list.__getitem__(rows, batch)
+        if isinstance(item, _Spilled):
+            item.path.unlink(missing_ok=True)
+        elif item is not None:
+            self.in_memory -= item.nbytes
+        list.__setitem__(rows, batch, None)
+
     def __contains__(self, name: str) -> bool:
         return name in self.arrays
 
@@ -131,7 +144,7 @@ class TensorCache:
         for item in list.__iter__(rows):
             if isinstance(item, _Spilled):
                 item.path.unlink(missing_ok=True)
-            else:
+            elif item is not None:
                 self.in_memory -= item.nbytes
 
     def close(self) -> None:
@@ -343,6 +356,10 @@ class SegmentPass:
         sess = session_from_view(self.model, list(inputs.values()), outputs, nodes, self.providers)
         self.build_seconds += time.perf_counter() - t1
         names = [o.name for o in outputs]
+        # Inputs nothing after this segment reads go batch by batch, before the batch's
+        # outputs are stored: the next frontier then takes the old one's room in the budget
+        # instead of spilling while the old one is still held.
+        spent = [name for name in inputs if name not in keep]
         for k in range(self.n_batches):
             feed = {name: self.cache.get(name)[k] for name in inputs}
             try:
@@ -350,6 +367,8 @@ class SegmentPass:
             except Exception as exc:
                 raise InputError(f"onnxruntime failed on a segment of the {self.label}: "
                                  f"{' '.join(str(exc).split())[:300]}") from exc
+            for name in spent:
+                self.cache.release(name, k)
             for name, arr in zip(names, got):
                 self.cache.put(name, k, arr)
             del got, feed

@@ -212,6 +212,26 @@ def test_a_pass_over_a_spilled_store_holds_one_input_batch_at_a_time(tmp_path):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_a_frontier_that_fits_the_budget_never_spills(tmp_path):
+    """Each segment frees its spent inputs batch by batch as its outputs arrive: a chain
+    whose frontier fills two thirds of the budget runs without writing a file (holding the
+    old frontier until the new one was complete would spill every other segment)."""
+    g = G(seed=4)
+    x = g.input("x", ["N", 8, 16, 16])
+    a = g.op("Relu", [x], name="a")
+    b = g.op("Neg", [a], name="b")
+    c = g.op("Abs", [b], name="c")
+    model, _ = load_model(save(g.model([g.op("Sigmoid", [c], name="d")]), tmp_path / "m.onnx"))
+    batches = [{"x": np.random.default_rng(k).standard_normal((4, 8, 16, 16)).astype(np.float32)} for k in range(6)]
+    frontier = 6 * 4 * 8 * 16 * 16 * 4  # one tensor, every batch
+    names = [n.outputs[0].name for n in model.graph]
+    with SegmentPass(model, batches, providers=CPU, budget=frontier * 3 // 2) as sp:
+        for k, name in enumerate(names):
+            got = sp.advance([name], names[k + 1 :])
+            assert sp.cache.spilled == 0 and sp.cache.in_memory <= frontier, (name, sp.cache.spilled)
+        np.testing.assert_allclose(got[names[-1]][5], 1 / (1 + np.exp(-np.abs(batches[5]["x"].clip(0)))), rtol=1e-6)
+
+
 def test_subgraph_reads_are_segment_inputs(tmp_path):
     model, _ = load_model(save(with_if(), tmp_path / "m.onnx"))
     branch = next(n for n in model.graph if n.op_type == "If")
