@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from ._graph import FOLD_LIMIT, _structure_proto, all_graph_nodes, attr_int, dims, is_const, named_dims, supplement_shapes
+from ._graph import all_graph_nodes, attr_int, dims, is_const, named_dims
+from .fold import FOLD_LIMIT
+from .shapes import _structure_proto, supplement_shapes
 
 InputShapes = dict[str, tuple[int, ...]]
 

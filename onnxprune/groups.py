@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from ._graph import all_graph_nodes, node_label, opset, prepare_graph
+from ._graph import all_graph_nodes, node_label, opset
+from .fold import prepare_graph
 from .errors import InputError
 from .layout import FIXED, Edit, Layout, SliceBounds, SliceParam, SplitSizes, UnionFind
 from .ops import handler_for, subgraph_reason

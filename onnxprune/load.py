@@ -4,7 +4,7 @@ Checks, in order: the file exists and parses as ONNX; external-data paths stay i
 the model's folder and exist; the default-domain opset is 11 or newer; no quantized op
 is present; onnx's checker accepts the model.  Then the model is loaded with onnx-ir
 (external tensors stay lazy), exporter idioms are folded (constant-only index arithmetic,
-static shape reads: see ``_graph.prepare_graph``) and onnx shape inference fills in
+static shape reads: see ``fold.prepare_graph``) and onnx shape inference fills in
 intermediate shapes.
 """
 
@@ -22,7 +22,9 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
-from ._graph import fold_attention_idioms, prepare_graph, supplement_shapes
+from .canonical import fold_attention_idioms
+from .fold import prepare_graph
+from .shapes import supplement_shapes
 from . import _temps
 from ._signals import deferred
 from .errors import InputError

@@ -14,7 +14,8 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
-from ._graph import const_array, new_initializer, opset, replace_const, supplement_shapes
+from ._graph import const_array, new_initializer, opset, replace_const
+from .shapes import supplement_shapes
 from .groups import Analysis
 from .layout import SetCount, SetGroup, SliceBounds, SliceParam, SplitSizes
 

@@ -21,7 +21,8 @@ import numpy as np
 import onnx_ir as ir
 
 from . import _ort, _temps, checks
-from ._graph import RESTRUCTURED, node_label
+from ._graph import node_label
+from .canonical import RESTRUCTURED
 from .allocate import PROBE_SAMPLES, allocate, probes_text
 from .calibrate import Statistics, calibrate, providers_for
 from .compensate import apply_bias, apply_refits, bias_deltas, lstsq_refits, lstsq_requests

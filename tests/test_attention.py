@@ -286,7 +286,7 @@ def test_macs_count_the_static_factor_of_merged_tokens(tmp_path):
 def test_folds_are_checked_against_the_original_values(tmp_path, monkeypatch):
     """prune compares the input after load's attention folds with the original on a feed
     before it prunes: a fold that changed the values stops it with a VerificationError."""
-    import onnxprune._graph as graph_mod
+    import onnxprune.canonical as graph_mod
     from onnxprune.errors import VerificationError
 
     src = save(attention("dynamo"), tmp_path / "in.onnx")

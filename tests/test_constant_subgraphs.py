@@ -22,7 +22,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxprune
 from builders import G, max_diff, params, remove_exact, run, save
-from onnxprune._graph import FOLD_LIMIT, is_const
+from onnxprune._graph import is_const
+from onnxprune.fold import FOLD_LIMIT
 from onnxprune._ort import session
 from onnxprune.count import count_macs, count_params
 from onnxprune.load import load_model
