@@ -165,3 +165,36 @@ def _generated(d) -> bool:
     """A dim no one named: unknown, or one of the ``unk__N`` placeholders onnx invents."""
     name = getattr(d, "value", d)
     return name is None or (isinstance(name, str) and name.startswith("unk__"))
+
+
+def remove_dead(graph: ir.Graph, values: list[ir.Value | None]) -> int:
+    """Remove what computed ``values`` once nothing reads it: the producing node (if in
+    ``graph``) or the initializer, then, in turn, whatever only the removed nodes read.
+    Graph inputs and outputs stay.  Returns how many nodes and initializers went.
+
+    The one dead-node remover of onnxprune (the folds, the canonicalisations and the
+    rewrite call it on the values they stopped reading).  Not onnx-ir's
+    ``RemoveUnusedNodesPass``: that sweeps the whole model, so it would also delete the dead
+    nodes and unused initializers the input already had (the counted params would change
+    with whether a fold happened), and it strips unused optional outputs off live nodes,
+    looking up every node's schema on each call.
+    """
+    todo = [v for v in values if v is not None]
+    removed = 0
+    while todo:
+        v = todo.pop()
+        if v.uses() or v.is_graph_output() or v.is_graph_input():
+            continue
+        node = v.producer()
+        if node is None:
+            if v.is_initializer() and graph.initializers.get(v.name) is v:
+                graph.initializers.pop(v.name)  # a weight only the removed nodes read
+                removed += 1
+            continue
+        if node.graph is not graph or any(o.uses() or o.is_graph_output() for o in node.outputs):
+            continue
+        inputs = [i for i in node.inputs if i is not None]
+        graph.remove(node, safe=True)
+        removed += 1
+        todo.extend(inputs)
+    return removed

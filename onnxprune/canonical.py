@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from ._graph import attr_int, attr_ints, const_array, const_ints, is_const, named_dims, new_initializer
+from ._graph import attr_int, attr_ints, const_array, const_ints, is_const, named_dims, new_initializer, remove_dead
 
 
 RESTRUCTURED = "onnxprune.restructured"  # graph.meta key: how many attention idioms load folded
@@ -80,7 +80,7 @@ def fold_batch_merge_transposes(graph: ir.Graph) -> int:
         dropped = [r2.inputs[1], r1.inputs[1]]
         graph.remove([r2, t, r1], safe=True)
         y.name = name
-        _remove_dead(graph, dropped)
+        remove_dead(graph, dropped)
         folded += 1
     return folded
 
@@ -135,7 +135,7 @@ def fold_packed_projections(graph: ir.Graph) -> int:
             name = out.name
             graph.remove(g, safe=True)
             y.name = name
-        _remove_dead(graph, dead)
+        remove_dead(graph, dead)
         folded += 1
     return folded
 
@@ -252,21 +252,3 @@ def _heads_into_batch(dx: list, d1: list, d2: list, perm: list[int]) -> tuple[li
     if None in d2 or d2 != expected:
         return None
     return [0] * (n - 1) + [h, d], new_perm
-
-
-def _remove_dead(graph: ir.Graph, values: list[ir.Value | None]) -> None:
-    """Remove the nodes that computed ``values`` and whatever only they read."""
-    todo = [v for v in values if v is not None]
-    while todo:
-        v = todo.pop()
-        node = v.producer()
-        if node is None and v.is_initializer() and not v.uses() and v not in graph.inputs:
-            graph.initializers.pop(v.name, None)  # a weight only the removed nodes read
-            continue
-        if node is None or node.graph is not graph:
-            continue
-        if any(o.uses() or o.is_graph_output() for o in node.outputs):
-            continue
-        inputs = list(node.inputs)
-        graph.remove(node, safe=True)
-        todo.extend(i for i in inputs if i is not None)

@@ -27,7 +27,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from ._graph import attr_int, attr_ints, const_array, dims, is_const, opset
+from ._graph import attr_int, attr_ints, const_array, dims, is_const, opset, remove_dead
 from .canonical import fold_attention_idioms
 
 
@@ -274,18 +274,11 @@ def _replace_by_constants(graph: ir.Graph, node: ir.Node, arrays: list[np.ndarra
         graph.insert_before(node, const)
         ir.convenience.replace_all_uses_with(out, value)
         new_values.append((value, out.name))
-    inputs = [v for v in dict.fromkeys(node.inputs) if v is not None]
+    inputs = [v for v in dict.fromkeys(node.inputs) if is_const(v)]  # (a Shape's source stays)
     graph.remove(node, safe=True)
     for value, name in new_values:
         value.name = name
-    for v in inputs:
-        if v.uses() or v.is_graph_output() or v.is_graph_input():
-            continue
-        producer = v.producer()
-        if producer is not None and producer.op_type == "Constant" and producer.graph is graph:
-            graph.remove(producer, safe=True)
-        elif v.is_initializer() and graph.initializers.get(v.name) is v:
-            graph.initializers.pop(v.name)
+    remove_dead(graph, inputs)
     return [v for v, _ in new_values]
 
 

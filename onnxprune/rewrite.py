@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
-from ._graph import const_array, new_initializer, opset, replace_const
+from ._graph import const_array, new_initializer, opset, remove_dead, replace_const
 from .shapes import supplement_shapes
 from .groups import Analysis
 from .layout import SetCount, SetGroup, SliceBounds, SliceParam, SplitSizes
@@ -89,7 +89,7 @@ def apply_removal(analysis: Analysis, removed: np.ndarray) -> None:
         touched.append(value)
         replace_const(node, index, np.ascontiguousarray(array), graph)
 
-    _drop_unused(graph, touched)
+    remove_dead(graph, touched)  # the constants our private copies replaced
     refresh_shapes(model)
 
 
@@ -115,18 +115,6 @@ def _rewrite_split(e: SplitSizes, keep: Keep, graph: ir.Graph, model: ir.Model) 
     value = new_initializer(graph, f"{node.name or 'split'}_sizes", sizes)
     node.resize_inputs(2)
     node.replace_input_with(1, value)
-
-
-def _drop_unused(graph: ir.Graph, touched: list[ir.Value]) -> None:
-    """Remove the constants our edits made unused (private copies replaced them)."""
-    for value in touched:
-        if value.uses() or value.is_graph_output():
-            continue
-        if value.is_initializer() and value not in graph.inputs:
-            graph.initializers.pop(value.name)
-        producer = value.producer()
-        if producer is not None and producer.op_type == "Constant" and producer.graph is graph:
-            graph.remove(producer, safe=True)
 
 
 def refresh_shapes(model: ir.Model) -> None:

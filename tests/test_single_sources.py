@@ -1,7 +1,8 @@
 """One source for each piece of shared logic (issue 16, item 2): temporary graph changes are
 undone whatever happens, the Split/Slice chunk rule is one guard, statistics are found by
-the consumer they belong to (not by a position in a list), and a run's method state lives
-with the run's statistics, never on the registered method objects."""
+the consumer they belong to (not by a position in a list), a run's method state lives
+with the run's statistics, never on the registered method objects, and one function
+removes dead nodes."""
 
 from __future__ import annotations
 
@@ -142,3 +143,31 @@ def test_steps_on_matmuls_give_each_rounds_bias_add_its_own_names(tmp_path):
     # mm3 loses inputs in both rounds: one Add each (the reconstruct pass rewrote the Add of
     # its round's first refit, not an earlier round's); mm2 only in the first.
     assert [n for n in names if "bias_add" in n] == ["mm2_bias_add", "mm3_bias_add_1", "mm3_bias_add"]
+
+
+def test_one_dead_node_remover_takes_only_what_the_dropped_values_alone_read():
+    """``_graph.remove_dead`` (the folds, the canonicalisations and the rewrite all call it)
+    removes the dropped values' producers and what only they read, and nothing else: a
+    value still read, graph inputs and outputs, and dead nodes the model had stay."""
+    from onnxprune._graph import remove_dead
+
+    f32 = ir.TensorType(ir.DataType.FLOAT)
+    x = ir.Value(name="x", shape=ir.Shape([2, 3]), type=f32)
+
+    def init(name):
+        return ir.Value(name=name, shape=ir.Shape([3]), type=f32, const_value=ir.tensor(np.ones(3, np.float32), name=name))
+
+    k, b, o = init("k"), init("b"), init("o")
+    add = ir.node("Add", [x, k], name="add")
+    neg = ir.node("Neg", [add.outputs[0]], name="neg")  # dropped: neg, add and k go
+    sub = ir.node("Sub", [x, b], name="sub")  # dropped, but b is read by kept too
+    kept = ir.node("Add", [x, b], name="kept")
+    mul = ir.node("Mul", [x, o], name="mul")  # dropped; o is a graph output
+    had = ir.node("Relu", [x], name="had")  # dead before: not ours to remove
+    graph = ir.Graph([x], [kept.outputs[0], o], nodes=[add, neg, sub, kept, mul, had],
+                     initializers=[k, b, o], opset_imports={"": 18})
+
+    assert remove_dead(graph, [neg.outputs[0], sub.outputs[0], mul.outputs[0], None]) == 5
+    assert [n.name for n in graph] == ["kept", "had"]
+    assert sorted(graph.initializers) == ["b", "o"]
+    assert remove_dead(graph, [kept.outputs[0], x, o]) == 0  # outputs and inputs stay
