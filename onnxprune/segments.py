@@ -103,6 +103,10 @@ class TensorCache:
             item = self._spill(array)
             self.spilled += array.nbytes
         else:
+            if array.base is not None:
+                # A view pins memory the budget does not see: onnxruntime's outputs live in
+                # their session's arena, which stays whole while one output is alive.
+                item = array.copy()
             self.in_memory += array.nbytes
         self.peak = max(self.peak, self.in_memory)
         rows.append(item)

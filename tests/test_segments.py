@@ -232,6 +232,19 @@ def test_a_frontier_that_fits_the_budget_never_spills(tmp_path):
         np.testing.assert_allclose(got[names[-1]][5], 1 / (1 + np.exp(-np.abs(batches[5]["x"].clip(0)))), rtol=1e-6)
 
 
+def test_the_cache_owns_the_bytes_it_counts(tmp_path):
+    """onnxruntime's outputs are views into their session's arena: cached as they are, one
+    of them keeps the whole arena (intermediates included) alive after the segment ran."""
+    model, _ = load_model(save(residual_concat(), tmp_path / "m.onnx"))
+    with SegmentPass(model, _batches(residual_concat()), providers=CPU, budget=1 << 30) as sp:
+        stem = next(n for n in model.graph if n.name == "stem").outputs[0].name
+        sp.advance([stem], ["head_out"])
+        held = [a for name in sp.cache.arrays if name not in sp.cache.shared
+                for a in list.__iter__(sp.cache.get(name)) if isinstance(a, np.ndarray)]
+        assert held and all(a.base is None for a in held)
+        assert sp.cache.in_memory == sum(a.nbytes for a in held)
+
+
 def test_subgraph_reads_are_segment_inputs(tmp_path):
     model, _ = load_model(save(with_if(), tmp_path / "m.onnx"))
     branch = next(n for n in model.graph if n.op_type == "If")
