@@ -130,12 +130,14 @@ class TensorCache:
         rows = self.arrays.get(name)
         if rows is None or name in self.shared:
             return
-        item = list.__getitem__(rows, batch)
+        self._forget(list.__getitem__(rows, batch))
+        list.__setitem__(rows, batch, None)
+
+    def _forget(self, item: np.ndarray | _Spilled | None) -> None:
         if isinstance(item, _Spilled):
             item.path.unlink(missing_ok=True)
         elif item is not None:
             self.in_memory -= item.nbytes
-        list.__setitem__(rows, batch, None)
 
     def __contains__(self, name: str) -> bool:
         return name in self.arrays
@@ -146,10 +148,7 @@ class TensorCache:
             self.shared.discard(name)
             return
         for item in list.__iter__(rows):
-            if isinstance(item, _Spilled):
-                item.path.unlink(missing_ok=True)
-            elif item is not None:
-                self.in_memory -= item.nbytes
+            self._forget(item)
 
     def close(self) -> None:
         self.arrays.clear()
