@@ -36,6 +36,9 @@ from .data import samples_in
 from .errors import InputError
 
 Sample = dict[str, np.ndarray]
+# Sub-models with more tensor bytes than this are handed to onnxruntime as a file with
+# external data: one protobuf message cannot pass 2 GiB.
+INLINE_LIMIT = 2**31 - 2**27
 
 
 class _Spilled:
@@ -243,6 +246,19 @@ def view_bytes(model: ir.Model, inputs: Sequence[ir.Value], outputs: Sequence[ir
     return _view_proto(model, inputs, outputs, nodes).SerializeToString()
 
 
+def _tensor_bytes(nodes: Sequence[ir.Node]) -> int:
+    """Bytes of the constants ``nodes`` read and of their tensor attributes (Constant nodes)."""
+    seen: dict[int, int] = {}
+    for n in nodes:
+        for v in node_reads(n):
+            if _is_const(v):
+                seen[id(v)] = v.const_value.nbytes
+        for a in n.attributes.values():
+            if a.type == ir.AttributeType.TENSOR:
+                seen[id(a)] = a.value.nbytes
+    return sum(seen.values())
+
+
 def session_from_view(model: ir.Model, inputs: Sequence[ir.Value], outputs: Sequence[ir.Value],
                       nodes: Sequence[ir.Node], providers: list[str]):
     """An onnxruntime session for the sub-model of ``model`` made of ``nodes`` (in graph
@@ -250,7 +266,9 @@ def session_from_view(model: ir.Model, inputs: Sequence[ir.Value], outputs: Sequ
     protobuf's 2 GiB, written with external data to a private temp folder, removed once
     onnxruntime has loaded it."""
     proto = _view_proto(model, inputs, outputs, nodes)
-    if proto.ByteSize() < 2**31 - 2**26:
+    # The tensors are nearly all of the bytes: protobuf's own ByteSize walks the whole
+    # message, a cost like serialising it (a third of building a segment on MiniLM).
+    if _tensor_bytes(nodes) < INLINE_LIMIT:
         return _ort.session(proto.SerializeToString(), providers)
     with tempfile.TemporaryDirectory(prefix="onnxprune-segment-") as folder:
         path = Path(folder) / "segment.onnx"

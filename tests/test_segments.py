@@ -115,6 +115,30 @@ def test_segments_give_the_whole_graph_values_and_run_each_node_once(tmp_path, n
         assert sp.segments <= len(steps)
 
 
+def test_segments_past_the_inline_limit_go_through_a_removed_file(tmp_path, monkeypatch):
+    """A sub-model too big for one protobuf message is loaded from a file with external
+    data, in a temp folder that is gone once onnxruntime has read it."""
+    import tempfile
+
+    import onnxprune.segments as seg
+
+    proto = residual_concat()
+    model, _ = load_model(save(proto, tmp_path / "m.onnx"))
+    batches = _batches(proto)
+    out = model.graph.outputs[0].name
+    want = [exposed_session(model, [out]).run([out], b)[0] for b in batches]
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    monkeypatch.setattr(seg, "INLINE_LIMIT", 0)
+    with SegmentPass(model, batches, providers=CPU, budget=1 << 30) as sp:
+        got = sp.advance([out])[out]
+        assert sp.segments == 1
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+    assert list(temp.iterdir()) == []
+
+
 def test_the_cache_drops_what_nothing_later_reads(tmp_path):
     model, _ = load_model(save(residual_concat(), tmp_path / "m.onnx"))
     with SegmentPass(model, _batches(residual_concat()), providers=CPU, budget=1 << 30) as sp:
