@@ -93,17 +93,23 @@ def _guard() -> int:
         os.close(write_end)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)  # a held signal is forwarded now
     code = child[0].wait()
+    # The child is done and its code decides: a signal from here on must not kill this
+    # process while it exits (the interpreter puts the default action back as it finalises).
+    for sig in stops:
+        signal.signal(sig, signal.SIG_IGN)
     status = _read_all(read_end)
     if code >= 0:
         return code
     signum = -code
-    if signum in stops and signum in forwarded:  # died of it before its handlers were in place
+    for line in reversed(status):  # what it left behind: it died before its own cleanup
+        if line.startswith("temp "):
+            _remove(line[5:])
+    if signum in stops and signum in forwarded:
+        # Died of the forwarded stop request: before its handlers were in place, or while a
+        # library had put the default action back (ray.shutdown does, for about a second).
         line, code = _signals.message(_signals.Interrupted(signum))
         print(line, file=sys.stderr)
         return code
-    for line in reversed(status):
-        if line.startswith("temp "):
-            _remove(line[5:])
     phases = [line[6:] for line in status if line.startswith("phase ")]
     what, written = _PHASES.get(phases[-1] if phases else "", ("the run crashed", "nothing was written"))
     try:
@@ -141,12 +147,20 @@ def _remove(path: str) -> None:
     (only names onnxprune gives its temporaries)."""
     import shutil
 
+    import time
+
     name = os.path.basename(path.rstrip("/"))
     if not name.startswith((".onnxprune-", "opr-")):
         return
     try:
         if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
+            # A local Ray runtime's processes (their session folder is inside the run's)
+            # exit after the child and may write a last log line: try again for a while.
+            for _ in range(50):
+                shutil.rmtree(path, ignore_errors=True)
+                if not os.path.lexists(path):
+                    break
+                time.sleep(0.1)
         elif os.path.lexists(path):
             os.unlink(path)
     except OSError:

@@ -143,15 +143,21 @@ def tell_parent(kind: str, text: str) -> None:
 _status_pid = [os.getpid()]  # a forked process (multiprocessing) must not write on the pipe
 # Tests only: crash this process with a real SIGSEGV when the run reaches this phase (no
 # model is known that crashes this onnxruntime; the parent's handling is what is tested).
+# ``PHASE:SIGTERM``: put SIGTERM's default action back, as ``ray.shutdown()`` does, and ask
+# the parent to stop the run, so the forwarded SIGTERM kills this process outright.
 _CRASH_AT = os.environ.get("ONNXPRUNE_TEST_CRASH_AT")
 
 
 def phase(text: str) -> None:
     """Tell the guarding parent what the run does now (named in its line if this crashes)."""
     tell_parent("phase", text)
-    if _CRASH_AT == text and _status:
+    if _CRASH_AT and _CRASH_AT.split(":")[0] == text and _status:
         import signal
 
+        if _CRASH_AT.endswith(":SIGTERM"):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getppid(), signal.SIGTERM)
+            time.sleep(60)  # the forwarded signal ends this process
         os.kill(os.getpid(), signal.SIGSEGV)
 
 

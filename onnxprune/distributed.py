@@ -47,6 +47,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from . import _signals
 from .calibrate import SHARD_BLOCK, CollectPlan, Collector, Statistics
 from .data import Sample, samples_in
 from .errors import InputError, OnnxPruneError
@@ -105,7 +106,7 @@ def _init(ray, address: str, workers: int, term) -> None:
             # their agents of one cut short are this process's new children (an API
             # caller's own child processes were there before and are left alone).
             with contextlib.suppress(Exception):
-                ray.shutdown()
+                _shutdown(ray)
             _stop_children(before)
         if isinstance(exc, SystemExit) and exc.code == signal.SIGTERM and callable(term):
             signal.signal(signal.SIGTERM, term)
@@ -114,6 +115,19 @@ def _init(ray, address: str, workers: int, term) -> None:
     finally:
         if term is not None:
             signal.signal(signal.SIGTERM, term)
+
+
+def _shutdown(ray) -> None:
+    """``ray.shutdown()``, then this process's SIGINT/SIGTERM handlers in force again: Ray's
+    core worker puts back the actions it found at its start, so after a shutdown SIGTERM
+    killed the process outright (no line, exit -15, the run's temp folder left) while
+    ``signal.getsignal`` still named the CLI's handler."""
+    ray.shutdown()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(sig)
+            if handler is not None:  # None: set outside Python, nothing to put back
+                signal.signal(sig, handler)
 
 
 def _stop_children(keep: set[int], grace: float = 5.0) -> None:
@@ -317,6 +331,7 @@ class RayPool:
     IN_FLIGHT = 2  # blocks sent to one worker and not yet folded in, before the driver waits
 
     def __init__(self, address: str, workers: int, block: int = SHARD_BLOCK) -> None:
+        self._before = set(_descendants(os.getpid()))  # a local runtime's processes are the new ones
         self.ray, self.started = connect(address, workers)
         self.block = block
         self.run = uuid.uuid4().hex[:8]
@@ -582,16 +597,22 @@ class RayPool:
             return
         self.closed = True
         self.marks["closed"] = time.perf_counter()
-        for a in self.actors:
-            try:
-                self.busy.append(self.ray.get(a.timings.remote()))
-                self.ray.get(a.close.remote())
-            except Exception:  # a dead worker has nothing left to close
-                pass
-            self.ray.kill(a)
-        self.blocks = [[] for _ in self.actors]
-        if self.started:  # its session folder lives in the run's temp folder: stop writing there before it goes
-            self.ray.shutdown()
+        try:  # a stop request in here (the end of a run) must not skip the shutdown below
+            for a in self.actors:
+                try:
+                    self.busy.append(self.ray.get(a.timings.remote()))
+                    self.ray.get(a.close.remote())
+                except Exception:  # a dead worker has nothing left to close
+                    pass
+                self.ray.kill(a)
+        finally:
+            self.blocks = [[] for _ in self.actors]
+            if self.started:  # its session folder lives in the run's temp folder: stop writing there before it goes
+                with _signals.deferred():
+                    _shutdown(self.ray)
+                    # ray.shutdown returns while the raylet, the GCS and their agents still
+                    # exit and write their logs: a folder removed then can be refilled behind rmtree.
+                    _stop_children(self._before)
 
 
     def summary(self) -> dict:
