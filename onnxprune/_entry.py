@@ -146,7 +146,6 @@ def _remove(path: str) -> None:
     """Remove a temporary file or folder the dead child created, if it is still there
     (only names onnxprune gives its temporaries)."""
     import shutil
-
     import time
 
     name = os.path.basename(path.rstrip("/"))

@@ -246,9 +246,10 @@ def view_bytes(model: ir.Model, inputs: Sequence[ir.Value], outputs: Sequence[ir
     return _view_proto(model, inputs, outputs, nodes).SerializeToString()
 
 
-def _tensor_bytes(nodes: Sequence[ir.Node]) -> int:
-    """Bytes of the constants ``nodes`` read and of their tensor attributes (Constant nodes)."""
-    seen: dict[int, int] = {}
+def _tensor_bytes(nodes: Iterable[ir.Node], seen: dict[int, int] | None = None) -> int:
+    """Bytes of the constants ``nodes`` read and of their tensor attributes (Constant nodes),
+    subgraphs (If/Loop/Scan bodies) included."""
+    seen = {} if seen is None else seen
     for n in nodes:
         for v in node_reads(n):
             if _is_const(v):
@@ -256,6 +257,12 @@ def _tensor_bytes(nodes: Sequence[ir.Node]) -> int:
         for a in n.attributes.values():
             if a.type == ir.AttributeType.TENSOR:
                 seen[id(a)] = a.value.nbytes
+            elif a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
+                for g in [a.value] if a.type == ir.AttributeType.GRAPH else a.value:
+                    for init in g.initializers.values():
+                        if init.const_value is not None:
+                            seen[id(init)] = init.const_value.nbytes
+                    _tensor_bytes(g, seen)
     return sum(seen.values())
 
 
