@@ -7,9 +7,10 @@ folding at load), ``canonical`` (exporter idioms rewritten for the analysis), ``
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 
@@ -198,3 +199,34 @@ def remove_dead(graph: ir.Graph, values: list[ir.Value | None]) -> int:
         removed += 1
         todo.extend(inputs)
     return removed
+
+
+def inline_external(proto: onnx.ModelProto, values: Iterable[ir.Value]) -> onnx.ModelProto:
+    """``proto`` with the initializers among ``values`` that live in the input's external-data
+    file given their bytes: a model handed to onnxruntime as bytes, saved elsewhere or sent to
+    a worker finds nothing at the file's relative location (onnxruntime refused it)."""
+    external = {v.name: v.const_value for v in values if isinstance(v.const_value, ir.ExternalTensor)}
+    if external:
+        for t in proto.graph.initializer:
+            src = external.get(t.name)
+            if src is not None and t.data_location == onnx.TensorProto.EXTERNAL:
+                t.raw_data = src.tobytes()
+                del t.external_data[:]
+                t.data_location = onnx.TensorProto.DEFAULT
+    return proto
+
+
+def model_proto(model: ir.Model) -> onnx.ModelProto:
+    """``ir.to_proto(model)`` with external tensors inline (see :func:`inline_external`)."""
+    return inline_external(ir.to_proto(model), model.graph.initializers.values())
+
+
+def copy_model(model: ir.Model) -> ir.Model:
+    """A deep copy (through protobuf) whose external tensors still read the input's file:
+    the copy's tensors keep the relative location but not the folder it is relative to."""
+    out = ir.from_proto(ir.to_proto(model))
+    base = next((v.const_value.base_dir for v in model.graph.initializers.values()
+                 if isinstance(v.const_value, ir.ExternalTensor) and v.const_value.base_dir), None)
+    if base:
+        ir.external_data.set_base_dir(out.graph, base)
+    return out

@@ -39,7 +39,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .calibrate import GramKey, InputRef, Statistics
-from ._graph import const_array
+from ._graph import const_array, model_proto
 from .compensate import _taps, enough_rows, ridged, rows_to_weight, weight_rows
 from .data import samples_in, take_samples
 from .consumers import ConsumerView, consumer_views
@@ -120,7 +120,7 @@ class _Tails:
         self.pool = pool
         if pool is not None:  # the workers share the chunks, each with its segment pass and outputs
             self.passes = None
-            self.scale = pool.probe_start(ir.to_proto(self.model).SerializeToString(), self.samples, providers, budget) or 1.0
+            self.scale = pool.probe_start(model_proto(self.model).SerializeToString(), self.samples, providers, budget) or 1.0
             return
         self.passes = SegmentPass(self.model, self.samples, providers=providers, budget=budget, label="probe samples")
         self.y0, scale = reference_outputs(self.model, self.samples, providers)

@@ -48,6 +48,7 @@ import onnx
 import onnx_ir as ir
 
 from . import _signals
+from ._graph import model_proto
 from .calibrate import SHARD_BLOCK, CollectPlan, Collector, Statistics
 from .data import Sample, samples_in
 from .errors import InputError, OnnxPruneError
@@ -492,7 +493,7 @@ class RayPool:
         # The driver's nodes stay here: a spec is a target without its node (the worker's own copy supplies it).
         self.marks["refit"] = time.perf_counter()
         specs = [replace(t, node=None, _w32=None) for t in targets]
-        original_ref = self.ray.put(ir.to_proto(original).SerializeToString())
+        original_ref = self.ray.put(model_proto(original).SerializeToString())
         self.members = [k for k in range(len(self.actors)) if self.blocks[k]]  # a worker without batches has no shard
         self._refit = (specs, target_positions(targets, pruned), original_ref, pruned, providers,
                        budget // max(len(self.members), 1), block)
@@ -502,7 +503,7 @@ class RayPool:
     def _refit_args(self) -> tuple:
         specs, positions, original, pruned, providers, budget, block = self._refit
         # Serialised now: a rebuilt worker starts from the weights solved so far.
-        proto = ir.to_proto(pruned).SerializeToString()
+        proto = model_proto(pruned).SerializeToString()
         self._count(self.sent, "refit_start", len(proto))
         return specs, positions, original, proto, providers, budget, block
 

@@ -43,7 +43,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from ._graph import const_array
+from ._graph import const_array, copy_model
 from .calibrate import SHARD_BLOCK
 from .compensate import ZEROED, _lstsq_kind, holds_zeros, loses_inputs, rows_to_weight, weight_rows, write_consumer
 from .consumers import consumer_views
@@ -516,7 +516,7 @@ def on_copies(targets: list[RefitTarget], positions: list[int], original: ir.Mod
     """Private copies of both graphs (from models or serialised ModelProtos) and the
     targets on the copy's nodes."""
     def copy(m):
-        return ir.from_proto(onnx.ModelProto.FromString(m) if isinstance(m, bytes) else ir.to_proto(m))
+        return ir.from_proto(onnx.ModelProto.FromString(m)) if isinstance(m, bytes) else copy_model(m)
 
     original, pruned = copy(original), copy(pruned)
     nodes = list(pruned.graph)

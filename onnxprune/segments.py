@@ -32,6 +32,7 @@ import onnx
 import onnx_ir as ir
 
 from . import _ort
+from ._graph import inline_external
 from .data import samples_in
 from .errors import InputError
 
@@ -237,7 +238,7 @@ def _view_proto(model: ir.Model, inputs: Sequence[ir.Value], outputs: Sequence[i
     ir.serde.serialize_graph_into(proto.graph, view)
     for f in model.functions.values():
         ir.serde.serialize_function_into(proto.functions.add(), f)
-    return proto
+    return inline_external(proto, consts.values())
 
 
 def view_bytes(model: ir.Model, inputs: Sequence[ir.Value], outputs: Sequence[ir.Value], nodes: Sequence[ir.Node]) -> bytes:

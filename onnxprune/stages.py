@@ -21,7 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from . import _ort, _temps, checks
-from ._graph import node_label
+from ._graph import copy_model, node_label
 from .canonical import RESTRUCTURED
 from .allocate import PROBE_SAMPLES, allocate, probes_text
 from .calibrate import Statistics, calibrate, providers_for
@@ -324,7 +324,7 @@ class Rewrite(Stage):
         # The refit runs the original graph beside the pruned one: a copy, not a second parse
         # and normalisation of the file.
         if state.targets and state.store is not None:
-            state.original = ir.from_proto(ir.to_proto(state.model))
+            state.original = copy_model(state.model)
         apply_removal(analysis, removed)
 
 
@@ -491,6 +491,7 @@ def sweep_state(base: PruneState, config: PruneConfig) -> PruneState:
     copy = type(base.pristine)()
     copy.CopyFrom(base.pristine)
     state.model = ir.from_proto(copy)
+    ir.external_data.set_base_dir(state.model.graph, Path(base.model_path).parent)  # as load does
     return state
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shutil
 
 import numpy as np
 import onnx
@@ -68,3 +69,56 @@ def test_inline_stays_inline(tmp_path):
     onnx.save(_net(), str(src))
     onnxprune.prune(src, tmp_path / "p.onnx", ratio=0.25)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "p.onnx"]
+
+
+def test_external_data_with_calibration_and_the_refit_gives_the_inline_models_weights(tmp_path, monkeypatch):
+    """The data-driven path (calibration, the measured allocation's probes, the lstsq refit
+    on segments) on a model whose weights live in an external file: the segments are built
+    from bytes, so their tensors must travel inline (they named the file relative to the
+    working directory and onnxruntime refused them).  Run from another working directory."""
+    src_dir, work = tmp_path / "src", tmp_path / "work"
+    src_dir.mkdir()
+    work.mkdir()
+    inline, external = src_dir / "inline.onnx", src_dir / "m.onnx"
+    onnx.save(_net(), str(inline))
+    onnx.save(_net(), str(external), save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    rng = np.random.default_rng(1)
+    calib = [{"x": rng.standard_normal((8, 3, 8, 8)).astype(np.float32)} for _ in range(4)]
+    monkeypatch.chdir(work)
+    outs = {}
+    for name, src in (("inline", inline), ("external", external)):
+        outs[name] = tmp_path / f"{name}_p.onnx"
+        _, result = onnxprune.prune(src, outs[name], calib=calib, target_macs=0.6, compensate="lstsq")
+        assert result.params_after < result.params_before
+    a = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(outs["inline"])).graph.initializer}
+    b = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(outs["external"])).graph.initializer}
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_external_data_on_ray_workers(tmp_path, monkeypatch):
+    """The graphs Ray's workers get (the probes' and the refit's) carry the external
+    tensors' bytes: a worker has no file at the relative location."""
+    import tempfile
+
+    src = tmp_path / "m.onnx"
+    onnx.save(_net(), str(src), save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    rng = np.random.default_rng(1)
+    calib = [{"x": rng.standard_normal((8, 3, 8, 8)).astype(np.float32)} for _ in range(4)]
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    short = tempfile.mkdtemp(prefix="opr-", dir="/tmp")  # Ray's socket paths must stay short
+    monkeypatch.setattr(tempfile, "tempdir", short)
+    one, ray_out = tmp_path / "one.onnx", tmp_path / "ray.onnx"
+    try:
+        onnxprune.prune(src, one, calib=calib, target_macs=0.6, compensate="lstsq")
+        onnxprune.prune(src, ray_out, calib=calib, target_macs=0.6, compensate="lstsq", ray="local", workers=2)
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
+    a = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(one)).graph.initializer}
+    b = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(ray_out)).graph.initializer}
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6)
