@@ -38,8 +38,13 @@ def set_log_severity(level: int) -> None:
 
 
 def session(path: str | bytes, providers: list[str] | None = None):
-    """An InferenceSession on ``path`` (or a serialised model) with quiet logging."""
+    """An InferenceSession on ``path`` (or a serialised model) with quiet logging, whose
+    threads do not spin once a run is done."""
     rt = ort()
     opts = rt.SessionOptions()
     opts.log_severity_level = LOG_SEVERITY
+    # onnxruntime's pool threads spin-wait after each run by default, for the next one.  A
+    # prune runs numpy (the Gram and refit sums, BLAS on the same cores) or another session
+    # right after a run, and the spinning threads took those cores (RESULTS "Cost").
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return rt.InferenceSession(path, sess_options=opts, providers=providers or ["CPUExecutionProvider"])

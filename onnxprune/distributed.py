@@ -253,17 +253,13 @@ class _Worker:
                                 providers=providers, budget=budget, private=True, block=block)
         self._timed("refit_start", t0)
 
-    def advance(self, wave: list[int], later: list[int]) -> list | None:
-        t0 = time.perf_counter()
-        try:
-            return self.shard.advance(wave, later)
-        finally:
-            self._timed("advance", t0)
+    def shifts(self) -> list | None:
+        return self.shard.shifts()
 
-    def sums(self, wave: list[int], shifts: list) -> list[ShardSums]:
+    def sums(self, wave: list[int], later: list[int], shifts: list) -> list[ShardSums]:
         t0 = time.perf_counter()
         try:
-            return self.shard.sums(wave, shifts)
+            return self.shard.sums(wave, later, shifts)
         finally:
             self._timed("sums", t0)
 
@@ -348,7 +344,6 @@ class RayPool:
         self._collect: tuple | None = None  # collect_start's arguments while calibrating
         self._refit: tuple | None = None  # (specs, positions, original, pruned graph, providers, budget, block)
         self._probe: tuple | None = None  # probe_start's arguments (the batches per worker) while probing
-        self._wave: tuple[list[int], list[int]] | None = None
         self.closed = False
         # For summary(): seconds the driver waited on workers and bytes each way, per call
         # kind; the workers' own busy seconds (fetched at close); phase boundaries.
@@ -507,14 +502,13 @@ class RayPool:
         self._count(self.sent, "refit_start", len(proto))
         return specs, positions, original, proto, providers, budget, block
 
-    def advance(self, wave: list[int], later: list[int]) -> list:
-        self._wave = (wave, later)
-        self.waves += 1
-        return self._each("advance", wave, later)
+    def shifts(self) -> list:
+        return self._each("shifts")
 
-    def sums(self, wave: list[int], shifts: list) -> list[list[ShardSums]]:
+    def sums(self, wave: list[int], later: list[int], shifts: list) -> list[list[ShardSums]]:
+        self.waves += 1
         self._count(self.sent, "sums", _nbytes(shifts) * len(self.members))
-        parts = self._each("sums", wave, shifts)
+        parts = self._each("sums", wave, later, shifts)
         self._count(self.received, "sums", _nbytes(parts))
         self.marks["summed"] = time.perf_counter()
         self.marks["fold_wait"] = self.waited.get("fold_errors", 0.0)
@@ -542,7 +536,7 @@ class RayPool:
     # -- failures -------------------------------------------------------------------------
     # Calls whose result the caller needs: repeated on a rebuilt worker.  The rest are
     # repeated by the rebuild itself (_restore brings a worker to its predecessor's state).
-    REPEATED = ("statistics", "sums", "probe", "probe_start", "fold_errors")
+    REPEATED = ("statistics", "shifts", "sums", "probe", "probe_start", "fold_errors")
 
     def _each(self, method: str, *args) -> list:
         """``method(*args)`` on every worker of the phase."""
@@ -589,8 +583,6 @@ class RayPool:
             a.probe_start.remote(ref, mine[k], providers, budget)
         if self._refit is not None and k in self.members:
             a.refit_start.remote(*self._refit_args())
-            if self._wave is not None:
-                a.advance.remote(*self._wave)
 
     def close(self) -> None:
         """Stop the workers (and a runtime this pool started); safe to call again."""
@@ -640,7 +632,7 @@ class RayPool:
                              "worker_busy_sum_s": round(sum(work), 4), "worker_busy_max_s": round(max(work), 4)}
         if "refit" in m:
             wall = m.get("closed", time.perf_counter()) - m["refit"]
-            work = busy("refit_start", "advance", "sums", "apply", "fold_errors")
+            work = busy("refit_start", "sums", "apply", "fold_errors")
             out["refit"] = {"wall_s": round(wall, 4), "driver_merge_solve_s": round(self.waited.get("driver merge+solve", 0.0), 4),
                             "worker_busy_sum_s": round(sum(work), 4), "worker_busy_max_s": round(max(work), 4)}
         return out

@@ -219,6 +219,11 @@ class PatchGram(ChannelGram):
         if x.ndim != 4:
             raise ValueError("PatchGram supports 2-D convolutions")
         pad = self._padding(x.shape[2:])
+        if list(self.kernel) == [1, 1] and list(self.strides) == [1, 1] and not any(lo or hi for lo, hi in pad):
+            # A pointwise Conv's patches are the input's channel rows: one gather, no tap stack.
+            pick = self.positions(x.size // max(x.shape[1], 1), batch)
+            rows = rows_at(x, 1, pick)
+            return (rows, pick // (x.shape[2] * x.shape[3])) if samples else rows
         xp = np.pad(x, [(0, 0), (0, 0), *pad]) if any(lo or hi for lo, hi in pad) else x  # pad copies the batch
         (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.strides, self.dilations
         oh, ow = self.out_size(x.shape)

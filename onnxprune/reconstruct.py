@@ -4,8 +4,8 @@ the inputs it really receives in the pruned graph.
 The first refit (:func:`onnxprune.compensate.lstsq_refits`) works from the original graph's
 statistics: it assumes every kept input of a consumer still carries its original values,
 which is false as soon as an earlier layer was pruned too, so errors pile up with depth.
-This pass runs the original and the pruned graph side by side on the calibration batches and
-fits, at every refitted consumer,
+This pass runs the original and the pruned graph on the calibration batches and fits, at
+every refitted consumer,
 
     W', b' = argmin E‖(W x + b) − (W' x' + b')‖²
 
@@ -52,7 +52,7 @@ from .errors import InputError
 from .gram import ChannelGram, PatchGram, rows_at, solve_spd
 from .groups import Analysis
 from .layout import SliceParam
-from .segments import SegmentPass
+from .segments import SegmentPass, TensorCache
 
 REFIT_ROWS = 4096  # sampled rows (positions, tokens) per batch and consumer
 # Folds of the lstsq-or-bias choice: each fit leaves one fold out, so it sees (K-1)/K of the
@@ -116,27 +116,89 @@ class RefitTarget:
 
     def for_shard(self, node: ir.Node, shift: tuple[np.ndarray, np.ndarray] | None) -> "RefitTarget":
         """A copy with no sums, for one shard's batches: its own graph's ``node``, and the
-        shift every shard uses (the first batch's means), so the sums add up exactly."""
+        shift every shard uses (see :meth:`original_rows`), so the sums add up exactly."""
         return replace(self, node=node, sums=[], rows_seen=0, samples_seen=0, _pending=[], _pending_rows=0,
                        shift_y=None if shift is None else shift[0], shift_p=None if shift is None else shift[1])
 
-    def shift_from(self, ext: ChannelGram, x: np.ndarray, xp: np.ndarray, batch: int,
-                   skip: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """The means of one batch's rows (y, x'): the shift the sums are taken around."""
-        y, rp, _ = self._rows(ext, x, xp, batch, skip)
-        return y.mean(axis=0), rp.astype(np.float64).mean(axis=0)
+    def _input_rows(self, ext: ChannelGram, x: np.ndarray, batch: int, samples: bool = False):
+        """The consumer's input rows (im2col patches for a Conv) sampled for ``batch``."""
+        if self.kind == "patch":
+            return ext.patch_rows(x, batch, samples=samples)
+        return ext.sampled_rows(x, batch, samples=samples)
+
+    def _out_rows(self, ext: ChannelGram, x: np.ndarray) -> int:
+        """Output rows (positions, tokens) of the consumer for an input ``x``."""
+        if self.kind == "patch":
+            return x.shape[0] * math.prod(ext.out_size(x.shape))
+        return x.size // max(x.shape[self.axis], 1)
+
+    def stores_inputs(self) -> bool:
+        """Whether :meth:`original_rows` keeps the input rows (fewer columns than ``W x``,
+        and no stream to add) rather than ``W x``."""
+        return self.skip is None and len(self.keep_cols) < len(self.b)
+
+    def original_rows(self, ext: ChannelGram, x: np.ndarray, s: np.ndarray | None, batch: int):
+        """The original graph's side of one batch: ``(rows, owner, streamed, shift)``.
+
+        ``rows`` (float32): at the rows sampled for ``batch``, the target ``W x`` plus the
+        kept channels of the stream ``s`` the output is added to (when ``s`` has one value
+        per output row: ``streamed``), or the input rows themselves where
+        :meth:`stores_inputs`.  ``owner``: the sample (along axis 0) each row comes from.
+        ``shift``: this batch's means of ``W x`` and of the kept inputs, the values every
+        shard's sums are taken around (batch 0's), so centring later loses nothing."""
+        r, owner = self._input_rows(ext, x, batch, samples=True)
+        r = r.astype(np.float32, copy=False)
+        y = r @ self.w32.T
+        shift = (y.mean(axis=0, dtype=np.float64), r[:, self.keep_cols].mean(axis=0, dtype=np.float64))
+        if s is None and self.stores_inputs():
+            return np.ascontiguousarray(r), owner, False, shift
+        sr = None if s is None else self._stream_rows(ext, s, self._out_rows(ext, x), batch, len(self.keep_rows))
+        if sr is not None:
+            y += sr[:, self.keep_rows]
+        return y, owner, sr is not None, shift
+
+    def _stream_rows(self, ext: ChannelGram, s: np.ndarray, out_rows: int, batch: int, width: int) -> np.ndarray | None:
+        """The stream ``s`` at the sampled output rows; None where ``s`` is not one value
+        per output row and channel (a broadcasting Add: the branch is fitted alone)."""
+        axis = 1 if self.kind == "patch" else self.axis
+        if (s.size // max(s.shape[axis], 1), s.shape[axis]) != (out_rows, width):
+            return None
+        return rows_at(s, axis, ext.positions(out_rows, batch))
 
     def update(self, ext: ChannelGram, x: np.ndarray, xp: np.ndarray, batch: int,
                skip: tuple[np.ndarray, np.ndarray] | None = None, first_sample: int | None = None) -> None:
         """Fold in one batch: ``x`` from the original graph, ``xp`` from the pruned one, and
         the residual stream the output is added to in each (``skip``), if any.  ``batch``
         and ``first_sample``: the batch's number and its first sample's index among all
-        batches (default: counted here), which choose the sampled rows and the folds."""
-        y, rp, owner = self._rows(ext, x, xp, batch, skip)
+        batches (default: counted here), which choose the sampled rows and the folds.
+        The sums are taken around the first batch's shift unless one was given."""
+        inputs = skip is None and self.stores_inputs()
+        rows, owner, streamed, shift = self.original_rows(ext, x, None if skip is None else skip[0], batch)
+        if self.shift_y is None:
+            self.shift_y, self.shift_p = shift
+        if skip is not None and not streamed:
+            self.skip = None  # a broadcasting Add: not one stream value per output; fit the branch alone
+        self.add(ext, rows, owner, xp, batch, skip[1] if streamed else None, first_sample, inputs=inputs)
+
+    def add(self, ext: ChannelGram, rows: np.ndarray, owner: np.ndarray, xp: np.ndarray, batch: int,
+            sp: np.ndarray | None = None, first_sample: int | None = None, inputs: bool = False) -> None:
+        """Fold in one batch from its :meth:`original_rows` (``rows``: input rows where
+        ``inputs``) and the pruned graph's input ``xp`` and stream ``sp`` (where the
+        original's stream was added), around the shift given (:meth:`for_shard`)."""
+        rp = self._input_rows(ext, xp, batch)
+        if rp.shape[1] != int(self.keep_cols.sum()):
+            raise ValueError(f"pruned input of {self.node.name!r} has {rp.shape[1]} features, expected {int(self.keep_cols.sum())}")
+        # Products in float32 (twice the speed of float64), summed into float64 per batch,
+        # on values shifted by the first batch's means so centring later loses nothing.
+        y = (rows @ self.w32.T if inputs else rows).astype(np.float64)
+        if sp is not None:
+            kept = int(self.keep_rows.sum())
+            srp = self._stream_rows(ext, sp, self._out_rows(ext, xp), batch, kept)
+            if srp is None:
+                raise ValueError(f"the pruned stream added to {self.node.name!r} does not match the original's")
+            y -= srp
         if not self.sums:
             o, f = y.shape[1], rp.shape[1]
-            if self.shift_y is None:
-                self.shift_y, self.shift_p = y.mean(axis=0), rp.astype(np.float64).mean(axis=0)
             self.sums = [dict(n=0, yy=0.0, y=np.zeros(o), y2=np.zeros(o), p=np.zeros(f), pp=np.zeros((f, f)),
                               yp=np.zeros((o, f))) for _ in range(fold_count(o, f))]
         ys = (y - self.shift_y).astype(np.float32)
@@ -145,7 +207,7 @@ class RefitTarget:
         # alike, and a fold that shares samples with the other flatters the refit.
         start = self.samples_seen if first_sample is None else first_sample
         fold_of = (start + owner) % len(self.sums)
-        self.samples_seen += x.shape[0]
+        self.samples_seen += xp.shape[0]
         self.rows_seen += len(rp)
         # Buffered up to REFIT_ROWS rows: a batch of a few rows (a Gemm's samples) split in
         # K folds would pay K F×F accumulations for a handful of rows each.
@@ -153,24 +215,6 @@ class RefitTarget:
         self._pending_rows += len(ys)
         if self._pending_rows >= REFIT_ROWS:
             self.flush()
-
-    def _rows(self, ext: ChannelGram, x: np.ndarray, xp: np.ndarray, batch: int,
-              skip: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(y, x', sample of each row) at the rows sampled for ``batch``."""
-        if self.kind == "patch":
-            (r, owner), rp = ext.patch_rows(x, batch, samples=True), ext.patch_rows(xp, batch)
-            out_rows = x.shape[0] * math.prod(ext.out_size(x.shape))
-        else:
-            (r, owner), rp = ext.sampled_rows(x, batch, samples=True), ext.sampled_rows(xp, batch)
-            out_rows = x.size // max(x.shape[self.axis], 1)
-        if rp.shape[1] != int(self.keep_cols.sum()):
-            raise ValueError(f"pruned input of {self.node.name!r} has {rp.shape[1]} features, expected {int(self.keep_cols.sum())}")
-        # Products in float32 (twice the speed of float64), summed into float64 per batch,
-        # on values shifted by the first batch's means so centring later loses nothing.
-        y = (r.astype(np.float32, copy=False) @ self.w32.T).astype(np.float64)
-        if skip is not None:
-            y += self._stream_error(ext, *skip, out_rows, batch)
-        return y, rp, owner
 
     def flush(self) -> None:
         """Fold the buffered rows into the per-fold sums."""
@@ -193,17 +237,6 @@ class RefitTarget:
             s["p"] += pf.sum(axis=0, dtype=np.float64)
             s["pp"] += pf.T @ pf
             s["yp"] += yf.T @ pf
-
-    def _stream_error(self, ext: ChannelGram, s: np.ndarray, sp: np.ndarray, out_rows: int, batch: int) -> np.ndarray | float:
-        """``s − s'`` at the sampled output positions, kept channels only."""
-        axis = 1 if self.kind == "patch" else self.axis
-        kept = int(self.keep_rows.sum())
-        if (s.size // max(s.shape[axis], 1), s.shape[axis]) != (out_rows, len(self.keep_rows)) or \
-                (sp.size // max(sp.shape[axis], 1), sp.shape[axis]) != (out_rows, kept):
-            self.skip = None  # a broadcasting Add: not one stream value per output; fit the branch alone
-            return 0.0
-        pick = ext.positions(out_rows, batch)
-        return rows_at(s, axis, pick)[:, self.keep_rows].astype(np.float64) - rows_at(sp, axis, pick).astype(np.float64)
 
     @property
     def w32(self) -> np.ndarray:
@@ -434,9 +467,71 @@ class ShardSums:
     stream: bool  # the residual stream could be used (one value per output row)
 
 
+class OriginalRows:
+    """The original graph's side of the refit for one shard's batches: per target and
+    batch, the rows it is fitted to (:meth:`RefitTarget.original_rows`), from one pass of
+    the original over the batches that gathers every target's rows at once.  The wide
+    tensors the targets read are used batch by batch and dropped, never cached: caching
+    them for a segment pass cost three times a plain pass on EfficientNet-Lite0 (RESULTS
+    "Cost").  The rows stay in memory up to ``budget`` bytes, then spill
+    (:class:`segments.TensorCache`); the tensors of one batch are fetched in runs that
+    fit the budget, as calibration does."""
+
+    def __init__(self, targets: list[RefitTarget], original: ir.Model, batches: Sequence[Sample], index: range,
+                 *, providers: list[str], budget: int) -> None:
+        self.cache = TensorCache(budget, prefix="onnxprune-rows-")
+        self.inputs = [t.skip is None and t.stores_inputs() for t in targets]  # rows are inputs, not W x
+        self.streamed: list[list[bool]] = [[] for _ in targets]  # per batch: the stream was added
+        self.shifts: list | None = [None] * len(targets) if len(index) and index[0] == 0 else None
+        try:
+            for run in self._runs(targets, original, batches, budget):
+                self._record(run, targets, original, batches, index, providers)
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _runs(targets: list[RefitTarget], original: ir.Model, batches: Sequence[Sample], budget: int) -> list[list[int]]:
+        """Targets per run of the original: the tensors one run fetches fit ``budget``
+        (sizes from the inferred shapes; an unknown dim counts as one)."""
+        from .calibrate import _bytes_per_sample, _plan_runs
+
+        values = {v.name: v for v in original.graph.inputs}
+        values.update((o.name, o) for n in original.graph for o in n.outputs)
+        per = samples_in(batches[0]) if len(batches) else 1  # batches are alike but the last
+        cost = [(str(i), sum(_bytes_per_sample(values[n]) for n in (t.source, t.skip) if n), True)
+                for i, t in enumerate(targets)]
+        return [[int(i) for i in run] for run in _plan_runs(cost, per, budget) if run]
+
+    def _record(self, run: list[int], targets: list[RefitTarget], original: ir.Model, batches: Sequence[Sample],
+                index: range, providers: list[str]) -> None:
+        names = list(dict.fromkeys(n for i in run for n in (targets[i].source, targets[i].skip) if n))
+        exts = {i: targets[i].extractor() for i in run}
+        with SegmentPass(original, batches, providers=providers, budget=0, label="original graph") as sp:
+            for k, got in enumerate(sp.stream(names, rest=False)):
+                for i in run:
+                    t = targets[i]
+                    s = got[t.skip] if t.skip else None
+                    rows, owner, streamed, shift = t.original_rows(exts[i], got[t.source], s, index[k])
+                    self.cache.put(f"{i}", k, rows)
+                    self.cache.put(f"{i}:owner", k, owner)
+                    self.streamed[i].append(streamed)
+                    if k == 0 and self.shifts is not None:
+                        self.shifts[i] = shift
+                got = None
+
+    def get(self, i: int, k: int) -> tuple[np.ndarray, np.ndarray, bool, bool]:
+        """Target ``i``'s rows of batch ``k`` of the shard: (rows, owner, inputs, streamed)."""
+        return self.cache.get(f"{i}")[k], self.cache.get(f"{i}:owner")[k], self.inputs[i], self.streamed[i][k]
+
+    def close(self) -> None:
+        self.cache.close()
+
+
 class RefitShard:
-    """One shard of the calibration batches (the unit a worker holds): its segment passes
-    over the original and the pruned graph, and its part of every wave's sums.
+    """One shard of the calibration batches (the unit a worker holds): the original's rows
+    of every target (:class:`OriginalRows`), the segment pass over the pruned graph, and
+    its part of every wave's sums.
 
     ``private``: the graphs are this shard's own (copies: several shards in one process, or
     a remote worker), and :meth:`apply` writes the driver's solutions into them; otherwise
@@ -450,53 +545,40 @@ class RefitShard:
         self.pruned, self.private = pruned, private
         self.index, self.first_samples, self.block = index, list(first_samples), block
         subset = _Subset(batches, index)
-        self.po = SegmentPass(original, subset, providers=providers, budget=budget // 2, label="original graph")
+        self.rows = OriginalRows(self.targets, original, subset, index, providers=providers, budget=budget // 2)
         self.pp = SegmentPass(pruned, subset, providers=providers, budget=budget // 2, label="pruned graph")
-        self._x: tuple[dict, dict] | None = None
 
     def close(self) -> None:
-        self.po.close()
+        self.rows.close()
         self.pp.close()
 
-    def _names(self, numbers: list[int]) -> tuple[list[str], list[str]]:
-        """The tensors the targets read in the original and in this shard's pruned graph
-        (read now: a refit may have appended a bias Add)."""
+    def shifts(self) -> list | None:
+        """Every target's shift (batch 0's means) when this shard holds batch 0, else None."""
+        return self.rows.shifts
+
+    def _names(self, numbers: list[int]) -> list[str]:
+        """The tensors the targets read in this shard's pruned graph (read now: a refit may
+        have appended a bias Add), and under their original names."""
         ts = [self.targets[i] for i in numbers]
-        skips = [t.skip for t in ts if t.skip]
-        return [t.source for t in ts] + skips, [t.node.inputs[0].name for t in ts] + skips
+        return [t.node.inputs[0].name for t in ts] + [t.source for t in ts] + [t.skip for t in ts if t.skip]
 
-    def advance(self, wave: list[int], later: list[int]) -> list | None:
-        """Run both graphs up to the wave's inputs; the first batch's shifts when this
-        shard holds batch 0, else None."""
-        later_o, later_p = self._names(later)
-        need_o, need_p = self._names(wave)
-        self._x = (self.po.advance(need_o, later_o), self.pp.advance(need_p, later_p + later_o))
-        if not len(self.index) or self.index[0] != 0:
-            return None
-        return [self.targets[i].shift_from(self.targets[i].extractor(), *self._inputs(i, 0), 0, self._stream(i, 0))
-                for i in wave]
-
-    def _inputs(self, i: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-        t, (xo, xp) = self.targets[i], self._x
-        return xo[t.source][k], xp[t.node.inputs[0].name][k]
-
-    def _stream(self, i: int, k: int):
-        t, (xo, xp) = self.targets[i], self._x
-        return (xo[t.skip][k], xp[t.skip][k]) if t.skip else None
-
-    def sums(self, wave: list[int], shifts: list) -> list[ShardSums]:
-        """This shard's sums of each wave target, around the shifts given."""
-        out = []
-        for i, shift in zip(wave, shifts):
-            local = self.targets[i].for_shard(self.targets[i].node, shift)
-            ext = local.extractor()
-            for k, b in enumerate(self.index):
-                local.update(ext, *self._inputs(i, k), b, self._stream(i, k), first_sample=self.first_samples[k])
+    def sums(self, wave: list[int], later: list[int], shifts: list) -> list[ShardSums]:
+        """Run the pruned graph up to the wave's inputs, batch by batch, and return this
+        shard's sums of each wave target, around the shifts given."""
+        local = [self.targets[i].for_shard(self.targets[i].node, shift) for i, shift in zip(wave, shifts)]
+        exts = [t.extractor() for t in local]
+        need = list(dict.fromkeys(n for t in local for n in (t.node.inputs[0].name, t.skip) if n))
+        for k, got in enumerate(self.pp.stream(need, self._names(later))):
+            b = self.index[k]
+            for i, t, ext in zip(wave, local, exts):
+                rows, owner, inputs, streamed = self.rows.get(i, k)
+                t.add(ext, rows, owner, got[t.node.inputs[0].name], b, got[t.skip] if streamed else None,
+                      first_sample=self.first_samples[k], inputs=inputs)
                 if k + 1 == len(self.index) or (b + 1) % self.block == 0:
-                    local.flush()
-            out.append(ShardSums(local.sums, local.rows_seen, shift, local.skip is not None or self.targets[i].skip is None))
-        self._x = None
-        return out
+                    t.flush()
+            got = None
+        return [ShardSums(t.sums, t.rows_seen, shift, all(self.rows.streamed[i]) or self.targets[i].skip is None)
+                for i, t, shift in zip(wave, local, shifts)]
 
     def apply(self, writes: list[tuple[int, np.ndarray, np.ndarray]]) -> None:
         """Write the driver's solutions (target number, W', b') into this shard's graph."""
@@ -536,11 +618,11 @@ class LocalShards:
             self.shards.append(RefitShard(ts, o, p, batches, r, [int(starts[b]) for b in r], providers=providers,
                                           budget=budget // len(ranges), private=private, block=block))
 
-    def advance(self, wave: list[int], later: list[int]) -> list:
-        return [s.advance(wave, later) for s in self.shards]
+    def shifts(self) -> list:
+        return [s.shifts() for s in self.shards]
 
-    def sums(self, wave: list[int], shifts: list) -> list[list[ShardSums]]:
-        return [s.sums(wave, shifts) for s in self.shards]
+    def sums(self, wave: list[int], later: list[int], shifts: list) -> list[list[ShardSums]]:
+        return [s.sums(wave, later, shifts) for s in self.shards]
 
     def apply(self, writes: list) -> None:
         for s in self.shards:
@@ -588,10 +670,12 @@ def refit_on_pruned(
     Targets are refitted in waves: a wave holds the consumers whose inputs depend on no
     consumer still to be refitted, so each fit sees its final upstream.  (Refitting all at
     once lets a deep layer learn to undo an upstream error that its own refit then removes:
-    benchmarks/RESULTS.md, "Design measurements".)  Both graphs run
-    segment by segment on cached tensors (:class:`segments.SegmentPass`): every batch goes
-    through every node of each graph once, whatever the number of waves; the pruned graph's
-    next segment is built after the wave before it was written.  ``shards``: the batches
+    benchmarks/RESULTS.md, "Design measurements".)  One pass of the original over the
+    batches records every target's rows (:class:`OriginalRows`); the pruned graph runs
+    segment by segment on cached tensors (:class:`segments.SegmentPass`), each wave's
+    inputs folded into its sums batch by batch: every batch goes through every node of
+    each graph once, whatever the number of waves; the pruned graph's next segment is
+    built after the wave before it was written.  ``shards``: the batches
     split in that many :class:`RefitShard` (runs of ``block`` batches), whose sums add up to
     the same solutions; with ``ray`` (``"local"`` or a cluster address) each shard is a Ray
     actor (:mod:`onnxprune.distributed`).  ``progress(done, total)`` is told after each wave.
@@ -618,10 +702,10 @@ def refit_on_pruned(
         pool = LocalShards(targets, original, pruned, batches, ranges, starts, providers=providers,
                            budget=memory_budget, block=block)
     try:
+        shifts = next(s for s in pool.shifts() if s is not None)
         for k, wave in enumerate(numbered):
             later = [i for w in numbered[k + 1:] for i in w]
-            shifts = next(s for s in pool.advance(wave, later) if s is not None)
-            parts = pool.sums(wave, shifts)
+            parts = pool.sums(wave, later, [shifts[i] for i in wave])
             writes = []
             for j, i in enumerate(wave):
                 t = targets[i]

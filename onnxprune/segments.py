@@ -5,7 +5,8 @@ A :class:`SegmentPass` holds, for every calibration batch, the tensors of one gr
 still needed (its *frontier*), starting from the graph inputs.  ``advance(names)`` runs the
 nodes that ``names`` depend on and that have not run yet, as one real sub-model (a
 *segment*: its inputs are frontier tensors, its outputs the tensors still needed after it),
-once per batch, and drops every cached tensor nothing later reads.  So every sample passes
+once per batch, and drops every cached tensor nothing later reads; ``stream(names)`` runs
+them alike but hands ``names`` over batch by batch instead of caching them.  So every sample passes
 through every node once, however many times the caller stops to look (the least-squares
 refit stops once per wave of consumers; the allocation once per group).
 
@@ -25,7 +26,7 @@ import tempfile
 import time
 import weakref
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -359,12 +360,31 @@ class SegmentPass:
         wanted = [self.value(n) for n in dict.fromkeys(names)]
         nodes = self._pending(wanted)
         if nodes:
-            self._run(nodes, wanted, later)
+            for _ in self._batches(nodes, wanted, later, stream=False):
+                pass
         out = {n: self.cache.get(n) for n in dict.fromkeys(names)}
         self._release(set(names) | set(later))
         return out
 
-    def _run(self, nodes: list[ir.Node], wanted: list[ir.Value], later: Sequence[str]) -> None:
+    def stream(self, names: Sequence[str], later: Sequence[str] = (), rest: bool = True) -> Iterator[dict[str, np.ndarray]]:
+        """As :meth:`advance`, but yields the tensors ``names`` batch by batch and caches
+        only what ``later`` or a node still to run reads: the caller uses each batch's
+        tensors and drops them (the refit folds a wave's inputs into its sums this way).
+        ``rest=False``: no node runs after this, so only ``later`` is cached."""
+        wanted = [self.value(n) for n in dict.fromkeys(names)]
+        nodes = self._pending(wanted)
+        ready = [n for n in dict.fromkeys(names) if n in self.cache]
+        batches = self._batches(nodes, wanted, later, stream=True, rest=rest) if nodes else ({} for _ in range(self.n_batches))
+        for k, got in enumerate(batches):
+            got.update((n, self.cache.get(n)[k]) for n in ready)
+            yield got
+        self._release(set(later))
+
+    def _batches(self, nodes: list[ir.Node], wanted: list[ir.Value], later: Sequence[str],
+                 stream: bool, rest: bool = True) -> Iterator[dict[str, np.ndarray]]:
+        """Run ``nodes`` as one segment over every batch, caching what later nodes (if
+        ``rest``) or ``later`` read, and, unless ``stream``, the ``wanted`` tensors; yields
+        per batch the ``wanted`` tensors it computed."""
         t0 = time.perf_counter()
         for n in nodes:
             self.done.add(id(n))
@@ -377,10 +397,10 @@ class SegmentPass:
                     if v.name not in self.cache:
                         raise InputError(f"segment pass: {v.name!r} is neither computed nor fed")
                     inputs[v.name] = v
-        keep = self._live(set(later) | {v.name for v in wanted})
         asked = {v.name for v in wanted}
+        keep = self._live(set(later) | (set() if stream else asked)) if rest else set(later)
         outputs = [o for n in nodes for o in n.outputs
-                   if o.name and o.name in keep and (id(n) not in self.cone or o.name in asked)]
+                   if o.name and (o.name in keep or o.name in asked) and (id(n) not in self.cone or o.name in asked)]
         t1 = time.perf_counter()
         sess = session_from_view(self.model, list(inputs.values()), outputs, nodes, self.providers)
         self.build_seconds += time.perf_counter() - t1
@@ -388,8 +408,10 @@ class SegmentPass:
         # Inputs nothing after this segment reads go batch by batch, before the batch's
         # outputs are stored: the next frontier then takes the old one's room in the budget
         # instead of spilling while the old one is still held.
-        spent = [name for name in inputs if name not in keep]
+        spent = [name for name in inputs if name not in keep and name not in asked]
+        self.seconds += time.perf_counter() - t0
         for k in range(self.n_batches):
+            t0 = time.perf_counter()
             feed = {name: self.cache.get(name)[k] for name in inputs}
             try:
                 got = sess.run(names, feed)
@@ -398,12 +420,18 @@ class SegmentPass:
                                  f"{' '.join(str(exc).split())[:300]}") from exc
             for name in spent:
                 self.cache.release(name, k)
+            out = {}
             for name, arr in zip(names, got):
-                self.cache.put(name, k, arr)
+                if name in keep:
+                    self.cache.put(name, k, arr)
+                if stream and name in asked:
+                    out[name] = arr
             del got, feed
+            self.seconds += time.perf_counter() - t0
+            yield out
+            out = None
         self.segments += 1
         self.nodes_run += len(nodes)
-        self.seconds += time.perf_counter() - t0
 
     def _live(self, extra: set[str]) -> set[str]:
         """Names a node not run yet reads, plus ``extra``."""

@@ -302,6 +302,28 @@ def test_held_out_folds_split_samples_not_rows():
     assert rows.shape == (5, 3) and set(owner.tolist()) <= {0, 1}
 
 
+@pytest.mark.parametrize("max_rows", [5, 4096])
+def test_pointwise_patches_are_the_channel_rows_at_the_sampled_positions(max_rows):
+    """A 1×1 Conv's patches come from one gather; they are x[b, :, i, j] at the positions
+    sampled for the batch, as the tap stack gives them for any kernel."""
+    import onnx_ir as ir
+
+    from onnxprune.gram import PatchGram
+
+    x = np.random.default_rng(0).standard_normal((2, 5, 4, 3)).astype(np.float32)
+    node = ir.serde.deserialize_node(onnx.helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[1, 1]))
+    ext = PatchGram(node, max_rows=max_rows)
+    rows, owner = ext.patch_rows(x, 3, samples=True)
+    pick = ext.positions(2 * 4 * 3, 3)
+    b, rem = np.divmod(pick, 12)
+    i, j = np.divmod(rem, 3)
+    np.testing.assert_array_equal(rows, x[b, :, i, j])
+    np.testing.assert_array_equal(owner, b)
+    padded = ir.serde.deserialize_node(onnx.helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[1, 1], pads=[0, 0, 0, 0],
+                                                            strides=[1, 1], dilations=[2, 2]))
+    np.testing.assert_array_equal(PatchGram(padded, max_rows=max_rows).patch_rows(x, 3), rows)
+
+
 def _residual_net(tmp_path):
     """x → Relu(Gemm p) → Gemm q = s;  y = Gemm j(Relu(Gemm e(s))) + s: pruning p puts an
     error into the stream s that the skip path carries past the block unchanged."""

@@ -115,6 +115,36 @@ def test_segments_give_the_whole_graph_values_and_run_each_node_once(tmp_path, n
         assert sp.segments <= len(steps)
 
 
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_stream_hands_over_the_whole_graph_values_batch_by_batch_without_caching_them(tmp_path, name):
+    """``stream`` gives what ``advance`` gives, per batch and in order, and caches only what
+    a node still to run or ``later`` reads; with ``rest=False`` nothing but ``later``."""
+    proto = MODELS[name]()
+    model, _ = load_model(save(proto, tmp_path / "m.onnx"))
+    batches = _batches(proto)
+    produced = [o.name for n in model.graph for o in n.outputs if o.name]
+    reference = exposed_session(model, produced)
+    steps = [produced[i : i + 3] for i in range(0, len(produced), 3)]
+    with SegmentPass(model, batches, providers=CPU, budget=1 << 30) as sp:
+        for k, names in enumerate(steps):
+            later = [n for s in steps[k + 1 :] for n in s]
+            seen = 0
+            for b, got in enumerate(sp.stream(names, later)):
+                assert sorted(got) == sorted(set(names))
+                for n, w in zip(names, reference.run(names, batches[b])):
+                    np.testing.assert_allclose(got[n], w, rtol=1e-5, atol=1e-5)
+                seen += 1
+            assert seen == len(batches)
+            live = sp._live(set(later))
+            assert set(sp.cache.arrays) <= live | {v.name for v in model.graph.inputs}
+        assert sp.nodes_run == len(sp.done)
+    last = produced[len(produced) // 2]
+    with SegmentPass(model, batches, providers=CPU, budget=1 << 30) as sp:
+        for _ in sp.stream([last], rest=False):
+            pass
+        assert set(sp.cache.arrays) <= {v.name for v in model.graph.inputs}  # nothing computed is kept
+
+
 def test_segments_past_the_inline_limit_go_through_a_removed_file(tmp_path, monkeypatch):
     """A sub-model too big for one protobuf message is loaded from a file with external
     data, in a temp folder that is gone once onnxruntime has read it."""
@@ -350,6 +380,41 @@ def test_refit_on_segments_is_the_same_when_everything_spills(tmp_path):
     rc.refit_on_pruned(targets_b, original, model_b, batches, providers=CPU, memory_budget=0)
     for k, w in _weights(model_a).items():
         np.testing.assert_array_equal(w, _weights(model_b)[k])
+
+
+def test_the_refit_rows_spill_and_leave_nothing_behind(tmp_path, monkeypatch):
+    """With no budget the original's rows spill too (``onnxprune-rows-``), and every spill
+    folder is gone once the refit returns, also when it fails half-way."""
+    import tempfile
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    proto = residual_concat()
+    path = save(proto, tmp_path / "m.onnx")
+    batches = _batches(proto, n=4)
+    original, _ = load_model(path)
+    model, targets = _pruned(path)
+    made = []
+    real = TensorCache._spill
+
+    def spy(self, array):
+        made.append(self.prefix)
+        return real(self, array)
+
+    monkeypatch.setattr(TensorCache, "_spill", spy)
+    rc.refit_on_pruned(targets, original, model, batches, providers=CPU, memory_budget=0)
+    assert "onnxprune-rows-" in made and "onnxprune-cache-" in made
+    assert list(temp.iterdir()) == []
+
+    def boom(done, total):
+        assert list(temp.iterdir())  # the spill folders exist while the refit runs
+        raise RuntimeError("stop")
+
+    model, targets = _pruned(path)
+    with pytest.raises(RuntimeError):
+        rc.refit_on_pruned(targets, original, model, batches, providers=CPU, memory_budget=0, progress=boom)
+    assert list(temp.iterdir()) == []
 
 
 def clip_bounds_from_nodes() -> onnx.ModelProto:
