@@ -379,22 +379,23 @@ class Case:
 
 
 def measure(case: Case, codes: dict[str, tuple[Path, list[str], int]], opts, work: Path) -> dict:
-    """Every code's prunes of ``case``, one plain pass timed before each; medians."""
-    passes, runs = [], {}
-    for label, (root, prefix, repeat) in codes.items():
-        runs[label] = []
-        for _ in range(repeat):
-            passes.append(plain_pass(case.cwd / case.model, case.feeds))
-            out = work / f"{case.name}-{label}.onnx"
-            run = run_cli(prefix, [str(case.model), str(out), *case.args], root, opts.timeout, case.cwd)
-            if case.quality and run.rc == 0:
-                run.report["bench_quality"] = case.quality(out)
-            runs[label].append(run)
-            print(f"  {case.name} [{label}]: {run.wall:.1f} s, rc {run.rc}, peak RSS {run.rss_mib:.0f} MiB, load {run.load:.1f}"
-                  + (f", {case.quality_name} {run.report['bench_quality']:.4f}" if 'bench_quality' in run.report else "")
-                  + (f" ({run.error})" if run.error else ""), flush=True)
-            for p in out.parent.glob(out.name + "*"):
-                p.unlink()
+    """Every code's prunes of ``case``, one plain pass timed before each; medians.  The
+    codes take turns (new, baseline, new, ...): the machine's speed drifts within minutes."""
+    passes, runs = [], {label: [] for label in codes}
+    turns = [(label, root, prefix) for i in range(max(r for _, _, r in codes.values()))
+             for label, (root, prefix, repeat) in codes.items() if i < repeat]
+    for label, root, prefix in turns:
+        passes.append(plain_pass(case.cwd / case.model, case.feeds))
+        out = work / f"{case.name}-{label}.onnx"
+        run = run_cli(prefix, [str(case.model), str(out), *case.args], root, opts.timeout, case.cwd)
+        if case.quality and run.rc == 0:
+            run.report["bench_quality"] = case.quality(out)
+        runs[label].append(run)
+        print(f"  {case.name} [{label}]: {run.wall:.1f} s, rc {run.rc}, peak RSS {run.rss_mib:.0f} MiB, load {run.load:.1f}"
+              + (f", {case.quality_name} {run.report['bench_quality']:.4f}" if 'bench_quality' in run.report else "")
+              + (f" ({run.error})" if run.error else ""), flush=True)
+        for p in out.parent.glob(out.name + "*"):
+            p.unlink()
     plain = float(np.median(passes))
     return {"row": case.name, "model": case.model.name, "samples": case.samples, "plain_s": plain,
             "plain_all_s": passes, "quality_name": case.quality_name,

@@ -49,7 +49,7 @@ from .compensate import ZEROED, _lstsq_kind, holds_zeros, loses_inputs, rows_to_
 from .consumers import consumer_views
 from .data import Sample, samples_in
 from .errors import InputError
-from .gram import ChannelGram, PatchGram, rows_at, solve_spd
+from .gram import ChannelGram, PatchGram, rows_at, solve_spd, solve_spd_fast
 from .groups import Analysis
 from .layout import SliceParam
 from .segments import SegmentPass, TensorCache
@@ -244,10 +244,11 @@ class RefitTarget:
             self._w32 = self.w.astype(np.float32)
         return self._w32
 
-    def _fit(self, s: dict, shrink: float | None) -> tuple[np.ndarray, np.ndarray]:
+    def _fit(self, s: dict, shrink: float | None, fast: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(A, c) with ``W x ≈ A x' + c`` on the rows summed in ``s``: the least-squares fit
         shrunk toward the original kept weights by ``shrink`` (see REFIT_SHRINK), or, with
-        ``None``, those weights with the mean difference moved into the bias."""
+        ``None``, those weights with the mean difference moved into the bias.  ``fast``:
+        solved in float32 (the held-out comparison; the weights written are solved in float64)."""
         n = max(s["n"], 1)
         mp, my = s["p"] / n, s["y"] / n  # of the shifted values: the covariances need no shift
         a = (self.w if self.written is None else self.written)[:, self.keep_cols]
@@ -262,11 +263,12 @@ class RefitTarget:
             lam = shrink * max(float(np.trace(cpp)) / max(len(cpp), 1), 1e-12)
             cyp = s["yp"] / n - np.outer(my, mp)
             cpp[np.diag_indices_from(cpp)] += lam
-            a = solve_spd(cpp, (cyp + lam * a).T).T
+            a = (solve_spd_fast if fast else solve_spd)(cpp, (cyp + lam * a).T).T
         return a, (my + self.shift_y) - a @ (mp + self.shift_p)
 
     def _error(self, a: np.ndarray, c: np.ndarray, s: dict) -> float:
-        """Σ‖y − (A x' + c)‖² over the rows summed in ``s``, from the sums alone."""
+        """Σ‖y − (A x' + c)‖² over the rows summed in ``s``, from the sums alone (in
+        float64: a good fit's error is a small difference of large sums)."""
         c = c - self.shift_y + a @ self.shift_p  # the sums are of shifted values
         fit = float(np.sum(a * s["yp"])) + float(c @ s["y"])
         sq = float(np.sum((a @ s["pp"]) * a)) + 2.0 * float(c @ (a @ s["p"])) + s["n"] * float(c @ c)
@@ -331,7 +333,7 @@ def fold_errors(target: RefitTarget, total: dict, folds: list[dict], grid: list)
     out = []
     for s in folds:
         rest = {k: total[k] - s[k] for k in s}
-        out.append([target._error(*target._fit(rest, shrink), s) for shrink in grid])
+        out.append([target._error(*target._fit(rest, shrink, fast=True), s) for shrink in grid])
     return out
 
 

@@ -585,3 +585,47 @@ def test_the_shrink_search_chooses_what_the_whole_grid_chooses_with_fewer_solves
         assert len([a for a in asked if a is not None]) == 3 and None in asked
         chosen.add(got)
     assert len(chosen) >= 3  # the cases are not all alike
+
+
+def test_held_out_errors_in_float32_choose_what_float64_chooses():
+    """The held-out comparison solves in float32; over targets where each grid entry wins
+    somewhere, its errors match the float64 ones closely and choose the same entry."""
+    from onnxprune import reconstruct
+
+    def exact(t, total, folds, grid):
+        out = []
+        for s in folds:
+            rest = {k: total[k] - s[k] for k in s}
+            out.append([t._error(*t._fit(rest, shrink), s) for shrink in grid])
+        return np.sum(out, axis=0)
+
+    chosen = set()
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        n, noise = int(rng.integers(30, 400)), float(rng.uniform(0.05, 3.0))
+        kept = rng.standard_normal((n, 20)) * (rng.uniform(0.01, 100.0, 20) if seed % 2 else 1.0)  # uneven scales too
+        x = np.concatenate([kept, kept[:, :6] + noise * rng.standard_normal((n, 6))], axis=1)
+        t = _target(rng.standard_normal((3, 26)), np.arange(26) < 20)
+        _feed(t, x, kept, batches=4)
+        t.flush()
+        total = {k: sum(s[k] for s in t.sums) for k in t.sums[0]}
+        grid = [None, *reconstruct.REFIT_SHRINK]
+        fast, want = np.sum(reconstruct.fold_errors(t, total, t.sums, grid), axis=0), exact(t, total, t.sums, grid)
+        np.testing.assert_allclose(fast, want, rtol=1e-2)
+        assert np.argmin(fast) == np.argmin(want)
+        chosen.add(int(np.argmin(want)))
+    assert len(chosen) >= 3
+
+
+def test_the_float32_solve_falls_back_to_float64_where_it_fails():
+    from onnxprune.gram import solve_spd, solve_spd_fast
+
+    rng = np.random.default_rng(1)
+    m = rng.standard_normal((50, 50))
+    a = m @ m.T + 50 * np.eye(50)
+    b = rng.standard_normal((50, 3))
+    np.testing.assert_allclose(solve_spd_fast(a.copy(), b), solve_spd(a.copy(), b), rtol=1e-4)
+    # Positive definite in float64 only: its smallest eigenvalue is below float32's resolution.
+    v = np.linalg.qr(rng.standard_normal((50, 50)))[0]
+    tiny = v @ np.diag(np.r_[1e-9, np.ones(49)]) @ v.T
+    np.testing.assert_allclose(solve_spd_fast(tiny.copy(), b), solve_spd(tiny.copy(), b), rtol=1e-6)
