@@ -473,16 +473,15 @@ class OriginalRows:
     """The original graph's side of the refit for one shard's batches: per target and
     batch, the rows it is fitted to (:meth:`RefitTarget.original_rows`), from one pass of
     the original over the batches that gathers every target's rows at once.  The wide
-    tensors the targets read are used batch by batch and dropped, never cached: caching
-    them for a segment pass cost three times a plain pass on EfficientNet-Lite0 (RESULTS
-    "Cost").  The rows stay in memory up to ``budget`` bytes, then spill
+    tensors the targets read are used batch by batch and dropped, never cached for every
+    batch as a segment pass would.  The rows stay in memory up to ``budget`` bytes, then spill
     (:class:`segments.TensorCache`); the tensors of one batch are fetched in runs that
     fit the budget, as calibration does."""
 
     def __init__(self, targets: list[RefitTarget], original: ir.Model, batches: Sequence[Sample], index: range,
                  *, providers: list[str], budget: int) -> None:
         self.cache = TensorCache(budget, prefix="onnxprune-rows-")
-        self.inputs = [t.skip is None and t.stores_inputs() for t in targets]  # rows are inputs, not W x
+        self.inputs = [t.stores_inputs() for t in targets]  # rows are inputs, not W x
         self.streamed: list[list[bool]] = [[] for _ in targets]  # per batch: the stream was added
         self.shifts: list | None = [None] * len(targets) if len(index) and index[0] == 0 else None
         try:
