@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -72,12 +72,25 @@ class _Site:
     name: str  # prefix of the graph inputs fed per run: {name}_m (mask), {name}_c, {name}_w (weight)
     shape: list[int]  # as fed: m and c (C along the channel axis, 1 elsewhere)
     mean: np.ndarray
-    cov: np.ndarray | None  # channel covariance (lstsq)
-    rows: float  # sampled rows behind cov
+    gram: Any  # the lstsq Gram statistics of the input (a ChannelGram), or None
+    rows: float  # sampled rows behind the Gram statistics
     second: np.ndarray | None = None  # per channel: what a removal loses there (variance, or E[x²] without compensation)
     mixes: bool = False  # removed channels are predicted from the kept ones: the weight is fed too
-    _weight: np.ndarray | None = None  # the consumer's weight, read once
+    _weight: np.ndarray | None = None  # the consumer's weight, read once a group
     _energy: np.ndarray | None = None  # per channel: Σ of the consumer's squared weights
+    _cov: np.ndarray | None = None
+
+    @property
+    def cov(self) -> np.ndarray | None:
+        """The channel covariance (lstsq), formed when first read and kept until
+        :meth:`forget`: a wide input's C×C would otherwise live through every group's probes."""
+        if self._cov is None and self.gram is not None:
+            self._cov = _channel_gram(self.gram)[0]
+        return self._cov
+
+    def forget(self) -> None:
+        """Drop what the site formed for one group's probes (formed again if read)."""
+        self._cov = self._weight = None
 
     def local_error(self, drop: np.ndarray) -> float:
         """Σ over dropped channels of ‖W[:, c]‖² · ``second[c]``: the error the removal puts
@@ -94,10 +107,19 @@ def _channel_gram(gram) -> tuple[np.ndarray, np.ndarray]:
     cov, mu = gram.covariance(), gram.mean()
     kernel = getattr(gram, "kernel", None)
     if kernel is not None:
-        taps = int(np.prod(kernel))
-        idx = np.arange(len(mu) // taps) * taps + taps // 2
+        idx = _centre(gram, np.arange(len(mu)))
         cov, mu = cov[np.ix_(idx, idx)], mu[idx]
     return cov, mu
+
+
+def _centre(gram, per_column: np.ndarray) -> np.ndarray:
+    """``per_column`` (one value per Gram column) at each channel's centre tap (a
+    PatchGram's columns are channel-major: c·taps + tap); as is for a ChannelGram."""
+    kernel = getattr(gram, "kernel", None)
+    if kernel is None:
+        return per_column
+    taps = int(np.prod(kernel))
+    return per_column[np.arange(len(per_column) // taps) * taps + taps // 2]
 
 
 class _Tails:
@@ -182,16 +204,19 @@ class _Tails:
         relative L2 error), with the removal emulated at the sites."""
         nodes, frontier = self.plan(sites)
         names = [v.name for v in frontier]
-        tail = self.tail(sites, nodes, frontier)
-        outs = [o.name for o in self.outputs]
 
         def damages(removals: list[np.ndarray]) -> list[float]:
             params = [self._params(sites, analysis, compensate, r) for r in removals]
             self.runs += len(removals) * len(self.samples)
+            tail = self.tail(sites, nodes, frontier)
+            outs = [o.name for o in self.outputs]
             if self.pool is not None:
                 return [d / self.scale for d in self.pool.probe(names, later, tail, outs, params)]
+            # The session, not the serialised tail, is kept while the probes run: on a large
+            # model the tail's bytes are as large as its weights.
+            sess, tail = _ort.session(tail, self.providers), None
             cached = self.passes.advance(names, later)
-            return [d / self.scale for d in squared_errors(tail, self.providers, outs, self.y0,
+            return [d / self.scale for d in squared_errors(sess, self.providers, outs, self.y0,
                                                              [{n: cached[n][b] for n in names} for b in range(len(self.samples))], params)]
 
         return damages
@@ -242,10 +267,11 @@ def reference_outputs(model: ir.Model, samples: list, providers: list[str]) -> t
     return y0, sum(float((y**2).sum()) for ys in y0 for y in ys.values())
 
 
-def squared_errors(tail: bytes, providers: list[str], outputs: list[str], y0: list[dict], feeds: list[dict],
+def squared_errors(tail: bytes | Any, providers: list[str], outputs: list[str], y0: list[dict], feeds: list[dict],
                    params: list[dict]) -> list[float]:
-    """Per parameter set, Σ‖y − y₀‖² of the tail's outputs over the batches ``feeds``."""
-    sess = _ort.session(tail, providers)
+    """Per parameter set, Σ‖y − y₀‖² of the tail's outputs over the batches ``feeds``
+    (``tail``: the serialised tail, or a session on it)."""
+    sess = _ort.session(tail, providers) if isinstance(tail, bytes) else tail
     out = []
     for p in params:
         total = 0.0
@@ -268,15 +294,16 @@ def _sites(analysis: Analysis, views: list[ConsumerView], stats: Statistics, com
         shape = [c] + [1] * (rank - 1 - v.axis)
         gram = stats.extra.get(GramKey(InputRef.of(v))) if compensate == "lstsq" else None
         mean = stats.tensors[v.tensor].mean if v.tensor in stats.tensors else np.zeros(c)
-        cov, rows = None, 0.0
+        rows = 0.0
         if gram is not None and not gram.empty:
-            cov, mean = _channel_gram(gram)
-            rows = gram.total()[2]
+            mean, rows = _centre(gram, gram.mean()), gram.total()[2]
+        else:
+            gram = None
         t = stats.tensors.get(v.tensor)
         second = t.var if t is not None else np.ones(c)
         if compensate == "none":
             second = second + mean**2
-        sites.append(_Site(v, f"onnxprune_probe{i}", shape, mean, cov, rows, second, mixes=cov is not None))
+        sites.append(_Site(v, f"onnxprune_probe{i}", shape, mean, gram, rows, second, mixes=gram is not None))
     return sites
 
 
@@ -307,6 +334,8 @@ def _measure_rungs(analysis: Analysis, groups: list[Group], sites_of: dict[int, 
                 local = [_local_error(sites_of[g.id], analysis, sel) for sel in ladder]
                 for sel, dmg in zip(ladder, _interpolated([len(s) for s in ladder], local, measured)):
                     rungs[g.id].append((sel, dmg, base - measure({g.id: sel})))
+            for s in sites_of[g.id]:
+                s.forget()
             if progress is not None:
                 progress(k + 1, len(ordered))
     finally:

@@ -278,7 +278,8 @@ def session_from_view(model: ir.Model, inputs: Sequence[ir.Value], outputs: Sequ
     # The tensors are nearly all of the bytes: protobuf's own ByteSize walks the whole
     # message, a cost like serialising it (a third of building a segment on MiniLM).
     if _tensor_bytes(nodes) < INLINE_LIMIT:
-        return _ort.session(proto.SerializeToString(), providers)
+        data, proto = proto.SerializeToString(), None  # the message goes before onnxruntime copies the bytes
+        return _ort.session(data, providers)
     with tempfile.TemporaryDirectory(prefix="onnxprune-segment-") as folder:
         path = Path(folder) / "segment.onnx"
         onnx.save_model(proto, path, save_as_external_data=True, location="segment.onnx.data")

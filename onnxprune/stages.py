@@ -24,7 +24,7 @@ from . import _ort, _temps, checks
 from ._graph import copy_model, node_label
 from .canonical import RESTRUCTURED
 from .allocate import PROBE_SAMPLES, allocate, probes_text
-from .calibrate import Statistics, calibrate, providers_for
+from .calibrate import GramKey, Statistics, calibrate, providers_for
 from .compensate import apply_bias, apply_refits, bias_deltas, lstsq_refits, lstsq_requests
 from .config import PruneConfig
 from .consumers import ConsumerView, consumer_views
@@ -321,6 +321,12 @@ class Rewrite(Stage):
         elif stats is not None and c.compensate == "lstsq":
             state.refits, state.deltas = lstsq_refits(analysis, stats, removed)
             state.targets = refit_targets(analysis, removed)
+            if not state.keep_for_sweep:
+                # The Gram sums served the selection and this first refit; nothing reads them
+                # after, and on a wide model they are the largest statistics (a 3072-wide
+                # input's is 75 MB) held through the refit.
+                for key in [k for k in stats.extra if isinstance(k, GramKey)]:
+                    del stats.extra[key]
         # The refit runs the original graph beside the pruned one: a copy, not a second parse
         # and normalisation of the file.
         if state.targets and state.store is not None:

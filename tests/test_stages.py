@@ -92,6 +92,28 @@ def test_driver_runs_the_stages_in_order_and_times_each(tmp_path):
     assert (tmp_path / "o.onnx").exists() and state.result.params_after < state.result.params_before
 
 
+def test_the_gram_sums_are_let_go_once_the_first_refit_used_them(tmp_path):
+    """Nothing after the rewrite reads the lstsq Gram sums, so the refit does not hold them
+    (on BERT-base they were the largest statistics); an error curve's points keep them."""
+    from onnxprune.calibrate import GramKey
+
+    src = save(_net(), tmp_path / "m.onnx")
+    config = PruneConfig(method="wanda", calib=_data(), latency=False, eval_samples=8, target_macs=0.6)
+    seen = {}
+
+    class Rewrite(stages.Rewrite):
+        def run(self, state):
+            seen["before"] = sum(isinstance(k, GramKey) for k in state.stats.extra)
+            super().run(state)
+
+    pipeline = [Rewrite() if isinstance(s, stages.Rewrite) else s for s in stages.PIPELINE]
+    state = api.run_stages(stages.PruneState(src, tmp_path / "o.onnx", config), pipeline)
+    assert seen["before"] > 0
+    assert not any(isinstance(k, GramKey) for k in state.stats.extra)
+    kept = api.run_stages(stages.PruneState(src, tmp_path / "p.onnx", config, keep_for_sweep=True), pipeline)
+    assert sum(isinstance(k, GramKey) for k in kept.stats.extra) == seen["before"]
+
+
 def test_calibrate_stage_runs_only_with_data(tmp_path):
     src = save(_net(), tmp_path / "m.onnx")
     _, result = onnxprune.prune(src, None, ratio=0.5, latency=False)
