@@ -509,7 +509,9 @@ class OriginalRows:
         names = list(dict.fromkeys(n for i in run for n in (targets[i].source, targets[i].skip) if n))
         exts = {i: targets[i].extractor() for i in run}
         with SegmentPass(original, batches, providers=providers, budget=0, label="original graph") as sp:
-            for k, got in enumerate(sp.stream(names, rest=False)):
+            k = -1
+            for got in sp.stream(names, rest=False):  # not enumerate(): its tuple would hold the batch
+                k += 1
                 for i in run:
                     t = targets[i]
                     s = got[t.skip] if t.skip else None
@@ -569,7 +571,9 @@ class RefitShard:
         local = [self.targets[i].for_shard(self.targets[i].node, shift) for i, shift in zip(wave, shifts)]
         exts = [t.extractor() for t in local]
         need = list(dict.fromkeys(n for t in local for n in (t.node.inputs[0].name, t.skip) if n))
-        for k, got in enumerate(self.pp.stream(need, self._names(later))):
+        k = -1
+        for got in self.pp.stream(need, self._names(later)):  # not enumerate(): its tuple would hold the batch
+            k += 1
             b = self.index[k]
             for i, t, ext in zip(wave, local, exts):
                 rows, owner, inputs, streamed = self.rows.get(i, k)

@@ -376,9 +376,12 @@ class SegmentPass:
         nodes = self._pending(wanted)
         ready = [n for n in dict.fromkeys(names) if n in self.cache]
         batches = self._batches(nodes, wanted, later, stream=True, rest=rest) if nodes else ({} for _ in range(self.n_batches))
-        for k, got in enumerate(batches):
+        k = 0
+        # Not enumerate(): its reused result tuple would hold the last batch while the next runs.
+        for got in batches:
             got.update((n, self.cache.get(n)[k]) for n in ready)
             yield got
+            got, k = None, k + 1  # before the next batch runs: one batch's tensors at a time
         self._release(set(later))
 
     def _batches(self, nodes: list[ir.Node], wanted: list[ir.Value], later: Sequence[str],
@@ -428,6 +431,7 @@ class SegmentPass:
                 if stream and name in asked:
                     out[name] = arr
             del got, feed
+            arr = None  # nothing of this batch is held here while the next one runs
             self.seconds += time.perf_counter() - t0
             yield out
             out = None

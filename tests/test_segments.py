@@ -145,6 +145,37 @@ def test_stream_hands_over_the_whole_graph_values_batch_by_batch_without_caching
         assert set(sp.cache.arrays) <= {v.name for v in model.graph.inputs}  # nothing computed is kept
 
 
+def test_stream_holds_one_batch_of_its_tensors_at_a_time(tmp_path, monkeypatch):
+    """A batch's handed-over tensors are gone before the next batch runs (the refit's
+    rows pass fetches the widest tensors of the graph: two batches of them at once was the
+    peak with 2,048 images)."""
+    import weakref
+
+    import onnxprune.segments as seg
+
+    proto = residual_concat()
+    model, _ = load_model(save(proto, tmp_path / "m.onnx"))
+    batches = _batches(proto, n=4)
+    name = next(n for n in model.graph if n.name == "c").outputs[0].name
+    refs: list = []
+    real = seg.session_from_view
+
+    class Checked:
+        def __init__(self, sess):
+            self.sess = sess
+
+        def run(self, names, feed):
+            assert all(r() is None for r in refs), "the previous batch is still held"
+            return self.sess.run(names, feed)
+
+    monkeypatch.setattr(seg, "session_from_view", lambda *a, **k: Checked(real(*a, **k)))
+    with SegmentPass(model, batches, providers=CPU, budget=1 << 30) as sp:
+        for got in sp.stream([name], rest=False):
+            refs.append(weakref.ref(got[name]))
+            got = None
+    assert len(refs) == len(batches)
+
+
 def test_segments_past_the_inline_limit_go_through_a_removed_file(tmp_path, monkeypatch):
     """A sub-model too big for one protobuf message is loaded from a file with external
     data, in a temp folder that is gone once onnxruntime has read it."""
