@@ -75,7 +75,7 @@ class PruneState:
     store: Any = None  # the kept calibration batches: a BatchStore, or a distributed.RayPool whose workers hold them
     # the plot's error curve: the calibrated state is kept for its points (see sweep_state)
     keep_for_sweep: bool = False
-    pristine: Any = None  # the loaded model as a proto, before any rewrite (kept_for_sweep)
+    pristine: Any = None  # a copy of the loaded model, before any rewrite (kept_for_sweep)
     # score / select
     scores: dict[int, np.ndarray] = field(default_factory=dict)
     views: list[ConsumerView] = field(default_factory=list)
@@ -157,7 +157,7 @@ class Load(Stage):
             check_restructured(state.model, state.feed, state.reference)
         state.providers = providers_for(c.device)
         if state.keep_for_sweep:
-            state.pristine = ir.to_proto(state.model)
+            state.pristine = copy_model(state.model)
 
     @staticmethod
     def _open_calibration(state: PruneState) -> Sample:
@@ -494,10 +494,7 @@ def sweep_state(base: PruneState, config: PruneConfig) -> PruneState:
     state = PruneState(base.model_path, None, config, reference_path=base.reference_path)
     for name in _SHARED:
         setattr(state, name, getattr(base, name))
-    copy = type(base.pristine)()
-    copy.CopyFrom(base.pristine)
-    state.model = ir.from_proto(copy)
-    ir.external_data.set_base_dir(state.model.graph, Path(base.model_path).parent)  # as load does
+    state.model = copy_model(base.pristine)
     return state
 
 

@@ -122,3 +122,24 @@ def test_external_data_on_ray_workers(tmp_path, monkeypatch):
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_the_error_curve_of_an_external_data_model_equals_the_inline_ones(tmp_path, monkeypatch):
+    """``--plot``'s points prune copies of the loaded model: a copy of an external-data
+    model still finds its tensors (from another working directory too)."""
+    from onnxprune import api
+    from onnxprune.config import PruneConfig
+
+    ext, inline = tmp_path / "ext", tmp_path / "inline"
+    ext.mkdir()
+    inline.mkdir()
+    onnx.save(_net(), str(ext / "m.onnx"), save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    onnx.save(_net(), str(inline / "m.onnx"))
+    data = [{"x": np.random.default_rng(k).standard_normal((4, 3, 8, 8)).astype(np.float32)} for k in range(3)]
+    monkeypatch.chdir(tmp_path)
+    curves = []
+    for folder in (ext, inline):
+        config = PruneConfig(calib=data, target_macs=0.7, progress=False, latency=False, batch_size=4)
+        _, result = api.prune_with(config, folder / "m.onnx", None, sweep=(0.8, 0.5))
+        curves.append(result.sweep)
+    assert len(curves[0]) == 3 and curves[0] == curves[1]
