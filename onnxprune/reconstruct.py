@@ -44,7 +44,7 @@ import onnx
 import onnx_ir as ir
 
 from ._graph import const_array, copy_model
-from .calibrate import SHARD_BLOCK
+from .calibrate import SHARD_BLOCK, InputRef, StatRequest
 from .compensate import ZEROED, _lstsq_kind, holds_zeros, loses_inputs, rows_to_weight, weight_rows, write_consumer
 from .consumers import consumer_views
 from .data import Sample, samples_in
@@ -71,6 +71,14 @@ REFIT_FOLD_BYTES = 512 * 2**20
 # per consumer, or the bias fit (λ = ∞).  Shrinking toward W_kept, not 0, is what keeps a
 # consumer fitted on few distinct images near the weights it was trained with.
 REFIT_SHRINK = (1e-3, 1e-2, 1e-1, 1.0)
+
+
+def _extractor(kind: str, node: ir.Node, axis: int) -> ChannelGram:
+    """What samples a consumer's refit rows: its input's channel rows (``"rows"``) or
+    im2col patches (``"patch"``), REFIT_ROWS a batch."""
+    if kind == "patch":
+        return PatchGram(node, shards=1, max_rows=REFIT_ROWS)
+    return ChannelGram(axis, shards=1, max_rows=REFIT_ROWS)
 
 
 def fold_count(outputs: int, features: int) -> int:
@@ -108,11 +116,10 @@ class RefitTarget:
     _w32: np.ndarray | None = None
     _pending: list = field(default_factory=list, repr=False)  # (y, x', fold) rows not yet summed
     _pending_rows: int = 0
+    key: str = ""  # the consumer's InputRef name (its first output in the original graph): its recorded rows
 
     def extractor(self) -> ChannelGram:
-        if self.kind == "patch":
-            return PatchGram(self.node, shards=1, max_rows=REFIT_ROWS)
-        return ChannelGram(self.axis, shards=1, max_rows=REFIT_ROWS)
+        return _extractor(self.kind, self.node, self.axis)
 
     def for_shard(self, node: ir.Node, shift: tuple[np.ndarray, np.ndarray] | None) -> "RefitTarget":
         """A copy with no sums, for one shard's batches: its own graph's ``node``, and the
@@ -380,11 +387,7 @@ def refit_targets(analysis: Analysis, removed: np.ndarray, relu_only: bool = Fal
         drop = gone[analysis.roots[view.atoms]]
         kind = _lstsq_kind(view)
         node = view.node
-        if not loses_inputs(view, drop) or kind is None or view.value.is_graph_input():
-            continue
-        if relu_only and not _feeds_relu(node):
-            continue
-        if node.op_type == "Gemm" and (_fattr(node, "alpha") != 1.0 or _fattr(node, "beta") != 1.0):
+        if not loses_inputs(view, drop) or not refittable(view, relu_only):
             continue
         wf = weight_rows(view)
         written = None
@@ -403,8 +406,20 @@ def refit_targets(analysis: Analysis, removed: np.ndarray, relu_only: bool = Fal
         targets.append(RefitTarget(node, view.value.name, kind, view.axis, wf[rows], b[rows].copy(), keep_cols,
                                    skip=skip.name if skip is not None else None, keep_rows=rows, relu=relu,
                                    keep_zeros=keep_zeros,
-                                   written=None if written is None else written[rows]))
+                                   written=None if written is None else written[rows], key=InputRef.of(view).consumer))
     return targets
+
+
+def refittable(view, relu_only: bool = False) -> bool:
+    """Whether the refit can take ``view``'s consumer on, should it lose inputs: least
+    squares supports it, its input is computed (not a graph input), a Gemm scales nothing;
+    with ``relu_only`` (``--compensate bias``), its output goes straight into a Relu."""
+    node = view.node
+    if _lstsq_kind(view) is None or view.value.is_graph_input():
+        return False
+    if relu_only and not _feeds_relu(node):
+        return False
+    return not (node.op_type == "Gemm" and (_fattr(node, "alpha") != 1.0 or _fattr(node, "beta") != 1.0))
 
 
 def _residual(node: ir.Node) -> ir.Value | None:
@@ -531,6 +546,182 @@ class OriginalRows:
         self.cache.close()
 
 
+@dataclass(frozen=True)
+class RowsKey:
+    """The refit rows calibration records for one consumer input (``Statistics.extra``)."""
+
+    view: InputRef
+
+
+@dataclass
+class _Recorded:
+    """Where calibration put one consumer's rows: ``rows`` names its rows in the record's
+    cache (``inputs``: the input rows, which every consumer of one tensor with one sampling
+    shares; else ``W x`` of every output), ``geometry`` its input rows' sampling (their
+    owners and batch 0's mean input row live under it), ``stream`` the stream's rows where
+    its output is added to one."""
+
+    rows: str
+    geometry: str
+    inputs: bool
+    stream: str | None
+    out_rows: list = field(default_factory=list)  # per batch: the consumer's output rows
+
+
+class RowsRecord:
+    """The original graph's side of the refit, recorded while calibration runs the
+    original: per consumer the refit may take on (:func:`refittable`) and per batch, the
+    rows :meth:`RefitTarget.original_rows` would make, in the narrower form (the input rows
+    or ``W x``), and the rows of the stream its output is added to.  Calibration already
+    runs the original over every batch and fetches these inputs for the Gram sums, so the
+    refit needs no pass of the original of its own (:class:`RecordedRows`).
+
+    Which consumers lose inputs is known only after selection: every candidate is recorded.
+    The rows stay in memory up to ``budget`` bytes, then spill
+    (:class:`segments.TensorCache`), removed at :meth:`close`."""
+
+    def __init__(self, budget: int) -> None:
+        self.cache = TensorCache(budget, prefix="onnxprune-rows-")
+        self.consumers: dict[str, _Recorded] = {}
+        self.first_mean: dict[str, np.ndarray] = {}  # geometry -> batch 0's mean input row
+        self.stream_shape: dict[str, list[tuple[int, int]]] = {}  # stream -> per batch (rows, channels)
+        self._memo: tuple = (None, -1, None)  # (geometry, batch, (rows, owner)): consumers of one tensor
+
+    def requests(self, analysis: Analysis, relu_only: bool = False) -> list[StatRequest]:
+        """Calibration requests that record every refittable consumer's rows."""
+        out, streams = [], set()
+        for view in consumer_views(analysis):
+            if not refittable(view, relu_only):
+                continue
+            kind = _lstsq_kind(view)
+            ext = _extractor(kind, view.node, view.axis)
+            geometry = _geometry(view.value.name, kind, ext)
+            w = weight_rows(view)
+            inputs = w.shape[1] <= w.shape[0]
+            key = InputRef.of(view).consumer
+            s = _residual(view.node)
+            stream = None if s is None else f"stream:{s.name}:{1 if kind == 'patch' else view.axis}"
+            entry = self.consumers[key] = _Recorded(geometry if inputs else f"y:{key}", geometry, inputs, stream)
+            out.append(StatRequest(RowsKey(InputRef.of(view)), view.value,
+                                   lambda e=entry, x=ext, k=kind, w=None if inputs else w.astype(np.float32):
+                                   _InputRecorder(self, e, x, k, w)))
+            if stream is not None and stream not in streams:
+                streams.add(stream)
+                axis = 1 if kind == "patch" else view.axis
+                out.append(StatRequest(("rows stream", stream), s, lambda n=stream, a=axis: _StreamRecorder(self, n, a)))
+        return out
+
+    def input_rows(self, entry: _Recorded, ext: ChannelGram, kind: str, x: np.ndarray, batch: int):
+        """(rows, owner) of ``x`` sampled for ``batch``: once per geometry and batch."""
+        geometry, b, got = self._memo
+        if (geometry, b) != (entry.geometry, batch):
+            r, owner = _input_rows(kind, ext, x, batch)
+            got = (r.astype(np.float32, copy=False), owner)
+            self._memo = (entry.geometry, batch, got)
+            owners = entry.geometry + ":owner"
+            if owners not in self.cache or len(self.cache.get(owners)) == batch:
+                self.cache.put(owners, batch, owner)
+                if batch == 0:
+                    self.first_mean[entry.geometry] = got[0].mean(axis=0, dtype=np.float64)
+        return got
+
+    def covers(self, targets: list["RefitTarget"]) -> bool:
+        """Whether every target's rows, and its stream's, were recorded."""
+        return all(t.key in self.consumers and (t.skip is None or self.consumers[t.key].stream is not None)
+                   for t in targets)
+
+    def close(self) -> None:
+        self.cache.close()
+        self._memo = (None, -1, None)
+
+
+def _geometry(source: str, kind: str, ext: ChannelGram) -> str:
+    """A name for one sampling of one tensor's rows: consumers that share it share rows."""
+    if kind == "patch":
+        return f"patch:{source}:{ext.kernel}:{ext.strides}:{ext.dilations}:{ext.pads}:{ext.auto_pad}"
+    return f"rows:{source}:{ext.axis}"
+
+
+def _input_rows(kind: str, ext: ChannelGram, x: np.ndarray, batch: int):
+    """(rows, owner): a consumer's input rows sampled for ``batch`` (im2col patches for a Conv)."""
+    if kind == "patch":
+        return ext.patch_rows(x, batch, samples=True)
+    return ext.sampled_rows(x, batch, samples=True)
+
+
+class _InputRecorder:
+    """Calibration accumulator of one consumer's rows (see :class:`RowsRecord`); the
+    collector sets ``batches`` to the batch's number before each update."""
+
+    def __init__(self, record: RowsRecord, entry: _Recorded, ext: ChannelGram, kind: str, w32: np.ndarray | None) -> None:
+        self.record, self.entry, self.ext, self.kind, self.w32 = record, entry, ext, kind, w32
+        self.batches = 0
+
+    def update(self, x: np.ndarray) -> None:
+        b, e, cache = self.batches, self.entry, self.record.cache
+        r, _ = self.record.input_rows(e, self.ext, self.kind, x, b)
+        if not e.inputs:
+            cache.put(e.rows, b, r @ self.w32.T)
+        elif e.rows not in cache or len(cache.get(e.rows)) == b:  # the first consumer of the tensor this batch
+            cache.put(e.rows, b, r)
+        e.out_rows.append(x.shape[0] * math.prod(self.ext.out_size(x.shape)) if self.kind == "patch"
+                          else x.size // max(x.shape[self.ext.axis], 1))
+
+
+class _StreamRecorder:
+    """Calibration accumulator of a residual stream's rows at the sampled output rows."""
+
+    def __init__(self, record: RowsRecord, name: str, axis: int) -> None:
+        self.record, self.name, self.axis = record, name, axis
+        self.ext = ChannelGram(axis, shards=1, max_rows=REFIT_ROWS)
+        self.batches = 0
+
+    def update(self, s: np.ndarray) -> None:
+        total = s.size // max(s.shape[self.axis], 1)
+        rows = rows_at(s, self.axis, self.ext.positions(total, self.batches)).astype(np.float32, copy=False)
+        self.record.cache.put(self.name, self.batches, rows)
+        self.record.stream_shape.setdefault(self.name, []).append((total, s.shape[self.axis]))
+
+
+class RecordedRows:
+    """:class:`OriginalRows` from a :class:`RowsRecord`: the same rows, made from what
+    calibration recorded instead of a pass of the original (``index``: the shard's batch
+    numbers)."""
+
+    def __init__(self, targets: list[RefitTarget], record: RowsRecord, index: range) -> None:
+        self.targets, self.record, self.index = targets, record, index
+        self.entries = [record.consumers[t.key] for t in targets]
+        self.inputs = [e.inputs and t.stores_inputs() for t, e in zip(targets, self.entries)]
+        self.streamed = [[t.skip is not None and record.stream_shape[e.stream][b] == (e.out_rows[b], len(t.keep_rows))
+                          for b in index] for t, e in zip(targets, self.entries)]
+        self.shifts: list | None = None
+        if len(index) and index[0] == 0:
+            self.shifts = [self._shift(t, e) for t, e in zip(targets, self.entries)]
+
+    def _wx(self, t: RefitTarget, e: _Recorded, b: int) -> np.ndarray:
+        rows = self.record.cache.get(e.rows)[b]
+        return rows @ t.w32.T if e.inputs else rows[:, t.keep_rows]
+
+    def _shift(self, t: RefitTarget, e: _Recorded) -> tuple[np.ndarray, np.ndarray]:
+        """Batch 0's means of ``W x`` and of the kept inputs (see :meth:`RefitTarget.original_rows`)."""
+        return self._wx(t, e, 0).mean(axis=0, dtype=np.float64), self.record.first_mean[e.geometry][t.keep_cols]
+
+    def get(self, i: int, k: int) -> tuple[np.ndarray, np.ndarray, bool, bool]:
+        """Target ``i``'s rows of batch ``k`` of the shard: (rows, owner, inputs, streamed)."""
+        t, e, b = self.targets[i], self.entries[i], self.index[k]
+        owner = self.record.cache.get(e.geometry + ":owner")[b]
+        if self.inputs[i]:
+            return self.record.cache.get(e.rows)[b], owner, True, False
+        y = self._wx(t, e, b)
+        streamed = self.streamed[i][k]
+        if streamed:
+            y = y + self.record.cache.get(e.stream)[b][:, t.keep_rows]
+        return y, owner, False, streamed
+
+    def close(self) -> None:
+        """Nothing: the record belongs to the batch store, which the sweep's points share."""
+
+
 class RefitShard:
     """One shard of the calibration batches (the unit a worker holds): the original's rows
     of every target (:class:`OriginalRows`), the segment pass over the pruned graph, and
@@ -548,7 +739,11 @@ class RefitShard:
         self.pruned, self.private = pruned, private
         self.index, self.first_samples, self.block = index, list(first_samples), block
         subset = _Subset(batches, index)
-        self.rows = OriginalRows(self.targets, original, subset, index, providers=providers, budget=budget // 2)
+        record = getattr(batches, "rows", None)  # calibration recorded the original's side (segments.BatchStore)
+        if record is not None and record.covers(self.targets):
+            self.rows: OriginalRows | RecordedRows = RecordedRows(self.targets, record, index)
+        else:
+            self.rows = OriginalRows(self.targets, original, subset, index, providers=providers, budget=budget // 2)
         self.pp = SegmentPass(pruned, subset, providers=providers, budget=budget // 2, label="pruned graph")
 
     def close(self) -> None:

@@ -462,6 +462,7 @@ class BatchStore:
         self.names: list[str] = []
         self.count = 0
         self.sizes: list[int] = []  # samples per batch
+        self.rows: Any = None  # what calibration recorded of the original for the refit (reconstruct.RowsRecord)
 
     def append(self, batch: Sample) -> None:
         if not self.names:
@@ -486,6 +487,8 @@ class BatchStore:
 
     def close(self) -> None:
         self.cache.close()
+        if self.rows is not None:
+            self.rows.close()
 
     def __enter__(self) -> "BatchStore":
         return self

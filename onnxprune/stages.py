@@ -36,7 +36,7 @@ from .errors import GateError, InputError, VerificationError
 from .groups import Analysis, analyze_groups, control_flow_summary, refuse_control_flow_only
 from .load import check_output_path, input_files, load_model, save_model
 from .methods import Criterion, MethodOptions
-from .reconstruct import refit_on_pruned, refit_targets
+from .reconstruct import RowsRecord, refit_on_pruned, refit_targets
 from .result import PruneResult, RefitCounts
 from .rewrite import apply_removal, refresh_shapes
 from .progress import bar
@@ -224,6 +224,9 @@ class Calibrate(Stage):
                 state.calib_batches = (read(index, b, last) for b in state.calib_batches)
         elif c.compensate != "none":
             state.store = BatchStore(c.memory_budget // 4)
+            # The refit's original side, recorded as calibration runs the original: with the
+            # kept batches, a quarter of the budget and three eighths, as the refit splits it.
+            state.store.rows = RowsRecord(c.memory_budget * 3 // 8)
         state.stats, state.held = calibrate(
             state.model, {v.tensor: (v.value, v.axis) for v in views}, state.calib_batches,
             batch_size=bs, providers=state.providers, memory_budget=c.memory_budget,
@@ -244,6 +247,9 @@ class Calibrate(Stage):
         if state.config.compensate == "lstsq":  # the same Gram statistics once, when the method asks for them too
             asked = {r.key for r in requests}
             requests = requests + [r for r in lstsq_requests(state.analysis) if r.key not in asked]
+        record = getattr(state.store, "rows", None)
+        if record is not None:
+            requests = requests + record.requests(state.analysis, relu_only=state.config.compensate == "bias")
         return requests
 
 

@@ -448,6 +448,63 @@ def test_the_refit_rows_spill_and_leave_nothing_behind(tmp_path, monkeypatch):
     assert list(temp.iterdir()) == []
 
 
+
+def _recorded_store(path: Path, batches, budget: int) -> BatchStore:
+    """The batches as calibration keeps them, with the original's refit rows it recorded."""
+    from onnxprune.calibrate import calibrate
+    from onnxprune.consumers import consumer_views
+
+    model, _ = load_model(path)
+    analysis = analyze_groups(model, ())
+    store = BatchStore(1 << 30)
+    store.rows = rc.RowsRecord(budget)
+    views = consumer_views(analysis)
+    calibrate(model, {v.tensor: (v.value, v.axis) for v in views}, iter(batches), batch_size=5, providers=CPU,
+              memory_budget=1 << 30, progress=False, requests=store.rows.requests(analysis), record=store)
+    return store
+
+
+@pytest.mark.parametrize("name", ["residual_concat", "attention"])
+@pytest.mark.parametrize("budget", [1 << 30, 0])
+def test_rows_recorded_by_calibration_refit_as_a_pass_of_the_original_does(tmp_path, monkeypatch, name, budget):
+    """The refit on the rows calibration recorded (``W x`` where narrower than the inputs,
+    the stream's rows apart) writes the weights and chooses the fits of the refit that runs
+    the original itself, and runs no original pass; the spilled rows go with the store."""
+    import tempfile
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    proto = MODELS[name]()
+    path = save(proto, tmp_path / "m.onnx")
+    batches = _batches(proto, n=4)
+    original, _ = load_model(path)
+    model_a, targets_a = _pruned(path)
+    rc.refit_on_pruned(targets_a, original, model_a, batches, providers=CPU, memory_budget=1 << 30)
+    store = _recorded_store(path, batches, budget)
+    record = store.rows
+    entries = record.consumers.values()
+    if name == "residual_concat":  # 3×3 Convs: W x is narrower than the patches; one output joins a stream
+        assert any(not e.inputs for e in entries) and any(e.stream for e in entries)
+    else:  # the projections read fewer features than they give out
+        assert any(e.inputs for e in entries)
+
+    def no_pass(*a, **k):
+        raise AssertionError("the refit ran the original although calibration recorded its rows")
+
+    monkeypatch.setattr(rc.OriginalRows, "__init__", no_pass)
+    model_b, targets_b = _pruned(path)
+    rc.refit_on_pruned(targets_b, original, model_b, store, providers=CPU, memory_budget=1 << 30)
+    assert [t.mode for t in targets_a] == [t.mode for t in targets_b]
+    assert [t.skip for t in targets_a] == [t.skip for t in targets_b]
+    wa, wb = _weights(model_a), _weights(model_b)
+    for k in wa:
+        np.testing.assert_allclose(wb[k], wa[k], rtol=1e-5, atol=1e-6 * max(1.0, float(np.abs(wa[k]).max())), err_msg=k)
+    assert (record.cache.spilled > 0) == (budget == 0)
+    store.close()
+    assert list(temp.iterdir()) == []
+
+
 def clip_bounds_from_nodes() -> onnx.ModelProto:
     """conv → Clip → conv → Clip → conv, both Clips' bounds from a ``Constant`` node and a
     ``Cast`` of one."""
