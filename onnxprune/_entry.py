@@ -57,6 +57,22 @@ def entry() -> None:
     sys.exit(code)
 
 
+# The child runs this very package, whatever its working directory or PYTHONPATH hold: with
+# ``-m onnxprune`` the working directory came first on its path, so a folder named onnxprune
+# there (a checkout of another version) ran instead of the code the user started.  ``-P``
+# keeps the working directory off the path, as a console script has it; the package's own
+# root is on the path only while the package itself is imported.
+_CHILD_BOOT = (
+    "import sys; sys.path.insert(0, sys.argv.pop(1)); import onnxprune; del sys.path[0]; "
+    "sys.argv[0] = 'onnxprune'; from onnxprune._entry import entry; entry()"
+)
+
+
+def _package_root() -> str:
+    """The folder that holds this ``onnxprune`` package."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def _guard() -> int:
     """Run the command in a child interpreter and translate its death by a signal."""
     import signal
@@ -83,7 +99,8 @@ def _guard() -> int:
     read_end, write_end = os.pipe()
     try:
         env = dict(os.environ, **{_CHILD: str(write_end), _PARENT: str(os.getpid())})
-        cmd = [sys.executable, *subprocess._args_from_interpreter_flags(), "-m", "onnxprune", *sys.argv[1:]]
+        cmd = [sys.executable, *subprocess._args_from_interpreter_flags(), "-P", "-c", _CHILD_BOOT, _package_root(),
+               *sys.argv[1:]]
         try:
             child.append(subprocess.Popen(cmd, env=env, pass_fds=(write_end,)))
         except OSError as exc:

@@ -42,6 +42,24 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+
+def test_the_child_runs_the_package_its_parent_started_from(tmp_path):
+    """A folder named onnxprune in the working directory (a checkout of another version)
+    is not what the guarded child runs: it runs the package the parent was started from."""
+    folders = _folders(tmp_path)
+    fake = folders["cwd"] / "onnxprune"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise SystemExit(\"the onnxprune of the working directory ran\")\n")
+    model = save(_cnn(), folders["in"] / "m.onnx")
+    boot = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from onnxprune._entry import entry; entry()"
+    env = {k: v for k, v in os.environ.items() if k != "ONNXPRUNE_NO_GUARD"}
+    run = subprocess.run([sys.executable, "-c", boot, str(model), str(folders["out"] / "o.onnx"), "-q"],
+                         cwd=folders["cwd"], env=dict(env, TMPDIR=str(folders["tmp"])), capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert [p.name for p in folders["out"].iterdir()] == ["o.onnx"]
+
+
 @pytest.mark.parametrize("phase, needle", [
     ("input", "onnxruntime crashed on the input model"),
     ("verify", "crashed while checking the pruned model"),  # its temp folder beside the output exists then
