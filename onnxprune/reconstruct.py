@@ -616,7 +616,12 @@ class RowsRecord:
         geometry, b, got = self._memo
         if (geometry, b) != (entry.geometry, batch):
             r, owner = _input_rows(kind, ext, x, batch)
-            got = (r.astype(np.float32, copy=False), owner)
+            r = r.astype(np.float32, copy=False)
+            if np.may_share_memory(r, x):
+                # Rows that are all of x are a view of onnxruntime's output, and one output
+                # alive holds its session's whole arena, also after the session is gone.
+                r = r.copy()
+            got = (r, owner)
             self._memo = (entry.geometry, batch, got)
             owners = entry.geometry + ":owner"
             if owners not in self.cache or len(self.cache.get(owners)) == batch:

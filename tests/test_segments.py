@@ -505,6 +505,33 @@ def test_rows_recorded_by_calibration_refit_as_a_pass_of_the_original_does(tmp_p
     assert list(temp.iterdir()) == []
 
 
+
+def test_the_recorded_rows_hold_no_onnxruntime_output(tmp_path, monkeypatch):
+    """Rows that are all of a tensor (a few tokens, a Gemm's samples) would be views of
+    onnxruntime's output, and one output alive holds its session's whole arena: none
+    outlives calibration."""
+    import gc
+    import weakref
+
+    from onnxprune import calibrate as cal
+
+    refs = []
+    real = cal._run
+
+    def spy(sess, names, feed):
+        outs = real(sess, names, feed)
+        refs.extend(weakref.ref(o) for o in outs)
+        return outs
+
+    monkeypatch.setattr(cal, "_run", spy)
+    proto = MODELS["attention"]()
+    store = _recorded_store(save(proto, tmp_path / "m.onnx"), _batches(proto, n=3), 1 << 30)
+    gc.collect()
+    assert refs and [r for r in refs if r() is not None] == []
+    assert store.rows.cache.in_memory > 0
+    store.close()
+
+
 def clip_bounds_from_nodes() -> onnx.ModelProto:
     """conv → Clip → conv → Clip → conv, both Clips' bounds from a ``Constant`` node and a
     ``Cast`` of one."""
