@@ -387,7 +387,11 @@ def measure(case: Case, codes: dict[str, tuple[Path, list[str], int]], opts, wor
     for label, root, prefix in turns:
         passes.append(plain_pass(case.cwd / case.model, case.feeds))
         out = work / f"{case.name}-{label}.onnx"
-        run = run_cli(prefix, [str(case.model), str(out), *case.args], root, opts.timeout, case.cwd)
+        # In the code's own tree: before ea78e77 the CLI's guarded child ran ``-m onnxprune``,
+        # which imports the package of its working directory, so a baseline run from this
+        # repository's root pruned with this repository's code.
+        cwd = root if case.cwd == ROOT else case.cwd
+        run = run_cli(prefix, [str(case.model), str(out), *case.args], root, opts.timeout, cwd)
         if case.quality and run.rc == 0:
             run.report["bench_quality"] = case.quality(out)
         runs[label].append(run)
