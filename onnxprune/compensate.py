@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Iterable
 
 import numpy as np
 import onnx_ir as ir
@@ -257,8 +258,13 @@ class Refit:
     out_axis: int  # axis of `weight` that holds the outputs
 
 
-def lstsq_refits(analysis: Analysis, stats: Statistics, removed: np.ndarray) -> tuple[list[Refit], list[BiasDelta]]:
+def lstsq_refits(analysis: Analysis, stats: Statistics, removed: np.ndarray,
+                 refit_later: Iterable[ir.Node] = ()) -> tuple[list[Refit], list[BiasDelta]]:
     """Least-squares refits where Gram statistics exist; bias deltas for the other consumers.
+    ``refit_later``: consumers the refit on the pruned graph fits again before anything reads
+    their output (:mod:`onnxprune.reconstruct`): they keep their kept weights and bias here
+    (a MatMul still gets this round's bias ``Add``, which that refit writes), without the
+    solve that refit would throw away.
 
     For a consumer ``y = W x + b`` losing inputs, the kept weights become
     ``W'_S = W Σ[:, S] (Σ_SS + λI)⁻¹`` and the bias ``b' = b + W μ − W'_S μ_S`` (Σ, μ: the
@@ -273,6 +279,7 @@ def lstsq_refits(analysis: Analysis, stats: Statistics, removed: np.ndarray) -> 
     out_atoms = {id(e.node): e.atoms for e in analysis.edits if isinstance(e, SliceParam) and e.role == "weight_out"}
     refits: list[Refit] = []
     fallback: dict[int, BiasDelta] = {}
+    later = {id(n) for n in refit_later}
     for view in consumer_views(analysis):
         drop = gone[analysis.roots[view.atoms]]
         if not loses_inputs(view, drop):
@@ -293,17 +300,13 @@ def lstsq_refits(analysis: Analysis, stats: Statistics, removed: np.ndarray) -> 
         op = node.op_type
         wf = weight_rows(view)
         keep_cols = np.repeat(~drop, wf.shape[1] // len(drop))  # k·k columns per channel of a Conv
-        cov = gram.covariance()
-        mu = gram.mean()
         s = np.flatnonzero(keep_cols)
-        rhs = (wf @ cov)[:, s].T
-        css = cov[np.ix_(s, s)]
-        del cov  # the C×C temporaries of a wide input (a flattened Conv map) dominate peak memory
-        ridged(css)
-        w_new = solve_spd(css, rhs).T  # W Σ[:,S] (Σ_SS+λI)⁻¹
         b_old = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
         b_old = np.zeros(wf.shape[0]) if b_old is None else np.broadcast_to(np.asarray(b_old, np.float64).reshape(-1), (wf.shape[0],))
-        b_new = b_old + wf @ mu - w_new @ mu[s]
+        if id(node) in later:
+            w_new, b_new = wf[:, s], b_old
+        else:
+            w_new, b_new = _fit_from_gram(gram, wf, s, b_old)
         if op == "Conv":
             weight, axis = w_new.reshape(w.shape[0], -1, w.shape[2], w.shape[3]), 0
         elif op == "Gemm" and attr_int(node, "transB", 0):
@@ -312,6 +315,18 @@ def lstsq_refits(analysis: Analysis, stats: Statistics, removed: np.ndarray) -> 
             weight, axis = w_new.T, 1
         refits.append(Refit(node, weight, b_new, out_atoms.get(id(node)), axis))
     return refits, list(fallback.values())
+
+
+def _fit_from_gram(gram, wf: np.ndarray, s: np.ndarray, b_old: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(W'_S, b') of :func:`lstsq_refits` for the kept columns ``s`` of ``wf`` [O, F]."""
+    cov = gram.covariance()
+    mu = gram.mean()
+    rhs = (wf @ cov)[:, s].T
+    css = cov[np.ix_(s, s)]
+    del cov  # the C×C temporaries of a wide input (a flattened Conv map) dominate peak memory
+    ridged(css)
+    w_new = solve_spd(css, rhs).T  # W Σ[:,S] (Σ_SS+λI)⁻¹
+    return w_new, b_old + wf @ mu - w_new @ mu[s]
 
 
 def apply_refits(analysis: Analysis, refits: list[Refit], removed: np.ndarray) -> None:

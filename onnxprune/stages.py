@@ -325,8 +325,11 @@ class Rewrite(Stage):
             # consumers feeding a Relu: keep the post-ReLU mean
             state.targets = refit_targets(analysis, removed, relu_only=True)
         elif stats is not None and c.compensate == "lstsq":
-            state.refits, state.deltas = lstsq_refits(analysis, stats, removed)
             state.targets = refit_targets(analysis, removed)
+            # The refit on the pruned graph (Compensate, with the kept batches) fits its
+            # targets again before anything reads their outputs: their first fit is skipped.
+            later = [t.node for t in state.targets] if state.store is not None else []
+            state.refits, state.deltas = lstsq_refits(analysis, stats, removed, refit_later=later)
             if not state.keep_for_sweep:
                 # The Gram sums served the selection and this first refit; nothing reads them
                 # after, and on a wide model they are the largest statistics (a 3072-wide

@@ -203,3 +203,31 @@ def test_the_error_curve_shares_one_calibration_and_equals_separate_prunes(tmp_p
     assert result.to_dict()["error_curve"][1]["macs_removed"] == separate[1][0]
     with pytest.raises(onnxprune.InputError, match="no samples"):  # what a prune per point met: the reader is spent
         api.error_sweep(src, config, result, (0.8,))
+
+
+def test_the_first_refit_leaves_what_the_refit_on_the_pruned_graph_fits_again(tmp_path, monkeypatch):
+    """With the kept batches, the refit on the pruned graph fits every target again before
+    anything reads it: the first refit (from the statistics) skips their solves, and the
+    model written is the same, byte for byte, as with those solves (in ``--steps`` too,
+    where a MatMul's earlier bias Add must stay as it is)."""
+    import hashlib
+
+    from test_transformer_mlp import mlp
+
+    src = save(mlp("gelu"), tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    calib = [{"x": rng.standard_normal((8, 5, 16)).astype(np.float32)} for _ in range(4)]
+    real, asked = stages.lstsq_refits, []
+
+    def every_consumer(analysis, stats, removed, refit_later=()):
+        asked.append(len(list(refit_later)))
+        return real(analysis, stats, removed)
+
+    def written(name: str, steps: int) -> str:
+        onnxprune.prune(src, tmp_path / name, calib=calib, ratio=0.5, compensate="lstsq", steps=steps, latency=False)
+        return hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
+
+    skipped = [written(f"a{steps}.onnx", steps) for steps in (1, 2)]
+    monkeypatch.setattr(stages, "lstsq_refits", every_consumer)
+    assert [written(f"b{steps}.onnx", steps) for steps in (1, 2)] == skipped
+    assert asked and asked[0] > 0  # there were targets to skip
