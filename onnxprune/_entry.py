@@ -99,7 +99,8 @@ def _guard() -> int:
     read_end, write_end = os.pipe()
     try:
         env = dict(os.environ, **{_CHILD: str(write_end), _PARENT: str(os.getpid())})
-        cmd = [sys.executable, *subprocess._args_from_interpreter_flags(), "-P", "-c", _CHILD_BOOT, _package_root(),
+        safe = ["-P"] if sys.version_info >= (3, 11) else []  # -P is new in 3.11; the boot puts the root first anyway
+        cmd = [sys.executable, *subprocess._args_from_interpreter_flags(), *safe, "-c", _CHILD_BOOT, _package_root(),
                *sys.argv[1:]]
         try:
             child.append(subprocess.Popen(cmd, env=env, pass_fds=(write_end,)))
