@@ -81,6 +81,21 @@ def _extractor(kind: str, node: ir.Node, axis: int) -> ChannelGram:
     return ChannelGram(axis, shards=1, max_rows=REFIT_ROWS)
 
 
+def _input_rows(kind: str, ext: ChannelGram, x: np.ndarray, batch: int, samples: bool = False):
+    """A consumer's input rows (im2col patches for a Conv) sampled for ``batch`` by ``ext``
+    (:func:`_extractor`); with ``samples``, (rows, the sample each row comes from)."""
+    if kind == "patch":
+        return ext.patch_rows(x, batch, samples=samples)
+    return ext.sampled_rows(x, batch, samples=samples)
+
+
+def _out_rows(kind: str, ext: ChannelGram, x: np.ndarray) -> int:
+    """Output rows (positions, tokens) of a consumer for an input ``x``."""
+    if kind == "patch":
+        return x.shape[0] * math.prod(ext.out_size(x.shape))
+    return x.size // max(x.shape[ext.axis], 1)
+
+
 def fold_count(outputs: int, features: int) -> int:
     """Folds of the lstsq-or-bias choice for a consumer of this size (see REFIT_FOLDS)."""
     per_fold = 8 * (features * features + outputs * features)
@@ -128,16 +143,10 @@ class RefitTarget:
                        shift_y=None if shift is None else shift[0], shift_p=None if shift is None else shift[1])
 
     def _input_rows(self, ext: ChannelGram, x: np.ndarray, batch: int, samples: bool = False):
-        """The consumer's input rows (im2col patches for a Conv) sampled for ``batch``."""
-        if self.kind == "patch":
-            return ext.patch_rows(x, batch, samples=samples)
-        return ext.sampled_rows(x, batch, samples=samples)
+        return _input_rows(self.kind, ext, x, batch, samples)
 
     def _out_rows(self, ext: ChannelGram, x: np.ndarray) -> int:
-        """Output rows (positions, tokens) of the consumer for an input ``x``."""
-        if self.kind == "patch":
-            return x.shape[0] * math.prod(ext.out_size(x.shape))
-        return x.size // max(x.shape[self.axis], 1)
+        return _out_rows(self.kind, ext, x)
 
     def stores_inputs(self) -> bool:
         """Whether :meth:`original_rows` keeps the input rows (fewer columns than ``W x``,
@@ -615,7 +624,7 @@ class RowsRecord:
         """(rows, owner) of ``x`` sampled for ``batch``: once per geometry and batch."""
         geometry, b, got = self._memo
         if (geometry, b) != (entry.geometry, batch):
-            r, owner = _input_rows(kind, ext, x, batch)
+            r, owner = _input_rows(kind, ext, x, batch, samples=True)
             r = r.astype(np.float32, copy=False)
             if np.may_share_memory(r, x):
                 # Rows that are all of x are a view of onnxruntime's output, and one output
@@ -647,11 +656,6 @@ def _geometry(source: str, kind: str, ext: ChannelGram) -> str:
     return f"rows:{source}:{ext.axis}"
 
 
-def _input_rows(kind: str, ext: ChannelGram, x: np.ndarray, batch: int):
-    """(rows, owner): a consumer's input rows sampled for ``batch`` (im2col patches for a Conv)."""
-    if kind == "patch":
-        return ext.patch_rows(x, batch, samples=True)
-    return ext.sampled_rows(x, batch, samples=True)
 
 
 class _InputRecorder:
@@ -669,8 +673,7 @@ class _InputRecorder:
             cache.put(e.rows, b, r @ self.w32.T)
         elif e.rows not in cache or len(cache.get(e.rows)) == b:  # the first consumer of the tensor this batch
             cache.put(e.rows, b, r)
-        e.out_rows.append(x.shape[0] * math.prod(self.ext.out_size(x.shape)) if self.kind == "patch"
-                          else x.size // max(x.shape[self.ext.axis], 1))
+        e.out_rows.append(_out_rows(self.kind, self.ext, x))
 
 
 class _StreamRecorder:
