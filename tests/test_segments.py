@@ -44,6 +44,18 @@ def residual_concat() -> onnx.ModelProto:
     return g.model([g.conv(c, 8, 4, k=1, name="head")])
 
 
+def inverted_residual() -> onnx.ModelProto:
+    """An inverted-residual block (1×1 expansion to six times the width, depthwise 3×3,
+    1×1 projection added to its input), then a head: EfficientNet's and MobileNet's block."""
+    g = G(seed=3)
+    x = g.input("x", ["N", 3, 8, 8])
+    stem = g.op("Relu", [g.conv(x, 3, 4, name="stem")])
+    wide = g.op("Relu", [g.conv(stem, 4, 24, k=1, name="expand")])
+    dw = g.op("Relu", [g.conv(wide, 24, 24, group=24, name="dw")], name="dw_relu")
+    out = g.op("Add", [g.conv(dw, 24, 4, k=1, name="project"), stem], name="res")
+    return g.model([g.conv(out, 4, 2, k=1, name="head")])
+
+
 def with_if() -> onnx.ModelProto:
     """A Conv whose output an ``If`` branch reads from the enclosing graph."""
     g = G(seed=2)
@@ -90,7 +102,8 @@ def exposed_session(model: ir.Model, names: list[str]):
     return ort().InferenceSession(data, providers=CPU)
 
 
-MODELS = {"residual_concat": residual_concat, "attention": lambda: attention("runtime"), "if": with_if}
+MODELS = {"residual_concat": residual_concat, "attention": lambda: attention("runtime"), "if": with_if,
+          "inverted_residual": inverted_residual}
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -382,7 +395,7 @@ def _weights(model: ir.Model) -> dict[str, np.ndarray]:
     return {name: v.const_value.numpy() for name, v in model.graph.initializers.items() if v.const_value is not None}
 
 
-@pytest.mark.parametrize("name", ["residual_concat", "attention"])
+@pytest.mark.parametrize("name", ["residual_concat", "attention", "inverted_residual"])
 def test_refit_on_segments_writes_the_reference_weights(tmp_path, name):
     proto = MODELS[name]()
     path = save(proto, tmp_path / "m.onnx")
