@@ -22,7 +22,16 @@ def solve_spd(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     without the condition estimate that function adds (about half its time here)."""
     import scipy.linalg  # here, not at import: the CLI starts faster
 
-    return scipy.linalg.cho_solve(scipy.linalg.cho_factor(a, overwrite_a=True, check_finite=False), b, check_finite=False)
+    return scipy.linalg.cho_solve(_cho_factor(a), b, check_finite=False)
+
+
+def _cho_factor(a: np.ndarray):
+    """scipy's ``cho_factor`` of the symmetric ``a`` (overwritten), handed over as ``aᵀ``:
+    the same matrix, but in the Fortran order LAPACK works in, so no copy is made first.
+    Its upper triangle is ``a``'s lower one, the triangle the C-ordered call factors."""
+    import scipy.linalg
+
+    return scipy.linalg.cho_factor(a.T, lower=False, overwrite_a=True, check_finite=False)
 
 
 def solve_spd_fast(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -32,7 +41,7 @@ def solve_spd_fast(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     import scipy.linalg
 
     try:
-        factor = scipy.linalg.cho_factor(a.astype(np.float32), overwrite_a=True, check_finite=False)
+        factor = _cho_factor(a.astype(np.float32))
     except np.linalg.LinAlgError:
         return solve_spd(a, b)
     return scipy.linalg.cho_solve(factor, b.astype(np.float32), check_finite=False).astype(np.float64)

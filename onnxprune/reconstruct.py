@@ -260,15 +260,19 @@ class RefitTarget:
             self._w32 = self.w.astype(np.float32)
         return self._w32
 
-    def _fit(self, s: dict, shrink: float | None, fast: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def _kept(self) -> np.ndarray:
+        """The kept weights the fits start from (as written, where this round zeroed some)."""
+        return (self.w if self.written is None else self.written)[:, self.keep_cols]
+
+    def _fit(self, s: dict, shrink: float | None, fast: bool = False,
+             moments: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(A, c) with ``W x ≈ A x' + c`` on the rows summed in ``s``: the least-squares fit
         shrunk toward the original kept weights by ``shrink`` (see REFIT_SHRINK), or, with
         ``None``, those weights with the mean difference moved into the bias.  ``fast``:
-        solved in float32 (the held-out comparison; the weights written are solved in float64)."""
-        n = max(s["n"], 1)
-        mp, my = s["p"] / n, s["y"] / n  # of the shifted values: the covariances need no shift
-        a = (self.w if self.written is None else self.written)[:, self.keep_cols]
-        cpp = s["pp"] / n - np.outer(mp, mp)
+        solved in float32 (the held-out comparison; the weights written are solved in float64).
+        ``moments``: :meth:`_moments` of ``s``, where several fits share them."""
+        n, mp, my, cpp, cyp = moments or self._moments(s)
+        a = self._kept()
         if shrink is None:
             if self.relu:
                 v0 = np.maximum(s["y2"] / n - my * my, 0.0)
@@ -277,18 +281,48 @@ class RefitTarget:
                 return a, relu_mean_shift(m0 + self.b, v0, m1 + self.b, v1)
         else:
             lam = shrink * max(float(np.trace(cpp)) / max(len(cpp), 1), 1e-12)
-            cyp = s["yp"] / n - np.outer(my, mp)
-            cpp[np.diag_indices_from(cpp)] += lam
-            a = (solve_spd_fast if fast else solve_spd)(cpp, (cyp + lam * a).T).T
+            m = cpp.copy()  # the shared moments stay as they are
+            m[np.diag_indices_from(m)] += lam
+            a = (solve_spd_fast if fast else solve_spd)(m, (cyp + lam * a).T).T
         return a, (my + self.shift_y) - a @ (mp + self.shift_p)
 
-    def _error(self, a: np.ndarray, c: np.ndarray, s: dict) -> float:
+    @staticmethod
+    def _moments(s: dict) -> tuple:
+        """(n, mean of x', mean of y, covariance of x', cross-covariance of y and x') of the
+        rows summed in ``s`` (shifted values: the covariances need no shift)."""
+        n = max(s["n"], 1)
+        mp, my = s["p"] / n, s["y"] / n
+        return n, mp, my, s["pp"] / n - np.outer(mp, mp), s["yp"] / n - np.outer(my, mp)
+
+    def _error(self, a: np.ndarray, c: np.ndarray, s: dict, quad: float | None = None) -> float:
         """Σ‖y − (A x' + c)‖² over the rows summed in ``s``, from the sums alone (in
-        float64: a good fit's error is a small difference of large sums)."""
+        float64: a good fit's error is a small difference of large sums).  ``quad``:
+        ``Σ (A pp) ∘ A``, or that less a term the caller leaves out (:meth:`held_out_errors`)."""
         c = c - self.shift_y + a @ self.shift_p  # the sums are of shifted values
         fit = float(np.sum(a * s["yp"])) + float(c @ s["y"])
-        sq = float(np.sum((a @ s["pp"]) * a)) + 2.0 * float(c @ (a @ s["p"])) + s["n"] * float(c @ c)
+        if quad is None:
+            quad = float(np.sum((a @ s["pp"]) * a))
+        sq = quad + 2.0 * float(c @ (a @ s["p"])) + s["n"] * float(c @ c)
         return s["yy"] - 2.0 * fit + sq
+
+    def held_out_errors(self, rest: dict, s: dict, grid: list) -> list[float]:
+        """Per grid entry (a shrink factor, or None: the bias fit), the squared error on the
+        rows summed in ``s`` of the fit to ``rest``, less ``Σ (W₀ pp) ∘ W₀`` (``W₀`` the kept
+        weights): a term every entry of the fold shares, which the comparison does not need.
+        With it gone, each fit's quadratic form is that of its change ``D = A − W₀`` only,
+        ``Σ (D pp) ∘ (2 W₀ + D)``: one float32 product a shrink factor, none for the bias fit."""
+        moments = self._moments(rest)
+        a0 = self._kept()
+        pp32 = s["pp"].astype(np.float32) if any(e is not None for e in grid) else None
+        out = []
+        for shrink in grid:
+            a, c = self._fit(rest, shrink, fast=True, moments=moments)
+            quad = 0.0
+            if shrink is not None:
+                d = (a - a0).astype(np.float32)
+                quad = float(np.sum((d @ pp32) * (2 * a0 + d), dtype=np.float64))
+            out.append(self._error(a, c, s, quad))
+        return out
 
     def solve(self, modes: tuple[str, ...] = ("lstsq", "bias"), fold_errors: Callable | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(W' [O_kept, F'], b' [O_kept]): the least-squares refit shrunk toward the kept
@@ -345,12 +379,9 @@ class RefitTarget:
 
 def fold_errors(target: RefitTarget, total: dict, folds: list[dict], grid: list) -> list[list[float]]:
     """Per fold, per grid entry (a shrink factor, or None for the bias fit): the squared
-    error on that fold of the fit to the other folds."""
-    out = []
-    for s in folds:
-        rest = {k: total[k] - s[k] for k in s}
-        out.append([target._error(*target._fit(rest, shrink, fast=True), s) for shrink in grid])
-    return out
+    error on that fold of the fit to the other folds, less a term common to the fold's
+    entries (:meth:`RefitTarget.held_out_errors`): comparable across entries only."""
+    return [target.held_out_errors({k: total[k] - s[k] for k in s}, s, grid) for s in folds]
 
 
 def relu_mean_shift(m0: np.ndarray, v0: np.ndarray, m1: np.ndarray, v1: np.ndarray) -> np.ndarray:

@@ -588,8 +588,9 @@ def test_the_shrink_search_chooses_what_the_whole_grid_chooses_with_fewer_solves
 
 
 def test_held_out_errors_in_float32_choose_what_float64_chooses():
-    """The held-out comparison solves in float32; over targets where each grid entry wins
-    somewhere, its errors match the float64 ones closely and choose the same entry."""
+    """The held-out comparison solves in float32 and leaves out a term every entry of a fold
+    shares; over targets where each grid entry wins somewhere, its errors differ from entry to
+    entry as the float64 ones do, and choose the same entry."""
     from onnxprune import reconstruct
 
     def exact(t, total, folds, grid):
@@ -611,7 +612,7 @@ def test_held_out_errors_in_float32_choose_what_float64_chooses():
         total = {k: sum(s[k] for s in t.sums) for k in t.sums[0]}
         grid = [None, *reconstruct.REFIT_SHRINK]
         fast, want = np.sum(reconstruct.fold_errors(t, total, t.sums, grid), axis=0), exact(t, total, t.sums, grid)
-        np.testing.assert_allclose(fast, want, rtol=1e-2)
+        np.testing.assert_allclose(fast - fast[0], want - want[0], rtol=1e-2, atol=1e-4 * np.abs(want).max())
         assert np.argmin(fast) == np.argmin(want)
         chosen.add(int(np.argmin(want)))
     assert len(chosen) >= 3
