@@ -24,6 +24,10 @@ import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH.parent))
+from onnxprune import _spin  # noqa: E402
+
+_spin.settle()  # as the console script does, before numpy is imported
 sys.path.insert(0, str(BENCH))
 import cost  # noqa: E402
 

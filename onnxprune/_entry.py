@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import sys
 
-from . import _signals
+from . import _signals, _spin
 
 _CHILD = "ONNXPRUNE_STATUS_FD"  # set for the child: the pipe to the parent (see _temps)
 _PARENT = "ONNXPRUNE_PARENT_PID"
@@ -31,6 +31,7 @@ _PHASES = {
 
 def entry() -> None:
     """``onnxprune ...``: exit with the CLI's code; a signal at any moment is one line, 130/143."""
+    _spin.settle()  # before numpy is imported, here or in the guarded child, which inherits it
     fd = os.environ.pop(_CHILD, None)
     parent = os.environ.pop(_PARENT, None)
     if fd is None and os.name == "posix" and not os.environ.get("ONNXPRUNE_NO_GUARD"):

@@ -47,7 +47,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from . import _signals
+from . import _signals, _spin
 from ._graph import model_proto
 from .calibrate import SHARD_BLOCK, CollectPlan, Collector, Statistics
 from .data import Sample, samples_in
@@ -360,9 +360,11 @@ class RayPool:
         # The driver's BLAS threading: the float32 products of the sums are summed in another
         # order with another thread count (Ray starts workers with OMP_NUM_THREADS=1), which
         # moves refitted weights measurably (benchmarks/RESULTS.md, "Design measurements").
-        threads = os.environ.get("OMP_NUM_THREADS") or str(os.cpu_count() or 1)
+        # The driver's OpenBLAS thread timeout, or the one a worker of ours should have (_spin).
+        env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(os.cpu_count() or 1),
+               **_spin.settle(dict(os.environ))}
         actor = self.ray.remote(_Worker).options(name=f"onnxprune-{self.run}-shard-{k}-try-{self.tries[k]}",
-                                                 runtime_env={"env_vars": {"OMP_NUM_THREADS": threads}})
+                                                 runtime_env={"env_vars": env})
         return actor.remote()
 
     # -- the batches ------------------------------------------------------------------

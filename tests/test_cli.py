@@ -200,3 +200,32 @@ def test_plot_writes_a_png(tmp_path):
     code = main([str(CNN), str(out), "--calib", str(ROOT / "models" / "data" / "calib"), "--target-macs", "0.6", "--compensate", "bias", "--plot", str(png), "-q"])
     assert code == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("given", [None, "30"])
+def test_the_console_script_settles_openblas_threads_before_numpy_loads(tmp_path, given):
+    """OpenBLAS reads its thread timeout once, when numpy loads it: the console script sets
+    it (a value the user gave stays) before anything imports numpy, here and so in the guarded
+    child, which inherits it."""
+    import os
+
+    code = (
+        "import atexit, os, sys\n"
+        "import onnxprune._entry as e\n"
+        "real = e._spin.settle\n"
+        "def settle(*a):\n"
+        "    print('numpy loaded:', 'numpy' in sys.modules)\n"
+        "    return real(*a)\n"
+        "e._spin.settle = settle\n"
+        "atexit.register(lambda: print('timeout:', os.environ.get('OPENBLAS_THREAD_TIMEOUT')))\n"
+        "sys.argv = ['onnxprune', 'analyze', sys.argv[1]]\n"
+        "e.entry()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    env["ONNXPRUNE_NO_GUARD"] = "1"
+    if given is not None:
+        env["OPENBLAS_THREAD_TIMEOUT"] = given
+    proc = subprocess.run([sys.executable, "-c", code, str(CNN)], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "numpy loaded: False" in proc.stdout
+    assert f"timeout: {given or '16'}" in proc.stdout
