@@ -3,7 +3,7 @@
 A prune alternates between onnxruntime and numpy, and numpy's and scipy's wheels each bundle
 their own OpenBLAS.  OpenBLAS's worker threads spin for 2**28 cycles (about 0.1 s) after each
 call by default, so the threads of one library held the cores while the next one ran: the
-least-squares refit took 1.6× as long (benchmarks/RESULTS.md, "Cost").  (onnxruntime's own
+least-squares refit took 1.4–1.7× as long (benchmarks/RESULTS.md, "Cost").  (onnxruntime's own
 pool is told the same per session: ``_ort.session``.)
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import MutableMapping
 
-# OpenBLAS reads it once, when it is loaded (numpy's import): 2**16 cycles, some microseconds.
+# OpenBLAS reads it once, when it is loaded (numpy's import): 2**16 cycles, tens of microseconds.
 BLAS_ENV = {"OPENBLAS_THREAD_TIMEOUT": "16"}
 
 
