@@ -2,9 +2,9 @@
 
 A prune alternates between onnxruntime and numpy, and numpy's and scipy's wheels each bundle
 their own OpenBLAS.  OpenBLAS's worker threads spin for 2**28 cycles (about 0.1 s) after each
-call by default, so the threads of one library held the cores while the next one ran: the
-least-squares refit took 1.4–1.7× as long (benchmarks/RESULTS.md, "Cost").  (onnxruntime's own
-pool is told the same per session: ``_ort.session``.)
+call by default, so the threads of one library held the cores while the next one ran, most
+of all in the least-squares refit (benchmarks/RESULTS.md, "Cost").  (onnxruntime's own pool
+is told the same per session: ``_ort.session``.)
 """
 
 from __future__ import annotations

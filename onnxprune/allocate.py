@@ -51,9 +51,8 @@ from .select import choose, fit_band, round_for
 
 LADDER = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)  # removed shares probed per group
 # Calibration samples the probes run on (their cost does not grow with the calibration set).
-# 16 chose as well as 32 on EfficientNet-Lite0 and MiniLM, but their noisier damages moved
-# channels between two Convs of the Keras CIFAR-10 CNN: wanda/lstsq at 20 % MACs removed fell
-# from 97 to 90 % agreement (RESULTS "The Keras CIFAR-10 CNN").
+# 16 chose as well on EfficientNet-Lite0 and MiniLM, but their noisier damages moved channels
+# between two Convs of the Keras CIFAR-10 CNN (RESULTS "The Keras CIFAR-10 CNN").
 PROBE_SAMPLES = 32
 PROBE_CHUNK = 8  # samples per probe run: the same batches whatever the number of workers sharing them
 
