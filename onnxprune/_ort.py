@@ -37,9 +37,10 @@ def set_log_severity(level: int) -> None:
     onnxruntime.set_default_logger_severity(level)
 
 
-def session(path: str | bytes, providers: list[str] | None = None):
+def session(path: str | bytes, providers: list[str] | None = None, initializers: dict | None = None):
     """An InferenceSession on ``path`` (or a serialised model) with quiet logging, whose
-    threads do not spin once a run is done."""
+    threads do not spin once a run is done.  ``initializers``: name -> numpy array for the
+    model's external-data initializers of those names (onnxruntime copies them in)."""
     rt = ort()
     opts = rt.SessionOptions()
     opts.log_severity_level = LOG_SEVERITY
@@ -47,4 +48,6 @@ def session(path: str | bytes, providers: list[str] | None = None):
     # prune runs numpy (the Gram and refit sums, BLAS on the same cores) or another session
     # right after a run, and the spinning threads took those cores (RESULTS "Cost").
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if initializers:
+        opts.add_external_initializers(list(initializers), [rt.OrtValue.ortvalue_from_numpy(a) for a in initializers.values()])
     return rt.InferenceSession(path, sess_options=opts, providers=providers or ["CPUExecutionProvider"])

@@ -171,9 +171,10 @@ class _Tails:
                     if id(v) not in inside and not (v.producer() is None and v.const_value is not None and not v.is_graph_input())}
         return nodes, list(frontier.values())
 
-    def tail(self, sites: list[_Site], nodes: list[ir.Node], frontier: list[ir.Value]) -> bytes:
-        """The tail as a serialised model, with m, c (and the mixing sites' weights) fed per
-        run at each site (graph restored)."""
+    def tail(self, sites: list[_Site], nodes: list[ir.Node], frontier: list[ir.Value]):
+        """The tail, with m, c (and the mixing sites' weights) fed per run at each site
+        (graph restored): an onnxruntime session, or for the pool's workers a serialised
+        model."""
         f32 = ir.TensorType(ir.DataType.FLOAT)
         added: dict[int, list[ir.Node]] = {}
         params: list[ir.Value] = []
@@ -196,7 +197,9 @@ class _Tails:
             ordered = [m for n in nodes for m in added.get(id(n), []) + [n]]
             produced = {id(o) for n in nodes for o in n.outputs}
             self.outputs = [o for o in self.graph.outputs if id(o) in produced]
-            return view_bytes(self.model, frontier + params, self.outputs, ordered)
+            if self.pool is not None:
+                return view_bytes(self.model, frontier + params, self.outputs, ordered)
+            return session_from_view(self.model, frontier + params, self.outputs, ordered, self.providers)
 
     def damages_fn(self, sites: list[_Site], analysis: Analysis, compensate: str, later: list[str]):
         """``removals -> damages`` for a group whose consumers are ``sites``: per removal,
@@ -212,11 +215,8 @@ class _Tails:
             outs = [o.name for o in self.outputs]
             if self.pool is not None:
                 return [d / self.scale for d in self.pool.probe(names, later, tail, outs, params)]
-            # The session, not the serialised tail, is kept while the probes run: on a large
-            # model the tail's bytes are as large as its weights.
-            sess, tail = _ort.session(tail, self.providers), None
             cached = self.passes.advance(names, later)
-            return [d / self.scale for d in squared_errors(sess, self.providers, outs, self.y0,
+            return [d / self.scale for d in squared_errors(tail, self.providers, outs, self.y0,
                                                              [{n: cached[n][b] for n in names} for b in range(len(self.samples))], params)]
 
         return damages
@@ -226,7 +226,7 @@ class _Tails:
         this process): what the damages are computed from."""
         nodes, frontier = self.plan(sites)
         names = [v.name for v in frontier]
-        sess = _ort.session(self.tail(sites, nodes, frontier), self.providers)
+        sess = self.tail(sites, nodes, frontier)
         outs = [o.name for o in self.outputs]
         cached = self.passes.advance(names, [])
         params = self._params(sites, analysis, compensate, removed)

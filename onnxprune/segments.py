@@ -38,9 +38,6 @@ from .data import samples_in
 from .errors import InputError
 
 Sample = dict[str, np.ndarray]
-# Sub-models with more tensor bytes than this are handed to onnxruntime as a file with
-# external data: one protobuf message cannot pass 2 GiB.
-INLINE_LIMIT = 2**31 - 2**27
 
 
 class _Spilled:
@@ -224,13 +221,19 @@ def with_cone(graph: ir.Graph, nodes: Sequence[ir.Node], cone: set[int]) -> list
 
 
 def _view_proto(model: ir.Model, inputs: Sequence[ir.Value], outputs: Sequence[ir.Value],
-                nodes: Sequence[ir.Node]) -> onnx.ModelProto:
+                nodes: Sequence[ir.Node], shared: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
+    """The sub-model as a message.  With ``shared``, its large constants are left out of the
+    message as external-data stubs and their arrays put in ``shared`` instead (see
+    :func:`session_from_view`)."""
     consts: dict[int, ir.Value] = {}
     for n in nodes:
         for v in node_reads(n):
             if _is_const(v):
                 consts[id(v)] = v
-    view = ir.GraphView(list(inputs), list(outputs), nodes=list(nodes), initializers=list(consts.values()),
+    initializers = list(consts.values())
+    if shared is not None:
+        initializers = [_stub(v, shared) for v in initializers]
+    view = ir.GraphView(list(inputs), list(outputs), nodes=list(nodes), initializers=initializers,
                         opset_imports=dict(model.opset_imports), name="segment")
     proto = onnx.ModelProto()
     proto.ir_version = model.ir_version
@@ -239,7 +242,25 @@ def _view_proto(model: ir.Model, inputs: Sequence[ir.Value], outputs: Sequence[i
     ir.serde.serialize_graph_into(proto.graph, view)
     for f in model.functions.values():
         ir.serde.serialize_function_into(proto.functions.add(), f)
-    return inline_external(proto, consts.values())
+    return inline_external(proto, [v for v in consts.values() if shared is None or v.name not in shared])
+
+
+# Constants below this many bytes stay in the message: onnxruntime reads shape and index
+# constants while it loads the model, before external initializers are put in place.
+SHARED_MIN_BYTES = 1024
+_SHAREABLE = {ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.INT64, ir.DataType.INT32,
+              ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.BOOL}
+
+
+def _stub(value: ir.Value, shared: dict[str, np.ndarray]) -> ir.Value:
+    """``value`` itself, or, when it is large, a value of the same name, type and shape whose
+    tensor is an external-data stub, its array put in ``shared``."""
+    t = value.const_value
+    if t.nbytes < SHARED_MIN_BYTES or t.dtype not in _SHAREABLE or isinstance(t, ir.StringTensor):
+        return value
+    shared[value.name] = np.ascontiguousarray(t.numpy())
+    stub = ir.ExternalTensor("onnxprune-shared", 0, t.nbytes, t.dtype, shape=t.shape, name=value.name)
+    return ir.Value(name=value.name, shape=value.shape, type=value.type, const_value=stub)
 
 
 def view_bytes(model: ir.Model, inputs: Sequence[ir.Value], outputs: Sequence[ir.Value], nodes: Sequence[ir.Node]) -> bytes:
@@ -248,42 +269,16 @@ def view_bytes(model: ir.Model, inputs: Sequence[ir.Value], outputs: Sequence[ir
     return _view_proto(model, inputs, outputs, nodes).SerializeToString()
 
 
-def _tensor_bytes(nodes: Iterable[ir.Node], seen: dict[int, int] | None = None) -> int:
-    """Bytes of the constants ``nodes`` read and of their tensor attributes (Constant nodes),
-    subgraphs (If/Loop/Scan bodies) included."""
-    seen = {} if seen is None else seen
-    for n in nodes:
-        for v in node_reads(n):
-            if _is_const(v):
-                seen[id(v)] = v.const_value.nbytes
-        for a in n.attributes.values():
-            if a.type == ir.AttributeType.TENSOR:
-                seen[id(a)] = a.value.nbytes
-            elif a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
-                for g in [a.value] if a.type == ir.AttributeType.GRAPH else a.value:
-                    for init in g.initializers.values():
-                        if init.const_value is not None:
-                            seen[id(init)] = init.const_value.nbytes
-                    _tensor_bytes(g, seen)
-    return sum(seen.values())
-
-
 def session_from_view(model: ir.Model, inputs: Sequence[ir.Value], outputs: Sequence[ir.Value],
                       nodes: Sequence[ir.Node], providers: list[str]):
     """An onnxruntime session for the sub-model of ``model`` made of ``nodes`` (in graph
-    order), reading ``inputs`` and returning ``outputs``.  Serialised in memory; past
-    protobuf's 2 GiB, written with external data to a private temp folder, removed once
-    onnxruntime has loaded it."""
-    proto = _view_proto(model, inputs, outputs, nodes)
-    # The tensors are nearly all of the bytes: protobuf's own ByteSize walks the whole
-    # message, a cost like serialising it (a third of building a segment on MiniLM).
-    if _tensor_bytes(nodes) < INLINE_LIMIT:
-        data, proto = proto.SerializeToString(), None  # the message goes before onnxruntime copies the bytes
-        return _ort.session(data, providers)
-    with tempfile.TemporaryDirectory(prefix="onnxprune-segment-") as folder:
-        path = Path(folder) / "segment.onnx"
-        onnx.save_model(proto, path, save_as_external_data=True, location="segment.onnx.data")
-        return _ort.session(str(path), providers)
+    order), reading ``inputs`` and returning ``outputs``.  Its large constants go to
+    onnxruntime as arrays, not inside the serialised message: they are neither copied into
+    protobuf nor parsed back (most of the cost of building a segment or a probe tail), and
+    no message nears protobuf's 2 GiB."""
+    shared: dict[str, np.ndarray] = {}
+    data = _view_proto(model, inputs, outputs, nodes, shared).SerializeToString()
+    return _ort.session(data, providers, initializers=shared)
 
 
 class SegmentPass:

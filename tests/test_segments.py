@@ -189,9 +189,10 @@ def test_stream_holds_one_batch_of_its_tensors_at_a_time(tmp_path, monkeypatch):
     assert len(refs) == len(batches)
 
 
-def test_segments_past_the_inline_limit_go_through_a_removed_file(tmp_path, monkeypatch):
-    """A sub-model too big for one protobuf message is loaded from a file with external
-    data, in a temp folder that is gone once onnxruntime has read it."""
+def test_large_constants_reach_onnxruntime_as_arrays_not_in_the_message(tmp_path, monkeypatch):
+    """A segment's large constants go to onnxruntime beside the message (external-data stubs
+    filled from the arrays): the message holds none of their bytes, nothing is written to
+    disk, and the values are the whole graph's."""
     import tempfile
 
     import onnxprune.segments as seg
@@ -201,15 +202,20 @@ def test_segments_past_the_inline_limit_go_through_a_removed_file(tmp_path, monk
     batches = _batches(proto)
     out = model.graph.outputs[0].name
     want = [exposed_session(model, [out]).run([out], b)[0] for b in batches]
+    monkeypatch.setattr(seg, "SHARED_MIN_BYTES", 1)
+    g = model.graph
+    shared: dict = {}
+    message = seg._view_proto(model, list(g.inputs), list(g.outputs), list(g), shared)
+    assert shared and not any(t.raw_data for t in message.graph.initializer if t.name in shared)
+    assert {t.name for t in message.graph.initializer} >= set(shared)
     temp = tmp_path / "tmp"
     temp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
-    monkeypatch.setattr(seg, "INLINE_LIMIT", 0)
     with SegmentPass(model, batches, providers=CPU, budget=1 << 30) as sp:
         got = sp.advance([out])[out]
         assert sp.segments == 1
-    for g, w in zip(got, want):
-        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+    for g_, w in zip(got, want):
+        np.testing.assert_allclose(g_, w, rtol=1e-6, atol=1e-6)
     assert list(temp.iterdir()) == []
 
 
