@@ -23,7 +23,8 @@ import onnx_ir as ir
 from . import _ort, _temps, checks
 from ._graph import copy_model, node_label
 from .canonical import RESTRUCTURED
-from .allocate import PROBE_SAMPLES, allocate, probes_text
+from . import allocate as _allocate
+from .allocate import allocate, probes_text
 from .calibrate import GramKey, Statistics, calibrate, providers_for
 from .compensate import apply_bias, apply_refits, bias_deltas, lstsq_refits, lstsq_requests
 from .config import PruneConfig
@@ -233,7 +234,7 @@ class Calibrate(Stage):
             progress=c.progress, total=c.max_samples, hold_out=0 if c.eval_data is not None else c.eval_samples,
             fixed_batch=any(sp.dims and sp.dims[0] is not None for sp in specs), requests=self._requests(state, views),
             statistics=statistics_for(c.method),
-            keep=PROBE_SAMPLES if c.target is not None and not c.global_ else 0,  # the allocation's probes
+            keep=_allocate.PROBE_SAMPLES if c.target is not None and not c.global_ else 0,  # the allocation's probes
             record=None if pool is not None else state.store, pool=pool,
         )
         if state.calib_index is not None:  # the driver's own samples: verification's and the probes'
