@@ -42,6 +42,7 @@ from .calibrate import GramKey, InputRef, Statistics
 from ._graph import const_array, model_proto
 from .compensate import _taps, enough_rows, ridged, rows_to_weight, weight_rows
 from .data import samples_in, take_samples
+from .gram import solve_spd
 from .consumers import ConsumerView, consumer_views
 from .groups import Analysis, Group
 from . import _ort
@@ -520,7 +521,7 @@ def _prediction(site: _Site, drop: np.ndarray, compensate: str) -> tuple[np.ndar
         return None, shift.astype(np.float32)
     r, s = np.flatnonzero(drop), np.flatnonzero(~drop)
     if compensate == "lstsq" and site.cov is not None and enough_rows(site.rows, len(s) * _taps(site.view)):
-        b = np.linalg.solve(ridged(site.cov[np.ix_(s, s)]), site.cov[np.ix_(s, r)]).T  # [R, S]
+        b = solve_spd(ridged(site.cov[np.ix_(s, s)]), site.cov[np.ix_(s, r)]).T  # [R, S], as the refit solves it
         shift[r] = site.mean[r] - b @ site.mean[s]
         return b, shift.astype(np.float32)
     if compensate != "none":
