@@ -357,8 +357,8 @@ def _ladder(g: Group, scores, dead: np.ndarray, min_keep: int, round_to: int | N
 
 
 def _probed(n: int) -> list[int]:
-    """Which of ``n`` rungs run through the graph: the first and the last."""
-    return sorted({0, n - 1}) if n else []
+    """Which of ``n`` rungs run through the graph: the first, the middle and the last."""
+    return sorted({0, n // 2, n - 1}) if n else []
 
 
 def _local_error(sites: list[_Site], analysis: Analysis, removed: np.ndarray) -> float:
