@@ -11,7 +11,8 @@ cifar-10-model h5py`` and ``DIR`` on ``PYTHONPATH``, as ``cifar10.py`` says)::
     ... --a samples=32 --b samples=16
 
 A setting is ``rungs=3`` (the first, middle and last of a group's 7 rungs run through the
-graph, the others interpolated: ``allocate._probed`` as shipped) or ``rungs=all``, and
+graph, the others interpolated: ``allocate._probed`` as shipped), ``rungs=2`` (the first
+and the last) or ``rungs=all``, and
 ``samples=N`` (``allocate.PROBE_SAMPLES``); unnamed parts keep the shipped values.
 
 Cells: the data-driven criteria (wanda, flap, activation, relief, relative) and ``random``
@@ -50,17 +51,21 @@ def every(n: int) -> list[int]:
     return list(range(n))
 
 
+def ends(n: int) -> list[int]:
+    return sorted({0, n - 1}) if n else []
+
+
 def setting(text: str) -> dict:
-    """``rungs=3|all,samples=N`` -> the values to put in :mod:`onnxprune.allocate`."""
+    """``rungs=2|3|all,samples=N`` -> the values to put in :mod:`onnxprune.allocate`."""
     out = dict(SHIPPED)
     for part in filter(None, text.split(",")):
         key, _, value = part.partition("=")
-        if key == "rungs" and value in ("3", "all"):
-            out["probed"] = SHIPPED["probed"] if value == "3" else every
+        if key == "rungs" and value in ("2", "3", "all"):
+            out["probed"] = {"2": ends, "3": SHIPPED["probed"], "all": every}[value]
         elif key == "samples" and value.isdigit() and int(value) > 0:
             out["samples"] = int(value)
         else:
-            raise SystemExit(f"not a setting: {part!r} (rungs=3|all, samples=N)")
+            raise SystemExit(f"not a setting: {part!r} (rungs=2|3|all, samples=N)")
     return out
 
 
