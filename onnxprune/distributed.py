@@ -124,11 +124,6 @@ def _shutdown(ray) -> None:
     killed the process outright (no line, exit -15, the run's temp folder left) while
     ``signal.getsignal`` still named the CLI's handler."""
     ray.shutdown()
-    _handlers_in_force()
-
-
-def _handlers_in_force() -> None:
-    """Install again the SIGINT/SIGTERM handlers Python names (main thread only)."""
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             handler = signal.getsignal(sig)
@@ -613,10 +608,6 @@ class RayPool:
                     # ray.shutdown returns while the raylet, the GCS and their agents still
                     # exit and write their logs: a folder removed then can be refilled behind rmtree.
                     _stop_children(self._before)
-                    # Once more: under load the core worker's restoring of the actions it found
-                    # at its start was seen to land after ray.shutdown() had returned
-                    # (SIGINT back at the default action; tests/test_ray_folder.py).
-                    _handlers_in_force()
 
 
     def summary(self) -> dict:
