@@ -50,7 +50,11 @@ def _run_and_signal(tmp_path: Path, signum: int, delay: float) -> tuple[subproce
     shutil.copy(CNN, model)
     env = dict(os.environ, TMPDIR=str(folders["tmp"]))
     cmd = [sys.executable, "-m", "onnxprune", str(model), str(folders["out"] / "o.onnx"), "--calib", str(CALIB), "-q"]
-    proc = subprocess.Popen(cmd, cwd=folders["cwd"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A user's Ctrl-C reaches a foreground process, whose SIGINT is at the default action; a
+    # suite started as a background job of a non-interactive shell hands its children SIGINT
+    # ignored, which the CLI keeps (nohup's choice), and the SIGINT tests would test nothing.
+    proc = subprocess.Popen(cmd, cwd=folders["cwd"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # Not a timing assert: wait (without bound on speed) until the handlers are there, so the
     # signal never races the interpreter's own start-up.  SIGTERM is installed last, and
     # Python itself catches SIGINT from the start: SIGTERM is the one to look for.

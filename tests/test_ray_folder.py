@@ -259,7 +259,9 @@ def test_the_clis_stop_handlers_are_in_force_after_its_ray_runtime_shuts_down(tm
     """``ray.shutdown()`` puts back the signal actions Ray's core worker found at its start:
     SIGTERM was then the default action at the OS level (a SIGTERM late in a Ray run, during
     verification or the save, killed the process with no line and left its temp folder),
-    while ``signal.getsignal`` still named the handler.  The pool's close re-installs them."""
+    while ``signal.getsignal`` still named the handler.  The pool's close re-installs them.
+    The probe sets both handlers itself: a suite started as a background job of a
+    non-interactive shell hands its children SIGINT ignored, and Python then installs none."""
     probe = textwrap.dedent("""
         import signal
         from pathlib import Path
@@ -271,6 +273,7 @@ def test_the_clis_stop_handlers_are_in_force_after_its_ray_runtime_shuts_down(tm
             return bool(mask >> (signum - 1) & 1)
 
         signal.signal(signal.SIGTERM, lambda *a: None)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         pool = RayPool("local", 1)
         pool.close()
         print(caught(signal.SIGTERM), caught(signal.SIGINT))
