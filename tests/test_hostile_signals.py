@@ -40,9 +40,11 @@ def _handler_installed(pid: int, signum: int) -> bool:
     return bool(caught >> (signum - 1) & 1)
 
 
-def _run_and_signal(tmp_path: Path, signum: int, delay: float) -> tuple[subprocess.CompletedProcess, dict]:
-    """Start a prune of the shipped CNN in a subprocess, send ``signum`` ``delay`` seconds
-    after its handlers are in place, and return the result and the folders to inspect."""
+def _run_and_signal(tmp_path: Path, signum: int, delay: float,
+                    sigint=signal.SIG_DFL) -> tuple[subprocess.CompletedProcess, dict]:
+    """Start a prune of the shipped CNN in a subprocess (SIGINT's action at its start:
+    ``sigint``), send ``signum`` ``delay`` seconds after its handlers are in place, and
+    return the result and the folders to inspect."""
     folders = {name: tmp_path / name for name in ("in", "out", "tmp", "cwd")}
     for f in folders.values():
         f.mkdir()
@@ -54,7 +56,7 @@ def _run_and_signal(tmp_path: Path, signum: int, delay: float) -> tuple[subproce
     # suite started as a background job of a non-interactive shell hands its children SIGINT
     # ignored, which the CLI keeps (nohup's choice), and the SIGINT tests would test nothing.
     proc = subprocess.Popen(cmd, cwd=folders["cwd"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
     # Not a timing assert: wait (without bound on speed) until the handlers are there, so the
     # signal never races the interpreter's own start-up.  SIGTERM is installed last, and
     # Python itself catches SIGINT from the start: SIGTERM is the one to look for.
@@ -112,6 +114,15 @@ def test_sigint_at_any_moment(tmp_path, delay):
     _check_nothing_left(run, folders, 130)
     if run.returncode == 130:
         assert "interrupted" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_an_ignored_sigint_stays_ignored(tmp_path):
+    """A prune started with SIGINT ignored (a shell script's background job) is not stopped
+    by one: it runs to the end and writes its output (README, "Exit codes")."""
+    run, folders = _run_and_signal(tmp_path, signal.SIGINT, 0.3, sigint=signal.SIG_IGN)
+    assert run.returncode == 0, run.stderr
+    assert [p.name for p in folders["out"].iterdir()] == ["o.onnx"]
+    assert list(folders["tmp"].iterdir()) == []
 
 
 @pytest.fixture
