@@ -420,6 +420,38 @@ def allocate(
                                    providers=providers, min_keep=min_keep, round_to=round_to,
                                    memory_budget=memory_budget, progress=progress, pool=pool)
 
+    best = _lagrangian(rungs, measure, target)
+    by_id = {g.id: g for g in groups}
+    curve = lambda gid, k: _curve(rungs[gid], k)  # noqa: E731
+    final = _give_back(by_id, rungs, best, scores, measure, target, min_keep, round_to)
+    # Aligned rungs and steps can leave the target out of reach or far under it: relax the
+    # alignment of single groups, as few as the band needs (select.fit_band).
+    most = {gid: max(len(rungs[gid][-1][0]), int(math.floor(LADDER[-1] * len(by_id[gid].classes)))) for gid in rungs}
+    final, relaxed = fit_band(groups, scores, final, measure, target, min_keep=min_keep, round_to=round_to, most=most,
+                              gain=lambda gid, a, b: curve(gid, len(a)) - curve(gid, len(b)))
+    predicted = sum(curve(gid, len(r)) for gid, r in final.items())
+    report = {
+        "probes": probes, "probe_samples": sum(samples_in(b) for b in samples),
+        "predicted_error": predicted,
+        "not_probed": [g.id for g in groups if g.id not in reach],
+        # per group: channels removed, of how many, and the damage its curve predicts there
+        "groups": {gid: (len(r), len(by_id[gid].classes), curve(gid, len(r))) for gid, r in final.items()},
+        "relaxed": relaxed,  # group id -> the multiple it keeps, where its alignment was relaxed
+    }
+    return final, report
+
+
+Rungs = dict[int, list[tuple[np.ndarray, float, float]]]  # group id -> (removal, damage, saving) per rung
+
+
+def _curve(rungs: list[tuple[np.ndarray, float, float]], k: float) -> float:
+    """A group's damage at ``k`` channels removed: linear between its rungs."""
+    return float(np.interp(k, [len(r[0]) for r in rungs], [r[1] for r in rungs]))
+
+
+def _lagrangian(rungs: Rungs, measure: Callable[[dict[int, np.ndarray]], float], target: float) -> dict[int, int]:
+    """Per group, the rung minimising ``damage − λ·saving``, λ bisected to the smallest
+    value whose removal meets ``target``."""
     def pick(lam: float) -> dict[int, int]:
         return {gid: int(np.argmin([dmg - lam * save for _, dmg, save in rs])) for gid, rs in rungs.items()}
 
@@ -439,10 +471,15 @@ def allocate(
             best, hi = at, mid
         else:
             lo = mid
-    # Rungs are coarse (1/8 of a group), so the rung solution can remove well beyond the
-    # target.  Give channels back, a group's alignment step at a time, where the damage
-    # curve (linear between the probed rungs) is steepest, while the target still holds.
-    by_id = {g.id: g for g in groups}
+    return best
+
+
+def _give_back(by_id: dict[int, Group], rungs: Rungs, best: dict[int, int], scores: dict[int, np.ndarray],
+               measure: Callable[[dict[int, np.ndarray]], float], target: float,
+               min_keep: int, round_to: int | None) -> dict[int, np.ndarray]:
+    """Rungs are coarse (1/8 of a group), so the rung solution ``best`` can remove well
+    beyond the target.  Give channels back, a group's alignment step at a time, where the
+    damage curve is steepest, while the target still holds."""
     counts = {gid: len(rungs[gid][j][0]) for gid, j in best.items()}
     cache: dict[tuple[int, int], np.ndarray] = {}
 
@@ -451,10 +488,6 @@ def allocate(
             cache[gid, k] = choose([by_id[gid]], scores, {gid: k}, min_keep=min_keep, round_to=round_to)[gid]
         return cache[gid, k]
 
-    def curve(gid: int, k: float) -> float:
-        xs = [len(r[0]) for r in rungs[gid]]
-        return float(np.interp(k, xs, [r[1] for r in rungs[gid]]))
-
     final = {gid: rungs[gid][j][0] for gid, j in best.items()}
     while True:
         options = []
@@ -462,7 +495,7 @@ def allocate(
             step = max(round_for(by_id[gid], round_to), 1)
             back = chosen(gid, k - step) if k - step >= len(rungs[gid][0][0]) else None
             if back is not None and len(back) < len(final[gid]):
-                options.append((curve(gid, len(final[gid])) - curve(gid, len(back)), gid, k - step, back))
+                options.append((_curve(rungs[gid], len(final[gid])) - _curve(rungs[gid], len(back)), gid, k - step, back))
         options.sort(key=lambda o: (-o[0], o[1]))
         for gain, gid, k, back in options:
             trial = {**final, gid: back}
@@ -470,22 +503,7 @@ def allocate(
                 final, counts[gid] = trial, k
                 break
         else:
-            break
-    # Aligned rungs and steps can leave the target out of reach or far under it: relax the
-    # alignment of single groups, as few as the band needs (select.fit_band).
-    most = {gid: max(len(rungs[gid][-1][0]), int(math.floor(LADDER[-1] * len(by_id[gid].classes)))) for gid in rungs}
-    final, relaxed = fit_band(groups, scores, final, measure, target, min_keep=min_keep, round_to=round_to, most=most,
-                              gain=lambda gid, a, b: curve(gid, len(a)) - curve(gid, len(b)))
-    predicted = sum(curve(gid, len(r)) for gid, r in final.items())
-    report = {
-        "probes": probes, "probe_samples": sum(samples_in(b) for b in samples),
-        "predicted_error": predicted,
-        "not_probed": [g.id for g in groups if g.id not in reach],
-        # per group: channels removed, of how many, and the damage its curve predicts there
-        "groups": {gid: (len(r), len(by_id[gid].classes), curve(gid, len(r))) for gid, r in final.items()},
-        "relaxed": relaxed,  # group id -> the multiple it keeps, where its alignment was relaxed
-    }
-    return final, report
+            return final
 
 
 def _sites_by_group(analysis: Analysis, groups: list[Group], sites: list[_Site]) -> dict[int, list[_Site]]:
