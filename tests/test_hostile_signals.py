@@ -41,7 +41,7 @@ def _handler_installed(pid: int, signum: int) -> bool:
 
 
 def _run_and_signal(tmp_path: Path, signum: int, delay: float,
-                    sigint=signal.SIG_DFL) -> tuple[subprocess.CompletedProcess, dict]:
+                    sigint: signal.Handlers = signal.SIG_DFL) -> tuple[subprocess.CompletedProcess, dict]:
     """Start a prune of the shipped CNN in a subprocess (SIGINT's action at its start:
     ``sigint``), send ``signum`` ``delay`` seconds after its handlers are in place, and
     return the result and the folders to inspect."""
@@ -51,12 +51,14 @@ def _run_and_signal(tmp_path: Path, signum: int, delay: float,
     model = folders["in"] / "mnist_cnn.onnx"
     shutil.copy(CNN, model)
     env = dict(os.environ, TMPDIR=str(folders["tmp"]))
-    cmd = [sys.executable, "-m", "onnxprune", str(model), str(folders["out"] / "o.onnx"), "--calib", str(CALIB), "-q"]
+    args = [sys.executable, "-m", "onnxprune", str(model), str(folders["out"] / "o.onnx"), "--calib", str(CALIB), "-q"]
     # A user's Ctrl-C reaches a foreground process, whose SIGINT is at the default action; a
     # suite started as a background job of a non-interactive shell hands its children SIGINT
     # ignored, which the CLI keeps (nohup's choice), and the SIGINT tests would test nothing.
-    proc = subprocess.Popen(cmd, cwd=folders["cwd"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
+    # The action is set, then the CLI exec'd in the same process (an action survives exec).
+    cmd = [sys.executable, "-c", f"import os, signal, sys; signal.signal(signal.SIGINT, signal.{sigint.name}); "
+           f"os.execv(sys.executable, {args!r})"]
+    proc = subprocess.Popen(cmd, cwd=folders["cwd"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # Not a timing assert: wait (without bound on speed) until the handlers are there, so the
     # signal never races the interpreter's own start-up.  SIGTERM is installed last, and
     # Python itself catches SIGINT from the start: SIGTERM is the one to look for.
