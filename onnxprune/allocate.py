@@ -56,6 +56,7 @@ LADDER = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)  # removed shares probed 
 # between two Convs of the Keras CIFAR-10 CNN (RESULTS "The Keras CIFAR-10 CNN").
 PROBE_SAMPLES = 32
 PROBE_CHUNK = 8  # samples per probe run: the same batches whatever the number of workers sharing them
+Rungs = dict[int, list[tuple[np.ndarray, float, float]]]  # group id -> (removal, damage, saving) per rung
 
 
 @dataclass
@@ -310,12 +311,12 @@ def _sites(analysis: Analysis, views: list[ConsumerView], stats: Statistics, com
 
 def _measure_rungs(analysis: Analysis, groups: list[Group], sites_of: dict[int, list[_Site]], scores, samples,
                    measure, *, compensate: str, providers: list[str], min_keep: int, round_to: int | None,
-                   memory_budget: int, progress, pool=None) -> tuple[dict[int, list[tuple[np.ndarray, float, float]]], int]:
+                   memory_budget: int, progress, pool=None) -> tuple[Rungs, int]:
     """Per group (by id), its rungs: (removal, damage, saving), the first one only its dead
     channels; and the number of probes run.  Groups are probed in the order of their first
     consumer, so the original's pass over the probe samples only moves forward."""
     base = measure({})
-    rungs: dict[int, list[tuple[np.ndarray, float, float]]] = {}
+    rungs: Rungs = {}
     probes = 0
     tails = _Tails(analysis, samples, providers, memory_budget, pool)
     try:
@@ -440,8 +441,6 @@ def allocate(
     }
     return final, report
 
-
-Rungs = dict[int, list[tuple[np.ndarray, float, float]]]  # group id -> (removal, damage, saving) per rung
 
 
 def _curve(rungs: list[tuple[np.ndarray, float, float]], k: float) -> float:
