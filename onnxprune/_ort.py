@@ -37,6 +37,27 @@ def set_log_severity(level: int) -> None:
     onnxruntime.set_default_logger_severity(level)
 
 
+_arena: dict[str, bool] = {}
+
+
+def _shared_arena(rt: ModuleType) -> bool:
+    """Register one CPU arena for the sessions of this process (once); whether there is one.
+
+    A prune opens dozens of short sessions (segments, probe tails, verification); each with
+    an arena of its own faulted its memory in afresh from the kernel, page by page, and
+    returned it when closed (benchmarks/RESULTS.md, "Cost").  The shared arena keeps the
+    largest working set of any session for the life of the process, as one session's did
+    for its own life."""
+    if "cpu" not in _arena:
+        try:
+            info = rt.OrtMemoryInfo("Cpu", rt.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, rt.OrtMemType.DEFAULT)
+            rt.create_and_register_allocator(info, rt.OrtArenaCfg(0, 1, -1, -1))  # kSameAsRequested: no power-of-two slack
+            _arena["cpu"] = True
+        except Exception:  # noqa: BLE001 - an onnxruntime without it: each session its own
+            _arena["cpu"] = False
+    return _arena["cpu"]
+
+
 def session(path: str | bytes, providers: list[str] | None = None, initializers: dict | None = None):
     """An InferenceSession on ``path`` (or a serialised model) with quiet logging, whose
     threads do not spin once a run is done.  ``initializers``: name -> numpy array for the
@@ -48,6 +69,8 @@ def session(path: str | bytes, providers: list[str] | None = None, initializers:
     # prune runs numpy (the Gram and refit sums, BLAS on the same cores) or another session
     # right after a run, and the spinning threads took those cores (RESULTS "Cost").
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if _shared_arena(rt):
+        opts.add_session_config_entry("session.use_env_allocators", "1")
     if initializers:
         opts.add_external_initializers(list(initializers), [rt.OrtValue.ortvalue_from_numpy(a) for a in initializers.values()])
     return rt.InferenceSession(path, sess_options=opts, providers=providers or ["CPUExecutionProvider"])

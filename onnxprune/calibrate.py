@@ -29,6 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 from . import _ort
+from ._ahead import Ahead
 from .data import Sample, samples_in, take_samples
 from .errors import InputError
 from .temporary import temporary_changes
@@ -467,14 +468,16 @@ class Collector:
     calibration stream: accumulators that sample positions seed with it, so a shard
     samples what one process would."""
 
-    def __init__(self, model: str | bytes, plan: CollectPlan, providers: list[str]) -> None:
+    def __init__(self, model: str | bytes, plan: CollectPlan, providers: list[str], ahead: bool = False) -> None:
         try:
             self.sess = _ort.session(model, providers)
         except Exception as exc:
             raise InputError(f"onnxruntime cannot run the model with exposed tensors: {' '.join(str(exc).split())[:300]}") from exc
         self.plan = plan
+        # Run ahead (:class:`onnxprune._ahead.Ahead`), two runs' outputs are alive at once.
+        self.budget = plan.memory_budget // 2 if ahead else plan.memory_budget
         self.unknown = [name for name, _, known in plan.fetched if not known]
-        self.runs = _plan_runs(plan.fetched, plan.batch_size, plan.memory_budget) if plan.fetched else [[]]
+        self.runs = _plan_runs(plan.fetched, plan.batch_size, self.budget) if plan.fetched else [[]]
         self.planned_for: tuple | None = None  # per-sample input shapes the runs were measured on
         self.stats = Statistics({name: None for name in plan.axes}, runs_per_batch=len(self.runs))  # type: ignore[misc]
         self.stats.extra = {key: acc for accs in plan.accumulators.values() for key, acc in accs}
@@ -492,36 +495,45 @@ class Collector:
         if shapes == self.planned_for:
             return
         measured = _measure_bytes_per_sample(self.sess, self.unknown, batch, self.plan.fixed_batch)
-        self.runs = _plan_runs(self.plan.fetched, self.plan.batch_size, self.plan.memory_budget, measured)
+        self.runs = _plan_runs(self.plan.fetched, self.plan.batch_size, self.budget, measured)
         first = self.planned_for is None
         self.stats.runs_per_batch = len(self.runs) if first else max(self.stats.runs_per_batch, len(self.runs))
         self.planned_for = shapes
 
     def collect(self, batch: Sample, number: int) -> None:
         """Fold batch number ``number`` of the calibration stream in."""
-        plan = self.plan
+        for i, run, outs in self.fetch(batch):
+            self.fold(i, run, outs, number)
+            outs = None  # dropped before onnxruntime allocates the next run's outputs
+        self.stats.samples += samples_in(batch)
+
+    def fetch(self, batch: Sample) -> Iterator[tuple[int, list[str], list[np.ndarray]]]:
+        """The runs of one batch, one at a time: (run index, the tensors it fetched, their
+        arrays).  The names travel with the arrays: a batch of new shapes replans the runs."""
         if self.unknown:
             self._replan(batch)
         for i, run in enumerate(self.runs):
-            outs = _run(self.sess, run + (self.means_of if i == 0 else []), batch)
-            for name, x in zip(run, outs):
-                for _, acc in plan.accumulators.get(name, ()):
-                    if hasattr(acc, "batches"):  # the stream's number, not this collector's count
-                        acc.batches = number
-                    acc.update(x)
-                if name in plan.axes:
-                    axis = plan.axes[name]
-                    self._stats_of(name, x.shape[axis]).update(x, axis)
-            if i == 0 and plan.reduced:
-                got = dict(zip(self.means_of, outs[len(run) :]))
-                for name, names in plan.reduced.items():
-                    means = {stat: got[out] for stat, out in names.items() if stat != "shape"}
-                    k = plan.spatial[name]
-                    if k is None:
-                        k = math.prod(int(d) for d in got[names["shape"]][2:])
-                    self._stats_of(name, means["sum"].shape[1]).update_means(means, k)
-            outs = x = got = None  # dropped before onnxruntime allocates the next run's outputs
-        self.stats.samples += samples_in(batch)
+            yield i, run, _run(self.sess, run + (self.means_of if i == 0 else []), batch)
+
+    def fold(self, i: int, run: list[str], outs: list[np.ndarray], number: int) -> None:
+        """Fold the outputs of run ``i`` (fetching ``run``) of batch number ``number`` in."""
+        plan = self.plan
+        for name, x in zip(run, outs):
+            for _, acc in plan.accumulators.get(name, ()):
+                if hasattr(acc, "batches"):  # the stream's number, not this collector's count
+                    acc.batches = number
+                acc.update(x)
+            if name in plan.axes:
+                axis = plan.axes[name]
+                self._stats_of(name, x.shape[axis]).update(x, axis)
+        if i == 0 and plan.reduced:
+            got = dict(zip(self.means_of, outs[len(run) :]))
+            for name, names in plan.reduced.items():
+                means = {stat: got[out] for stat, out in names.items() if stat != "shape"}
+                k = plan.spatial[name]
+                if k is None:
+                    k = math.prod(int(d) for d in got[names["shape"]][2:])
+                self._stats_of(name, means["sum"].shape[1]).update_means(means, k)
 
     def block_end(self) -> None:
         """Fold the rows accumulators buffered: at every block end, so the float32 products
@@ -562,10 +574,12 @@ def calibrate(
 
     Channels-first float32 tensors are reduced by onnxruntime inside the graph (see the
     module docstring) unless a request needs them whole, or count(x ≤ 0) is asked for.
-    The fetched tensors of one run stay within ``memory_budget`` bytes per batch: sizes come
-    from the inferred shapes, or, where a shape is incomplete, are measured on one sample of
-    the first batch (again when the per-sample input shapes change).  One run's outputs are
-    dropped before the next run starts.
+    Reading and onnxruntime's runs go one run ahead of the folds, in a worker thread
+    (:func:`_collect_ahead`), so two runs' outputs are alive at once: the fetched tensors of
+    one run stay within half of ``memory_budget`` bytes per batch (all of it on a Ray
+    worker, which runs one at a time).  Sizes come from the inferred shapes, or, where a
+    shape is incomplete, are measured on one sample of the first batch (again when the
+    per-sample input shapes change).
 
     ``keep``: the first ``keep`` samples calibrated on are also kept, as batches, in
     ``Statistics.kept`` (the select stage's sensitivity probes run on them).
@@ -586,7 +600,7 @@ def calibrate(
     kept: list[Sample] = []
     with tempfile.TemporaryDirectory(prefix="onnxprune-cal-") as d:
         path = instrumented_model_path(model, values, Path(d), {k: plan.statistics for k in plan.reduced})
-        sink = Collector(str(path), plan, providers) if pool is None else pool.collecting(path, plan, providers)
+        sink = Collector(str(path), plan, providers, ahead=True) if pool is None else pool.collecting(path, plan, providers)
         t0 = time.perf_counter()
         bar = _progress(progress, total)
         with bar:
@@ -597,25 +611,55 @@ def calibrate(
                     bar.update(task, advance=samples_in(b))
                     yield b
 
-            seen = 0
-            for number, batch in enumerate(split_held_out(counted(batch_iter), hold_out, fixed_batch, held)):
-                n = samples_in(batch)
-                if record is not None:
-                    record.append(batch)
-                if seen < keep:
-                    cut = n if fixed_batch else keep - seen  # a fixed batch size cannot be cut
-                    kept.append(take_samples(batch, slice(None, cut)))
-                sink.collect(batch, number)
-                if (number + 1) % SHARD_BLOCK == 0:
-                    sink.block_end()
-                seen += n
-                batch = None
+            def batches() -> Iterator[tuple[int, Sample]]:
+                seen = 0
+                for number, batch in enumerate(split_held_out(counted(batch_iter), hold_out, fixed_batch, held)):
+                    n = samples_in(batch)
+                    if record is not None:
+                        record.append(batch)
+                    if seen < keep:
+                        cut = n if fixed_batch else keep - seen  # a fixed batch size cannot be cut
+                        kept.append(take_samples(batch, slice(None, cut)))
+                    seen += n
+                    yield number, batch
+                    batch = None
+
+            if pool is None:
+                _collect_ahead(sink, batches())
+            else:
+                for number, batch in batches():
+                    sink.collect(batch, number)
+                    if (number + 1) % SHARD_BLOCK == 0:
+                        sink.block_end()
+                    batch = None
             stats = sink.result()
         stats.kept = kept
         stats.seconds = time.perf_counter() - t0
     if stats.samples == 0:
         raise InputError("no calibration samples left after holding some out for verification; add data or pass --eval")
     return stats, held
+
+
+def _collect_ahead(sink: Collector, batches: Iterator[tuple[int, Sample]]) -> None:
+    """``sink.collect`` of every batch, with the reading and onnxruntime's runs one run
+    ahead of the folds in a worker thread (:class:`onnxprune._ahead.Ahead`)."""
+
+    def runs() -> Iterator[tuple[int, int, int, list[str] | None, list[np.ndarray] | None]]:
+        for number, batch in batches:
+            for i, run, outs in sink.fetch(batch):
+                yield number, 0, i, run, outs
+                outs = None
+            yield number, samples_in(batch), -1, None, None  # the batch is done
+
+    with Ahead(runs(), name="onnxprune-calibrate") as items:
+        for number, n, i, run, outs in items:
+            if i >= 0:
+                sink.fold(i, run, outs, number)
+            else:
+                sink.stats.samples += n
+                if (number + 1) % SHARD_BLOCK == 0:
+                    sink.block_end()
+            outs = None
 
 
 def split_held_out(batch_iter: Iterator[Sample], hold_out: int, fixed_batch: bool,

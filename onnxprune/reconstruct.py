@@ -43,6 +43,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from ._ahead import Ahead
 from ._graph import const_array, copy_model
 from .calibrate import SHARD_BLOCK, InputRef, StatRequest
 from .compensate import ZEROED, _lstsq_kind, holds_zeros, loses_inputs, rows_to_weight, weight_rows, write_consumer
@@ -806,16 +807,18 @@ class RefitShard:
         exts = [t.extractor() for t in local]
         need = list(dict.fromkeys(n for t in local for n in (t.node.inputs[0].name, t.skip) if n))
         k = -1
-        for got in self.pp.stream(need, self._names(later)):  # not enumerate(): its tuple would hold the batch
-            k += 1
-            b = self.index[k]
-            for i, t, ext in zip(wave, local, exts):
-                rows, owner, inputs, streamed = self.rows.get(i, k)
-                t.add(ext, rows, owner, got[t.node.inputs[0].name], b, got[t.skip] if streamed else None,
-                      first_sample=self.first_samples[k], inputs=inputs)
-                if k + 1 == len(self.index) or (b + 1) % self.block == 0:
-                    t.flush()
-            got = None
+        # The pruned graph's next batch runs while this one is folded into the sums.
+        with Ahead(self.pp.stream(need, self._names(later)), name="onnxprune-refit") as stream:
+            for got in stream:  # not enumerate(): its tuple would hold the batch
+                k += 1
+                b = self.index[k]
+                for i, t, ext in zip(wave, local, exts):
+                    rows, owner, inputs, streamed = self.rows.get(i, k)
+                    t.add(ext, rows, owner, got[t.node.inputs[0].name], b, got[t.skip] if streamed else None,
+                          first_sample=self.first_samples[k], inputs=inputs)
+                    if k + 1 == len(self.index) or (b + 1) % self.block == 0:
+                        t.flush()
+                got = None
         return [ShardSums(t.sums, t.rows_seen, shift, all(self.rows.streamed[i]) or self.targets[i].skip is None)
                 for i, t, shift in zip(wave, local, shifts)]
 

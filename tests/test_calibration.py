@@ -179,19 +179,20 @@ def _conv_chain(tmp_path, spatial):
 
 
 class _Watched:
-    """An onnxruntime session that records the bytes each run returns, and whether any
-    output of an earlier run is still referenced when a run starts."""
+    """An onnxruntime session that records the bytes each run returns, and the most earlier
+    runs whose outputs were still referenced when a run started."""
 
     def __init__(self, sess, log):
         self.sess, self.log = sess, log
-        self.alive: list = []
+        self.earlier: list = []  # per earlier run, weak references to its outputs
 
     def run(self, names, feed):
         import weakref
 
-        self.log["overlap"] = self.log.get("overlap", 0) + sum(r() is not None for r in self.alive)
+        alive = sum(any(r() is not None for r in refs) for refs in self.earlier)
+        self.log["overlap"] = max(self.log.get("overlap", 0), alive)
         outs = self.sess.run(names, feed)
-        self.alive = [weakref.ref(o) for o in outs]
+        self.earlier.append([weakref.ref(o) for o in outs])
         self.log.setdefault("runs", []).append((next(iter(feed.values())).shape, sum(o.nbytes for o in outs)))
         return outs
 
@@ -207,12 +208,14 @@ def watched(monkeypatch):
     return log
 
 
-def test_one_runs_outputs_are_dropped_before_the_next_run(tmp_path, watched):
+def test_a_run_starts_while_at_most_the_one_before_is_still_folded(tmp_path, watched):
+    """The next run is computed ahead while the last one is folded (_collect_ahead): its
+    outputs are alive then, no earlier run's are."""
     path = _conv_chain(tmp_path, [8, 8])
     data = [{"x": np.random.default_rng(i).standard_normal((4, 3, 8, 8)).astype(np.float32)} for i in range(3)]
     _, stats = _stats(path, data, budget=9 * 1024)
     assert stats.runs_per_batch == 3 and len(watched["runs"]) == 9
-    assert watched["overlap"] == 0
+    assert watched["overlap"] <= 1
 
 
 def test_memory_budget_measures_what_the_shapes_do_not_tell(tmp_path, watched):
@@ -222,7 +225,9 @@ def test_memory_budget_measures_what_the_shapes_do_not_tell(tmp_path, watched):
     rng = np.random.default_rng(0)
     small = [{"x": rng.standard_normal((4, 3, 8, 8)).astype(np.float32)} for _ in range(2)]
     large = [{"x": rng.standard_normal((4, 3, 16, 16)).astype(np.float32)} for _ in range(2)]
-    budget = 40 * 1024  # 8×16×16×4 B = 8 KiB per sample and tensor, 32 KiB per batch of 4
+    # Two runs are alive at once (one folded, the next computed): each gets half the budget.
+    # 8×16×16×4 B = 8 KiB per sample and tensor, 32 KiB per batch of 4; 8×8×8×4 B: 8 KiB per batch.
+    budget = 64 * 1024
     _, one = _stats(path, small + large, raw=True)
     watched["runs"].clear()
     _, split = _stats(path, small + large, raw=True, budget=budget)
@@ -230,7 +235,7 @@ def test_memory_budget_measures_what_the_shapes_do_not_tell(tmp_path, watched):
     runs = watched["runs"]
     assert [shape for shape, _ in runs if shape[0] == 1] == [(1, 3, 8, 8), (1, 3, 16, 16)]  # one probe per input size
     assert len(runs) == 2 + 2 * 1 + 2 * 3  # probes, small batches in one run, large ones in three
-    assert all(nbytes <= budget for _, nbytes in runs)
+    assert all(nbytes <= budget // 2 for _, nbytes in runs)
     for name in one.tensors:
         np.testing.assert_allclose(split.tensors[name].sumsq, one.tensors[name].sumsq)
 
