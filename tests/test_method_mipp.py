@@ -455,3 +455,25 @@ def test_budget_bisection_stops_within_its_tolerance(tmp_path, monkeypatch):
         out[tol] = (r.method_report["mipp"]["sweeps"], kept)
     assert out[0.5][0] < out[0.0][0], out
     assert out[0.0][1] >= out[0.5][1], out
+
+
+def test_the_sampled_gram_is_exact_to_float64_rounding():
+    """The keep test weighs loss increases of a millionth of a consumer's output variance
+    (REL_TOL), float32's own rounding: float32 products made wide layers' tests read rounding
+    as evidence (the CIFAR-10 CNN's 1024-input Dense lost most of its inputs)."""
+    rng = np.random.default_rng(0)
+    # Activations with a large common offset (post-ReLU features): the centred Gram is a
+    # small difference of large sums, where float32 products lose the most.
+    x = (50.0 + rng.standard_normal((6, 64, 3, 3))).astype(np.float32)
+    acc = mipp.SampledGram(axis=1, shards=2, seed=0, rows_per_sample=2)
+    rows = []
+    for b in range(0, 6, 2):
+        batch = x[b : b + 2]
+        picked = mipp._pick_rows(mipp._per_sample(batch, 1, None), 2, np.random.default_rng(acc.seed + acc.batches))
+        rows.append((acc.batches % acc.shards, picked.astype(np.float64)))
+        acc.update(batch)
+    for k in range(2):
+        r = np.concatenate([p for s, p in rows if s == k])
+        exact = r.T @ r
+        np.testing.assert_allclose(acc.gram[k], exact, rtol=1e-13, atol=0)
+        np.testing.assert_allclose(acc.sum[k], r.sum(axis=0), rtol=1e-13, atol=0)
