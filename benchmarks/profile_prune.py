@@ -10,6 +10,9 @@ Exact command (repo root; the rows and their data as in ``benchmarks/cost.py``):
 Prints the wall time, the report's seconds per stage, and the cumulative seconds of each part
 below (parts nest: the probes' and the refit's onnxruntime runs are also in "onnxruntime runs").
 cProfile adds its own overhead to Python-heavy parts; onnxruntime and BLAS run at full speed.
+cProfile sees the main thread only: calibration's reading and onnxruntime runs, and the
+refit's pruned-graph segments, run one batch ahead in a worker thread (``onnxprune._ahead``)
+and are in no part below but in their stage's seconds.
 """
 
 from __future__ import annotations

@@ -274,10 +274,10 @@ class SampledGram(ChannelGram):
 
     def _accumulate(self, rows: np.ndarray, k: int) -> None:
         # float64 products, unlike ChannelGram's float32 ones: the keep test weighs loss
-        # increases of REL_TOL (a millionth of the output variance), float32's own rounding.
-        # In float32 a wide consumer's tests (the CIFAR-10 CNN's 1024-input Dense) read
+        # increases of REL_TOL (a millionth of the output variance), the size of float32 rounding
+        # in a Gram.  In float32 a wide consumer's tests (the CIFAR-10 CNN's 1024-input Dense) read
         # rounding as evidence and removed systematically more (benchmarks/RESULTS.md,
-        # "Quality on a real CIFAR-10 network").  Two rows per sample: the cost is small.
+        # "The Keras CIFAR-10 CNN").  Two rows per sample: the cost is small.
         if self.gram is None:
             self._init(rows.shape[1])
         r = rows.astype(np.float64, copy=False)
