@@ -1,11 +1,12 @@
 """One item computed ahead: an iterator run in a worker thread while the caller uses the
 item before.
 
-A prune alternates between onnxruntime, which does not keep two cores busy on a small graph,
-and numpy folds of its outputs, which mostly run on one: run one after the other, a core sat
-idle for much of each (benchmarks/RESULTS.md, "Cost").  Both release the GIL, so the next
-batch's run overlaps this batch's fold.  The caller sees the items in their order, so every
-sum is taken in the same order and the output is byte-identical.
+A prune alternates between onnxruntime, which does not keep every core busy on a small
+graph, and numpy folds of its outputs, much of which run on one core.  Both release the GIL,
+so the next batch's run overlaps this batch's fold.  On 2 cores that bought little, since the
+prune keeps them mostly busy already (benchmarks/RESULTS.md, "Cost").  The caller sees the
+items in their order, so every sum is taken in the same order and the output is
+byte-identical.
 
 At most two items are alive at once (the one in use and the one made ahead): a caller that
 budgets memory per item budgets half of it for each.  The worker touches only what the
