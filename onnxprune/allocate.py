@@ -442,7 +442,6 @@ def allocate(
     return final, report
 
 
-
 def _curve(rungs: list[tuple[np.ndarray, float, float]], k: float) -> float:
     """A group's damage at ``k`` channels removed: linear between its rungs."""
     return float(np.interp(k, [len(r[0]) for r in rungs], [r[1] for r in rungs]))

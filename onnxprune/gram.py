@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
@@ -87,6 +88,10 @@ class ChannelGram:
     buffer: int = 0
     _pending: list = field(default_factory=list, repr=False)
     _pending_rows: int = 0
+    # The rows' products are taken in float32 (twice float64's speed) per batch and summed in
+    # float64: a batch's rows are few enough (max_rows) for float32's own sum to stay near 1e-6
+    # relative.  A reader that weighs differences that small sets float64 (mipp.SampledGram).
+    products: ClassVar[type] = np.float32
 
     def _init(self, c: int) -> None:
         self.gram = np.zeros((self.shards, c, c))
@@ -96,7 +101,7 @@ class ChannelGram:
     def add_rows(self, rows: np.ndarray) -> None:
         """Fold rows [P, C] in (already sampled)."""
         if self.buffer and self.shards == 1:
-            self._pending.append(np.array(rows, dtype=np.float32))
+            self._pending.append(np.array(rows, dtype=self.products))
             self._pending_rows += rows.shape[0]
             self.batches += 1
             if self._pending_rows >= self.buffer:
@@ -121,9 +126,7 @@ class ChannelGram:
     def _accumulate(self, rows: np.ndarray, k: int) -> None:
         if self.gram is None:
             self._init(rows.shape[1])
-        # float32 products (twice float64's speed) per batch, summed in float64: a batch's
-        # rows are few enough (max_rows) for float32's own sum to stay near 1e-6 relative.
-        r = rows.astype(np.float32, copy=False)
+        r = rows.astype(self.products, copy=False)
         self.gram[k] += r.T @ r
         self.sum[k] += r.sum(axis=0, dtype=np.float64)
         self.n[k] += r.shape[0]

@@ -113,6 +113,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
@@ -272,18 +273,12 @@ class SampledGram(ChannelGram):
         rng = np.random.default_rng(self.seed + self.batches)
         self.add_rows(_pick_rows(_per_sample(x, self.axis, self.perm), self.rows_per_sample, rng))
 
-    def _accumulate(self, rows: np.ndarray, k: int) -> None:
-        # float64 products, unlike ChannelGram's float32 ones: the keep test weighs loss
-        # increases of REL_TOL (a millionth of the output variance), the size of float32 rounding
-        # in a Gram.  In float32 a wide consumer's tests (the CIFAR-10 CNN's 1024-input Dense) read
-        # rounding as evidence and removed systematically more (benchmarks/RESULTS.md,
-        # "The Keras CIFAR-10 CNN").  Two rows per sample: the cost is small.
-        if self.gram is None:
-            self._init(rows.shape[1])
-        r = rows.astype(np.float64, copy=False)
-        self.gram[k] += r.T @ r
-        self.sum[k] += r.sum(axis=0)
-        self.n[k] += r.shape[0]
+    # float64 products, unlike ChannelGram's float32 ones: the keep test weighs loss increases
+    # of REL_TOL (a millionth of the output variance), the size of float32 rounding in a Gram.
+    # In float32 a wide consumer's tests (the CIFAR-10 CNN's 1024-input Dense) read rounding
+    # as evidence and removed systematically more (benchmarks/RESULTS.md, "The Keras CIFAR-10
+    # CNN").  Two rows per sample: the cost is small.
+    products: ClassVar[type] = np.float64
 
 
 class RowReservoir:
