@@ -9,11 +9,14 @@ cifar-10-model h5py`` and ``DIR`` on ``PYTHONPATH``, as ``cifar10.py`` says)::
     OPENBLAS_THREAD_TIMEOUT=16 PYTHONPATH=DIR .venv/bin/python benchmarks/probe_ab.py \\
         --a rungs=3 --b rungs=all [--models cifar10,mnist_cnn,lenet300] [--json FILE]
     ... --a samples=32 --b samples=16
+    ... --a eager=3 --b eager=1
 
-A setting is ``rungs=3`` (the first, middle and last of a group's 7 rungs run through the
-graph, the others interpolated: ``allocate._probed`` as shipped), ``rungs=2`` (the first
-and the last) or ``rungs=all``, and
-``samples=N`` (``allocate.PROBE_SAMPLES``); unnamed parts keep the shipped values.
+A setting is ``rungs=3`` (the first, middle and last of a group's 7 rungs planned, the
+others interpolated: ``allocate._probed`` as shipped), ``rungs=2`` (the first and the last)
+or ``rungs=all``; ``eager=N`` (``allocate.EAGER``: the planned rungs run in the first round,
+the others only where the allocation reaches them; ``eager=3`` runs every planned rung of
+``rungs=3``), and ``samples=N`` (``allocate.PROBE_SAMPLES``); unnamed parts keep the
+shipped values.
 
 Cells: the data-driven criteria (wanda, flap, activation, relief, relative) and ``random``
 (seed 0, with data) × compensation (none, bias, lstsq) × 20/35/50/65 % of MACs removed,
@@ -44,7 +47,7 @@ from onnxprune import allocate  # noqa: E402
 METHODS = ("wanda", "flap", "activation", "relief", "relative", "random")
 COMPS = ("none", "bias", "lstsq")
 POINTS = (0.20, 0.35, 0.50, 0.65)
-SHIPPED = {"probed": allocate._probed, "samples": allocate.PROBE_SAMPLES}
+SHIPPED = {"probed": allocate._probed, "samples": allocate.PROBE_SAMPLES, "eager": allocate.EAGER}
 
 
 def every(n: int) -> list[int]:
@@ -64,8 +67,10 @@ def setting(text: str) -> dict:
             out["probed"] = {"2": ends, "3": SHIPPED["probed"], "all": every}[value]
         elif key == "samples" and value.isdigit() and int(value) > 0:
             out["samples"] = int(value)
+        elif key == "eager" and value.isdigit() and int(value) > 0:
+            out["eager"] = int(value)
         else:
-            raise SystemExit(f"not a setting: {part!r} (rungs=2|3|all, samples=N)")
+            raise SystemExit(f"not a setting: {part!r} (rungs=2|3|all, samples=N, eager=N)")
     return out
 
 
@@ -105,17 +110,19 @@ def under(values: dict, run, method: str, comp: str, kept: float) -> tuple[dict,
     """``run``'s result with ``values`` in :mod:`onnxprune.allocate`, and the rungs it ran
     through the graph."""
     counted = [0]
+    shipped_run = allocate._Probes.run
 
-    def counting(n: int) -> list[int]:
-        out = values["probed"](n)
-        counted[0] += len(out)
-        return out
+    def counting(probes, wanted, progress=None):
+        counted[0] += sum(len(v) for v in wanted.values())
+        return shipped_run(probes, wanted, progress)
 
-    allocate._probed, allocate.PROBE_SAMPLES = counting, values["samples"]
+    allocate._probed, allocate.PROBE_SAMPLES, allocate.EAGER = values["probed"], values["samples"], values["eager"]
+    allocate._Probes.run = counting
     try:
         return run(method, comp, kept), counted[0]
     finally:
-        allocate._probed, allocate.PROBE_SAMPLES = SHIPPED["probed"], SHIPPED["samples"]
+        allocate._probed, allocate.PROBE_SAMPLES, allocate.EAGER = SHIPPED["probed"], SHIPPED["samples"], SHIPPED["eager"]
+        allocate._Probes.run = shipped_run
 
 
 def summary(model: str, cells: dict) -> list[str]:

@@ -21,7 +21,8 @@ Each group is probed alone at a ladder of removed shares (1/8 … 7/8 of its cha
 lowest-scored first, through :func:`select.choose`, so rounding, min-keep and Split
 chunks apply), and the damage is the relative squared error of the model outputs on a
 few calibration samples (``Σ‖y − y₀‖² / Σ‖y₀‖²``, the square of verify's relative L2
-error).  Damages of different groups are
+error); three rungs of a ladder are planned, the others interpolated, and the planned ones
+run in rounds, only as far as the allocation reaches (:class:`_Probes`).  Damages of different groups are
 taken as additive, and a Lagrangian allocation picks one ladder rung per group: the rung
 minimising ``damage − λ·saving`` for each group, λ bisected until the MACs (params)
 estimate meets the target, then rungs are given back greedily while the target still
@@ -56,6 +57,13 @@ LADDER = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)  # removed shares probed 
 # between two Convs of the Keras CIFAR-10 CNN (RESULTS "The Keras CIFAR-10 CNN").
 PROBE_SAMPLES = 32
 PROBE_CHUNK = 8  # samples per probe run: the same batches whatever the number of workers sharing them
+# Planned rungs (_probed) each ladder runs in the probes' first round; the others run only
+# where the allocation reaches them (_Probes).  Running all three chose the very same
+# channels on EfficientNet-Lite0 and MiniLM for 1.7 times the rungs (RESULTS "Cost").
+# Without compensation every planned rung runs at once: a removal's mean shift silences
+# activations downstream, the damage saturates, and the linear extrapolation overstated
+# it (RESULTS "The allocation's probes, A against B").
+EAGER = 1
 Rungs = dict[int, list[tuple[np.ndarray, float, float]]]  # group id -> (removal, damage, saving) per rung
 
 
@@ -146,7 +154,7 @@ class _Tails:
             self.passes = None
             self.scale = pool.probe_start(model_proto(self.model).SerializeToString(), self.samples, providers, budget) or 1.0
             return
-        self.passes = SegmentPass(self.model, self.samples, providers=providers, budget=budget, label="probe samples")
+        self.passes = ProbeFeeds(self.model, self.samples, providers, budget)
         self.y0, scale = reference_outputs(self.model, self.samples, providers)
         self.scale = scale or 1.0  # all-zero outputs: damages stay absolute
 
@@ -217,7 +225,7 @@ class _Tails:
             outs = [o.name for o in self.outputs]
             if self.pool is not None:
                 return [d / self.scale for d in self.pool.probe(names, later, tail, outs, params)]
-            cached = self.passes.advance(names, later)
+            cached = self.passes.get(names, later)
             return [d / self.scale for d in squared_errors(tail, self.providers, outs, self.y0,
                                                              [{n: cached[n][b] for n in names} for b in range(len(self.samples))], params)]
 
@@ -230,7 +238,7 @@ class _Tails:
         names = [v.name for v in frontier]
         sess = self.tail(sites, nodes, frontier)
         outs = [o.name for o in self.outputs]
-        cached = self.passes.advance(names, [])
+        cached = self.passes.get(names, [])
         params = self._params(sites, analysis, compensate, removed)
         return [dict(zip(outs, sess.run(outs, {n: cached[n][b] for n in names} | params))) for b in range(len(self.samples))]
 
@@ -249,6 +257,53 @@ class _Tails:
             if s.mixes:
                 params[f"{s.name}_w"] = _mixed_weight(s, drop, pred)
         return params
+
+
+class ProbeFeeds:
+    """The original's tensors at the probe tails' cuts, per probe batch, from a segment pass
+    of the original over the probe batches that only moves forward.  The probes run in
+    rounds (:class:`_Probes`): tensors of up to an eighth of ``budget`` in all are kept for
+    the later rounds, and a round asking for one neither kept nor still ahead of the pass
+    starts the pass again."""
+
+    def __init__(self, model: ir.Model, batches: list, providers: list[str], budget: int) -> None:
+        self.model, self.batches, self.providers = model, batches, providers
+        self.room = budget // 8
+        self.budget = budget - self.room
+        self.kept: dict[str, list[np.ndarray]] = {}
+        self.passes = SegmentPass(model, batches, providers=providers, budget=self.budget, label="probe samples")
+        self.passes_run = 1
+
+    def get(self, names: list[str], later: list[str]) -> dict[str, Any]:
+        """Per name, its tensor per batch; ``later``: names a later call of this round asks for."""
+        out: dict[str, Any] = {n: self.kept[n] for n in names if n in self.kept}
+        missing = [n for n in names if n not in self.kept]
+        if not missing:
+            return out
+        if not all(self._ahead(n) for n in missing):
+            self.passes.close()
+            self.passes = SegmentPass(self.model, self.batches, providers=self.providers, budget=self.budget,
+                                      label="probe samples")
+            self.passes_run += 1
+        got = self.passes.advance(missing, [n for n in later if n not in self.kept])
+        for n in missing:
+            out[n] = got[n]
+            size = sum(b.nbytes for b in got[n])
+            if size <= self.room:
+                self.kept[n] = list(got[n])
+                self.room -= size
+        return out
+
+    def _ahead(self, name: str) -> bool:
+        """Whether the pass can still give ``name``: cached, or its producer not run yet."""
+        if name in self.passes.cache:
+            return True
+        producer = self.passes.value(name).producer()
+        return producer is not None and id(producer) not in self.passes.done
+
+    def close(self) -> None:
+        self.passes.close()
+        self.kept.clear()
 
 
 def chunks(batches: list, size: int) -> list:
@@ -309,40 +364,102 @@ def _sites(analysis: Analysis, views: list[ConsumerView], stats: Statistics, com
     return sites
 
 
-def _measure_rungs(analysis: Analysis, groups: list[Group], sites_of: dict[int, list[_Site]], scores, samples,
-                   measure, *, compensate: str, providers: list[str], min_keep: int, round_to: int | None,
-                   memory_budget: int, progress, pool=None) -> tuple[Rungs, int]:
-    """Per group (by id), its rungs: (removal, damage, saving), the first one only its dead
-    channels; and the number of probes run.  Groups are probed in the order of their first
-    consumer, so the original's pass over the probe samples only moves forward."""
-    base = measure({})
-    rungs: Rungs = {}
-    probes = 0
-    tails = _Tails(analysis, samples, providers, memory_budget, pool)
-    try:
-        first = {g.id: min((tails.order[id(s.view.node)] for s in sites_of[g.id]), default=0) for g in groups}
-        ordered = sorted(groups, key=lambda g: (first[g.id], g.id))
-        plans = {g.id: tails.plan(sites_of[g.id])[1] for g in ordered if sites_of[g.id]}
-        for k, g in enumerate(ordered):
+class _Probes:
+    """The groups' ladders and the damages measured on them, probed in rounds.
+
+    A round runs some rungs of some groups, in the order of their first consumer, so the
+    original's pass over the probe samples moves forward within it (:class:`ProbeFeeds`
+    keeps small cut tensors for the next round, or runs the pass again).  The first round
+    runs every ladder's first rung (:data:`EAGER`); after each round the allocation is
+    chosen on the curves so far, and a group whose removal lies beyond its highest measured
+    rung gets its planned rungs (:func:`_probed`) up to the first at or beyond that removal
+    in the next one.  Beyond the highest measured rung a curve is extrapolated no steeper
+    than linearly in the local error, below what the probes measured there on the benchmark
+    models with compensation: an unmeasured rung looks cheap, so a group the allocation
+    leaves short of it would stay short measured, and a group it takes that far gets
+    measured there."""
+
+    def __init__(self, analysis: Analysis, groups: list[Group], sites_of: dict[int, list[_Site]], scores, samples,
+                 measure, *, compensate: str, providers: list[str], min_keep: int, round_to: int | None,
+                 memory_budget: int, pool=None) -> None:
+        self.analysis, self.sites_of, self.compensate = analysis, sites_of, compensate
+        self.tails = _Tails(analysis, samples, providers, memory_budget, pool)
+        self.runs = 0  # rungs run through the graph
+        base = measure({})
+        first = {g.id: min((self.tails.order[id(s.view.node)] for s in sites_of[g.id]), default=0) for g in groups}
+        self.order = sorted(groups, key=lambda g: (first[g.id], g.id))
+        self.dead: dict[int, tuple[np.ndarray, float]] = {}
+        self.ladders: dict[int, list[np.ndarray]] = {}
+        self.savings: dict[int, list[float]] = {}
+        self.local: dict[int, list[float]] = {}
+        self.measured: dict[int, dict[int, float]] = {}
+        for g in self.order:
             dead = choose([g], scores, {g.id: 0}, min_keep=min_keep, round_to=round_to)[g.id]
-            rungs[g.id] = [(dead, 0.0, base - measure({g.id: dead}))]
-            if g.id in plans:  # else no consumer to emulate it at: only its dead channels go
-                later = [v.name for h in ordered[k + 1:] if h.id in plans for v in plans[h.id]]
-                damages = tails.damages_fn(sites_of[g.id], analysis, compensate, later)
-                ladder = _ladder(g, scores, dead, min_keep, round_to)
-                probed = _probed(len(ladder))
-                measured = dict(zip(probed, damages([ladder[i] for i in probed])))
-                probes += len(measured)
-                local = [_local_error(sites_of[g.id], analysis, sel) for sel in ladder]
-                for sel, dmg in zip(ladder, _interpolated([len(s) for s in ladder], local, measured)):
-                    rungs[g.id].append((sel, dmg, base - measure({g.id: sel})))
-            for s in sites_of[g.id]:
+            self.dead[g.id] = (dead, base - measure({g.id: dead}))
+            # no consumer to emulate it at: only its dead channels go
+            ladder = _ladder(g, scores, dead, min_keep, round_to) if sites_of[g.id] else []
+            self.ladders[g.id] = ladder
+            self.savings[g.id] = [base - measure({g.id: sel}) for sel in ladder]
+            self.local[g.id] = [_local_error(sites_of[g.id], analysis, sel) for sel in ladder]
+            self.measured[g.id] = {}
+
+    def close(self) -> None:
+        self.tails.close()
+
+    def first(self) -> dict[int, list[int]]:
+        """The first round: every ladder's first ``EAGER`` planned rungs (all of them
+        without compensation)."""
+        eager = None if self.compensate == "none" else EAGER
+        return {gid: _probed(len(ladder))[:eager] for gid, ladder in self.ladders.items() if ladder}
+
+    def run(self, wanted: dict[int, list[int]], progress: Callable[[int, int], None] | None = None) -> None:
+        """Run the rungs ``wanted`` (group id -> ladder indices) in one forward pass."""
+        order = [g for g in self.order if g.id in wanted]
+        plans = {g.id: self.tails.plan(self.sites_of[g.id])[1] for g in order}
+        for k, g in enumerate(order):
+            later = [v.name for h in order[k + 1:] for v in plans[h.id]]
+            damages = self.tails.damages_fn(self.sites_of[g.id], self.analysis, self.compensate, later)
+            idx = wanted[g.id]
+            self.measured[g.id].update(zip(idx, damages([self.ladders[g.id][i] for i in idx])))
+            self.runs += len(idx)
+            for s in self.sites_of[g.id]:
                 s.forget()
             if progress is not None:
-                progress(k + 1, len(ordered))
-    finally:
-        tails.close()
-    return {g.id: rungs[g.id] for g in groups}, probes
+                progress(self.runs, self.planned())
+
+    def planned(self) -> int:
+        """Rungs the allocation may run in all (the bar's length)."""
+        return sum(len(_probed(len(ladder))) for ladder in self.ladders.values())
+
+    def rungs(self) -> Rungs:
+        """Per group, its rungs: (removal, damage, saving), the first one only its dead
+        channels, the others measured or interpolated (:func:`_interpolated`)."""
+        out: Rungs = {}
+        for gid, ladder in self.ladders.items():
+            dead, saving = self.dead[gid]
+            out[gid] = [(dead, 0.0, saving)]
+            if self.measured[gid]:
+                damages = _interpolated([len(s) for s in ladder], self.local[gid], self.measured[gid])
+                out[gid] += list(zip(ladder, damages, self.savings[gid]))
+        return out
+
+    def wanted(self, final: dict[int, np.ndarray]) -> dict[int, list[int]]:
+        """The next round's rungs: for each group removing more than its highest measured
+        rung, its planned rungs up to the first that removes at least as much."""
+        out = {}
+        for gid, ladder in self.ladders.items():
+            measured = self.measured[gid]
+            if not measured or len(final[gid]) <= len(ladder[max(measured)]):
+                continue
+            todo = []
+            for i in _probed(len(ladder)):
+                if i not in measured:
+                    todo.append(i)
+                    if len(ladder[i]) >= len(final[gid]):
+                        break
+            if todo:
+                out[gid] = todo
+        return out
 
 
 def _ladder(g: Group, scores, dead: np.ndarray, min_keep: int, round_to: int | None) -> list[np.ndarray]:
@@ -373,17 +490,26 @@ def _interpolated(counts: list[int], local: list[float], measured: dict[int, flo
     """The damage of every rung: measured where probed; between two probed rungs,
     interpolated along the local error in log-log (damage ∝ local^p piecewise), which
     follows the measured curves far closer than a line in channel count (benchmarks/RESULTS.md,
-    "Cost"); by channel count where the local errors cannot carry it (zero, or not increasing)."""
+    "Cost"); beyond the last probed rung, extrapolated with the last piece's power, at most
+    1 (see :class:`_Probes`); by channel count where the local errors cannot carry it
+    (zero, or not increasing), proportionally beyond the last probed rung."""
     idx = sorted(measured)
     lx = [local[i] for i in idx]
     ly = [measured[i] for i in idx]
     loglog = all(v > 0 for v in lx + ly) and all(b > a for a, b in zip(lx, lx[1:]))
+    power = 1.0
+    if loglog and len(idx) > 1:
+        power = min(power, math.log(ly[-1] / ly[-2]) / math.log(lx[-1] / lx[-2]))
     out = []
     for i, (n, loc) in enumerate(zip(counts, local)):
         if i in measured:
             out.append(measured[i])
+        elif loglog and loc > 0 and i > idx[-1]:
+            out.append(ly[-1] * (loc / lx[-1]) ** power if loc > lx[-1] else ly[-1])
         elif loglog and loc > 0:
             out.append(float(np.exp(np.interp(np.log(loc), np.log(lx), np.log(ly)))))
+        elif i > idx[-1]:
+            out.append(ly[-1] * n / max(counts[idx[-1]], 1))
         else:
             out.append(float(np.interp(n, [counts[j] for j in idx], ly)))
     return out
@@ -407,7 +533,8 @@ def allocate(
     """Group id -> class roots to remove so that ``measure(removed)`` (the kept fraction of
     MACs or params) is at most ``target`` with the least summed measured damage; also a
     report (probes, damage predicted, groups that could not be probed).
-    ``progress(done, total)`` is told after each group.  ``pool``: a
+    ``progress(done, total)`` is told after each group's rungs of a round (rungs run, of
+    the most that may run).  ``pool``: a
     :class:`distributed.RayPool` whose workers share the probe samples (the damages are sums
     over samples: the same measurements)."""
     views = consumer_views(analysis)
@@ -417,22 +544,26 @@ def allocate(
     groups = [g for g in analysis.groups if g.prunable and g.id in scores]
     sites_of = _sites_by_group(analysis, groups, _sites(analysis, views, stats, compensate))
     reach = {g.id for g in groups if sites_of[g.id]}
-    rungs, probes = _measure_rungs(analysis, groups, sites_of, scores, samples, measure, compensate=compensate,
-                                   providers=providers, min_keep=min_keep, round_to=round_to,
-                                   memory_budget=memory_budget, progress=progress, pool=pool)
-
-    best = _lagrangian(rungs, measure, target)
     by_id = {g.id: g for g in groups}
+    probes = _Probes(analysis, groups, sites_of, scores, samples, measure, compensate=compensate, providers=providers,
+                     min_keep=min_keep, round_to=round_to, memory_budget=memory_budget, pool=pool)
+    try:
+        wanted = probes.first()
+        while True:
+            probes.run(wanted, progress)
+            rungs = probes.rungs()
+            final, relaxed = _chosen(by_id, rungs, scores, measure, target, min_keep, round_to)
+            wanted = probes.wanted(final)
+            if not wanted:
+                break
+    finally:
+        probes.close()
+    if progress is not None:
+        progress(probes.planned(), probes.planned())
     curve = lambda gid, k: _curve(rungs[gid], k)  # noqa: E731
-    final = _give_back(by_id, rungs, best, scores, measure, target, min_keep, round_to)
-    # Aligned rungs and steps can leave the target out of reach or far under it: relax the
-    # alignment of single groups, as few as the band needs (select.fit_band).
-    most = {gid: max(len(rungs[gid][-1][0]), int(math.floor(LADDER[-1] * len(by_id[gid].classes)))) for gid in rungs}
-    final, relaxed = fit_band(groups, scores, final, measure, target, min_keep=min_keep, round_to=round_to, most=most,
-                              gain=lambda gid, a, b: curve(gid, len(a)) - curve(gid, len(b)))
     predicted = sum(curve(gid, len(r)) for gid, r in final.items())
     report = {
-        "probes": probes, "probe_samples": sum(samples_in(b) for b in samples),
+        "probes": probes.runs, "probe_samples": sum(samples_in(b) for b in samples),
         "predicted_error": predicted,
         "not_probed": [g.id for g in groups if g.id not in reach],
         # per group: channels removed, of how many, and the damage its curve predicts there
@@ -440,6 +571,22 @@ def allocate(
         "relaxed": relaxed,  # group id -> the multiple it keeps, where its alignment was relaxed
     }
     return final, report
+
+
+def _chosen(by_id: dict[int, Group], rungs: Rungs, scores: dict[int, np.ndarray],
+            measure: Callable[[dict[int, np.ndarray]], float], target: float, min_keep: int,
+            round_to: int | None) -> tuple[dict[int, np.ndarray], dict]:
+    """The removal per group on the curves ``rungs``: a rung each by the Lagrangian, channels
+    given back where the target allows, single groups' alignment relaxed where the band
+    needs it (:func:`select.fit_band`); also the relaxed groups."""
+    best = _lagrangian(rungs, measure, target)
+    curve = lambda gid, k: _curve(rungs[gid], k)  # noqa: E731
+    final = _give_back(by_id, rungs, best, scores, measure, target, min_keep, round_to)
+    # Aligned rungs and steps can leave the target out of reach or far under it: relax the
+    # alignment of single groups, as few as the band needs (select.fit_band).
+    most = {gid: max(len(rungs[gid][-1][0]), int(math.floor(LADDER[-1] * len(by_id[gid].classes)))) for gid in rungs}
+    return fit_band(list(by_id.values()), scores, final, measure, target, min_keep=min_keep, round_to=round_to,
+                    most=most, gain=lambda gid, a, b: curve(gid, len(a)) - curve(gid, len(b)))
 
 
 def _curve(rungs: list[tuple[np.ndarray, float, float]], k: float) -> float:

@@ -207,6 +207,39 @@ class _Plan:
     sliced: list[tuple[int, list[np.ndarray]]] = field(default_factory=list)  # (MACs, atoms per axis)
     constants: list[tuple[int, list[int], bool]] = field(default_factory=list)  # (size, indices into sliced, read whole)
     products: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (MACs, atoms): products of computed tensors
+    # Every atom list above as one array, for :meth:`shares`: per sliced input its lists'
+    # indices, per product its list's index.
+    sliced_axes: list[list[int]] = field(default_factory=list)
+    product_lists: list[int] = field(default_factory=list)
+    _roots: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    _starts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    _sizes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    def index(self, roots: np.ndarray) -> None:
+        """Gather every atom list's class roots (``roots``: the analysis's atom -> root)."""
+        lists = [a for _, atoms in self.sliced for a in atoms] + [a for _, a in self.products]
+        counts = [len(a) for a in lists]
+        self.sliced_axes, k = [], 0
+        for _, atoms in self.sliced:
+            self.sliced_axes.append(list(range(k, k + len(atoms))))
+            k += len(atoms)
+        self.product_lists = list(range(k, k + len(self.products)))
+        self._sizes = np.array(counts, dtype=np.int64)
+        self._starts = np.cumsum(self._sizes) - self._sizes
+        flat = np.concatenate([np.asarray(a, dtype=np.int64) for a in lists]) if lists else np.zeros(0, np.int64)
+        self._roots = roots[flat]
+
+    def shares(self, gone: np.ndarray) -> list[float]:
+        """Per atom list, the share of its atoms kept when the roots ``gone`` go (1.0 for an
+        empty list): the mean of a boolean list, exactly."""
+        if not len(self._sizes):
+            return []
+        running = np.concatenate([[0], np.cumsum(~gone[self._roots], dtype=np.int64)])
+        total = running[self._starts + self._sizes] - running[self._starts]
+        out = np.ones(len(self._sizes))
+        some = self._sizes > 0
+        out[some] = total[some] / self._sizes[some]
+        return out.tolist()
 
 
 def _plan(analysis) -> _Plan:
@@ -251,6 +284,7 @@ def _plan(analysis) -> _Plan:
         lay = analysis.layouts.get(node.inputs[0]) or analysis.layouts.get(node.inputs[1])
         if lay is not None and len(lay):
             plan.products.append((table.get(id(node), 0), np.asarray(lay.atoms)))
+    plan.index(np.asarray(analysis.roots))
     return plan
 
 
@@ -262,18 +296,17 @@ def estimate_after(analysis, removed) -> tuple[int, int]:
     shrink by the same factor as the weight.  Used to bisect budgets quickly: what does not
     depend on ``removed`` is computed once per analysis.
     """
-    from .rewrite import keep_function
-
     if analysis.estimate_plan is None:
         analysis.estimate_plan = _plan(analysis)
     plan = analysis.estimate_plan
-    keep = keep_function(analysis, removed)
-
-    def kept(atoms: np.ndarray) -> float:
-        return float(keep(atoms).mean()) if len(atoms) else 1.0
-
+    gone = np.zeros(len(analysis.roots), dtype=bool)
+    gone[np.asarray(removed, dtype=np.int64)] = True
+    gone[0] = False  # FIXED is never removed (rewrite.keep_function)
+    # Every atom list's kept share at once (one gather and one segment sum, not a numpy
+    # call per list: the allocation asks for thousands of estimates).
+    kept = plan.shares(gone)
     params, macs = plan.params, plan.macs
-    fs = [math.prod(kept(a) for a in atoms) for _, atoms in plan.sliced]
+    fs = [math.prod(kept[k] for k in axes) for axes in plan.sliced_axes]
     for (node_mac, _), f in zip(plan.sliced, fs):
         macs -= int(round(node_mac * (1 - f)))
     for size, idx, whole in plan.constants:
@@ -283,6 +316,6 @@ def estimate_after(analysis, removed) -> tuple[int, int]:
         cut = [fs[i] for i in idx if fs[i] < 1]
         kept_whole = whole or len(cut) < len(idx)
         params += int(round(sum(size * f for f in cut) + (size if kept_whole else 0))) - size
-    for node_mac, atoms in plan.products:
-        macs -= int(round(node_mac * (1 - kept(atoms))))
+    for (node_mac, _), k in zip(plan.products, plan.product_lists):
+        macs -= int(round(node_mac * (1 - kept[k])))
     return params, macs

@@ -274,11 +274,11 @@ class _Worker:
     def probe_start(self, model: bytes, chunks: list[Sample], providers: list[str], budget: int) -> float:
         """Hold some of the allocation's probe batches, the original's segment pass over
         them and its outputs; returns their summed squares."""
-        from .allocate import reference_outputs  # the allocation's own pieces, on this worker's batches
+        from .allocate import ProbeFeeds, reference_outputs  # the allocation's own pieces, on this worker's batches
 
         t0 = time.perf_counter()
         original = ir.from_proto(onnx.ModelProto.FromString(model))
-        self.probe_pass = SegmentPass(original, chunks, providers=providers, budget=budget, label="probe samples")
+        self.probe_pass = ProbeFeeds(original, chunks, providers, budget)
         self.y0, scale = reference_outputs(original, chunks, providers)
         self.probe_providers = providers
         self._timed("probe", t0)
@@ -289,7 +289,7 @@ class _Worker:
         from .allocate import squared_errors
 
         t0 = time.perf_counter()
-        cached = self.probe_pass.advance(frontier, later)
+        cached = self.probe_pass.get(frontier, later)
         feeds = [{n: cached[n][b] for n in frontier} for b in range(len(self.y0))]
         try:
             return squared_errors(tail, self.probe_providers, outputs, self.y0, feeds, params)

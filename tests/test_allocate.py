@@ -215,32 +215,127 @@ def test_interpolation_falls_back_to_channel_counts_without_a_local_error():
     np.testing.assert_allclose(got, [1.0, 2.0, 3.0, 6.0, 9.0])
 
 
-def test_allocation_runs_three_rungs_a_group_and_interpolates_the_rest(tmp_path):
-    """Only the first, middle and last rung of a ladder run through the graph; the others'
-    interpolated damages stay within a factor 2 of what a probe measures there (a 12-unit
-    toy: one channel can double the damage; on real models see RESULTS, "Cost")."""
-    from onnxprune.allocate import _ladder, _local_error, _measure_rungs, _sites_by_group
-    from onnxprune.select import choose
+def test_interpolation_extrapolates_beyond_the_last_probed_rung_no_steeper_than_linearly():
+    """Beyond the highest measured rung the curve goes on with the last piece's power, at
+    most 1 (a single measured rung: linearly in the local error)."""
+    from onnxprune.allocate import _interpolated
+
+    local = [1.0, 2.0, 4.0, 8.0, 16.0]
+    np.testing.assert_allclose(_interpolated([1, 2, 3, 4, 5], local, {0: 2.0}), [2.0, 4.0, 8.0, 16.0, 32.0])
+    flat = _interpolated([1, 2, 3, 4, 5], local, {0: 1.0, 1: 1.5})  # power log2(1.5) < 1
+    np.testing.assert_allclose(flat[2:], [1.5 * 2.0 ** np.log2(1.5) ** 1, 1.5 * 4.0 ** np.log2(1.5), 1.5 * 8.0 ** np.log2(1.5)])
+    steep = _interpolated([1, 2, 3, 4, 5], local, {0: 1.0, 1: 4.0})  # power 2, capped at 1
+    np.testing.assert_allclose(steep[2:], [8.0, 16.0, 32.0])
+    # no usable local error: proportional to the channel count
+    np.testing.assert_allclose(_interpolated([1, 2, 3, 4], [0.0] * 4, {0: 1.0, 1: 3.0}), [1.0, 3.0, 4.5, 6.0])
+
+
+def _probes(tmp_path, compensate: str = "lstsq"):
+    """The MLP calibrated, scored by l1, and its groups' probes (a kept-MACs share of the
+    removed channels' count)."""
+    from onnxprune.allocate import _Probes, _sites_by_group
 
     path = _mlp(tmp_path)
-    analysis, views, stats = _calibrated(path, _data(), lstsq=True)
+    analysis, views, stats = _calibrated(path, _data(), lstsq=compensate == "lstsq")
     scores = score_groups(analysis, "l1")
     groups = [g for g in analysis.groups if g.prunable]
-    sites_of = _sites_by_group(analysis, groups, _sites(analysis, views, stats, "lstsq"))
+    sites_of = _sites_by_group(analysis, groups, _sites(analysis, views, stats, compensate))
     measure = lambda sel: 1.0 - sum(len(v) for v in sel.values()) / 100  # noqa: E731
-    rungs, probes = _measure_rungs(analysis, groups, sites_of, scores, stats.kept, measure, compensate="lstsq",
-                                   providers=CPU, min_keep=1, round_to=1, memory_budget=2**30, progress=None)
-    ladders = {g.id: _ladder(g, scores, choose([g], scores, {g.id: 0}, min_keep=1, round_to=1)[g.id], 1, 1) for g in groups}
-    assert probes == sum(min(3, len(lad)) for lad in ladders.values())
+    probes = _Probes(analysis, groups, sites_of, scores, stats.kept, measure, compensate=compensate, providers=CPU,
+                     min_keep=1, round_to=1, memory_budget=2**30)
+    return probes, analysis, sites_of, stats
+
+
+def test_three_planned_rungs_interpolate_the_rest(tmp_path):
+    """With the first, middle and last rung of every ladder run, the others' interpolated
+    damages stay within a factor 2 of what a probe measures there (a 12-unit toy: one
+    channel can double the damage; on real models see RESULTS, "Cost")."""
+    from onnxprune.allocate import _probed
+
+    probes, analysis, sites_of, stats = _probes(tmp_path)
+    try:
+        probes.run({gid: _probed(len(ladder)) for gid, ladder in probes.ladders.items() if ladder})
+        rungs = probes.rungs()
+    finally:
+        probes.close()
+    assert probes.runs == sum(min(3, len(ladder)) for ladder in probes.ladders.values())
     tails = _Tails(analysis, stats.kept, CPU, 2**30)
     try:
-        for g in groups:
-            damages = tails.damages_fn(sites_of[g.id], analysis, "lstsq", [])
-            for (sel, dmg, _), full in zip(rungs[g.id][1:], ladders[g.id]):
+        for gid, ladder in probes.ladders.items():
+            damages = tails.damages_fn(sites_of[gid], analysis, "lstsq", [])
+            for (sel, dmg, _), full in zip(rungs[gid][1:], ladder):
                 truth = damages([full])[0]
-                assert truth / 2 <= dmg <= truth * 2, (g.id, len(sel), dmg, truth)
+                assert truth / 2 <= dmg <= truth * 2, (gid, len(sel), dmg, truth)
     finally:
         tails.close()
+
+
+@pytest.mark.parametrize("target", [0.9, 0.8, 0.65])
+def test_lazy_rounds_choose_as_every_planned_rung_does(tmp_path, monkeypatch, target):
+    """Running only the first rung at first, and more where the allocation reaches past its
+    measured rungs, gives the removal that running every planned rung gives, with no more
+    rungs run, and every group's removal within its measured rungs."""
+    from onnxprune import allocate as alloc
+
+    path = _mlp(tmp_path)
+    analysis, _, stats = _calibrated(path, _data(), lstsq=True)
+    scores = score_groups(analysis, "l1")
+    base = count_macs(analysis.model)
+
+    def kept(sel):
+        flat = np.concatenate([*sel.values(), np.zeros(0, np.int64)]).astype(np.int64)
+        return estimate_after(analysis, flat)[1] / base
+
+    seen = {}
+    shipped = alloc._Probes.rungs
+
+    def spy(self):
+        seen["measured"] = {gid: dict(m) for gid, m in self.measured.items()}
+        seen["ladders"] = self.ladders
+        return shipped(self)
+
+    monkeypatch.setattr(alloc._Probes, "rungs", spy)
+    lazy, lazy_report = allocate(analysis, scores, stats, kept, target, compensate="lstsq", providers=CPU, round_to=1)
+    for gid, removal in lazy.items():
+        measured, ladder = seen["measured"][gid], seen["ladders"][gid]
+        if ladder and len(measured) < len(alloc._probed(len(ladder))):  # more planned rungs left
+            assert len(removal) <= len(ladder[max(measured)]), gid
+    monkeypatch.setattr(alloc, "EAGER", 3)
+    eager, eager_report = allocate(analysis, scores, stats, kept, target, compensate="lstsq", providers=CPU, round_to=1)
+    assert {k: v.tolist() for k, v in lazy.items()} == {k: v.tolist() for k, v in eager.items()}
+    assert lazy_report["probes"] <= eager_report["probes"]
+
+
+def test_probe_feeds_keep_small_tensors_and_rewind_for_the_rest(tmp_path):
+    """A later round's tensors come from what was kept, or from a new pass when the pass has
+    gone beyond them; either way the values are the original's at that tensor."""
+    from onnxprune.allocate import ProbeFeeds
+
+    path = _mlp(tmp_path)
+    model, _ = load_model(path)
+    data = _data(n=32)
+    names = {n.name: n for n in model.graph}
+    h1 = names["fc1"].outputs[0].name
+    h2 = names["fc2"].outputs[0].name
+    ours = ProbeFeeds(model, data, CPU, budget=2**30)
+    none_kept = ProbeFeeds(model, data, CPU, budget=0)
+    try:
+        for feeds in (ours, none_kept):
+            late = feeds.get([h2], [])
+            early = feeds.get([h1], [])  # the pass ran beyond fc1: kept, or run again
+            for b, batch in enumerate(data):
+                fc1 = batch["x"] @ np.asarray(ir.tensor(names["fc1"].inputs[1].const_value).numpy()).T
+                fc1 += ir.tensor(names["fc1"].inputs[2].const_value).numpy()
+                np.testing.assert_allclose(early[h1][b], fc1, rtol=1e-5, atol=1e-5)
+            assert len(late[h2]) == len(data)
+        assert ours.passes_run == 2 and none_kept.passes_run == 2  # fc1's output was not asked for in the first pass
+        for feeds in (ours, none_kept):
+            feeds.get([h2], [])  # the pass moves on past fc1 again
+            feeds.get([h1], [])
+        assert ours.passes_run == 2 and none_kept.passes_run == 3  # kept, against run again
+    finally:
+        ours.close()
+        none_kept.close()
 
 
 def _explicit_mix(path, tmp_path, consumer: str, p: np.ndarray, c: np.ndarray, channels_last: bool):
@@ -304,3 +399,17 @@ def test_lstsq_probe_equals_the_explicit_channel_mix(tmp_path, kind):
     assert np.abs(p[np.ix_(drop, ~drop)]).max() > 0  # removed channels are predicted from kept ones
     want = session(str(_explicit_mix(path, tmp_path, "c2", p, c, kind != "conv3x3"))).run(None, stats.kept[0])[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_without_compensation_every_planned_rung_runs_at_once(tmp_path):
+    """``none``'s damages saturate (RESULTS "The allocation's probes, A against B"): its
+    first round is every planned rung; with compensation, each ladder's first."""
+    from onnxprune.allocate import _probed
+
+    for compensate, eager in (("none", 3), ("bias", 1)):
+        probes, *_ = _probes(tmp_path, compensate)
+        try:
+            first = probes.first()
+            assert first and all(idx == _probed(len(probes.ladders[gid]))[:eager] for gid, idx in first.items())
+        finally:
+            probes.close()
