@@ -62,7 +62,8 @@ PROBE_CHUNK = 8  # samples per probe run: the same batches whatever the number o
 # channels on EfficientNet-Lite0 and MiniLM for 1.7 times the rungs (RESULTS "Cost").
 # Without compensation every planned rung runs at once: a removal's mean shift silences
 # activations downstream, the damage saturates, and the linear extrapolation overstated
-# it (RESULTS "The allocation's probes, A against B").
+# it (RESULTS "The allocation's probes, A against B"); so does a ladder whose lstsq
+# emulation predicts at some planned rungs only (_Probes.first).
 EAGER = 1
 Rungs = dict[int, list[tuple[np.ndarray, float, float]]]  # group id -> (removal, damage, saving) per rung
 
@@ -393,6 +394,7 @@ class _Probes:
         self.savings: dict[int, list[float]] = {}
         self.local: dict[int, list[float]] = {}
         self.measured: dict[int, dict[int, float]] = {}
+        self.modes: dict[int, list[tuple[bool, ...]]] = {}  # per rung: which sites the lstsq emulation predicts at
         for g in self.order:
             dead = choose([g], scores, {g.id: 0}, min_keep=min_keep, round_to=round_to)[g.id]
             self.dead[g.id] = (dead, base - measure({g.id: dead}))
@@ -402,15 +404,23 @@ class _Probes:
             self.savings[g.id] = [base - measure({g.id: sel}) for sel in ladder]
             self.local[g.id] = [_local_error(sites_of[g.id], analysis, sel) for sel in ladder]
             self.measured[g.id] = {}
+            self.modes[g.id] = [_modes(sites_of[g.id], analysis, compensate, sel) for sel in ladder]
 
     def close(self) -> None:
         self.tails.close()
 
     def first(self) -> dict[int, list[int]]:
-        """The first round: every ladder's first ``EAGER`` planned rungs (all of them
-        without compensation)."""
-        eager = None if self.compensate == "none" else EAGER
-        return {gid: _probed(len(ladder))[:eager] for gid, ladder in self.ladders.items() if ladder}
+        """The first round: every ladder's first ``EAGER`` planned rungs; all of them
+        without compensation, and where the lstsq emulation predicts at some planned rungs
+        and gives the mean at others (too few rows for the wider fits): a prediction can
+        take most of the damage away, so a curve measured on the mean says nothing of the
+        rungs beyond (BERT-base's MLPs: the first rung's damage three times the middle's)."""
+        out = {}
+        for gid, ladder in self.ladders.items():
+            planned = _probed(len(ladder))
+            switches = len({self.modes[gid][i] for i in planned}) > 1
+            out[gid] = planned if self.compensate == "none" or switches else planned[:EAGER]
+        return {gid: idx for gid, idx in out.items() if idx}
 
     def run(self, wanted: dict[int, list[int]], progress: Callable[[int, int], None] | None = None) -> None:
         """Run the rungs ``wanted`` (group id -> ladder indices) in one forward pass."""
@@ -484,6 +494,16 @@ def _local_error(sites: list[_Site], analysis: Analysis, removed: np.ndarray) ->
     gone[removed] = True
     gone[0] = False
     return sum(s.local_error(gone[analysis.roots[s.view.atoms]]) for s in sites)
+
+
+def _modes(sites: list[_Site], analysis: Analysis, compensate: str, removed: np.ndarray) -> tuple[bool, ...]:
+    """Per site, whether the emulation of ``removed`` predicts its removed channels."""
+    if compensate != "lstsq":
+        return ()
+    gone = np.zeros(len(analysis.roots), dtype=bool)
+    gone[removed] = True
+    gone[0] = False
+    return tuple(_predicts(s, int((~gone[analysis.roots[s.view.atoms]]).sum())) for s in sites)
 
 
 def _interpolated(counts: list[int], local: list[float], measured: dict[int, float]) -> list[float]:
@@ -683,13 +703,19 @@ def _prediction(site: _Site, drop: np.ndarray, compensate: str) -> tuple[np.ndar
     if not drop.any():
         return None, shift.astype(np.float32)
     r, s = np.flatnonzero(drop), np.flatnonzero(~drop)
-    if compensate == "lstsq" and site.cov is not None and enough_rows(site.rows, len(s) * _taps(site.view)):
+    if compensate == "lstsq" and _predicts(site, len(s)):
         b = solve_spd(ridged(site.cov[np.ix_(s, s)]), site.cov[np.ix_(s, r)]).T  # [R, S], as the refit solves it
         shift[r] = site.mean[r] - b @ site.mean[s]
         return b, shift.astype(np.float32)
     if compensate != "none":
         shift[r] = site.mean[r]
     return None, shift.astype(np.float32)
+
+
+def _predicts(site: _Site, kept: int) -> bool:
+    """Whether the lstsq emulation predicts a removal keeping ``kept`` of the site's
+    channels from them (enough rows behind its Gram statistics), or gives the mean."""
+    return site.gram is not None and enough_rows(site.rows, kept * _taps(site.view))
 
 
 def _replacement(site: _Site, drop: np.ndarray, compensate: str) -> tuple[np.ndarray, np.ndarray]:

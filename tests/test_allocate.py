@@ -230,13 +230,13 @@ def test_interpolation_extrapolates_beyond_the_last_probed_rung_no_steeper_than_
     np.testing.assert_allclose(_interpolated([1, 2, 3, 4], [0.0] * 4, {0: 1.0, 1: 3.0}), [1.0, 3.0, 4.5, 6.0])
 
 
-def _probes(tmp_path, compensate: str = "lstsq"):
-    """The MLP calibrated, scored by l1, and its groups' probes (a kept-MACs share of the
-    removed channels' count)."""
+def _probes(tmp_path, compensate: str = "lstsq", samples: int = 96):
+    """The MLP calibrated on ``samples``, scored by l1, and its groups' probes (a kept-MACs
+    share of the removed channels' count)."""
     from onnxprune.allocate import _Probes, _sites_by_group
 
     path = _mlp(tmp_path)
-    analysis, views, stats = _calibrated(path, _data(), lstsq=compensate == "lstsq")
+    analysis, views, stats = _calibrated(path, _data(n=samples), lstsq=compensate == "lstsq")
     scores = score_groups(analysis, "l1")
     groups = [g for g in analysis.groups if g.prunable]
     sites_of = _sites_by_group(analysis, groups, _sites(analysis, views, stats, compensate))
@@ -411,5 +411,23 @@ def test_without_compensation_every_planned_rung_runs_at_once(tmp_path):
         try:
             first = probes.first()
             assert first and all(idx == _probed(len(probes.ladders[gid]))[:eager] for gid, idx in first.items())
+        finally:
+            probes.close()
+
+
+def test_a_ladder_whose_emulation_starts_predicting_runs_its_planned_rungs_at_once(tmp_path):
+    """On 32 rows, fc3's lstsq emulation of fc2's group gives the mean while 9 of its 10
+    inputs stay (4 rows a feature are needed) and predicts from 5: the first rung's damage
+    says nothing of the middle's, so all three run in the first round.  On 96 rows every
+    rung predicts, and the first round is the first rung."""
+    from onnxprune.allocate import _probed
+
+    for samples, switching in ((32, True), (96, False)):
+        probes, analysis, *_ = _probes(tmp_path, "lstsq", samples=samples)
+        try:
+            fc2 = next(g.id for g in analysis.groups if g.prunable and g.producers[0].name == "fc2")
+            planned = _probed(len(probes.ladders[fc2]))
+            assert (len({probes.modes[fc2][i] for i in planned}) == 2) is switching
+            assert probes.first()[fc2] == (planned if switching else planned[:1])
         finally:
             probes.close()
