@@ -272,9 +272,22 @@ def output_data_files(output_path: str | os.PathLike) -> list[Path]:
     return [folder / n for n in candidates if is_output_data(out, folder / n, fold=lambda _: False)]
 
 
+# input_files' answers by the model file's identity: the checks ask before the run and
+# the save again after it, and each answer parses the whole message (weights included
+# when they are inline: hundreds of MB).
+_input_files: dict[tuple, list[Path]] = {}
+
+
 def input_files(model_path: str | os.PathLike) -> list[Path]:
     """The model file and every external-data file it names (as far as it parses)."""
     p = Path(model_path)
+    try:
+        st = p.stat()
+        key: tuple | None = (str(p), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    except OSError:
+        key = None
+    if key in _input_files:
+        return list(_input_files[key])
     files = [p]
     try:
         proto = onnx.load(str(p), load_external_data=False)
@@ -285,6 +298,8 @@ def input_files(model_path: str | os.PathLike) -> list[Path]:
             location = {e.key: e.value for e in tensor.external_data}.get("location", "")
             if location and (p.parent / location) not in files:
                 files.append(p.parent / location)
+    if key is not None:
+        _input_files[key] = list(files)
     return files
 
 
