@@ -62,8 +62,8 @@ PROBE_CHUNK = 8  # samples per probe run: the same batches whatever the number o
 # channels on EfficientNet-Lite0 and MiniLM for 1.7 times the rungs (RESULTS "Cost").
 # Without compensation every planned rung runs at once: a removal's mean shift silences
 # activations downstream, the damage saturates, and the linear extrapolation overstated
-# it (RESULTS "The allocation's probes, A against B"); so does a ladder whose lstsq
-# emulation predicts at some planned rungs only (_Probes.first).
+# it (RESULTS "The allocation's probes, A against B"); a ladder whose lstsq emulation
+# starts predicting only at a later rung runs every planned rung up to it (_Probes.first).
 EAGER = 1
 Rungs = dict[int, list[tuple[np.ndarray, float, float]]]  # group id -> (removal, damage, saving) per rung
 
@@ -411,15 +411,19 @@ class _Probes:
 
     def first(self) -> dict[int, list[int]]:
         """The first round: every ladder's first ``EAGER`` planned rungs; all of them
-        without compensation, and where the lstsq emulation predicts at some planned rungs
-        and gives the mean at others (too few rows for the wider fits): a prediction can
-        take most of the damage away, so a curve measured on the mean says nothing of the
-        rungs beyond (BERT-base's MLPs: the first rung's damage three times the middle's)."""
+        without compensation; and where the lstsq emulation gives the mean at the first
+        (too few rows for the wide fit) but predicts at later ones, every planned rung up
+        to the first that predicts wherever the last does: a prediction can take most of
+        the damage away, so a curve measured on the mean says nothing of the rungs beyond
+        (BERT-base's MLPs: the first rung's damage three times the middle's).  Fewer kept
+        channels need fewer rows, so past that rung nothing switches, as the extrapolation
+        assumes."""
         out = {}
         for gid, ladder in self.ladders.items():
             planned = _probed(len(ladder))
-            switches = len({self.modes[gid][i] for i in planned}) > 1
-            out[gid] = planned if self.compensate == "none" or switches else planned[:EAGER]
+            modes = [self.modes[gid][i] for i in planned]
+            settled = modes.index(modes[-1]) if planned else 0  # the first planned rung predicting wherever the last does
+            out[gid] = planned if self.compensate == "none" else planned[: max(EAGER, settled + 1)]
         return {gid: idx for gid, idx in out.items() if idx}
 
     def run(self, wanted: dict[int, list[int]], progress: Callable[[int, int], None] | None = None) -> None:
@@ -511,7 +515,7 @@ def _interpolated(counts: list[int], local: list[float], measured: dict[int, flo
     interpolated along the local error in log-log (damage ∝ local^p piecewise), which
     follows the measured curves far closer than a line in channel count (benchmarks/RESULTS.md,
     "Cost"); beyond the last probed rung, extrapolated with the last piece's power, at most
-    1 (see :class:`_Probes`); by channel count where the local errors cannot carry it
+    1 (1 where the piece falls; see :class:`_Probes`); by channel count where the local errors cannot carry it
     (zero, or not increasing), proportionally beyond the last probed rung."""
     idx = sorted(measured)
     lx = [local[i] for i in idx]
@@ -519,7 +523,10 @@ def _interpolated(counts: list[int], local: list[float], measured: dict[int, flo
     loglog = all(v > 0 for v in lx + ly) and all(b > a for a, b in zip(lx, lx[1:]))
     power = 1.0
     if loglog and len(idx) > 1:
-        power = min(power, math.log(ly[-1] / ly[-2]) / math.log(lx[-1] / lx[-2]))
+        last = math.log(ly[-1] / ly[-2]) / math.log(lx[-1] / lx[-2])
+        # A falling piece (the lstsq emulation starting to predict between the two rungs)
+        # says nothing of the rungs beyond: linear then.
+        power = min(power, last) if last > 0 else power
     out = []
     for i, (n, loc) in enumerate(zip(counts, local)):
         if i in measured:

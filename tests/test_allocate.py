@@ -226,6 +226,8 @@ def test_interpolation_extrapolates_beyond_the_last_probed_rung_no_steeper_than_
     np.testing.assert_allclose(flat[2:], [1.5 * 2.0 ** np.log2(1.5) ** 1, 1.5 * 4.0 ** np.log2(1.5), 1.5 * 8.0 ** np.log2(1.5)])
     steep = _interpolated([1, 2, 3, 4, 5], local, {0: 1.0, 1: 4.0})  # power 2, capped at 1
     np.testing.assert_allclose(steep[2:], [8.0, 16.0, 32.0])
+    falling = _interpolated([1, 2, 3, 4, 5], local, {0: 4.0, 1: 1.0})  # the emulation began predicting: linear
+    np.testing.assert_allclose(falling[2:], [2.0, 4.0, 8.0])
     # no usable local error: proportional to the channel count
     np.testing.assert_allclose(_interpolated([1, 2, 3, 4], [0.0] * 4, {0: 1.0, 1: 3.0}), [1.0, 3.0, 4.5, 6.0])
 
@@ -418,8 +420,8 @@ def test_without_compensation_every_planned_rung_runs_at_once(tmp_path):
 def test_a_ladder_whose_emulation_starts_predicting_runs_its_planned_rungs_at_once(tmp_path):
     """On 32 rows, fc3's lstsq emulation of fc2's group gives the mean while 9 of its 10
     inputs stay (4 rows a feature are needed) and predicts from 5: the first rung's damage
-    says nothing of the middle's, so all three run in the first round.  On 96 rows every
-    rung predicts, and the first round is the first rung."""
+    says nothing of the middle's, so the first round runs both (the last, predicting too,
+    waits as usual).  On 96 rows every rung predicts, and the first round is the first rung."""
     from onnxprune.allocate import _probed
 
     for samples, switching in ((32, True), (96, False)):
@@ -428,6 +430,6 @@ def test_a_ladder_whose_emulation_starts_predicting_runs_its_planned_rungs_at_on
             fc2 = next(g.id for g in analysis.groups if g.prunable and g.producers[0].name == "fc2")
             planned = _probed(len(probes.ladders[fc2]))
             assert (len({probes.modes[fc2][i] for i in planned}) == 2) is switching
-            assert probes.first()[fc2] == (planned if switching else planned[:1])
+            assert probes.first()[fc2] == (planned[:2] if switching else planned[:1])
         finally:
             probes.close()
