@@ -22,8 +22,8 @@ lowest-scored first, through :func:`select.choose`, so rounding, min-keep and Sp
 chunks apply), and the damage is the relative squared error of the model outputs on a
 few calibration samples (``Σ‖y − y₀‖² / Σ‖y₀‖²``, the square of verify's relative L2
 error); three rungs of a ladder are planned, the others interpolated, and the planned ones
-run in rounds, only as far as the allocation reaches (:class:`_Probes`).  Damages of different groups are
-taken as additive, and a Lagrangian allocation picks one ladder rung per group: the rung
+run in rounds, only as far as the allocation reaches (:class:`_Probes`).  Damages of
+different groups are taken as additive, and a Lagrangian allocation picks one ladder rung per group: the rung
 minimising ``damage − λ·saving`` for each group, λ bisected until the MACs (params)
 estimate meets the target, then rungs are given back greedily while the target still
 holds, each group a step of its alignment at a time; where that leaves the target out of
@@ -384,10 +384,10 @@ class _Probes:
                  measure, *, compensate: str, providers: list[str], min_keep: int, round_to: int | None,
                  memory_budget: int, pool=None) -> None:
         self.analysis, self.sites_of, self.compensate = analysis, sites_of, compensate
-        self.tails = _Tails(analysis, samples, providers, memory_budget, pool)
         self.runs = 0  # rungs run through the graph
         base = measure({})
-        first = {g.id: min((self.tails.order[id(s.view.node)] for s in sites_of[g.id]), default=0) for g in groups}
+        position = {id(n): i for i, n in enumerate(analysis.model.graph)}
+        first = {g.id: min((position[id(s.view.node)] for s in sites_of[g.id]), default=0) for g in groups}
         self.order = sorted(groups, key=lambda g: (first[g.id], g.id))
         self.dead: dict[int, tuple[np.ndarray, float]] = {}
         self.ladders: dict[int, list[np.ndarray]] = {}
@@ -405,6 +405,7 @@ class _Probes:
             self.local[g.id] = [_local_error(sites_of[g.id], analysis, sel) for sel in ladder]
             self.measured[g.id] = {}
             self.modes[g.id] = [_modes(sites_of[g.id], analysis, compensate, sel) for sel in ladder]
+        self.tails = _Tails(analysis, samples, providers, memory_budget, pool)  # last: close() owns it from here
 
     def close(self) -> None:
         self.tails.close()
@@ -422,7 +423,7 @@ class _Probes:
         for gid, ladder in self.ladders.items():
             planned = _probed(len(ladder))
             modes = [self.modes[gid][i] for i in planned]
-            settled = modes.index(modes[-1]) if planned else 0  # the first planned rung predicting wherever the last does
+            settled = modes.index(modes[-1]) if planned else 0  # predicting wherever the last does
             out[gid] = planned if self.compensate == "none" else planned[: max(EAGER, settled + 1)]
         return {gid: idx for gid, idx in out.items() if idx}
 
@@ -515,8 +516,9 @@ def _interpolated(counts: list[int], local: list[float], measured: dict[int, flo
     interpolated along the local error in log-log (damage ∝ local^p piecewise), which
     follows the measured curves far closer than a line in channel count (benchmarks/RESULTS.md,
     "Cost"); beyond the last probed rung, extrapolated with the last piece's power, at most
-    1 (1 where the piece falls; see :class:`_Probes`); by channel count where the local errors cannot carry it
-    (zero, or not increasing), proportionally beyond the last probed rung."""
+    1 (1 where the piece falls; see :class:`_Probes`); by channel count where the local
+    errors cannot carry it (zero, or not increasing), proportionally beyond the last probed
+    rung."""
     idx = sorted(measured)
     lx = [local[i] for i in idx]
     ly = [measured[i] for i in idx]
