@@ -53,7 +53,6 @@ from .calibrate import SHARD_BLOCK, CollectPlan, Collector, Statistics
 from .data import Sample, samples_in
 from .errors import InputError, OnnxPruneError
 from .reconstruct import RefitShard, RefitTarget, ShardSums, fold_errors, on_copies, target_positions
-from .segments import SegmentPass
 from .shared_data import FolderIndex, LazyBatch, folder_sizes, read
 
 RETRIES = 2  # rebuilds of one shard's worker before the run fails

@@ -143,3 +143,18 @@ def test_the_error_curve_of_an_external_data_model_equals_the_inline_ones(tmp_pa
         _, result = api.prune_with(config, folder / "m.onnx", None, sweep=(0.8, 0.5))
         curves.append(result.sweep)
     assert len(curves[0]) == 3 and curves[0] == curves[1]
+
+
+def test_the_input_file_list_follows_the_file_on_disk(tmp_path, monkeypatch):
+    """The checks and the save ask for the model's files several times and the model is
+    parsed once for them; a model replaced in between (another file, another size) is read
+    again, and its new data file counted."""
+    src = tmp_path / "m.onnx"
+    onnx.save(_net(), str(src))
+    parses = []
+    shipped = onnx.load
+    monkeypatch.setattr(onnx, "load", lambda *a, **k: parses.append(a[0]) or shipped(*a, **k))
+    assert onnxprune.load.input_files(src) == [src]
+    assert onnxprune.load.input_files(src) == [src] and len(parses) == 1
+    onnx.save(_net(), str(src), save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    assert onnxprune.load.input_files(src) == [src, tmp_path / "m.onnx.data"] and len(parses) == 2
