@@ -50,6 +50,7 @@ from . import _ort
 from .segments import SegmentPass, const_cone, node_reads, session_from_view, view_bytes, with_cone
 from .temporary import temporary_changes
 from .select import choose, fit_band, round_for
+from .rewrite import removed_mask
 
 LADDER = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)  # removed shares probed per group
 # Calibration samples the probes run on (their cost does not grow with the calibration set).
@@ -246,9 +247,7 @@ class _Tails:
     @staticmethod
     def _params(sites: list[_Site], analysis: Analysis, compensate: str, removed: np.ndarray) -> dict[str, np.ndarray]:
         """The fed m, c (and mixed weights) that emulate ``removed`` at the sites."""
-        gone = np.zeros(len(analysis.roots), dtype=bool)
-        gone[removed] = True
-        gone[0] = False
+        gone = removed_mask(analysis, removed)
         params = {}
         for s in sites:
             drop = gone[analysis.roots[s.view.atoms]]
@@ -495,9 +494,7 @@ def _probed(n: int) -> list[int]:
 
 
 def _local_error(sites: list[_Site], analysis: Analysis, removed: np.ndarray) -> float:
-    gone = np.zeros(len(analysis.roots), dtype=bool)
-    gone[removed] = True
-    gone[0] = False
+    gone = removed_mask(analysis, removed)
     return sum(s.local_error(gone[analysis.roots[s.view.atoms]]) for s in sites)
 
 
@@ -505,9 +502,7 @@ def _modes(sites: list[_Site], analysis: Analysis, compensate: str, removed: np.
     """Per site, whether the emulation of ``removed`` predicts its removed channels."""
     if compensate != "lstsq":
         return ()
-    gone = np.zeros(len(analysis.roots), dtype=bool)
-    gone[removed] = True
-    gone[0] = False
+    gone = removed_mask(analysis, removed)
     return tuple(_predicts(s, int((~gone[analysis.roots[s.view.atoms]]).sum())) for s in sites)
 
 

@@ -29,6 +29,7 @@ from .consumers import consumer_views
 from .gram import solve_spd
 from .groups import Analysis
 from .layout import SliceParam
+from .rewrite import removed_mask
 
 COMPENSATIONS = ("none", "bias", "lstsq")
 
@@ -42,9 +43,7 @@ class BiasDelta:
 
 def bias_deltas(analysis: Analysis, stats: Statistics, removed: np.ndarray) -> list[BiasDelta]:
     """The bias change of every consumer that loses input channels."""
-    gone = np.zeros(len(analysis.roots), dtype=bool)
-    gone[np.asarray(removed, dtype=np.int64)] = True
-    gone[0] = False
+    gone = removed_mask(analysis, removed)
     out_atoms = {
         id(e.node): e.atoms for e in analysis.edits if isinstance(e, SliceParam) and e.role == "weight_out"
     }
@@ -273,9 +272,7 @@ def lstsq_refits(analysis: Analysis, stats: Statistics, removed: np.ndarray,
     """
     from ._graph import attr_int
 
-    gone = np.zeros(len(analysis.roots), dtype=bool)
-    gone[np.asarray(removed, dtype=np.int64)] = True
-    gone[0] = False
+    gone = removed_mask(analysis, removed)
     out_atoms = {id(e.node): e.atoms for e in analysis.edits if isinstance(e, SliceParam) and e.role == "weight_out"}
     refits: list[Refit] = []
     fallback: dict[int, BiasDelta] = {}

@@ -25,6 +25,7 @@ import onnx_ir as ir
 from ._graph import all_graph_nodes, attr_int, dims, is_const, named_dims
 from .fold import FOLD_LIMIT
 from .shapes import _structure_proto, supplement_shapes
+from .rewrite import removed_mask
 
 InputShapes = dict[str, tuple[int, ...]]
 
@@ -299,9 +300,7 @@ def estimate_after(analysis, removed) -> tuple[int, int]:
     if analysis.estimate_plan is None:
         analysis.estimate_plan = _plan(analysis)
     plan = analysis.estimate_plan
-    gone = np.zeros(len(analysis.roots), dtype=bool)
-    gone[np.asarray(removed, dtype=np.int64)] = True
-    gone[0] = False  # FIXED is never removed (rewrite.keep_function)
+    gone = removed_mask(analysis, removed)
     # Every atom list's kept share at once (one gather and one segment sum, not a numpy
     # call per list: the allocation asks for thousands of estimates).
     kept = plan.shares(gone)

@@ -53,6 +53,7 @@ from .errors import InputError
 from .gram import ChannelGram, PatchGram, rows_at, solve_spd, solve_spd_fast
 from .groups import Analysis
 from .layout import SliceParam
+from .rewrite import removed_mask
 from .segments import SegmentPass, TensorCache
 
 REFIT_ROWS = 4096  # sampled rows (positions, tokens) per batch and consumer
@@ -418,9 +419,7 @@ def refit_targets(analysis: Analysis, removed: np.ndarray, relu_only: bool = Fal
     the consumers whose output goes straight into a Relu, marked to keep the post-ReLU mean."""
     from .rewrite import keep_function
 
-    gone = np.zeros(len(analysis.roots), dtype=bool)
-    gone[np.asarray(removed, dtype=np.int64)] = True
-    gone[0] = False
+    gone = removed_mask(analysis, removed)
     keep = keep_function(analysis, removed)
     out_atoms = {id(e.node): e.atoms for e in analysis.edits if isinstance(e, SliceParam) and e.role == "weight_out"}
     targets = []

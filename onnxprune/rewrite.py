@@ -22,11 +22,17 @@ from .layout import SetCount, SetGroup, SliceBounds, SliceParam, SplitSizes
 Keep = Callable[[np.ndarray], np.ndarray]
 
 
-def keep_function(analysis: Analysis, removed: np.ndarray) -> Keep:
-    """``keep(atoms)``: which of ``atoms`` survive when the classes in ``removed`` go."""
+def removed_mask(analysis: Analysis, removed: np.ndarray) -> np.ndarray:
+    """Per class root, whether it goes with ``removed`` (FIXED, root 0, never does)."""
     gone = np.zeros(len(analysis.roots), dtype=bool)
     gone[np.asarray(removed, dtype=np.int64)] = True
-    gone[0] = False  # FIXED is never removed
+    gone[0] = False
+    return gone
+
+
+def keep_function(analysis: Analysis, removed: np.ndarray) -> Keep:
+    """``keep(atoms)``: which of ``atoms`` survive when the classes in ``removed`` go."""
+    gone = removed_mask(analysis, removed)
 
     def keep(atoms: np.ndarray) -> np.ndarray:
         return ~gone[analysis.roots[atoms]]

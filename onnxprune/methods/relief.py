@@ -61,6 +61,7 @@ from ..consumers import ConsumerView
 from ..errors import InputError
 from ..groups import Analysis, Group
 from ..layout import SliceParam
+from ..rewrite import removed_mask
 from . import Criterion, MethodOptions, register_criterion
 
 KEY = "relief"  # MethodKey(KEY, tensor=name): the mean |x| map of a Conv input
@@ -211,9 +212,7 @@ class Relief(Criterion):
         """
         if stats is None:
             return None
-        gone = np.zeros(len(analysis.roots), dtype=bool)
-        gone[np.asarray(removed, dtype=np.int64)] = True
-        gone[0] = False
+        gone = removed_mask(analysis, removed)
         out_atoms = {
             id(e.node): e.atoms for e in analysis.edits if isinstance(e, SliceParam) and e.role == "weight_out"
         }
