@@ -7,7 +7,7 @@ import os
 import tempfile
 import time
 from typing import Any
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -187,6 +187,9 @@ class Fidelity:
     accuracy_before: float | None = None
     accuracy_after: float | None = None
     source: str = ""
+    # Per run of a full batch after the first (a warm-up): each model's seconds, the two
+    # models' runs interleaved batch by batch (see :func:`latency_of_runs`).
+    run_times: list[tuple[float, float]] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("samples", "rel_l2", "cosine", "agreement", "accuracy_before", "accuracy_after", "source")}
@@ -203,10 +206,19 @@ def measure_fidelity(original: str | os.PathLike, pruned: str | os.PathLike, bat
     cos_sum = np.zeros(len(names))
     agree = correct_a = correct_b = 0
     n = 0
+    run_times: list[tuple[float, float]] = []
     classifier = None
-    for batch in batches:
-        ya, yb = a.run(None, batch), b.run(None, batch)
+    full = None
+    for k, batch in enumerate(batches):
+        t0 = time.perf_counter()
+        ya = a.run(None, batch)
+        t1 = time.perf_counter()
+        yb = b.run(None, batch)
+        t2 = time.perf_counter()
         m = samples_in(batch)
+        full = m if full is None else full
+        if k and m == full:
+            run_times.append((t1 - t0, t2 - t1))
         for i, (u, v) in enumerate(zip(ya, yb)):
             u = np.asarray(u, np.float64).reshape(m, -1)
             v = np.asarray(v, np.float64).reshape(m, -1)
@@ -233,7 +245,7 @@ def measure_fidelity(original: str | os.PathLike, pruned: str | os.PathLike, bat
         raise InputError(_labels_mismatch(len(labels), str(n)))
     rel = float(np.max(np.sqrt(diff2 / np.maximum(ref2, 1e-30))))
     has_cls = classifier is not None and classifier >= 0
-    fid = Fidelity(n, rel, float(np.min(cos_sum / n)), agree / n if has_cls else None)
+    fid = Fidelity(n, rel, float(np.min(cos_sum / n)), agree / n if has_cls else None, run_times=run_times)
     if labels is not None and has_cls:
         fid.accuracy_before, fid.accuracy_after = correct_a / n, correct_b / n
     return fid
@@ -241,6 +253,16 @@ def measure_fidelity(original: str | os.PathLike, pruned: str | os.PathLike, bat
 
 def _labels_mismatch(n_labels: int, n_samples: str) -> str:
     return f"--labels holds {n_labels} labels but the eval data holds {n_samples} samples: they must line up one to one"
+
+
+def latency_of_runs(run_times: list[tuple[float, float]], least: int = 2) -> tuple[float, float] | None:
+    """Median seconds of one run of each model from the fidelity check's own runs
+    (:attr:`Fidelity.run_times`: full batches, the models interleaved as in
+    :func:`paired_latency`), or None with fewer than ``least`` of them.  A prune that has
+    just run both models over a whole evaluation set need not run them again to time them."""
+    if len(run_times) < least:
+        return None
+    return float(np.median([t[0] for t in run_times])), float(np.median([t[1] for t in run_times]))
 
 
 def paired_latency(original: str | os.PathLike, pruned: str | os.PathLike, feed: dict[str, np.ndarray],

@@ -386,6 +386,26 @@ def test_report_has_fidelity_latency_calibration(tmp_path, mlp):
     assert "calibrate" in d["seconds"]
 
 
+def test_latency_comes_from_the_fidelity_runs_when_there_are_enough(tmp_path, mlp, monkeypatch):
+    """With an evaluation set of several full batches, the latency is the median of the
+    fidelity check's own interleaved runs: no extra runs of either model (paired_latency
+    would fail here); with too few batches the paired runs on the feed measure it."""
+    import onnxprune.stages as stages
+    from onnxprune.verify import latency_of_runs
+
+    path, data, _, _ = mlp
+    paired = stages.paired_latency
+    monkeypatch.setattr(stages, "paired_latency", lambda *a, **k: pytest.fail("ran the models again"))
+    eval_data = [{"x": b["x"] + 0.1} for b in data]  # 4 batches of 5: 3 timed after the first
+    _, r = onnxprune.prune(path, method="activation", ratio=0.4, calib=data, eval_data=eval_data, batch_size=5)
+    assert r.latency["before_s"] > 0 and r.latency["after_s"] > 0
+    assert latency_of_runs([(1.0, 2.0), (3.0, 4.0), (5.0, 9.0)]) == (3.0, 4.0)
+    assert latency_of_runs([(1.0, 2.0)]) is None  # one run: too few to time
+    monkeypatch.setattr(stages, "paired_latency", paired)
+    _, r = onnxprune.prune(path, method="activation", ratio=0.4, calib=data, eval_data=eval_data[:2], batch_size=5)
+    assert r.latency["before_s"] > 0
+
+
 def test_cuda_request_without_gpu_falls_back_with_a_warning(capsys, mlp):
     path, data, _, _ = mlp
     from onnxprune._ort import ort
