@@ -10,7 +10,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from ._graph import _generated
+from ._graph import _generated, const_array
 
 _SMALL_INIT = 1024  # larger initializers travel to the symbolic pass as typed inputs only
 
@@ -87,24 +87,31 @@ def supplement_shapes(model: ir.Model) -> int:
     pass cannot handle leaves the shapes as they were: it only ever adds knowledge.
     """
     graph = model.graph
-    unknown = [
-        v for node in graph for v in node.outputs
-        if v.shape is None or any(not isinstance(d, int) and _generated(d) for d in v.shape)
-    ]
+    filled = _flattening_reshapes(graph)
+    unknown = _unknown(graph)
+    if unknown and filled:
+        # What reads a filled Reshape learns its dims from onnx's inference, run again with
+        # the dims it invented forgotten (it keeps a dim already there, even its own unk__).
+        from onnx_ir.passes.common import ShapeInferencePass
+
+        for v in unknown:
+            v.shape = None
+        ShapeInferencePass(strict_mode=False, data_prop=True)(model)
+        unknown = _unknown(graph)
     if not unknown:
-        return 0
+        return filled
     SymbolicShapeInference = _symbolic_shape_inference()
     if SymbolicShapeInference is None:  # onnxruntime missing or built without its tools
-        return 0
+        return filled
     proto = _structure_proto(model)
     try:
         logging.getLogger("onnxruntime.tools.symbolic_shape_infer").setLevel(logging.CRITICAL)
         with contextlib.redirect_stdout(io.StringIO()):
             inferred = _symbolic_infer(SymbolicShapeInference, proto)
     except Exception:
-        return 0
+        return filled
     if inferred is None:
-        return 0
+        return filled
     found: dict[str, list[int | str | None]] = {}
     for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
         t = vi.type.tensor_type
@@ -133,7 +140,107 @@ def supplement_shapes(model: ir.Model) -> int:
             if merged != old:
                 value.shape = ir.Shape(merged)
                 changed += 1
+    return filled + changed
+
+
+def _unknown(graph: ir.Graph) -> list[ir.Value]:
+    """The node outputs with a dim no one named (or no shape)."""
+    return [v for node in graph for v in node.outputs
+            if v.shape is None or any(not isinstance(d, int) and _generated(d) for d in v.shape)]
+
+
+def _flattening_reshapes(graph: ir.Graph) -> int:
+    """Fill the dims onnx leaves unknown behind a Reshape by a constant shape with a -1,
+    ``[batch, 1280, 1, 1] → [-1, 1280]`` (a CNN's flatten before its classifier): the -1 is
+    the one symbolic dim the other dims do not account for.  onnx's inference does not
+    divide symbols; this is the one case a CNN needs, and it saves loading the symbolic
+    pass (sympy) for it.  Returns the number of values whose shape got more specific."""
+    changed = 0
+    for node in graph:
+        if node.op_type != "Reshape" or len(node.inputs) < 2 or node.inputs[1] is None:
+            continue
+        out, x = node.outputs[0], node.inputs[0]
+        if x.shape is None or out.shape is None or not any(_generated(d) for d in out.shape):
+            continue
+        target = _shape_value(node.inputs[1])
+        if target is None:
+            continue
+        dims = _reshaped(list(x.shape), target, node.attributes.get_int("allowzero", 0))
+        if dims is None or len(dims) != len(out.shape):
+            continue
+        merged = [d if _generated(o) else o for o, d in zip(out.shape, dims)]  # a dim onnx named stays
+        if any(isinstance(o, int) and o != d for o, d in zip(out.shape, dims)):
+            continue  # onnx says otherwise: keep its shape
+        out.shape = ir.Shape(merged)
+        changed += 1
     return changed
+
+
+def _shape_value(v: ir.Value, depth: int = 8) -> list | None:
+    """The value of a 1-D shape tensor as dims (ints and symbolic dims): a constant, or
+    ``Concat`` of ``Unsqueeze(Gather(Shape(x), i))`` and constants, as exporters assemble a
+    flatten's shape; None for anything else."""
+    arr = const_array(v)
+    if arr is not None:
+        return [int(t) for t in arr.reshape(-1)] if arr.ndim <= 1 and arr.dtype.kind in "iu" else None
+    node = v.producer()
+    if node is None or depth == 0 or node.domain not in ("", "ai.onnx"):
+        return None
+    op = node.op_type
+    if op == "Shape":
+        shape = node.inputs[0].shape
+        if shape is None:
+            return None
+        start, end = node.attributes.get_int("start", 0), node.attributes.get_int("end", len(shape))
+        return list(shape)[start:end]
+    if op == "Concat":
+        parts = [_shape_value(i, depth - 1) if i is not None else None for i in node.inputs]
+        return None if any(p is None for p in parts) else [d for p in parts for d in p]
+    if op in ("Unsqueeze", "Squeeze", "Cast") and node.inputs[0] is not None:
+        return _shape_value(node.inputs[0], depth - 1)  # a 0-D or 1-D shape value keeps its elements
+    if op == "Gather" and node.attributes.get_int("axis", 0) == 0 and len(node.inputs) == 2:
+        data, idx = _shape_value(node.inputs[0], depth - 1), const_array(node.inputs[1])
+        if data is None or idx is None:
+            return None
+        picked = idx.reshape(-1)
+        if any(not -len(data) <= int(i) < len(data) for i in picked):
+            return None
+        return [data[int(i)] for i in picked]
+    return None
+
+
+def _reshaped(src: list, target: list[int], allowzero: int) -> list | None:
+    """The dims of a Reshape of dims ``src`` to ``target``, or None where a -1 stands for
+    more than one symbolic dim, or a dim of ``src`` is unknown."""
+    if any(_generated(d) for d in src):
+        return None
+    dims = [src[i] if t == 0 and not allowzero and i < len(src) else t for i, t in enumerate(target)]
+    if dims.count(-1) > 1:
+        return None
+    syms = [getattr(d, "value", d) for d in src if not isinstance(d, int)]
+    ints = 1
+    for d in src:
+        ints *= d if isinstance(d, int) else 1
+    for d in dims:
+        if d == -1:
+            continue
+        if isinstance(d, int):
+            if d <= 0 or ints % d:
+                return None
+            ints //= d
+        elif getattr(d, "value", d) in syms:
+            syms.remove(getattr(d, "value", d))
+        else:
+            return None
+    if -1 not in dims:
+        return dims if not syms and ints == 1 else None
+    if not syms:
+        rest = ints
+    elif len(syms) == 1 and ints == 1:
+        rest = syms[0]
+    else:
+        return None
+    return [rest if d == -1 else d for d in dims]
 
 
 def _ort_symbol(name: str) -> str | None:

@@ -173,3 +173,58 @@ def test_pooled_classifier_head(tmp_path: Path, squash: str) -> None:
     out = assert_exact(tmp_path, model([0, 2]), "c1", [0, 2])
     assert input_shape(out, "fc", 1) == (5, C - 2)
     assert_random(tmp_path, model(), seeds=(0,))
+
+
+def _runtime_flatten_model() -> onnx.ModelProto:
+    """c1 → Relu → Reshape to [Shape(h)[0], -1] (the shape assembled at run time, as the
+    TorchScript exporter writes a flatten) → fc, with a symbolic batch."""
+    g = G()
+    x = g.input("x", ["N", 3, H, W])
+    h = g.op("Relu", [g.conv(x, 3, C, name="c1")])
+    first = g.op("Gather", [g.op("Shape", [h]), g.const(np.array(0, np.int64))], axis=0)
+    target = g.op("Concat", [g.op("Unsqueeze", [first, g.const(np.array([0], np.int64))]),
+                             g.const(np.array([-1], np.int64))], axis=0)
+    f = g.op("Reshape", [h, target], name="flat")
+    return g.model([g.gemm(f, FEAT, N, trans_b=1, name="fc")])
+
+
+def test_runtime_flatten_shape_without_the_symbolic_pass(tmp_path: Path, monkeypatch) -> None:
+    """A flatten whose shape is assembled at run time gets [N, C·H·W] from onnxprune's own
+    rule, as onnxruntime's symbolic pass gives it, without loading that pass (and sympy)."""
+    from onnxprune import shapes
+    from onnxprune.load import load_model
+
+    path = tmp_path / "m.onnx"
+    onnx.save(_runtime_flatten_model(), str(path))
+    calls = []
+    real = shapes._symbolic_infer
+    monkeypatch.setattr(shapes, "_symbolic_infer", lambda *a: calls.append(1) or real(*a))
+    model, _ = load_model(path)
+    flat = next(n for n in model.graph if n.op_type == "Reshape").outputs[0]
+    assert [getattr(d, "value", d) for d in flat.shape] == ["N", FEAT] and not calls
+    # The symbolic pass, run on the same graph with the rule switched off, agrees.
+    monkeypatch.setattr(shapes, "_flattening_reshapes", lambda graph: 0)
+    model, _ = load_model(path)
+    flat = next(n for n in model.graph if n.op_type == "Reshape").outputs[0]
+    assert [getattr(d, "value", d) for d in flat.shape] == ["N", FEAT] and calls
+
+
+@pytest.mark.parametrize("src,target,want", [
+    (["N", 4, 3, 3], [-1, 36], ["N", 36]),
+    (["N", 4, 3, 3], [0, -1], ["N", 36]),
+    (["N", 4, 3, 3], ["N", -1], ["N", 36]),
+    (["N", 4, 6], [-1, 24], ["N", 24]),
+    (["N", 4, 6], [-1, 6], None),  # the -1 stands for 4·N
+    ([2, 4, 6], [-1, 6], [8, 6]),
+    (["N", "S", 6], [-1, 6], None),  # the -1 stands for N·S: left to the symbolic pass
+    (["N", 4, 6], [-1, 5], None),  # 24 not a multiple of 5
+    (["N", 4, 6], [-1, -1], None),
+])
+def test_reshape_dims_rule(src, target, want) -> None:
+    import onnx_ir as ir
+
+    from onnxprune.shapes import _reshaped
+
+    sym = lambda ds: [ir.SymbolicDim(d) if isinstance(d, str) else d for d in ds]  # noqa: E731
+    got = _reshaped(sym(src), sym(target), 0)
+    assert (got if got is None else [getattr(d, "value", d) for d in got]) == want
