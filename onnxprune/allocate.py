@@ -137,11 +137,13 @@ def _centre(gram, per_column: np.ndarray) -> np.ndarray:
 class _Tails:
     """The probe runs of the allocation: for each group, the part of the graph from its
     first consumer on (its *tail*), with ``x' = P·x + c`` inserted before that group's
-    consumers only, run on the original's tensors at the cut.  Those come from one segment
-    pass of the original graph over the probe samples (:class:`segments.SegmentPass`), so
-    nothing before a group's consumers runs again for its rungs."""
+    consumers only, run on the original's tensors at the cut.  Those come from one run of
+    the original graph over the probe samples (:class:`ProbeFeeds`), so nothing before a
+    group's consumers runs again for its rungs.  ``sites``: per group probed, its sites
+    (what the tails cut at)."""
 
-    def __init__(self, analysis: Analysis, samples: list, providers: list[str], budget: int, pool=None) -> None:
+    def __init__(self, analysis: Analysis, samples: list, providers: list[str], budget: int, pool=None,
+                 sites: list[list[_Site]] = ()) -> None:
         self.model = analysis.model
         self.graph = analysis.model.graph
         # A model with a fixed batch dim takes its batches whole.
@@ -152,13 +154,15 @@ class _Tails:
         self.cone = const_cone(self.graph)
         self.runs = 0
         self.pool = pool
-        if pool is not None:  # the workers share the chunks, each with its segment pass and outputs
+        cuts = list(dict.fromkeys(v.name for group in sites for v in self.plan(group)[1]))
+        if pool is not None:  # the workers share the chunks, each with its feeds and outputs
             self.passes = None
-            self.scale = pool.probe_start(model_proto(self.model).SerializeToString(), self.samples, providers, budget) or 1.0
+            self.scale = pool.probe_start(model_proto(self.model).SerializeToString(), self.samples, providers, budget,
+                                          cuts) or 1.0
             return
-        self.passes = ProbeFeeds(self.model, self.samples, providers, budget)
-        self.y0, scale = reference_outputs(self.model, self.samples, providers)
-        self.scale = scale or 1.0  # all-zero outputs: damages stay absolute
+        self.passes = ProbeFeeds(self.model, self.samples, providers, budget, cuts)
+        self.y0 = self.passes.y0
+        self.scale = self.passes.scale or 1.0  # all-zero outputs: damages stay absolute
 
     def close(self) -> None:
         if self.pool is not None:
@@ -213,7 +217,7 @@ class _Tails:
                 return view_bytes(self.model, frontier + params, self.outputs, ordered)
             return session_from_view(self.model, frontier + params, self.outputs, ordered, self.providers)
 
-    def damages_fn(self, sites: list[_Site], analysis: Analysis, compensate: str, later: list[str]):
+    def damages_fn(self, sites: list[_Site], analysis: Analysis, compensate: str):
         """``removals -> damages`` for a group whose consumers are ``sites``: per removal,
         ‖y − y₀‖² / ‖y₀‖² over every output and probe sample (the square of verify's
         relative L2 error), with the removal emulated at the sites."""
@@ -226,8 +230,8 @@ class _Tails:
             tail = self.tail(sites, nodes, frontier)
             outs = [o.name for o in self.outputs]
             if self.pool is not None:
-                return [d / self.scale for d in self.pool.probe(names, later, tail, outs, params)]
-            cached = self.passes.get(names, later)
+                return [d / self.scale for d in self.pool.probe(names, tail, outs, params)]
+            cached = self.passes.get(names)
             return [d / self.scale for d in squared_errors(tail, self.providers, outs, self.y0,
                                                              [{n: cached[n][b] for n in names} for b in range(len(self.samples))], params)]
 
@@ -240,7 +244,7 @@ class _Tails:
         names = [v.name for v in frontier]
         sess = self.tail(sites, nodes, frontier)
         outs = [o.name for o in self.outputs]
-        cached = self.passes.get(names, [])
+        cached = self.passes.get(names)
         params = self._params(sites, analysis, compensate, removed)
         return [dict(zip(outs, sess.run(outs, {n: cached[n][b] for n in names} | params))) for b in range(len(self.samples))]
 
@@ -260,50 +264,26 @@ class _Tails:
 
 
 class ProbeFeeds:
-    """The original's tensors at the probe tails' cuts, per probe batch, from a segment pass
-    of the original over the probe batches that only moves forward.  The probes run in
-    rounds (:class:`_Probes`): tensors of up to an eighth of ``budget`` in all are kept for
-    the later rounds, and a round asking for one neither kept nor still ahead of the pass
-    starts the pass again."""
+    """The original's tensors at the probe tails' cuts and its outputs (float64), per probe
+    batch, from one run of the original over the probe batches: every cut is an output of
+    that run, kept within ``budget`` bytes and spilled beyond (:class:`segments.TensorCache`),
+    so every round of :class:`_Probes` reads them again without running anything."""
 
-    def __init__(self, model: ir.Model, batches: list, providers: list[str], budget: int) -> None:
-        self.model, self.batches, self.providers = model, batches, providers
-        self.room = budget // 8
-        self.budget = budget - self.room
-        self.kept: dict[str, list[np.ndarray]] = {}
-        self.passes = SegmentPass(model, batches, providers=providers, budget=self.budget, label="probe samples")
-        self.passes_run = 1
+    def __init__(self, model: ir.Model, batches: list, providers: list[str], budget: int, cuts: list[str]) -> None:
+        outputs = [v.name for v in model.graph.outputs]
+        self.passes = SegmentPass(model, batches, providers=providers, budget=budget, label="probe samples")
+        got = self.passes.advance(list(dict.fromkeys([*cuts, *outputs])))
+        self.y0 = [{n: np.asarray(got[n][b], np.float64) for n in outputs} for b in range(len(batches))]
+        self.scale = sum(float((y**2).sum()) for ys in self.y0 for y in ys.values())
+        for n in set(outputs) - set(cuts):
+            self.passes.cache.drop(n)
 
-    def get(self, names: list[str], later: list[str]) -> dict[str, Any]:
-        """Per name, its tensor per batch; ``later``: names a later call of this round asks for."""
-        out: dict[str, Any] = {n: self.kept[n] for n in names if n in self.kept}
-        missing = [n for n in names if n not in self.kept]
-        if not missing:
-            return out
-        if not all(self._ahead(n) for n in missing):
-            self.passes.close()
-            self.passes = SegmentPass(self.model, self.batches, providers=self.providers, budget=self.budget,
-                                      label="probe samples")
-            self.passes_run += 1
-        got = self.passes.advance(missing, [n for n in later if n not in self.kept])
-        for n in missing:
-            out[n] = got[n]
-            size = sum(b.nbytes for b in got[n])
-            if size <= self.room:
-                self.kept[n] = list(got[n])
-                self.room -= size
-        return out
-
-    def _ahead(self, name: str) -> bool:
-        """Whether the pass can still give ``name``: cached, or its producer not run yet."""
-        if name in self.passes.cache:
-            return True
-        producer = self.passes.value(name).producer()
-        return producer is not None and id(producer) not in self.passes.done
+    def get(self, names: list[str]) -> dict[str, Any]:
+        """Per name (a cut), its tensor per batch."""
+        return {n: self.passes.cache.get(n) for n in names}
 
     def close(self) -> None:
         self.passes.close()
-        self.kept.clear()
 
 
 def chunks(batches: list, size: int) -> list:
@@ -313,15 +293,6 @@ def chunks(batches: list, size: int) -> list:
     for b in batches:
         out += [take_samples(b, slice(i, i + size)) for i in range(0, samples_in(b), size)]
     return out
-
-
-def reference_outputs(model: ir.Model, samples: list, providers: list[str]) -> tuple[list[dict], float]:
-    """The model's outputs on each batch (float64) and their summed squares."""
-    g = model.graph
-    whole = session_from_view(model, list(g.inputs), list(g.outputs), list(g), providers)
-    names = [o.name for o in g.outputs]
-    y0 = [dict(zip(names, (o.astype(np.float64) for o in whole.run(names, b)))) for b in samples]
-    return y0, sum(float((y**2).sum()) for ys in y0 for y in ys.values())
 
 
 def squared_errors(tail: bytes | Any, providers: list[str], outputs: list[str], y0: list[dict], feeds: list[dict],
@@ -367,9 +338,9 @@ def _sites(analysis: Analysis, views: list[ConsumerView], stats: Statistics, com
 class _Probes:
     """The groups' ladders and the damages measured on them, probed in rounds.
 
-    A round runs some rungs of some groups, in the order of their first consumer, so the
-    original's pass over the probe samples moves forward within it (:class:`ProbeFeeds`
-    keeps small cut tensors for the next round, or runs the pass again).  The first round
+    A round runs some rungs of some groups, in the order of their first consumer, each
+    group's tail on the original's tensors at its cut (:class:`ProbeFeeds`, computed once
+    for every round).  The first round
     runs every ladder's first rung (:data:`EAGER`); after each round the allocation is
     chosen on the curves so far, and a group whose removal lies beyond its highest measured
     rung gets its planned rungs (:func:`_probed`) up to the first at or beyond that removal
@@ -404,7 +375,8 @@ class _Probes:
             self.local[g.id] = [_local_error(sites_of[g.id], analysis, sel) for sel in ladder]
             self.measured[g.id] = {}
             self.modes[g.id] = [_modes(sites_of[g.id], analysis, compensate, sel) for sel in ladder]
-        self.tails = _Tails(analysis, samples, providers, memory_budget, pool)  # last: close() owns it from here
+        self.tails = _Tails(analysis, samples, providers, memory_budget, pool,  # last: close() owns it from here
+                            [sites_of[g.id] for g in self.order if sites_of[g.id]])
 
     def close(self) -> None:
         self.tails.close()
@@ -427,12 +399,9 @@ class _Probes:
         return {gid: idx for gid, idx in out.items() if idx}
 
     def run(self, wanted: dict[int, list[int]], progress: Callable[[int, int], None] | None = None) -> None:
-        """Run the rungs ``wanted`` (group id -> ladder indices) in one forward pass."""
-        order = [g for g in self.order if g.id in wanted]
-        plans = {g.id: self.tails.plan(self.sites_of[g.id])[1] for g in order}
-        for k, g in enumerate(order):
-            later = [v.name for h in order[k + 1:] for v in plans[h.id]]
-            damages = self.tails.damages_fn(self.sites_of[g.id], self.analysis, self.compensate, later)
+        """Run the rungs ``wanted`` (group id -> ladder indices)."""
+        for g in [g for g in self.order if g.id in wanted]:
+            damages = self.tails.damages_fn(self.sites_of[g.id], self.analysis, self.compensate)
             idx = wanted[g.id]
             self.measured[g.id].update(zip(idx, damages([self.ladders[g.id][i] for i in idx])))
             self.runs += len(idx)

@@ -270,25 +270,25 @@ class _Worker:
     def timings(self) -> dict[str, float]:
         return dict(self.busy)
 
-    def probe_start(self, model: bytes, chunks: list[Sample], providers: list[str], budget: int) -> float:
-        """Hold some of the allocation's probe batches, the original's segment pass over
-        them and its outputs; returns their summed squares."""
-        from .allocate import ProbeFeeds, reference_outputs  # the allocation's own pieces, on this worker's batches
+    def probe_start(self, model: bytes, chunks: list[Sample], providers: list[str], budget: int, cuts: list[str]) -> float:
+        """Hold some of the allocation's probe batches, the original's tensors at the
+        tails' ``cuts`` and its outputs on them; returns the outputs' summed squares."""
+        from .allocate import ProbeFeeds  # the allocation's own pieces, on this worker's batches
 
         t0 = time.perf_counter()
         original = ir.from_proto(onnx.ModelProto.FromString(model))
-        self.probe_pass = ProbeFeeds(original, chunks, providers, budget)
-        self.y0, scale = reference_outputs(original, chunks, providers)
+        self.probe_pass = ProbeFeeds(original, chunks, providers, budget, cuts)
+        self.y0 = self.probe_pass.y0
         self.probe_providers = providers
         self._timed("probe", t0)
-        return scale
+        return self.probe_pass.scale
 
-    def probe(self, frontier: list[str], later: list[str], tail: bytes, outputs: list[str], params: list[dict]) -> list[float]:
+    def probe(self, frontier: list[str], tail: bytes, outputs: list[str], params: list[dict]) -> list[float]:
         """Σ‖y − y₀‖² over this worker's probe batches, per parameter set."""
         from .allocate import squared_errors
 
         t0 = time.perf_counter()
-        cached = self.probe_pass.get(frontier, later)
+        cached = self.probe_pass.get(frontier)
         feeds = [{n: cached[n][b] for n in frontier} for b in range(len(self.y0))]
         try:
             return squared_errors(tail, self.probe_providers, outputs, self.y0, feeds, params)
@@ -459,21 +459,22 @@ class RayPool:
         return stats
 
     # -- the allocation's probes -------------------------------------------------------
-    def probe_start(self, model: bytes, chunks: list[Sample], providers: list[str], budget: int) -> float:
-        """Deal the probe batches round-robin (a worker without one gets none); returns
-        the summed squares of the original's outputs on them."""
+    def probe_start(self, model: bytes, chunks: list[Sample], providers: list[str], budget: int, cuts: list[str]) -> float:
+        """Deal the probe batches round-robin (a worker without one gets none), each worker
+        computing the original's tensors at ``cuts`` on its own; returns the summed squares
+        of the original's outputs on them."""
         self.marks["probes"] = time.perf_counter()
         ref = self.ray.put(model)
         mine = [chunks[k :: len(self.actors)] for k in range(len(self.actors))]
-        self._probe = (ref, mine, providers, budget // max(len(self.actors), 1))
+        self._probe = (ref, mine, providers, budget // max(len(self.actors), 1), cuts)
         self.members = [k for k in range(len(self.actors)) if mine[k]]  # fewer batches than workers: the rest wait
         self._count(self.sent, "probe_start", len(model) * len(self.actors) + _nbytes(chunks))
-        return sum(self._each_own("probe_start", lambda k: (ref, mine[k], providers, self._probe[3])))
+        return sum(self._each_own("probe_start", lambda k: (ref, mine[k], providers, self._probe[3], cuts)))
 
-    def probe(self, frontier: list[str], later: list[str], tail: bytes, outputs: list[str], params: list[dict]) -> list[float]:
+    def probe(self, frontier: list[str], tail: bytes, outputs: list[str], params: list[dict]) -> list[float]:
         """Per parameter set, Σ‖y − y₀‖² over all probe batches (the workers' sums added)."""
         self._count(self.sent, "probe", (len(tail) + _nbytes(params)) * len(self.members))
-        parts = self._each("probe", frontier, later, tail, outputs, params)
+        parts = self._each("probe", frontier, tail, outputs, params)
         return [sum(p[i] for p in parts) for i in range(len(params))]
 
     def probe_end(self) -> None:
@@ -580,8 +581,8 @@ class RayPool:
         for ns, fs, how, payload in self.blocks[k]:
             getattr(a, how).remote(ns, fs, payload, self._collect is not None)
         if self._probe is not None and during != "probe_start":  # else the caller repeats that call itself
-            ref, mine, providers, budget = self._probe
-            a.probe_start.remote(ref, mine[k], providers, budget)
+            ref, mine, providers, budget, cuts = self._probe
+            a.probe_start.remote(ref, mine[k], providers, budget, cuts)
         if self._refit is not None and k in self.members:
             a.refit_start.remote(*self._refit_args())
 

@@ -59,7 +59,7 @@ def _probe_outputs(analysis, views, stats, removed, compensate, tmp_path):
     """The probe's output for ``removed`` class roots on the first kept batch: the tail of
     every emulable consumer, run on the original's tensors at the cut."""
     sites = _sites(analysis, views, stats, compensate)
-    tails = _Tails(analysis, stats.kept, CPU, 2**30)
+    tails = _Tails(analysis, stats.kept, CPU, 2**30, sites=[sites])
     try:
         ys = tails.outputs(sites, analysis, compensate, removed)
     finally:
@@ -261,10 +261,10 @@ def test_three_planned_rungs_interpolate_the_rest(tmp_path):
     finally:
         probes.close()
     assert probes.runs == sum(min(3, len(ladder)) for ladder in probes.ladders.values())
-    tails = _Tails(analysis, stats.kept, CPU, 2**30)
+    tails = _Tails(analysis, stats.kept, CPU, 2**30, sites=[s for s in sites_of.values() if s])
     try:
         for gid, ladder in probes.ladders.items():
-            damages = tails.damages_fn(sites_of[gid], analysis, "lstsq", [])
+            damages = tails.damages_fn(sites_of[gid], analysis, "lstsq")
             for (sel, dmg, _), full in zip(rungs[gid][1:], ladder):
                 truth = damages([full])[0]
                 assert truth / 2 <= dmg <= truth * 2, (gid, len(sel), dmg, truth)
@@ -308,36 +308,37 @@ def test_lazy_rounds_choose_as_every_planned_rung_does(tmp_path, monkeypatch, ta
     assert lazy_report["probes"] <= eager_report["probes"]
 
 
-def test_probe_feeds_keep_small_tensors_and_rewind_for_the_rest(tmp_path):
-    """A later round's tensors come from what was kept, or from a new pass when the pass has
-    gone beyond them; either way the values are the original's at that tensor."""
+def test_probe_feeds_hold_every_cut_and_the_outputs_from_one_run(tmp_path):
+    """Every cut tensor and the original's outputs, per probe batch, from one run of the
+    original: the values are the original's, in memory or spilled (budget 0) alike, and
+    the spill folder is gone at close."""
+    import onnxruntime as rt
+
     from onnxprune.allocate import ProbeFeeds
 
     path = _mlp(tmp_path)
     model, _ = load_model(path)
     data = _data(n=32)
     names = {n.name: n for n in model.graph}
-    h1 = names["fc1"].outputs[0].name
-    h2 = names["fc2"].outputs[0].name
-    ours = ProbeFeeds(model, data, CPU, budget=2**30)
-    none_kept = ProbeFeeds(model, data, CPU, budget=0)
-    try:
-        for feeds in (ours, none_kept):
-            late = feeds.get([h2], [])
-            early = feeds.get([h1], [])  # the pass ran beyond fc1: kept, or run again
+    h1, h2 = names["fc1"].outputs[0].name, names["fc2"].outputs[0].name
+    sess = rt.InferenceSession(str(path), providers=CPU)
+    out = sess.get_outputs()[0].name
+    for budget in (2**30, 0):
+        feeds = ProbeFeeds(model, data, CPU, budget, [h2, h1])
+        try:
+            got = feeds.get([h1, h2])
+            w1, b1 = (ir.tensor(names["fc1"].inputs[k].const_value).numpy() for k in (1, 2))
             for b, batch in enumerate(data):
-                fc1 = batch["x"] @ np.asarray(ir.tensor(names["fc1"].inputs[1].const_value).numpy()).T
-                fc1 += ir.tensor(names["fc1"].inputs[2].const_value).numpy()
-                np.testing.assert_allclose(early[h1][b], fc1, rtol=1e-5, atol=1e-5)
-            assert len(late[h2]) == len(data)
-        assert ours.passes_run == 2 and none_kept.passes_run == 2  # fc1's output was not asked for in the first pass
-        for feeds in (ours, none_kept):
-            feeds.get([h2], [])  # the pass moves on past fc1 again
-            feeds.get([h1], [])
-        assert ours.passes_run == 2 and none_kept.passes_run == 3  # kept, against run again
-    finally:
-        ours.close()
-        none_kept.close()
+                np.testing.assert_allclose(got[h1][b], batch["x"] @ np.asarray(w1).T + b1, rtol=1e-5, atol=1e-5)
+                np.testing.assert_allclose(feeds.y0[b][out], sess.run(None, batch)[0], rtol=1e-6)
+                assert feeds.y0[b][out].dtype == np.float64
+            assert len(got[h2]) == len(data)
+            assert feeds.scale == pytest.approx(sum(float((sess.run(None, b)[0].astype(np.float64) ** 2).sum()) for b in data))
+            folder = feeds.passes.cache._folder
+            assert (folder is not None) == (budget == 0)
+        finally:
+            feeds.close()
+        assert folder is None or not folder.exists()
 
 
 def _explicit_mix(path, tmp_path, consumer: str, p: np.ndarray, c: np.ndarray, channels_last: bool):

@@ -248,9 +248,9 @@ def test_probes_on_ray_workers_measure_what_one_process_does(tmp_path, runtime):
     assert removals, "the test needs groups to probe"
 
     def measured(pool):
-        tails = _Tails(analysis, stats.kept, CPU, 1 << 28, pool)
+        tails = _Tails(analysis, stats.kept, CPU, 1 << 28, pool, [sites_of[gid] for gid in removals])
         try:
-            return {gid: tails.damages_fn(sites_of[gid], analysis, "lstsq", [])(rs) for gid, rs in removals.items()}
+            return {gid: tails.damages_fn(sites_of[gid], analysis, "lstsq")(rs) for gid, rs in removals.items()}
         finally:
             tails.close()
 
