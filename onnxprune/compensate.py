@@ -96,7 +96,9 @@ def _append_add(node: ir.Node, delta: np.ndarray, graph: ir.Graph) -> None:
     add_name = _free(f"{node.name or 'matmul'}_bias_add", {n.name for n in graph})
     add = ir.Node("", "Add", [out, bias], name=add_name, num_outputs=1)
     result = add.outputs[0]
-    result.dtype = out.dtype
+    # Adding a bias of one value per output changes no shape: the Add's is the MatMul's, and
+    # no shape inference has to run again for it (the bias and refit writes keep every shape).
+    result.dtype, result.shape = out.dtype, None if out.shape is None else ir.Shape(list(out.shape))
     # Readers of the MatMul now read MatMul + delta; a graph output keeps its name.
     is_output = out.is_graph_output()
     old_name = out.name

@@ -39,7 +39,7 @@ from .load import check_output_path, input_files, load_model, save_model
 from .methods import Criterion, MethodOptions
 from .reconstruct import RowsRecord, refit_on_pruned, refit_targets
 from .result import PruneResult, RefitCounts
-from .rewrite import apply_removal, refresh_shapes
+from .rewrite import apply_removal
 from .progress import bar
 from .segments import BatchStore
 from .select import round_for, select, select_for_target, target_outcome
@@ -352,8 +352,7 @@ class Compensate(Stage):
     def run(self, state: PruneState) -> None:
         if state.deltas or state.refits:
             apply_bias(state.analysis, state.deltas, state.all_removed)
-            apply_refits(state.analysis, state.refits, state.all_removed)
-            refresh_shapes(state.model)
+            apply_refits(state.analysis, state.refits, state.all_removed)  # every shape stays as the rewrite left it
         if state.original is not None:
             self._refit(state)
         if state.store is not None and not state.keep_for_sweep:  # else the sweep's points replay it
