@@ -41,6 +41,7 @@ import onnx_ir as ir
 
 from .calibrate import GramKey, InputRef, Statistics
 from ._graph import const_array, model_proto
+from ._heap import release_freed_memory
 from .compensate import _taps, enough_rows, ridged, rows_to_weight, weight_rows
 from .data import samples_in, take_samples
 from .gram import solve_spd
@@ -266,12 +267,14 @@ class _Tails:
 class ProbeFeeds:
     """The original's tensors at the probe tails' cuts and its outputs (float64), per probe
     batch, from one run of the original over the probe batches: every cut is an output of
-    that run, kept within ``budget`` bytes and spilled beyond (:class:`segments.TensorCache`),
-    so every round of :class:`_Probes` reads them again without running anything."""
+    that run, so every round of :class:`_Probes` reads them again without running anything.
+    They stay in memory up to an eighth of ``budget`` and spill beyond
+    (:class:`segments.TensorCache`): the calibrated batches and the refit's record are
+    held through the select stage, whose peak this would otherwise raise."""
 
     def __init__(self, model: ir.Model, batches: list, providers: list[str], budget: int, cuts: list[str]) -> None:
         outputs = [v.name for v in model.graph.outputs]
-        self.passes = SegmentPass(model, batches, providers=providers, budget=budget, label="probe samples")
+        self.passes = SegmentPass(model, batches, providers=providers, budget=budget // 8, label="probe samples")
         got = self.passes.advance(list(dict.fromkeys([*cuts, *outputs])))
         self.y0 = [{n: np.asarray(got[n][b], np.float64) for n in outputs} for b in range(len(batches))]
         self.scale = sum(float((y**2).sum()) for ys in self.y0 for y in ys.values())
@@ -284,6 +287,7 @@ class ProbeFeeds:
 
     def close(self) -> None:
         self.passes.close()
+        release_freed_memory()  # on a Ray worker too, whose process holds its own feeds
 
 
 def chunks(batches: list, size: int) -> list:
