@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Iterable
 
+import numpy as np
+
 from .groups import Group
 
 
@@ -14,16 +16,40 @@ class ChunkGuard:
 
     def __init__(self, groups: Iterable[Group]) -> None:
         self.left: list[int] = []
-        self.chunks_of: dict[int, list[int]] = {}
+        self.members: list[set[int]] = []
         seen: set[tuple[int, ...]] = set()
         for g in groups:
             for chunk in g.keep_any:
-                key = tuple(int(c) for c in chunk)
+                key = tuple(np.asarray(chunk).tolist())
                 if key not in seen:
                     seen.add(key)
-                    for c in key:
-                        self.chunks_of.setdefault(c, []).append(len(self.left))
                     self.left.append(len(key))
+                    self.members.append(set(key))
+        self._chunks_of: dict[int, list[int]] | None = None
+
+    @property
+    def chunks_of(self) -> dict[int, list[int]]:
+        """Class -> the chunks holding it (built on first use: most selections never ask)."""
+        if self._chunks_of is None:
+            self._chunks_of = {}
+            for k, members in enumerate(self.members):
+                for c in sorted(members):
+                    self._chunks_of.setdefault(c, []).append(k)
+        return self._chunks_of
+
+    def free(self, classes: np.ndarray, removal: np.ndarray) -> bool:
+        """Whether removing ``removal`` (some of one group's ``classes``) leaves a kept class
+        in every chunk it touches, each of those chunks within ``classes``: then no other
+        group's selection reads their counts, and the removal needs no class-by-class check
+        (an attention group's one chunk is all its heads)."""
+        if not self.members:
+            return True
+        own = set(np.asarray(classes).tolist())
+        touched = [m for m in self.members if not m.isdisjoint(own)]
+        if not touched:
+            return True
+        gone = set(np.asarray(removal).tolist())
+        return all(m <= own and not m <= gone for m in touched)
 
     def last_of_chunk(self, c: int) -> bool:
         """Whether class ``c`` is the last kept class of one of its chunks."""

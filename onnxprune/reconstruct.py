@@ -133,6 +133,8 @@ class RefitTarget:
     _w32: np.ndarray | None = None
     _pending: list = field(default_factory=list, repr=False)  # (y, x', fold) rows not yet summed
     _pending_rows: int = 0
+    _kept_w: np.ndarray | None = field(default=None, repr=False)  # _kept(), sliced from _kept_of
+    _kept_of: np.ndarray | None = field(default=None, repr=False)
     key: str = ""  # the consumer's InputRef name (its first output in the original graph): its recorded rows
 
     def extractor(self) -> ChannelGram:
@@ -263,8 +265,14 @@ class RefitTarget:
         return self._w32
 
     def _kept(self) -> np.ndarray:
-        """The kept weights the fits start from (as written, where this round zeroed some)."""
-        return (self.w if self.written is None else self.written)[:, self.keep_cols]
+        """The kept weights the fits start from (as written, where this round zeroed some):
+        a read-only array, sliced once (every fit of the held-out comparison starts there)."""
+        source = self.w if self.written is None else self.written
+        if self._kept_of is not source:
+            self._kept_w = source[:, self.keep_cols]
+            self._kept_w.flags.writeable = False
+            self._kept_of = source
+        return self._kept_w
 
     def _fit(self, s: dict, shrink: float | None, fast: bool = False,
              moments: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:

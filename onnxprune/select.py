@@ -120,6 +120,10 @@ def choose(
         step = (align or {}).get(g.id) or round_for(g, round_to)
         keep = _keep_count(n, want.get(g.id, 0), min_keep, step)
         order = np.argsort(scores[g.id], kind="stable")
+        lowest = np.asarray(g.classes)[order[: max(n - keep, 0)]].astype(np.int64)
+        if chunks.free(g.classes, lowest):  # no chunk to keep a class of: the lowest scores go
+            removed[g.id] = np.sort(lowest)
+            continue
         chosen: list[int] = []
         for i in order.tolist():
             if len(chosen) == n - keep:

@@ -76,6 +76,51 @@ def test_chunk_guard_keeps_one_class_of_every_chunk_across_groups():
     assert guard.left == [1, 1]
 
 
+def _choose_class_by_class(groups, scores, want):
+    """``select.choose`` as it was before its whole-group shortcut: every class checked
+    against the chunks in score order (min_keep 1, round_to 1)."""
+    from onnxprune.select import _keep_count
+
+    chunks = ChunkGuard(groups)
+    out = {}
+    for g in groups:
+        n, keep = len(g.classes), _keep_count(len(g.classes), want[g.id], 1, 1)
+        chosen = []
+        for i in np.argsort(scores[g.id], kind="stable").tolist():
+            if len(chosen) == n - keep:
+                break
+            c = int(g.classes[i])
+            if chunks.last_of_chunk(c):
+                continue
+            chunks.remove(c)
+            chosen.append(c)
+        out[g.id] = np.sort(np.array(chosen, dtype=np.int64))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_choose_skips_the_class_checks_only_where_no_chunk_can_empty(seed):
+    """The shortcut (the lowest scores go, when every chunk a group touches lies within it
+    and keeps a class) chooses what the class-by-class rule does: chunks within one group,
+    spanning two, covering a whole group (attention heads), and none."""
+    from onnxprune.select import choose
+
+    rng = np.random.default_rng(seed)
+    c0, c1, c2 = np.arange(0, 8), np.arange(8, 14), np.arange(14, 20)
+    g0 = Group(0, [], [], c0, 8, keep_any=[c0[:3], np.concatenate([c0[6:], c1[:2]])])
+    g1 = Group(1, [], [], c1, 6, keep_any=[np.concatenate([c0[6:], c1[:2]])])
+    g2 = Group(2, [], [], c2, 6, keep_any=[c2] if seed % 2 else [])
+    groups = [g0, g1, g2]
+    scores = {g.id: rng.standard_normal(len(g.classes)) for g in groups}
+    want = {g.id: int(rng.integers(0, len(g.classes))) for g in groups}
+    got = choose(groups, scores, want, min_keep=1, round_to=1)
+    ref = _choose_class_by_class(groups, scores, want)
+    assert {k: v.tolist() for k, v in got.items()} == {k: v.tolist() for k, v in ref.items()}
+    guard = ChunkGuard(groups)
+    assert guard.free(c2, c2[:5]) and not guard.free(c0, c0[:2])  # a chunk g0 shares with g1
+    assert not ChunkGuard([g2]).free(c2, c2) if seed % 2 else ChunkGuard([g2]).free(c2, c2)
+
+
 def test_statistics_are_found_by_their_consumer_whatever_the_view_order(tmp_path):
     path, data = _chain(tmp_path)
     analysis, views, stats = calibrated(path, data, "obs")
