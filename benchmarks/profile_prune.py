@@ -6,6 +6,11 @@ goes").
 Exact command (repo root; the rows and their data as in ``benchmarks/cost.py``)::
 
     .venv/bin/python benchmarks/profile_prune.py [--row effnet|minilm|cnn] [--stats FILE.prof]
+    .venv/bin/python benchmarks/profile_prune.py --row effnet --onnxruntime
+
+``--onnxruntime``: no cProfile; instead every ``InferenceSession.run`` and session creation
+is timed, per stage and per thread (the calibration's and the refit's runs are in their
+worker threads), beside each stage's wall time.
 
 Prints the wall time, the report's seconds per stage, and the cumulative seconds of each part
 below (parts nest: the probes' and the refit's onnxruntime runs are also in "onnxruntime runs").
@@ -72,11 +77,75 @@ def part_seconds(stats: pstats.Stats) -> dict[str, float]:
             for label, suffix, name in PARTS}
 
 
+def onnxruntime_time(run_cli) -> tuple[int, dict[str, float], dict[tuple[str, str], list]]:
+    """``run_cli()`` with onnxruntime's runs and session creations timed: (its exit code,
+    each stage's wall seconds, (stage, thread or "sessions built") -> [seconds, count])."""
+    import threading
+
+    import onnxruntime as rt
+
+    from onnxprune import stages
+
+    where = ["-"]
+    walls: dict[str, float] = {}
+    spent: dict[tuple[str, str], list] = {}
+
+    def timed(fn, label):
+        def call(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                key = (where[0], label or threading.current_thread().name)
+                acc = spent.setdefault(key, [0.0, 0])
+                acc[0] += time.perf_counter() - t
+                acc[1] += 1
+        return call
+
+    def staged(cls):
+        run = cls.run
+
+        def call(self, state):
+            where[0], t = cls.name, time.perf_counter()
+            try:
+                return run(self, state)
+            finally:
+                walls[cls.name] = time.perf_counter() - t
+                where[0] = "-"
+        return call
+
+    originals = (rt.InferenceSession.run, rt.InferenceSession.__init__)
+    rt.InferenceSession.run = timed(rt.InferenceSession.run, "")
+    rt.InferenceSession.__init__ = timed(rt.InferenceSession.__init__, "sessions built")
+    for cls in stages.PIPELINE:
+        type(cls).run = staged(type(cls))
+    try:
+        rc = run_cli()
+    finally:
+        rt.InferenceSession.run, rt.InferenceSession.__init__ = originals
+    return rc, walls, spent
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--row", default="effnet", choices=("effnet", "minilm", "cnn"))
     ap.add_argument("--stats", type=Path, help="also write the raw cProfile stats here")
+    ap.add_argument("--onnxruntime", action="store_true", help="time onnxruntime's runs per stage instead of cProfile")
     opts = ap.parse_args(argv)
+    if opts.onnxruntime:
+        from onnxprune import cli
+
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            model, args, cwd = case_args(opts.row, work)
+            argv_ = [str(model), str(work / "out.onnx"), *[a for a in args if a != "-q"], "-q"]
+            os.chdir(cwd)
+            rc, walls, spent = onnxruntime_time(lambda: cli.main(argv_))
+        print(f"{opts.row}: exit {rc}")
+        for stage, wall in walls.items():
+            parts = ", ".join(f"{who} {s:.2f} s ({n})" for (st, who), (s, n) in spent.items() if st == stage)
+            print(f"  {stage:10s} {wall:5.2f} s wall; onnxruntime: {parts or '-'}")
+        return rc
     import cProfile
 
     from onnxprune import cli
