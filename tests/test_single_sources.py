@@ -76,30 +76,8 @@ def test_chunk_guard_keeps_one_class_of_every_chunk_across_groups():
     assert guard.left == [1, 1]
 
 
-def _choose_class_by_class(groups, scores, want):
-    """``select.choose`` as it was before its whole-group shortcut: every class checked
-    against the chunks in score order (min_keep 1, round_to 1)."""
-    from onnxprune.select import _keep_count
-
-    chunks = ChunkGuard(groups)
-    out = {}
-    for g in groups:
-        n, keep = len(g.classes), _keep_count(len(g.classes), want[g.id], 1, 1)
-        chosen = []
-        for i in np.argsort(scores[g.id], kind="stable").tolist():
-            if len(chosen) == n - keep:
-                break
-            c = int(g.classes[i])
-            if chunks.last_of_chunk(c):
-                continue
-            chunks.remove(c)
-            chosen.append(c)
-        out[g.id] = np.sort(np.array(chosen, dtype=np.int64))
-    return out
-
-
 @pytest.mark.parametrize("seed", range(20))
-def test_choose_skips_the_class_checks_only_where_no_chunk_can_empty(seed):
+def test_choose_skips_the_class_checks_only_where_no_chunk_can_empty(seed, monkeypatch):
     """The shortcut (the lowest scores go, when every chunk a group touches lies within it
     and keeps a class) chooses what the class-by-class rule does: chunks within one group,
     spanning two, covering a whole group (attention heads), and none."""
@@ -114,7 +92,9 @@ def test_choose_skips_the_class_checks_only_where_no_chunk_can_empty(seed):
     scores = {g.id: rng.standard_normal(len(g.classes)) for g in groups}
     want = {g.id: int(rng.integers(0, len(g.classes))) for g in groups}
     got = choose(groups, scores, want, min_keep=1, round_to=1)
-    ref = _choose_class_by_class(groups, scores, want)
+    with monkeypatch.context() as m:
+        m.setattr(ChunkGuard, "free", lambda *a: False)  # every class checked against the chunks
+        ref = choose(groups, scores, want, min_keep=1, round_to=1)
     assert {k: v.tolist() for k, v in got.items()} == {k: v.tolist() for k, v in ref.items()}
     guard = ChunkGuard(groups)
     assert guard.free(c2, c2[:5]) and not guard.free(c0, c0[:2])  # a chunk g0 shares with g1
