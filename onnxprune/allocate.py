@@ -143,8 +143,8 @@ class _Tails:
     group's consumers runs again for its rungs.  ``sites``: per group probed, its sites
     (what the tails cut at)."""
 
-    def __init__(self, analysis: Analysis, samples: list, providers: list[str], budget: int, pool=None,
-                 sites: list[list[_Site]] = ()) -> None:
+    def __init__(self, analysis: Analysis, samples: list, providers: list[str], budget: int,
+                 sites: list[list[_Site]], pool=None) -> None:
         self.model = analysis.model
         self.graph = analysis.model.graph
         # A model with a fixed batch dim takes its batches whole.
@@ -344,15 +344,14 @@ class _Probes:
 
     A round runs some rungs of some groups, in the order of their first consumer, each
     group's tail on the original's tensors at its cut (:class:`ProbeFeeds`, computed once
-    for every round).  The first round
-    runs every ladder's first rung (:data:`EAGER`); after each round the allocation is
-    chosen on the curves so far, and a group whose removal lies beyond its highest measured
-    rung gets its planned rungs (:func:`_probed`) up to the first at or beyond that removal
-    in the next one.  Beyond the highest measured rung a curve is extrapolated no steeper
-    than linearly in the local error, below what the probes measured there on the benchmark
-    models with compensation: an unmeasured rung looks cheap, so a group the allocation
-    leaves short of it would stay short measured, and a group it takes that far gets
-    measured there."""
+    for every round).  The first round runs every ladder's first rung (:data:`EAGER`);
+    after each round the allocation is chosen on the curves so far, and a group whose
+    removal lies beyond its highest measured rung gets its planned rungs (:func:`_probed`)
+    up to the first at or beyond that removal in the next one.  Beyond the highest measured
+    rung a curve is extrapolated no steeper than linearly in the local error, below what
+    the probes measured there on the benchmark models with compensation: an unmeasured rung
+    looks cheap, so a group the allocation leaves short of it would stay short measured,
+    and a group it takes that far gets measured there."""
 
     def __init__(self, analysis: Analysis, groups: list[Group], sites_of: dict[int, list[_Site]], scores, samples,
                  measure, *, compensate: str, providers: list[str], min_keep: int, round_to: int | None,
@@ -379,8 +378,8 @@ class _Probes:
             self.local[g.id] = [_local_error(sites_of[g.id], analysis, sel) for sel in ladder]
             self.measured[g.id] = {}
             self.modes[g.id] = [_modes(sites_of[g.id], analysis, compensate, sel) for sel in ladder]
-        self.tails = _Tails(analysis, samples, providers, memory_budget, pool,  # last: close() owns it from here
-                            [sites_of[g.id] for g in self.order if sites_of[g.id]])
+        self.tails = _Tails(analysis, samples, providers, memory_budget,  # last: close() owns it from here
+                            [sites_of[g.id] for g in self.order if sites_of[g.id]], pool)
 
     def close(self) -> None:
         self.tails.close()

@@ -647,9 +647,9 @@ def _collect_ahead(sink: Collector, batches: Iterator[tuple[int, Sample]]) -> No
     def runs() -> Iterator[tuple[int, int, int, list[str] | None, list[np.ndarray] | None]]:
         # The "batch done" item takes the slot ahead, so a batch's run waits for the folds of
         # the one before: what overlaps is little more than the next batch's reading.  With
-        # the done mark folded into the runs' items, the run overlapped the folds (the main
-        # thread's waits 2.7 → 0.5 s on EfficientNet-Lite0) but the stage took as long on 2
-        # cores and the peak rose by 300 MB, two runs' outputs alive (docs/STATUS.md).
+        # the done mark folded into the runs' items, the run overlapped the folds, but on 2
+        # cores the stage took about as long and the peak rose, two runs' outputs alive
+        # (docs/STATUS.md, "Tried and dropped").
         for number, batch in batches:
             for i, run, outs in sink.fetch(batch):
                 yield number, 0, i, run, outs

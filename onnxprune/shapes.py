@@ -150,11 +150,12 @@ def _unknown(graph: ir.Graph) -> list[ir.Value]:
 
 
 def _flattening_reshapes(graph: ir.Graph) -> int:
-    """Fill the dims onnx leaves unknown behind a Reshape by a constant shape with a -1,
-    ``[batch, 1280, 1, 1] → [-1, 1280]`` (a CNN's flatten before its classifier): the -1 is
+    """Fill the dims onnx leaves unknown behind a Reshape whose target onnxprune can read
+    (:func:`_shape_value`: a constant, or the ``[Shape(x)[0], -1]`` exporters assemble), as
+    a CNN's flatten before its classifier, ``[batch, 1280, 1, 1] → [batch, 1280]``: a -1 is
     the one symbolic dim the other dims do not account for.  onnx's inference does not
-    divide symbols; this is the one case a CNN needs, and it saves loading the symbolic
-    pass (sympy) for it.  Returns the number of values whose shape got more specific."""
+    divide symbols; this is the case a CNN needs, and it saves loading the symbolic pass
+    (sympy) for it.  Returns the number of values whose shape got more specific."""
     changed = 0
     for node in graph:
         if node.op_type != "Reshape" or len(node.inputs) < 2 or node.inputs[1] is None:

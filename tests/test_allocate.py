@@ -59,7 +59,7 @@ def _probe_outputs(analysis, views, stats, removed, compensate, tmp_path):
     """The probe's output for ``removed`` class roots on the first kept batch: the tail of
     every emulable consumer, run on the original's tensors at the cut."""
     sites = _sites(analysis, views, stats, compensate)
-    tails = _Tails(analysis, stats.kept, CPU, 2**30, sites=[sites])
+    tails = _Tails(analysis, stats.kept, CPU, 2**30, [sites])
     try:
         ys = tails.outputs(sites, analysis, compensate, removed)
     finally:
@@ -261,7 +261,7 @@ def test_three_planned_rungs_interpolate_the_rest(tmp_path):
     finally:
         probes.close()
     assert probes.runs == sum(min(3, len(ladder)) for ladder in probes.ladders.values())
-    tails = _Tails(analysis, stats.kept, CPU, 2**30, sites=[s for s in sites_of.values() if s])
+    tails = _Tails(analysis, stats.kept, CPU, 2**30, [s for s in sites_of.values() if s])
     try:
         for gid, ladder in probes.ladders.items():
             damages = tails.damages_fn(sites_of[gid], analysis, "lstsq")

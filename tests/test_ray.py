@@ -248,7 +248,7 @@ def test_probes_on_ray_workers_measure_what_one_process_does(tmp_path, runtime):
     assert removals, "the test needs groups to probe"
 
     def measured(pool):
-        tails = _Tails(analysis, stats.kept, CPU, 1 << 28, pool, [sites_of[gid] for gid in removals])
+        tails = _Tails(analysis, stats.kept, CPU, 1 << 28, [sites_of[gid] for gid in removals], pool)
         try:
             return {gid: tails.damages_fn(sites_of[gid], analysis, "lstsq")(rs) for gid, rs in removals.items()}
         finally:
