@@ -23,8 +23,8 @@ chunks apply), and the damage is the relative squared error of the model outputs
 few calibration samples (``Σ‖y − y₀‖² / Σ‖y₀‖²``, the square of verify's relative L2
 error); three rungs of a ladder are planned, the others interpolated, and the planned ones
 run in rounds, only as far as the allocation reaches (:class:`_Probes`).  Damages of
-different groups are taken as additive, and a Lagrangian allocation picks one ladder rung per group: the rung
-minimising ``damage − λ·saving`` for each group, λ bisected until the MACs (params)
+different groups are taken as additive, and a Lagrangian allocation picks one ladder rung
+per group: the rung minimising ``damage − λ·saving`` for each group, λ bisected until the MACs (params)
 estimate meets the target, then rungs are given back greedily while the target still
 holds, each group a step of its alignment at a time; where that leaves the target out of
 the band (``select.TOLERANCE``), single groups' alignment is relaxed (``select.fit_band``).
@@ -41,7 +41,6 @@ import onnx_ir as ir
 
 from .calibrate import GramKey, InputRef, Statistics
 from ._graph import const_array, model_proto
-from ._heap import release_freed_memory
 from .compensate import _taps, enough_rows, ridged, rows_to_weight, weight_rows
 from .data import samples_in, take_samples
 from .gram import solve_spd
@@ -287,7 +286,6 @@ class ProbeFeeds:
 
     def close(self) -> None:
         self.passes.close()
-        release_freed_memory()  # on a Ray worker too, whose process holds its own feeds
 
 
 def chunks(batches: list, size: int) -> list:

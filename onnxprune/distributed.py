@@ -49,6 +49,7 @@ import onnx_ir as ir
 
 from . import _signals, _spin
 from ._graph import model_proto
+from ._heap import release_freed_memory
 from .calibrate import SHARD_BLOCK, CollectPlan, Collector, Statistics
 from .data import Sample, samples_in
 from .errors import InputError, OnnxPruneError
@@ -299,6 +300,7 @@ class _Worker:
         if getattr(self, "probe_pass", None) is not None:
             self.probe_pass.close()
             self.probe_pass = self.y0 = None
+            release_freed_memory()  # the driver does it between stages; a worker here, its feeds gone
 
     def fold_errors(self, spec: RefitTarget, total: dict, folds: list[dict], grid: list) -> list[list[float]]:
         t0 = time.perf_counter()
