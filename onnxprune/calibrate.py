@@ -31,6 +31,7 @@ import onnx_ir as ir
 from . import _ort
 from ._ahead import Ahead
 from .data import Sample, samples_in, take_samples
+from .padding import sorted_batches
 from .errors import InputError
 from .temporary import temporary_changes
 
@@ -565,6 +566,7 @@ def calibrate(
     keep: int = 0,
     record: Any = None,
     pool: Any = None,
+    padding: Any = None,
 ) -> tuple[Statistics, list[Sample]]:
     """Gather statistics of ``tensors`` (name -> (value, channel axis)) over the batches,
     and feed every batch of a requested tensor to its extra accumulators.
@@ -591,6 +593,9 @@ def calibrate(
     its shard of whole blocks of batches, which it keeps for the refit; the partial
     statistics merge into what one process gathers.
 
+    ``padding``: a :class:`onnxprune.padding.Padding`: the batches calibrated on are sorted
+    by length within blocks of SHARD_BLOCK batches and cut to their longest sample.
+
     When ``hold_out`` > 0, every fifth sample (every fifth batch for a model with a fixed
     batch size), up to ``hold_out`` samples, is kept aside for verification instead of
     being calibrated on; those samples are returned as batches.
@@ -611,16 +616,25 @@ def calibrate(
                     bar.update(task, advance=samples_in(b))
                     yield b
 
-            def batches() -> Iterator[tuple[int, Sample]]:
+            def keeping(it: Iterator[Sample]) -> Iterator[Sample]:
                 seen = 0
-                for number, batch in enumerate(split_held_out(counted(batch_iter), hold_out, fixed_batch, held)):
+                for batch in it:
                     n = samples_in(batch)
-                    if record is not None:
-                        record.append(batch)
                     if seen < keep:
                         cut = n if fixed_batch else keep - seen  # a fixed batch size cannot be cut
                         kept.append(take_samples(batch, slice(None, cut)))
                     seen += n
+                    yield batch
+
+            def batches() -> Iterator[tuple[int, Sample]]:
+                # Held-out and probe samples come from the reading order; only the batches
+                # calibrated on are sorted by length and cut (onnxprune.padding).
+                stream = keeping(split_held_out(counted(batch_iter), hold_out, fixed_batch, held))
+                if padding is not None:
+                    stream = sorted_batches(stream, padding, SHARD_BLOCK)
+                for number, batch in enumerate(stream):
+                    if record is not None:
+                        record.append(batch)
                     yield number, batch
                     batch = None
 

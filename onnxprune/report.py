@@ -78,7 +78,9 @@ def print_result(result: PruneResult, console: Console | None = None) -> None:
         c = result.calibration
         console.print(
             f"calibration {c['samples']:,} samples in {c['seconds']:.2f} s ({c['tensors']} tensors, "
-            f"{c['runs_per_batch']} run(s) per batch); compensation: {result.compensation}"
+            f"{c['runs_per_batch']} run(s) per batch"
+            + (f"; padding cut by '{c['padding_cut_by']}'" if c.get("padding_cut_by") else "")
+            + f"); compensation: {result.compensation}"
             + (f" ({result.compensation_note})" if result.compensation_note else "")
         )
     if result.fidelity:

@@ -25,7 +25,7 @@ from ._graph import copy_model, node_label
 from .canonical import RESTRUCTURED
 from . import allocate as _allocate
 from .allocate import allocate, probes_text
-from .calibrate import GramKey, Statistics, calibrate, providers_for
+from .calibrate import SHARD_BLOCK, GramKey, Statistics, calibrate, providers_for
 from .compensate import apply_bias, apply_refits, bias_deltas, lstsq_refits, lstsq_requests
 from .config import PruneConfig
 from .consumers import ConsumerView, consumer_views
@@ -37,6 +37,7 @@ from .errors import GateError, InputError, VerificationError
 from .groups import Analysis, analyze_groups, control_flow_summary, refuse_control_flow_only
 from .load import check_output_path, input_files, load_model, save_model
 from .methods import Criterion, MethodOptions
+from .padding import Padding, find_padding, sorted_batches, trims_exactly
 from .reconstruct import RowsRecord, refit_on_pruned, refit_targets
 from .result import PruneResult, RefitCounts
 from .rewrite import apply_removal
@@ -72,6 +73,7 @@ class PruneState:
     held: list = field(default_factory=list)
     specs: list[InputSpec] | None = None  # the model's inputs (set by load when there is calibration data)
     calib_batches: Any = None  # the calibration batches, read once: the first was already the reference feed
+    padding: Padding | None = None  # padded sequences sorted and cut (onnxprune.padding), where that is exact
     calib_index: Any = None  # with --ray and a folder: its shared_data.FolderIndex (the batches are recipes)
     store: Any = None  # the kept calibration batches: a BatchStore, or a distributed.RayPool whose workers hold them
     # the plot's error curve: the calibrated state is kept for its points (see sweep_state)
@@ -151,6 +153,9 @@ class Load(Stage):
         else:
             state.feed = random_feed(sess, c.seed, shapes=c.input_shape)
         state.reference = run_reference(sess, state.feed, synthetic=c.calib is None)
+        if c.calib is not None:
+            pad = find_padding(sess.get_inputs())
+            state.padding = pad if pad is not None and trims_exactly(sess, first, pad) else None
         del sess
         _temps.phase("pruning")
         state.count_shapes, state.macs_basis = count_shapes(specs, c.input_shape, state.feed if c.calib is not None else None)
@@ -221,7 +226,10 @@ class Calibrate(Stage):
 
             pool = state.store = RayPool(c.ray, c.workers)
             index = state.calib_index
-            if index is not None and not pool.use_folder(index):  # the workers cannot read it: the driver does
+            if index is not None and state.padding is not None:  # sorting by length takes the arrays
+                pool.data_note = "read by the driver: its padded sequences are sorted by length"
+                state.calib_batches = (read(index, b, last) for b in state.calib_batches)
+            elif index is not None and not pool.use_folder(index):  # the workers cannot read it: the driver does
                 state.calib_batches = (read(index, b, last) for b in state.calib_batches)
         elif c.compensate != "none":
             state.store = BatchStore(c.memory_budget // 4)
@@ -235,11 +243,15 @@ class Calibrate(Stage):
             fixed_batch=any(sp.dims and sp.dims[0] is not None for sp in specs), requests=self._requests(state, views),
             statistics=statistics_for(c.method),
             keep=_allocate.PROBE_SAMPLES if c.target is not None and not c.global_ else 0,  # the allocation's probes
-            record=None if pool is not None else state.store, pool=pool,
+            record=None if pool is not None else state.store, pool=pool, padding=state.padding,
         )
         if state.calib_index is not None:  # the driver's own samples: verification's and the probes'
             state.held = [read(state.calib_index, b, last) for b in state.held]
             state.stats.kept = [read(state.calib_index, b, last) for b in state.stats.kept]
+        if state.padding is not None and state.stats.kept and not fixed_batch(specs, 0):
+            # The probes' batches, sorted by length and cut like the calibrated ones.
+            probe = _allocate.chunks(state.stats.kept, _allocate.PROBE_CHUNK)
+            state.stats.kept = list(sorted_batches(probe, state.padding, len(probe)))
 
     @staticmethod
     def _requests(state: PruneState, views: list[ConsumerView]) -> list:
@@ -408,6 +420,8 @@ class Verify(Stage):
                 source = "eval data"
             else:
                 eval_iter, source = iter(held), "held-out calibration samples"
+            if state.padding is not None:
+                eval_iter = sorted_batches(eval_iter, state.padding, SHARD_BLOCK)
             fid = measure_fidelity(state.reference_path, path, eval_iter, labels, state.providers, sessions)
             fid.source = source
             state.measured["fidelity"] = fid
@@ -447,7 +461,7 @@ class Report(Stage):
             compensation=c.compensate if stats is not None else "none",
             compensation_note=state.refit.note() if state.refit else None,
             refit=state.refit.to_dict() if state.refit else None,
-            calibration=None if stats is None else self._calibration(stats, state.held),
+            calibration=None if stats is None else self._calibration(stats, state.held, state.padding),
             fidelity=None if fid is None else fid.to_dict(),
             latency=None if lat is None else {"before_s": lat[0], "after_s": lat[1],
                                                "speedup": lat[0] / lat[1] if lat[1] else None},
@@ -483,10 +497,11 @@ class Report(Stage):
         return target_outcome(kind, c.target, achieved, relaxed)
 
     @staticmethod
-    def _calibration(stats: Statistics, held: list) -> dict:
+    def _calibration(stats: Statistics, held: list, padding: Padding | None) -> dict:
         return {
             "samples": stats.samples, "seconds": round(stats.seconds, 4), "runs_per_batch": stats.runs_per_batch,
             "tensors": len(stats.tensors), "held_out": sum(samples_in(b) for b in held),
+            "padding_cut_by": None if padding is None else padding.mask,
         }
 
 
@@ -497,7 +512,7 @@ SWEEP_STAGES: tuple[Stage, ...] = PIPELINE[1:2] + PIPELINE[3:]
 
 # What one point of the error curve shares with the prune it belongs to (read only).
 _SHARED = ("external", "feed", "reference", "providers", "count_shapes", "macs_basis", "stats", "held", "specs",
-           "store", "keep_for_sweep")
+           "store", "keep_for_sweep", "padding")
 
 
 def sweep_state(base: PruneState, config: PruneConfig) -> PruneState:
