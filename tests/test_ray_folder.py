@@ -286,3 +286,19 @@ def test_the_clis_stop_handlers_are_in_force_after_its_ray_runtime_shuts_down(tm
         shutil.rmtree(tmp, ignore_errors=True)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split() == ["True", "True"], run.stdout
+
+
+def test_padded_sequences_in_a_folder_are_read_by_the_driver_and_write_what_one_process_does(tmp_path, runtime):
+    """Sorting a block's samples by length takes their arrays: with a mask input the driver
+    reads the folder (no recipes), and the workers' result is one process's."""
+    from test_padding import _join, _padded
+
+    proto = MODELS["attention"]()
+    path = save(proto, tmp_path / "m.onnx")
+    folder = str(_write_folder(tmp_path / "calib", [_join(_padded(5, seed=k)) for k in range(20)]))  # 100 samples
+    one = _api_prune(path, folder)
+    assert _api_prune.last.calibration["padding_cut_by"] == "mask"
+    got = _api_prune(path, folder, ray="local", workers=2)
+    assert _api_prune.last.distributed["calibration_data"] == "read by the driver: its padded sequences are sorted by length"
+    assert _api_prune.last.calibration["padding_cut_by"] == "mask"
+    _same(got, one, "2 Ray workers, padded sequences")
