@@ -37,7 +37,7 @@ from .errors import GateError, InputError, VerificationError
 from .groups import Analysis, analyze_groups, control_flow_summary, refuse_control_flow_only
 from .load import check_output_path, input_files, load_model, save_model
 from .methods import Criterion, MethodOptions
-from .padding import Padding, find_padding, sorted_batches, trims_exactly
+from .padding import Padding, find_padding, sorted_batches, trim, trims_exactly
 from .reconstruct import RowsRecord, refit_on_pruned, refit_targets
 from .result import PruneResult, RefitCounts
 from .rewrite import apply_removal
@@ -420,8 +420,10 @@ class Verify(Stage):
                 source = "eval data"
             else:
                 eval_iter, source = iter(held), "held-out calibration samples"
-            if state.padding is not None:
+            if state.padding is not None and labels is None:
                 eval_iter = sorted_batches(eval_iter, state.padding, SHARD_BLOCK)
+            elif state.padding is not None:  # the labels follow the samples' order: cut, not sorted
+                eval_iter = (trim(b, state.padding) for b in eval_iter)
             fid = measure_fidelity(state.reference_path, path, eval_iter, labels, state.providers, sessions)
             fid.source = source
             state.measured["fidelity"] = fid

@@ -101,3 +101,32 @@ def test_a_prune_on_padded_data_writes_what_the_batches_cut_by_hand_give(tmp_pat
             assert result.calibration["padding_cut_by"] == "mask"
     assert outs["padded"] == outs["by_hand"]
     onnx.checker.check_model(onnx.load(str(tmp_path / "padded.onnx")), full_check=True)
+
+
+def _cls_classifier() -> onnx.ModelProto:
+    """Token MLP, the first token's hidden state read by a classifier: the logits do not
+    depend on padding, so the cut is exact."""
+    g = G(seed=1)
+    x, _ = g.input("x", ["batch", "seq", C]), g.input("mask", ["batch", "seq"])
+    h = g.op("Relu", [g.op("MatMul", [x, g.const(g.w(C, 16))], name="fc1")])
+    cls = g.op("Gather", [h, g.const(np.array(0, dtype=np.int64))], axis=1)
+    return g.model([g.op("MatMul", [cls, g.const(g.w(16, 5))], name="fc2")])
+
+
+def test_labels_stay_with_their_samples_when_verification_batches_are_cut(tmp_path):
+    """With --labels the verification's batches are cut, not sorted: labelled with the
+    original's own predictions, the original scores 100 % and the pruned model's accuracy
+    is its agreement."""
+    src = save(_cls_classifier(), tmp_path / "in.onnx")
+    evals = _join(_padded(24, seed=6))
+    sess = session(str(src))
+    labels = tmp_path / "labels.npy"
+    np.save(labels, sess.run(None, evals)[0].argmax(1))
+    eval_dir = tmp_path / "eval"
+    eval_dir.mkdir()
+    np.savez(eval_dir / "all.npz", **evals)
+    _, result = onnxprune.prune(src, tmp_path / "out.onnx", method="wanda", ratio=0.5, calib=_padded(32, seed=7),
+                                batch_size=8, eval_data=str(eval_dir), labels=str(labels), latency=False)
+    assert result.calibration["padding_cut_by"] == "mask"
+    fid = result.fidelity
+    assert fid["accuracy_before"] == 1.0 and fid["accuracy_after"] == fid["agreement"]
