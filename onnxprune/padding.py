@@ -50,8 +50,8 @@ def find_padding(inputs: Iterable) -> Padding | None:
         if not any(t in inp.type for t in ("int", "bool", "float")):
             continue
         seq = shape[1]
-        axes = tuple((other.name, list(other.shape).index(seq)) for other in inputs
-                     if seq in list(other.shape or [])[1:])
+        axes = tuple((other.name, 1 + list(other.shape)[1:].index(seq)) for other in inputs
+                     if seq in list(other.shape or [])[1:])  # never the batch axis
         return Padding(inp.name, axes)
     return None
 
