@@ -11,6 +11,7 @@ import onnx
 import onnxprune
 from builders import G, save
 from onnxprune._ort import session
+from onnxprune.data import _join
 from onnxprune.padding import Padding, find_padding, lengths, sorted_batches, trim, trims_exactly
 from test_attention import C, attention
 
@@ -26,10 +27,6 @@ def _padded(n: int, seq: int = 8, seed: int = 0) -> list[dict[str, np.ndarray]]:
         mask = (np.arange(seq) < length).astype(np.float32)[None]
         out.append({"x": rng.standard_normal((1, seq, C)).astype(np.float32), "mask": mask})
     return out
-
-
-def _join(samples: list[dict]) -> dict:
-    return {k: np.concatenate([s[k] for s in samples]) for k in samples[0]}
 
 
 def test_the_mask_and_the_inputs_sharing_its_sequence_dim_are_found(tmp_path):
