@@ -9,8 +9,12 @@ Channels-first float32 tensors (Conv activations) are reduced inside the graph: 
 statistic's transform (x, x·x, |x|) feeds a GlobalAveragePool, so onnxruntime hands back
 [N, C] means instead of the activation.  GlobalAveragePool and Mul run in onnxruntime's
 blocked NCHWc layout, so the tensor is neither converted back nor copied out; this is what
-keeps calibration near the cost of plain inference.  Other tensors (channels last, method
-accumulators that need the values) are fetched and reduced in numpy; when they would exceed
+keeps calibration near the cost of plain inference.  (ReduceSumSquare would skip the Mul's
+temporary, but sums a plane in float32 at 1e-4 relative error, which a variance under a
+large mean does not survive.)  A tensor an accumulator also needs whole (a Gram, the
+refit's record) is fetched besides, and its statistics still come from the graph, which
+reduces on every core, not from numpy between runs on one.  Other tensors (channels last)
+are fetched and reduced in numpy; when they would exceed
 the memory budget, they are fetched in several runs per batch (onnxruntime computes only
 what a run's fetches need), each run within the budget.
 """
@@ -380,19 +384,23 @@ def _spatial(value: ir.Value) -> int | None:
 
 
 def instrumented_model_path(
-    model: ir.Model, values: list[ir.Value], folder: Path, reduced: dict[str, Iterable[str]] | None = None
+    model: ir.Model, values: list[ir.Value], folder: Path, reduced: dict[str, Iterable[str]] | None = None,
+    fetched: Iterable[str] = (),
 ) -> Path:
     """Write a copy of ``model`` whose graph also outputs ``values``, and, for each tensor
     named in ``reduced``, the per-sample, per-channel means of each listed statistic's
-    transform (named by :func:`_reduced_names`) instead of the tensor."""
+    transform (named by :func:`_reduced_names`) instead of the tensor, or beside it where
+    it is also in ``fetched``."""
     graph = model.graph
     reduced = reduced or {}
+    fetched = set(fetched)
     nodes: list[ir.Node] = []
     added: list[ir.Value] = []
     for v in values:
-        if v.name not in reduced:
+        if v.name not in reduced or v.name in fetched:
             if v not in graph.outputs:
                 added.append(v)
+        if v.name not in reduced:
             continue
         names = _reduced_names(v, reduced[v.name])
         for stat, name in names.items():
@@ -447,15 +455,17 @@ def plan_collect(
     for r in requests:
         accumulators.setdefault(r.value.name, []).append((r.key, r.factory()))
     gathered = _statistics(statistics)
-    # Tensors onnxruntime reduces itself; the rest (and any a method needs whole) are fetched.
+    # Tensors onnxruntime reduces itself, also those fetched whole for an accumulator (a
+    # Gram, the refit's record): its reduction runs on every core inside the run, numpy's
+    # on one between runs.  The rest are fetched and reduced here.
     reduced = {
-        name: _reduced_names(v, gathered) for name, (v, axis) in tensors.items()
-        if name not in accumulators and _reducible(v, axis, gathered)
+        name: _reduced_names(v, gathered) for name, (v, axis) in tensors.items() if _reducible(v, axis, gathered)
     }
     plan = CollectPlan(
         axes={name: axis for name, (_, axis) in tensors.items()}, reduced=reduced,
         spatial={name: _spatial(tensors[name][0]) for name in reduced},
-        fetched=[(v.name, _bytes_per_sample(v), _shape_known(v)) for v in values if v.name not in reduced],
+        fetched=[(v.name, _bytes_per_sample(v), _shape_known(v)) for v in values
+                 if v.name not in reduced or v.name in accumulators],
         accumulators=accumulators, statistics=gathered, batch_size=batch_size, memory_budget=memory_budget,
         fixed_batch=fixed_batch,
     )
@@ -524,7 +534,7 @@ class Collector:
                 if hasattr(acc, "batches"):  # the stream's number, not this collector's count
                     acc.batches = number
                 acc.update(x)
-            if name in plan.axes:
+            if name in plan.axes and name not in plan.reduced:
                 axis = plan.axes[name]
                 self._stats_of(name, x.shape[axis]).update(x, axis)
         if i == 0 and plan.reduced:
@@ -604,7 +614,8 @@ def calibrate(
     held: list[Sample] = []
     kept: list[Sample] = []
     with tempfile.TemporaryDirectory(prefix="onnxprune-cal-") as d:
-        path = instrumented_model_path(model, values, Path(d), {k: plan.statistics for k in plan.reduced})
+        path = instrumented_model_path(model, values, Path(d), {k: plan.statistics for k in plan.reduced},
+                                       [name for name, _, _ in plan.fetched])
         sink = Collector(str(path), plan, providers, ahead=True) if pool is None else pool.collecting(path, plan, providers)
         t0 = time.perf_counter()
         bar = _progress(progress, total)

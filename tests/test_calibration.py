@@ -499,3 +499,38 @@ def test_requests_and_counts_still_fetch_the_tensor(tmp_path, watched):
     )
     assert stats.extra["k"].seen == [(4, 8, 8, 8)]
     assert stats.tensors[name].n == 4 * 64 and all(st.n == 4 * 64 for st in stats.tensors.values())
+
+
+def test_a_tensor_fetched_for_an_accumulator_is_still_reduced_inside_the_graph(tmp_path, monkeypatch):
+    """A Gram (or the refit's record) fetches its tensor whole; the tensor's statistics still
+    come from onnxruntime's in-graph means, not from numpy between runs, and equal what
+    numpy reduces from the fetched tensor."""
+    from onnxprune.calibrate import StatRequest, TensorStats
+    from onnxprune.gram import ChannelGram
+
+    path = _conv_chain(tmp_path, [8, 8])
+    rng = np.random.default_rng(10)
+    data = [{"x": (1.0 + rng.standard_normal((4, 3, 8, 8))).astype(np.float32)} for _ in range(2)]
+    model, _ = load_model(path)
+    tensors = {v.tensor: (v.value, v.axis) for v in consumer_views(analyze_groups(model))}
+    name, (value, _) = next(iter(tensors.items()))
+
+    def run():
+        return calibrate(
+            model, tensors, iter(data), batch_size=4, providers=["CPUExecutionProvider"], memory_budget=2**30,
+            progress=False, statistics=("sum", "sumsq"),
+            requests=[StatRequest("g", value, lambda: ChannelGram(1, shards=1))],
+        )[0]
+
+    reduced_here = []
+    update = TensorStats.update
+    monkeypatch.setattr(TensorStats, "update", lambda self, x, axis: (reduced_here.append(x.shape), update(self, x, axis)))
+    inside = run()
+    assert reduced_here == []  # every tensor of this chain is reduced by onnxruntime
+    assert inside.extra["g"].n.sum() == 2 * 4 * 64  # and the Gram still saw the whole tensor
+    _fetched(monkeypatch)
+    outside = run()
+    assert len(reduced_here) == 2 * len(tensors)
+    for stat in ("sum", "sumsq"):
+        np.testing.assert_allclose(getattr(inside.tensors[name], stat), getattr(outside.tensors[name], stat), rtol=5e-6)
+    np.testing.assert_array_equal(inside.extra["g"].gram, outside.extra["g"].gram)
