@@ -9,12 +9,11 @@ Channels-first float32 tensors (Conv activations) are reduced inside the graph: 
 statistic's transform (x, x·x, |x|) feeds a GlobalAveragePool, so onnxruntime hands back
 [N, C] means instead of the activation.  GlobalAveragePool and Mul run in onnxruntime's
 blocked NCHWc layout, so the tensor is neither converted back nor copied out; this is what
-keeps calibration near the cost of plain inference.  (ReduceSumSquare would skip the Mul's
-temporary, but sums a plane in float32 at 1e-4 relative error, which a variance under a
-large mean does not survive.)  A tensor an accumulator also needs whole (a Gram, the
-refit's record) is fetched besides, and its statistics still come from the graph, which
-reduces on every core, not from numpy between runs on one.  Other tensors (channels last)
-are fetched and reduced in numpy; when they would exceed
+keeps calibration near the cost of plain inference.  A tensor an accumulator also needs
+whole (a Gram, the refit's record) is fetched besides, and the graph still sums it, along
+its last axis (see ``_ROW_SUMS``): onnxruntime reduces on every core inside the run, numpy
+between runs on one.  Other tensors (channels last, rank 3 and fetched) are fetched and
+reduced in numpy; when they would exceed
 the memory budget, they are fetched in several runs per batch (onnxruntime computes only
 what a run's fetches need), each run within the budget.
 """
@@ -170,6 +169,16 @@ class TensorStats:
         for name in self.statistics:
             m = means[name]
             self._acc(name)[...] += m.reshape(m.shape[0], -1).sum(axis=0, dtype=np.float64) * k
+            lead = m.shape[0]
+        self.n += lead * k
+
+    def update_row_sums(self, sums: dict[str, np.ndarray], k: int) -> None:
+        """Fold in one batch that onnxruntime reduced along the last axis only:
+        ``sums[name]`` holds the statistic's transform summed over each row ([N, C, ..., 1]),
+        ``k`` elements behind one channel of a sample; the rows are added here in float64."""
+        for name in self.statistics:
+            m = sums[name]
+            self._acc(name)[...] += m.reshape(m.shape[0], m.shape[1], -1).sum(axis=(0, 2), dtype=np.float64)
             lead = m.shape[0]
         self.n += lead * k
 
@@ -356,6 +365,12 @@ def _measure_bytes_per_sample(sess: Any, names: list[str], batch: Sample, fixed_
 
 # Statistics onnxruntime can reduce in the graph: the op applied before GlobalAveragePool.
 _IN_GRAPH = {"sum": None, "sumsq": "Mul", "sumabs": "Abs"}
+# A tensor also fetched whole (for an accumulator) is reduced along its last axis only, by
+# one reduction per statistic (no temporary of its size: a Mul's for x·x raised the peak by
+# the largest such tensor), and its rows are added in numpy: a float32 sum of one row stays
+# exact where a whole plane's drifts (1e-4 over 300×300).  The opset from which the
+# reduction takes its axes as an input.
+_ROW_SUMS = {"sum": ("ReduceSum", 13), "sumsq": ("ReduceSumSquare", 18), "sumabs": ("ReduceL1", 18)}
 
 
 def _reducible(value: ir.Value, axis: int, statistics: Iterable[str]) -> bool:
@@ -383,17 +398,36 @@ def _spatial(value: ir.Value) -> int | None:
     return math.prod(dims) if all(isinstance(d, int) for d in dims) else None
 
 
+def _row_sum(stat: str, v: ir.Value, opset: int, nodes: list[ir.Node]) -> ir.Node:
+    """The node summing ``stat``'s transform of ``v`` along its last axis (kept, size 1);
+    an axes constant it needs goes to ``nodes`` first."""
+    op, axes_input_from = _ROW_SUMS[stat]
+    axes = [len(v.shape) - 1]
+    if opset < axes_input_from:
+        return ir.node(op, [v], attributes={"axes": axes})
+    const = ir.node("Constant", [], attributes={"value": ir.tensor(np.array(axes, dtype=np.int64))})
+    nodes.append(const)
+    return ir.node(op, [v, const.outputs[0]])
+
+
+def _row_summed(value: ir.Value) -> bool:
+    """Whether a reducible tensor that is also fetched can be reduced by rows: a plane of
+    rows (rank 4 or more); a rank-3 tensor's one row may be long, so numpy reduces it."""
+    return len(value.shape) >= 4
+
+
 def instrumented_model_path(
     model: ir.Model, values: list[ir.Value], folder: Path, reduced: dict[str, Iterable[str]] | None = None,
     fetched: Iterable[str] = (),
 ) -> Path:
     """Write a copy of ``model`` whose graph also outputs ``values``, and, for each tensor
     named in ``reduced``, the per-sample, per-channel means of each listed statistic's
-    transform (named by :func:`_reduced_names`) instead of the tensor, or beside it where
-    it is also in ``fetched``."""
+    transform (named by :func:`_reduced_names`) instead of the tensor, or, where it is also
+    in ``fetched``, beside it, its sums along the last axis (:data:`_ROW_SUMS`)."""
     graph = model.graph
     reduced = reduced or {}
     fetched = set(fetched)
+    opset = model.opset_imports.get("", 1)
     nodes: list[ir.Node] = []
     added: list[ir.Value] = []
     for v in values:
@@ -406,6 +440,8 @@ def instrumented_model_path(
         for stat, name in names.items():
             if stat == "shape":
                 node = ir.node("Shape", [v])
+            elif v.name in fetched:
+                node = _row_sum(stat, v, opset, nodes)
             else:
                 src = v
                 if _IN_GRAPH[stat] is not None:
@@ -459,7 +495,8 @@ def plan_collect(
     # Gram, the refit's record): its reduction runs on every core inside the run, numpy's
     # on one between runs.  The rest are fetched and reduced here.
     reduced = {
-        name: _reduced_names(v, gathered) for name, (v, axis) in tensors.items() if _reducible(v, axis, gathered)
+        name: _reduced_names(v, gathered) for name, (v, axis) in tensors.items()
+        if _reducible(v, axis, gathered) and (name not in accumulators or _row_summed(v))
     }
     plan = CollectPlan(
         axes={name: axis for name, (_, axis) in tensors.items()}, reduced=reduced,
@@ -544,7 +581,8 @@ class Collector:
                 k = plan.spatial[name]
                 if k is None:
                     k = math.prod(int(d) for d in got[names["shape"]][2:])
-                self._stats_of(name, means["sum"].shape[1]).update_means(means, k)
+                st = self._stats_of(name, means["sum"].shape[1])
+                (st.update_row_sums if name in plan.accumulators else st.update_means)(means, k)
 
     def block_end(self) -> None:
         """Fold the rows accumulators buffered: at every block end, so the float32 products

@@ -449,9 +449,14 @@ def test_conv_activations_are_reduced_inside_the_graph(tmp_path, monkeypatch, wa
         np.testing.assert_array_equal(got.dead, st.dead)
 
 
-def test_in_graph_reduction_holds_up_with_a_large_mean(tmp_path):
+@pytest.mark.parametrize("whole", [False, True])
+def test_in_graph_reduction_holds_up_with_a_large_mean(tmp_path, whole):
     """1e3 + noise over 300×300 planes: onnxruntime's float32 means, scaled back and added
-    in float64, stay within a few 1e-6 of the float64 sums."""
+    in float64, stay within a few 1e-6 of the float64 sums; so do its row sums, where an
+    accumulator also fetches the tensor whole (``whole``)."""
+    from onnxprune.calibrate import StatRequest
+    from onnxprune.gram import ChannelGram
+
     g = G()
     x = g.input("x", ["N", 2, 300, 300])
     r = g.op("Relu", [x])
@@ -463,7 +468,9 @@ def test_in_graph_reduction_holds_up_with_a_large_mean(tmp_path):
     stats, _ = calibrate(
         model, {value.name: (value, 1)}, iter([{"x": data[:2]}, {"x": data[2:]}]), batch_size=2,
         providers=["CPUExecutionProvider"], memory_budget=2**30, progress=False, statistics=("sum", "sumsq"),
+        requests=[StatRequest("g", value, lambda: ChannelGram(1, shards=1))] if whole else [],
     )
+    assert ("g" in stats.extra) == whole
     want = _reference(np.maximum(data, 0), 1)
     st = stats.tensors[value.name]
     assert st.n == 3 * 300 * 300
@@ -526,7 +533,7 @@ def test_a_tensor_fetched_for_an_accumulator_is_still_reduced_inside_the_graph(t
     update = TensorStats.update
     monkeypatch.setattr(TensorStats, "update", lambda self, x, axis: (reduced_here.append(x.shape), update(self, x, axis)))
     inside = run()
-    assert reduced_here == []  # every tensor of this chain is reduced by onnxruntime
+    assert reduced_here == []  # every tensor of this chain is reduced by onnxruntime (by rows, the Gram's)
     assert inside.extra["g"].n.sum() == 2 * 4 * 64  # and the Gram still saw the whole tensor
     _fetched(monkeypatch)
     outside = run()
