@@ -10,13 +10,16 @@ cifar-10-model h5py`` and ``DIR`` on ``PYTHONPATH``, as ``cifar10.py`` says)::
         --a rungs=3 --b rungs=all [--models cifar10,mnist_cnn,lenet300] [--json FILE]
     ... --a samples=32 --b samples=16
     ... --a eager=3 --b eager=1
+    ... --a rows=4096 --b rows=2048,shrink=0.01:0.1:1 --comps lstsq
 
 A setting is ``rungs=3`` (the first, middle and last of a group's 7 rungs planned, the
 others interpolated: ``allocate._probed`` as shipped), ``rungs=2`` (the first and the last)
 or ``rungs=all``; ``eager=N`` (``allocate.EAGER``: the planned rungs run in the first round,
 the others only where the allocation reaches them; ``eager=3`` runs every planned rung of
 ``rungs=3``), and ``samples=N`` (``allocate.PROBE_SAMPLES``); unnamed parts keep the
-shipped values.
+shipped values.  The refit's settings (act on lstsq only): ``rows=N``
+(``reconstruct.REFIT_ROWS``, rows sampled a batch and consumer) and ``shrink=A:B:...``
+(``reconstruct.REFIT_SHRINK``, the shrink factors the held-out folds choose from).
 
 Cells: the data-driven criteria (wanda, flap, activation, relief, relative) and ``random``
 (seed 0, with data) × compensation (none, bias, lstsq) × 20/35/50/65 % of MACs removed,
@@ -42,12 +45,13 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH))
 
-from onnxprune import allocate  # noqa: E402
+from onnxprune import allocate, reconstruct  # noqa: E402
 
 METHODS = ("wanda", "flap", "activation", "relief", "relative", "random")
 COMPS = ("none", "bias", "lstsq")
 POINTS = (0.20, 0.35, 0.50, 0.65)
-SHIPPED = {"probed": allocate._probed, "samples": allocate.PROBE_SAMPLES, "eager": allocate.EAGER}
+SHIPPED = {"probed": allocate._probed, "samples": allocate.PROBE_SAMPLES, "eager": allocate.EAGER,
+           "rows": reconstruct.REFIT_ROWS, "shrink": reconstruct.REFIT_SHRINK}
 
 
 def every(n: int) -> list[int]:
@@ -69,8 +73,12 @@ def setting(text: str) -> dict:
             out["samples"] = int(value)
         elif key == "eager" and value.isdigit() and int(value) > 0:
             out["eager"] = int(value)
+        elif key == "rows" and value.isdigit() and int(value) > 0:
+            out["rows"] = int(value)
+        elif key == "shrink" and value:
+            out["shrink"] = tuple(float(v) for v in value.split(":"))
         else:
-            raise SystemExit(f"not a setting: {part!r} (rungs=2|3|all, samples=N, eager=N)")
+            raise SystemExit(f"not a setting: {part!r} (rungs=2|3|all, samples=N, eager=N, rows=N, shrink=A:B:...)")
     return out
 
 
@@ -117,18 +125,20 @@ def under(values: dict, run, method: str, comp: str, kept: float) -> tuple[dict,
         return shipped_run(probes, wanted, progress)
 
     allocate._probed, allocate.PROBE_SAMPLES, allocate.EAGER = values["probed"], values["samples"], values["eager"]
+    reconstruct.REFIT_ROWS, reconstruct.REFIT_SHRINK = values["rows"], values["shrink"]
     allocate._Probes.run = counting
     try:
         return run(method, comp, kept), counted[0]
     finally:
         allocate._probed, allocate.PROBE_SAMPLES, allocate.EAGER = SHIPPED["probed"], SHIPPED["samples"], SHIPPED["eager"]
+        reconstruct.REFIT_ROWS, reconstruct.REFIT_SHRINK = SHIPPED["rows"], SHIPPED["shrink"]
         allocate._Probes.run = shipped_run
 
 
-def summary(model: str, cells: dict) -> list[str]:
+def summary(model: str, cells: dict, comps: tuple[str, ...] = COMPS) -> list[str]:
     lines = []
     measures = [k for k in next(iter(cells.values()))["A"] if k != "removed"]
-    for comp in COMPS:
+    for comp in comps:
         keys = [k for k in cells if k.split("/")[1] == comp]
         for m in measures:
             d = {k: cells[k]["B"][m] - cells[k]["A"][m] for k in keys}
@@ -148,16 +158,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--a", default="", help="setting A (default: as shipped)")
     ap.add_argument("--b", required=True, help="setting B, e.g. rungs=all or samples=16")
     ap.add_argument("--models", default="cifar10,mnist_cnn,lenet300")
+    ap.add_argument("--comps", default=",".join(COMPS), help="compensations (the refit's settings act on lstsq only)")
     ap.add_argument("--json", type=Path, default=BENCH / ".cache" / "probe_ab.json")
     args = ap.parse_args(argv)
     settings = {"A": setting(args.a), "B": setting(args.b)}
+    comps = tuple(c for c in COMPS if c in args.comps.split(","))
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     results: dict[str, dict] = {}
     for model in args.models.split(","):
         run = cifar_runner() if model == "cifar10" else mnist_runner(model)
         cells = results.setdefault(model, {})
         for method in METHODS:
-            for comp in COMPS:
+            for comp in comps:
                 for x in POINTS:
                     cell = {}
                     for name, values in settings.items():  # taking turns
@@ -172,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| model | compensation | measure | mean B − A | better / worse / equal | largest move |")
     print("|---|---|---|---|---|---|")
     for model, cells in results.items():
-        print("\n".join(summary(model, cells)))
+        print("\n".join(summary(model, cells, comps)))
     return 0
 
 

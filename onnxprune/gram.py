@@ -9,6 +9,7 @@ im2col patches (C·k·k columns), which makes the least-squares refit exact for 
 from __future__ import annotations
 
 import copy
+import weakref
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -240,15 +241,31 @@ class PatchGram(ChannelGram):
     def patch_rows(self, x: np.ndarray, batch: int, samples: bool = False):
         """im2col rows [P, C·kh·kw] of ``x`` at the output positions sampled for batch
         number ``batch`` (the same positions for every tensor of that batch shape); with
-        ``samples``, also the sample each row comes from."""
+        ``samples``, also the sample each row comes from.  The rows last gathered are kept
+        for the next caller with the same tensor and sampling: a consumer's Gram and the
+        refit's record read the same rows of one calibration output, and gather them once
+        (callers copy, never write them)."""
+        key = (self.max_rows, self.seed, batch, tuple(self.kernel), tuple(self.strides), tuple(self.dilations),
+               tuple(self.pads), self.auto_pad)
+        last = PatchGram._last
+        if last is not None and last[0]() is x and last[1] == key:
+            got = last[2]
+        else:
+            got = self._patch_rows(x, batch)
+            # Not rows that are a view of x: kept, they would pin onnxruntime's output.
+            PatchGram._last = None if np.may_share_memory(got[0], x) else (weakref.ref(x), key, got)
+        return got if samples else got[0]
+
+    _last: ClassVar[tuple | None] = None  # (weak reference to the tensor, sampling, (rows, samples))
+
+    def _patch_rows(self, x: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
         if x.ndim != 4:
             raise ValueError("PatchGram supports 2-D convolutions")
         pad = self._padding(x.shape[2:])
         if list(self.kernel) == [1, 1] and list(self.strides) == [1, 1] and not any(lo or hi for lo, hi in pad):
             # A pointwise Conv's patches are the input's channel rows: one gather, no tap stack.
             pick = self.positions(x.size // max(x.shape[1], 1), batch)
-            rows = rows_at(x, 1, pick)
-            return (rows, pick // (x.shape[2] * x.shape[3])) if samples else rows
+            return rows_at(x, 1, pick), pick // (x.shape[2] * x.shape[3])
         xp = np.pad(x, [(0, 0), (0, 0), *pad]) if any(lo or hi for lo, hi in pad) else x  # pad copies the batch
         (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.strides, self.dilations
         oh, ow = self.out_size(x.shape)
@@ -258,8 +275,7 @@ class PatchGram(ChannelGram):
         taps = [(a * dh, c * dw) for a in range(kh) for c in range(kw)]
         # patches[p, c, t] = xp[b, c, i*sh + ti, j*sw + tj]
         cols = np.stack([xp[b, :, i * sh + ti, j * sw + tj] for ti, tj in taps], axis=2)
-        rows = cols.reshape(len(pick), -1)
-        return (rows, b) if samples else rows
+        return cols.reshape(len(pick), -1), b
 
     def update(self, x: np.ndarray) -> None:
         self.add_rows(self.patch_rows(x, self.batches))

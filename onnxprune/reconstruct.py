@@ -56,7 +56,11 @@ from .layout import SliceParam
 from .rewrite import removed_mask
 from .segments import SegmentPass, TensorCache
 
-REFIT_ROWS = 4096  # sampled rows (positions, tokens) per batch and consumer
+# Sampled rows (positions, tokens) per batch and consumer: as many as a Conv's Gram samples
+# (gram.PatchGram), so the two sample the same rows and gather them once.  Half the 4096 of
+# before: the refit's sums and the record halve, and the small models' lstsq cells chose
+# about as well (RESULTS "The allocation's probes, A against B", the refit's settings).
+REFIT_ROWS = 2048
 # Folds of the lstsq-or-bias choice: each fit leaves one fold out, so it sees (K-1)/K of the
 # samples.  With two folds least squares was judged on half the data and lost to the bias
 # fit at consumers where the full-data refit wins by far (benchmarks/RESULTS.md,

@@ -630,3 +630,32 @@ def test_the_float32_solve_falls_back_to_float64_where_it_fails():
     v = np.linalg.qr(rng.standard_normal((50, 50)))[0]
     tiny = v @ np.diag(np.r_[1e-9, np.ones(49)]) @ v.T
     np.testing.assert_allclose(solve_spd_fast(tiny.copy(), b), solve_spd(tiny.copy(), b), rtol=1e-6)
+
+
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_a_gram_and_the_record_sampling_one_tensor_gather_its_rows_once(tmp_path, kernel):
+    """Two PatchGrams of one Conv geometry and row count (a consumer's Gram and the refit's
+    record) reading the same calibration output for the same batch get the same rows, gathered
+    once; another batch, another row count or another tensor is gathered afresh, and every
+    answer equals a fresh gather."""
+    from onnxprune.gram import PatchGram
+
+    g = G()
+    y = g.conv(g.input("x", ["N", 6, 10, 10]), 6, 4, name="c", k=kernel)
+    node = next(n for n in load_model(save(g.model([y]), tmp_path / "m.onnx"))[0].graph if n.op_type == "Conv")
+    rng = np.random.default_rng(3)
+    a, b = rng.standard_normal((8, 6, 10, 10), dtype=np.float32), rng.standard_normal((8, 6, 10, 10), dtype=np.float32)
+    gram, record, wider = PatchGram(node, max_rows=64), PatchGram(node, max_rows=64), PatchGram(node, max_rows=128)
+
+    def fresh(p, x, batch):
+        return p._patch_rows(x, batch)
+
+    first = record.patch_rows(a, 0, samples=True)
+    assert gram.patch_rows(a, 0) is first[0]  # the record's gather, not another
+    for p, x, batch in ((gram, a, 1), (wider, a, 1), (gram, b, 1)):
+        rows, owner = p.patch_rows(x, batch, samples=True)
+        want_rows, want_owner = fresh(p, x, batch)
+        np.testing.assert_array_equal(rows, want_rows)
+        np.testing.assert_array_equal(owner, want_owner)
+    assert gram.patch_rows(a, 0) is not first[0]  # gathered again after other tensors
+    np.testing.assert_array_equal(gram.patch_rows(a, 0), first[0])
