@@ -156,6 +156,7 @@ class _Tails:
         self.cone = const_cone(self.graph)
         self.runs = 0
         self.pool = pool
+        self._plans: dict[tuple[int, ...], tuple[list[ir.Node], list[ir.Value]]] = {}
         cuts = list(dict.fromkeys(v.name for group in sites for v in self.plan(group)[1]))
         if pool is not None:  # the workers share the chunks, each with its feeds and outputs
             self.passes = None
@@ -174,7 +175,14 @@ class _Tails:
 
     def plan(self, sites: list[_Site]) -> tuple[list[ir.Node], list[ir.Value]]:
         """The tail of ``sites`` (nodes that read, directly or not, a site consumer's
-        output, and the consumers) and the tensors it reads from before the cut."""
+        output, and the consumers) and the tensors it reads from before the cut; planned
+        once per group (the feeds' cuts, then every round's runs, read it)."""
+        key = tuple(id(s) for s in sites)
+        if key not in self._plans:
+            self._plans[key] = self._plan(sites)
+        return self._plans[key]
+
+    def _plan(self, sites: list[_Site]) -> tuple[list[ir.Node], list[ir.Value]]:
         starts = {id(s.view.node) for s in sites}
         inside: set[int] = set()
         nodes = []
