@@ -19,6 +19,7 @@ import onnx_ir as ir
 
 from . import checks
 from ._heap import release_freed_memory
+from .gram import PatchGram
 from .config import PruneConfig
 from .count import count_params, macs_by_node, symbolic_dims
 from .data import input_specs
@@ -193,6 +194,7 @@ def run_stages(state: PruneState, stages: Iterable[Stage] = PIPELINE) -> PruneSt
         if stage.wanted(state):
             t = time.perf_counter()
             stage.run(state)
+            PatchGram.forget()
             release_freed_memory()
             state.times[stage.name] = time.perf_counter() - t
     return state

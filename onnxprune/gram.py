@@ -258,6 +258,11 @@ class PatchGram(ChannelGram):
 
     _last: ClassVar[tuple | None] = None  # (weak reference to the tensor, sampling, (rows, samples))
 
+    @staticmethod
+    def forget() -> None:
+        """Drop the rows last gathered (a 3×3 Conv's on a wide input are tens of MB)."""
+        PatchGram._last = None
+
     def _patch_rows(self, x: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
         if x.ndim != 4:
             raise ValueError("PatchGram supports 2-D convolutions")

@@ -659,3 +659,5 @@ def test_a_gram_and_the_record_sampling_one_tensor_gather_its_rows_once(tmp_path
         np.testing.assert_array_equal(owner, want_owner)
     assert gram.patch_rows(a, 0) is not first[0]  # gathered again after other tensors
     np.testing.assert_array_equal(gram.patch_rows(a, 0), first[0])
+    PatchGram.forget()  # what the stages do after each stage: nothing kept
+    assert PatchGram._last is None
