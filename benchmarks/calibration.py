@@ -28,7 +28,7 @@ interleaved (CNN 7 times, EfficientNet twice): plain inference, ``calibrate`` as
 every tensor fetched and reduced in numpy (how it worked before 2026-12-02); the median of
 the per-pair ratios is reported: the machine is shared and its load drifts. Reported: the
 calibration loop (``Statistics.seconds``) and, inside it, the time spent in numpy
-(``TensorStats.update`` / ``update_means``, wrapped with a timer for the run); the whole
+(``TensorStats.update`` / ``update_reduced``, wrapped with a timer for the run); the whole
 ``calibrate()`` call (adds writing the instrumented model and creating its session), wall and
 CPU time. Then a profile on a subset with warm sessions: the instrumented session fetching
 only the model's outputs, every exposed tensor, or the in-graph means; ``TensorStats.update``
@@ -147,12 +147,12 @@ def time_plain(path: Path, bl: list[dict]) -> dict[str, float]:
 
 
 def time_calibrate(ctx: Ctx, bl: list[dict], fetched: bool = False) -> dict[str, float]:
-    """calibrate() on ``bl``; the numpy side (TensorStats.update and update_means) is
+    """calibrate() on ``bl``; the numpy side (TensorStats.update and update_reduced) is
     wrapped with a timer for the duration, to split the loop into numpy reductions and the
     rest (onnxruntime runs, output copies).  ``fetched``: every tensor fetched and reduced
     in numpy, the in-graph reduction off (how calibrate() worked before 2026-12-02)."""
     spent = [0.0]
-    saved = {name: getattr(TensorStats, name) for name in ("update", "update_means")}
+    saved = {name: getattr(TensorStats, name) for name in ("update", "update_reduced")}
 
     def timed(f):
         def wrapper(*a):
@@ -240,7 +240,8 @@ def profile(ctx: Ctx, bl: list[dict], reps: int = 3) -> dict:
     for name, out in mean_names.items():
         st = TensorStats.empty(acc[name].sum.size, GATHERED)
         for m in means:
-            st.update_means({k: m[o] for k, o in out.items() if k != "shape"}, calibrate_module._spatial(ctx.tensors[name][0]))
+            st.update_reduced({k: m[o] for k, o in out.items() if k != "shape"}, calibrate_module._spatial(ctx.tensors[name][0]),
+                              means=True)
         assert st.n == acc[name].n, name
         for f in GATHERED:
             ref = getattr(acc[name], f)

@@ -162,23 +162,15 @@ class TensorStats:
                     for f, acc in todo:
                         acc[j : j + cb] += f(blk, out).sum(axis=1).reshape(b, cb).sum(axis=0, dtype=np.float64)
 
-    def update_means(self, means: dict[str, np.ndarray], k: int) -> None:
-        """Fold in one batch that onnxruntime reduced: ``means[name]`` holds, per sample and
-        channel, the mean of the statistic's transform over the ``k`` elements behind the
-        channel ([N, C, 1, ...], see :func:`instrumented_model_path`)."""
+    def update_reduced(self, parts: dict[str, np.ndarray], k: int, means: bool) -> None:
+        """Fold in one batch that onnxruntime reduced (see :func:`instrumented_model_path`):
+        ``parts[name]`` holds, per sample and channel, the statistic's transform over the
+        ``k`` elements behind the channel, as their mean (``means``: [N, C, 1, ...]) or as
+        sums of rows along the last axis ([N, C, ..., 1]); added here in float64."""
         for name in self.statistics:
-            m = means[name]
-            self._acc(name)[...] += m.reshape(m.shape[0], -1).sum(axis=0, dtype=np.float64) * k
-            lead = m.shape[0]
-        self.n += lead * k
-
-    def update_row_sums(self, sums: dict[str, np.ndarray], k: int) -> None:
-        """Fold in one batch that onnxruntime reduced along the last axis only:
-        ``sums[name]`` holds the statistic's transform summed over each row ([N, C, ..., 1]),
-        ``k`` elements behind one channel of a sample; the rows are added here in float64."""
-        for name in self.statistics:
-            m = sums[name]
-            self._acc(name)[...] += m.reshape(m.shape[0], m.shape[1], -1).sum(axis=(0, 2), dtype=np.float64)
+            m = parts[name]
+            total = m.reshape(m.shape[0], m.shape[1], -1).sum(axis=(0, 2), dtype=np.float64)
+            self._acc(name)[...] += total * k if means else total
             lead = m.shape[0]
         self.n += lead * k
 
@@ -581,8 +573,7 @@ class Collector:
                 k = plan.spatial[name]
                 if k is None:
                     k = math.prod(int(d) for d in got[names["shape"]][2:])
-                st = self._stats_of(name, means["sum"].shape[1])
-                (st.update_row_sums if name in plan.accumulators else st.update_means)(means, k)
+                self._stats_of(name, means["sum"].shape[1]).update_reduced(means, k, means=name not in plan.accumulators)
 
     def block_end(self) -> None:
         """Fold the rows accumulators buffered: at every block end, so the float32 products
