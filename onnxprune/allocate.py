@@ -50,6 +50,7 @@ from . import _ort
 from .segments import SegmentPass, const_cone, node_reads, session_from_view, view_bytes, with_cone
 from .temporary import temporary_changes
 from .select import choose, fit_band, round_for
+from .padding import Padding, sorted_batches
 from .rewrite import removed_mask
 
 LADDER = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)  # removed shares probed per group
@@ -145,12 +146,14 @@ class _Tails:
     (what the tails cut at)."""
 
     def __init__(self, analysis: Analysis, samples: list, providers: list[str], budget: int,
-                 sites: list[list[_Site]], pool=None) -> None:
+                 sites: list[list[_Site]], pool=None, padding: Padding | None = None) -> None:
         self.model = analysis.model
         self.graph = analysis.model.graph
         # A model with a fixed batch dim takes its batches whole.
         fixed = any(v.shape is not None and len(v.shape) and isinstance(v.shape[0], int) for v in self.graph.inputs)
         self.samples = samples if fixed else chunks(samples, PROBE_CHUNK)
+        if padding is not None and not fixed:  # sorted by length and cut, as the calibrated batches
+            self.samples = list(sorted_batches(self.samples, padding, len(self.samples)))
         self.providers = providers
         self.order = {id(n): i for i, n in enumerate(self.graph)}
         self.cone = const_cone(self.graph)
@@ -363,7 +366,7 @@ class _Probes:
 
     def __init__(self, analysis: Analysis, groups: list[Group], sites_of: dict[int, list[_Site]], scores, samples,
                  measure, *, compensate: str, providers: list[str], min_keep: int, round_to: int | None,
-                 memory_budget: int, pool=None) -> None:
+                 memory_budget: int, pool=None, padding: Padding | None = None) -> None:
         self.analysis, self.sites_of, self.compensate = analysis, sites_of, compensate
         self.runs = 0  # rungs run through the graph
         base = measure({})
@@ -387,7 +390,7 @@ class _Probes:
             self.measured[g.id] = {}
             self.modes[g.id] = [_modes(sites_of[g.id], analysis, compensate, sel) for sel in ladder]
         self.tails = _Tails(analysis, samples, providers, memory_budget,  # last: close() owns it from here
-                            [sites_of[g.id] for g in self.order if sites_of[g.id]], pool)
+                            [sites_of[g.id] for g in self.order if sites_of[g.id]], pool, padding)
 
     def close(self) -> None:
         self.tails.close()
@@ -533,6 +536,7 @@ def allocate(
     memory_budget: int = 1 << 30,
     progress: Callable[[int, int], None] | None = None,
     pool=None,
+    padding: Padding | None = None,
 ) -> tuple[dict[int, np.ndarray], dict]:
     """Group id -> class roots to remove so that ``measure(removed)`` (the kept fraction of
     MACs or params) is at most ``target`` with the least summed measured damage; also a
@@ -540,7 +544,8 @@ def allocate(
     ``progress(done, total)`` is told after each group's rungs of a round (rungs run, of
     the most that may run).  ``pool``: a
     :class:`distributed.RayPool` whose workers share the probe samples (the damages are sums
-    over samples: the same measurements)."""
+    over samples: the same measurements).  ``padding``: the probe batches are sorted by
+    length and cut (:mod:`onnxprune.padding`), as calibration's."""
     views = consumer_views(analysis)
     samples = stats.kept
     if not samples:
@@ -550,7 +555,7 @@ def allocate(
     reach = {g.id for g in groups if sites_of[g.id]}
     by_id = {g.id: g for g in groups}
     probes = _Probes(analysis, groups, sites_of, scores, samples, measure, compensate=compensate, providers=providers,
-                     min_keep=min_keep, round_to=round_to, memory_budget=memory_budget, pool=pool)
+                     min_keep=min_keep, round_to=round_to, memory_budget=memory_budget, pool=pool, padding=padding)
     try:
         wanted = probes.first()
         while True:

@@ -250,10 +250,6 @@ class Calibrate(Stage):
         if state.calib_index is not None:  # the driver's own samples: verification's and the probes'
             state.held = [read(state.calib_index, b, last) for b in state.held]
             state.stats.kept = [read(state.calib_index, b, last) for b in state.stats.kept]
-        if state.padding is not None and state.stats.kept and not fixed_batch(specs, 0):
-            # The probes' batches, sorted by length and cut like the calibrated ones.
-            probe = _allocate.chunks(state.stats.kept, _allocate.PROBE_CHUNK)
-            state.stats.kept = list(sorted_batches(probe, state.padding, len(probe)))
 
     @staticmethod
     def _requests(state: PruneState, views: list[ConsumerView]) -> list:
@@ -317,7 +313,8 @@ class Select(Stage):
                 state.removed, probe = allocate(analysis, state.scores, stats, kept_fraction, c.target,
                                                 compensate=c.compensate, providers=state.providers, min_keep=c.min_keep,
                                                 round_to=c.round_to, memory_budget=c.memory_budget, progress=tick,
-                                                pool=state.store if hasattr(state.store, "probe") else None)
+                                                pool=state.store if hasattr(state.store, "probe") else None,
+                                                padding=state.padding)
             prunable = sum(len(g.classes) for g in analysis.groups if g.prunable)
             state.ratio = len(flat(state.removed)) / max(prunable, 1)
             state.relaxed = probe["relaxed"]
