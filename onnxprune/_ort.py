@@ -58,6 +58,13 @@ def _shared_arena(rt: ModuleType) -> bool:
     return _arena["cpu"]
 
 
+def in_shared_arena(providers: list[str] | None) -> bool:
+    """Whether the outputs of a session on ``providers`` live in the process's shared CPU
+    arena (:func:`_shared_arena`): holding one pins its own chunk, which the arena reuses
+    once it is released, not a closed session's whole arena."""
+    return bool(_arena.get("cpu")) and list(providers or ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+
+
 def session(path: str | bytes, providers: list[str] | None = None, initializers: dict | None = None):
     """An InferenceSession on ``path`` (or a serialised model) with quiet logging, whose
     threads do not spin once a run is done.  ``initializers``: name -> numpy array for the

@@ -78,6 +78,15 @@ class Batches(list):
         return (self[k] for k in range(len(self)))
 
 
+def _pins_more(array: np.ndarray) -> bool:
+    """Whether ``array`` keeps more memory alive than its own bytes: a view of a larger
+    array, or of memory numpy does not own (an onnxruntime output)."""
+    base = array.base
+    if base is None:
+        return False
+    return not isinstance(base, np.ndarray) or base.base is not None or base.nbytes > array.nbytes
+
+
 class TensorCache:
     """Per-batch arrays by tensor name, in memory up to ``budget`` bytes, then spilled to
     ``.npy`` files in a private folder (created on first spill, removed at ``close``)."""
@@ -93,9 +102,12 @@ class TensorCache:
         self._folder: Path | None = None
         self._files = 0
 
-    def put(self, name: str, batch: int, array: np.ndarray | _FromSource, shared: bool = False) -> None:
+    def put(self, name: str, batch: int, array: np.ndarray | _FromSource, shared: bool = False,
+            arena: bool = False) -> None:
         """Store ``array`` as batch ``batch`` of ``name`` (batches arrive in order).
-        ``shared``: the caller owns it (input batches, or where to read them): never spilled."""
+        ``shared``: the caller owns it (input batches, or where to read them): never spilled.
+        ``arena``: an output of a session on the shared arena (:func:`_ort.in_shared_arena`),
+        kept as it is."""
         rows = self.arrays.setdefault(name, Batches())
         assert len(rows) == batch, "batches arrive in order"
         item: np.ndarray | _Spilled | _FromSource = array
@@ -105,9 +117,11 @@ class TensorCache:
             item = self._spill(array)
             self.spilled += array.nbytes
         else:
-            if array.base is not None:
-                # A view pins memory the budget does not see: onnxruntime's outputs live in
-                # their session's arena, which stays whole while one output is alive.
+            if _pins_more(array) and not arena:
+                # A view pins memory the budget does not see: the rest of the array it views,
+                # or the arena of the session that made it, which stays whole while one output
+                # of it is alive.  An output in the shared arena pins its own bytes only, and
+                # a copy would fault fresh pages in for every batch (RESULTS "Cost").
                 item = array.copy()
             self.in_memory += array.nbytes
         self.peak = max(self.peak, self.in_memory)
@@ -420,9 +434,10 @@ class SegmentPass:
             for name in spent:
                 self.cache.release(name, k)
             out = {}
+            arena = _ort.in_shared_arena(self.providers)
             for name, arr in zip(names, got):
                 if name in keep:
-                    self.cache.put(name, k, arr)
+                    self.cache.put(name, k, arr, arena=arena)
                 if stream and name in asked:
                     out[name] = arr
             del got, feed

@@ -336,17 +336,46 @@ def test_a_frontier_that_fits_the_budget_never_spills(tmp_path):
         np.testing.assert_allclose(got[names[-1]][5], 1 / (1 + np.exp(-np.abs(batches[5]["x"].clip(0)))), rtol=1e-6)
 
 
-def test_the_cache_owns_the_bytes_it_counts(tmp_path):
-    """onnxruntime's outputs are views into their session's arena: cached as they are, one
-    of them keeps the whole arena (intermediates included) alive after the segment ran."""
+def _held(sp: SegmentPass) -> list[np.ndarray]:
+    return [a for name in sp.cache.arrays if name not in sp.cache.shared
+            for a in list.__iter__(sp.cache.get(name)) if isinstance(a, np.ndarray)]
+
+
+@pytest.mark.parametrize("shared_arena", [True, False])
+def test_the_cache_owns_the_bytes_it_counts(tmp_path, monkeypatch, shared_arena):
+    """onnxruntime's outputs are views of its memory.  In the process's shared arena one
+    pins its own chunk only, so the cache keeps it as it is (a copy would fault fresh pages
+    in every batch); in a session's own arena one would keep that whole arena
+    (intermediates included) alive after the segment ran, so the cache copies it."""
+    import onnxprune._ort as _ort
+
     model, _ = load_model(save(residual_concat(), tmp_path / "m.onnx"))
+    if not shared_arena:
+        monkeypatch.setitem(_ort._arena, "cpu", False)  # as where onnxruntime cannot register one
+    elif not _ort._shared_arena(_ort.ort()):
+        pytest.skip("this onnxruntime has no shared arena")
     with SegmentPass(model, _batches(residual_concat()), providers=CPU, budget=1 << 30) as sp:
         stem = next(n for n in model.graph if n.name == "stem").outputs[0].name
         sp.advance([stem], ["head_out"])
-        held = [a for name in sp.cache.arrays if name not in sp.cache.shared
-                for a in list.__iter__(sp.cache.get(name)) if isinstance(a, np.ndarray)]
-        assert held and all(a.base is None for a in held)
-        assert sp.cache.in_memory == sum(a.nbytes for a in held)
+        held = _held(sp)
+        assert held and sp.cache.in_memory == sum(a.nbytes for a in held)
+        if shared_arena:
+            assert all(a.base is not None and not isinstance(a.base, np.ndarray) for a in held)  # not copied
+        else:
+            assert all(a.base is None for a in held)
+
+
+def test_the_cache_copies_a_view_only_where_it_pins_more(tmp_path):
+    """A batch that is all of the array it views is kept as it is; a part of a larger one
+    is copied, so the bytes counted are the bytes held."""
+    whole = np.arange(24, dtype=np.float32).reshape(4, 6)
+    cache = TensorCache(1 << 20)
+    cache.put("a", 0, whole[:])
+    cache.put("b", 0, whole[:2])
+    assert np.shares_memory(cache.get("a")[0], whole)
+    assert not np.shares_memory(cache.get("b")[0], whole) and cache.get("b")[0].base is None
+    assert cache.in_memory == whole.nbytes + whole[:2].nbytes
+    cache.close()
 
 
 def test_subgraph_reads_are_segment_inputs(tmp_path):
@@ -527,8 +556,9 @@ def test_rows_recorded_by_calibration_refit_as_a_pass_of_the_original_does(tmp_p
 
 def test_the_recorded_rows_hold_no_onnxruntime_output(tmp_path, monkeypatch):
     """Rows that are all of a tensor (a few tokens, a Gemm's samples) would be views of
-    onnxruntime's output, and one output alive holds its session's whole arena: none
-    outlives calibration."""
+    onnxruntime's output, and one output alive holds its session's whole arena: none that
+    views onnxruntime's memory outlives calibration (a graph input fetched back is a copy
+    numpy owns, and may)."""
     import gc
     import weakref
 
@@ -546,7 +576,7 @@ def test_the_recorded_rows_hold_no_onnxruntime_output(tmp_path, monkeypatch):
     proto = MODELS["attention"]()
     store = _recorded_store(save(proto, tmp_path / "m.onnx"), _batches(proto, n=3), 1 << 30)
     gc.collect()
-    assert refs and [r for r in refs if r() is not None] == []
+    assert refs and [r for r in refs if r() is not None and r().base is not None] == []
     assert store.rows.cache.in_memory > 0
     store.close()
 
