@@ -666,10 +666,10 @@ def calibrate(
                     seen += n
                     yield batch
 
-            def batches() -> Iterator[tuple[int, Sample]]:
+            def batches(source: Iterator[Sample]) -> Iterator[tuple[int, Sample]]:
                 # Held-out and probe samples come from the reading order; only the batches
                 # calibrated on are sorted by length and cut (onnxprune.padding).
-                stream = keeping(split_held_out(counted(batch_iter), hold_out, fixed_batch, held))
+                stream = keeping(split_held_out(counted(source), hold_out, fixed_batch, held))
                 if padding is not None:
                     stream = sorted_batches(stream, padding, SHARD_BLOCK)
                 for number, batch in enumerate(stream):
@@ -679,9 +679,12 @@ def calibrate(
                     batch = None
 
             if pool is None:
-                _collect_ahead(sink, batches())
+                # The source is read one batch ahead in a thread of its own: in the worker that
+                # runs onnxruntime, a batch's decoding waited for the folds of the one before.
+                with Ahead(batch_iter, name="onnxprune-read") as read:
+                    _collect_ahead(sink, batches(read))
             else:
-                for number, batch in batches():
+                for number, batch in batches(batch_iter):
                     sink.collect(batch, number)
                     if (number + 1) % SHARD_BLOCK == 0:
                         sink.block_end()
@@ -695,14 +698,15 @@ def calibrate(
 
 
 def _collect_ahead(sink: Collector, batches: Iterator[tuple[int, Sample]]) -> None:
-    """``sink.collect`` of every batch, with the reading and onnxruntime's runs one run
-    ahead of the folds in a worker thread (:class:`onnxprune._ahead.Ahead`)."""
+    """``sink.collect`` of every batch, with onnxruntime's runs ahead of the folds in a
+    worker thread (:class:`onnxprune._ahead.Ahead`); ``batches`` is read in that thread
+    (the caller reads its source ahead in another)."""
 
     def runs() -> Iterator[tuple[int, int, int, list[str] | None, list[np.ndarray] | None]]:
         # The "batch done" item takes the slot ahead, so a batch's run waits for the folds of
-        # the one before: what overlaps is little more than the next batch's reading.  With
-        # the done mark folded into the runs' items, the run overlapped the folds, but on 2
-        # cores the stage took about as long and the peak rose, two runs' outputs alive
+        # the one before, and so did its reading until the source got a thread of its own.
+        # With the done mark folded into the runs' items, the run overlapped the folds, but
+        # on 2 cores the stage took about as long and the peak rose, two runs' outputs alive
         # (docs/STATUS.md, "Tried and dropped").
         for number, batch in batches:
             for i, run, outs in sink.fetch(batch):

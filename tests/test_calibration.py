@@ -541,3 +541,27 @@ def test_a_tensor_fetched_for_an_accumulator_is_still_reduced_inside_the_graph(t
     for stat in ("sum", "sumsq"):
         np.testing.assert_allclose(getattr(inside.tensors[name], stat), getattr(outside.tensors[name], stat), rtol=5e-6)
     np.testing.assert_array_equal(inside.extra["g"].gram, outside.extra["g"].gram)
+
+
+def test_the_source_is_read_ahead_in_its_own_thread_and_closed_when_a_run_fails(mlp):
+    """The source is read one batch ahead in a thread of its own (not the one that runs
+    onnxruntime, where a batch's reading waited for the folds of the one before); a run
+    that fails later leaves no reading thread behind and closes the source."""
+    import threading
+
+    path, data, _, _ = mlp
+    readers, closed = set(), []
+
+    def source():
+        try:
+            for i, b in enumerate(data):
+                readers.add(threading.current_thread().name)
+                yield b if i < 2 else {"x": b["x"][:, :3]}  # the third batch has the wrong width
+        finally:
+            closed.append(True)
+
+    with pytest.raises(onnxprune.InputError, match="onnxruntime failed on the calibration data"):
+        _stats(path, source(), raw=True)
+    assert readers == {"onnxprune-read"}
+    assert closed == [True]
+    assert not [t for t in threading.enumerate() if t.name.startswith("onnxprune-")]
