@@ -186,7 +186,7 @@ def load_image(path: Path, spec: InputSpec, pre: Preprocess) -> np.ndarray:
         w, h = img.size
         left, top = (w - pre.crop) // 2, (h - pre.crop) // 2
         img = img.crop((left, top, left + pre.crop, top + pre.crop))
-    arr = np.asarray(img, dtype=np.float32)
+    arr = np.asarray(img)
     if arr.ndim == 2:  # one channel: the model's, or a 16-bit gray image read for a colour model
         arr = arr[..., None] if gray else np.repeat(arr[..., None], 3, axis=2)
     mean, std = np.asarray(pre.mean, np.float32), np.asarray(pre.std, np.float32)
@@ -196,10 +196,17 @@ def load_image(path: Path, spec: InputSpec, pre: Preprocess) -> np.ndarray:
         mean, std = mean[:1], std[:1]
     elif _channels(pre) == "BGR":
         arr = arr[..., ::-1]
-    arr = (arr * pre.scale - mean) / std
-    if pre.layout.upper() == "NCHW":
-        arr = arr.transpose(2, 0, 1)
-    return np.ascontiguousarray(arr).astype(spec.dtype)
+    # Normalised plane by plane, in place, in float32: the same operations on every value
+    # as (x·scale − mean) / std over the pixel array, without numpy's loop over 3 channels
+    # per pixel (most of an image's reading after its decoding).
+    planes = np.array(np.moveaxis(arr, 2, 0), dtype=np.float32, order="C")  # a copy: normalised in place
+    for plane, m, s in zip(planes, mean, std):
+        plane *= pre.scale
+        plane -= m
+        plane /= s
+    if pre.layout.upper() != "NCHW":
+        planes = np.ascontiguousarray(np.moveaxis(planes, 0, 2))
+    return planes.astype(spec.dtype, copy=False)
 
 
 def _channels(pre: Preprocess) -> str | None:
