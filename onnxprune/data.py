@@ -122,9 +122,33 @@ def file_item(path: Path, specs: list[InputSpec], pre: Preprocess | None) -> tup
         raise InputError(f"{path}: cannot be read as a numpy array ({' '.join(str(exc).split())[:200]})") from exc
 
 
-def _folder_items(folder: Path, specs: list[InputSpec], pre: Preprocess | None) -> Iterator[tuple[str, Sample]]:
-    for path in data_files(folder, specs):
-        yield file_item(path, specs, pre)
+def _folder_items(folder: Path, specs: list[InputSpec], pre: Preprocess | None,
+                  workers: int = 1) -> Iterator[tuple[str, Sample]]:
+    """The folder's files read in order; with ``workers`` > 1, that many read at once (in
+    threads: Pillow and numpy leave the interpreter while they decode and scale), at most
+    twice as many files ahead of the caller."""
+    paths = data_files(folder, specs)
+    if workers <= 1:
+        for path in paths:
+            yield file_item(path, specs, pre)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    # Leaving early (an error, a signal) waits for the few reads under way.
+    with ThreadPoolExecutor(workers, thread_name_prefix="onnxprune-decode") as pool:
+        todo, ahead = iter(paths), deque()
+        for path in todo:
+            ahead.append(pool.submit(file_item, path, specs, pre))
+            if len(ahead) == 2 * workers:
+                break
+        while ahead:
+            item = ahead.popleft().result()
+            path = next(todo, None)
+            if path is not None:
+                ahead.append(pool.submit(file_item, path, specs, pre))
+            yield item
+            item = None
 
 
 def check_npz_size(path: Path, bound: int | None = None) -> None:
@@ -286,12 +310,13 @@ def _reader_items(reader: Any) -> Iterator[tuple[str, Sample]]:
 
 
 def source_items(
-    source: Any, specs: list[InputSpec], pre: Preprocess | None = None
+    source: Any, specs: list[InputSpec], pre: Preprocess | None = None, workers: int = 1
 ) -> Callable[[], Iterator[tuple[str, Sample]]]:
     """A function returning a fresh iterator of (where, sample-or-batch) for ``source``.
 
     Folders and ``ray.data.Dataset`` s (of input dicts) can be read again; a reader or a
     one-shot iterable is read once (a reader with ``rewind()`` is rewound instead).
+    ``workers``: files of a folder read at once (see :func:`_folder_items`).
     """
     if isinstance(source, (str, os.PathLike)):
         folder = Path(source)
@@ -299,7 +324,7 @@ def source_items(
             raise InputError(f"calibration data not found: {folder}")
         if folder.is_file():
             raise InputError(f"calibration data must be a folder, got the file {folder}")
-        return lambda: _folder_items(folder, specs, pre)
+        return lambda: _folder_items(folder, specs, pre, workers)
     if hasattr(source, "get_next"):
         state = {"used": False}
 

@@ -414,8 +414,10 @@ class Verify(Stage):
         if c.eval_data is not None or held:
             if c.eval_data is not None:
                 specs = state.specs or input_specs(sessions(state.model_path))
-                eval_iter = batches(source_items(c.eval_data, specs, c.preprocess)(), specs,
-                                    fixed_batch(state.specs or [], c.batch_size))
+                # Read by several threads: nothing else runs while a batch is read here (in
+                # calibration the reading overlaps the runs and folds instead).
+                eval_iter = batches(source_items(c.eval_data, specs, c.preprocess, workers=min(4, os.cpu_count() or 1))(),
+                                    specs, fixed_batch(state.specs or [], c.batch_size))
                 source = "eval data"
             else:
                 eval_iter, source = iter(held), "held-out calibration samples"

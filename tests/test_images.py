@@ -114,3 +114,29 @@ def test_gray_for_a_three_channel_model_is_refused(capsys, tmp_path):
     Image.fromarray(_rgb()).save(folder / "a.png")
     expect_refusal(capsys, tmp_path, [str(src), str(tmp_path / "o.onnx"), "--calib", str(folder), "--channels", "GRAY", "-q"],
                    [src], "--channels GRAY reads images as 1 channel, but input 'x' takes 3")
+
+
+def test_a_folder_read_by_several_threads_gives_the_same_samples_in_order(tmp_path):
+    """The eval folder is read by several threads: the same samples in the same order as
+    one reader; a file that cannot be read fails at its place; leaving early leaves no
+    reading thread behind."""
+    import threading
+
+    import pytest
+
+    from onnxprune.data import InputError, source_items
+
+    for i in range(11):
+        Image.fromarray(_rgb(i)).save(tmp_path / f"{i:02d}.png")
+    one = list(source_items(tmp_path, [COLOUR], RAW)())
+    four = list(source_items(tmp_path, [COLOUR], RAW, workers=4)())
+    assert [w for w, _ in four] == [w for w, _ in one] and len(one) == 11
+    assert all(np.array_equal(a["x"], b["x"]) for (_, a), (_, b) in zip(one, four))
+
+    (tmp_path / "05.png").write_bytes(b"not a png")
+    read = []
+    with pytest.raises(InputError, match="05.png: not a readable image"):
+        for where, _ in source_items(tmp_path, [COLOUR], RAW, workers=4)():
+            read.append(Path(where).name)
+    assert read == [f"{i:02d}.png" for i in range(5)]
+    assert not [t for t in threading.enumerate() if t.name.startswith("onnxprune-decode")]
