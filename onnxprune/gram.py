@@ -102,9 +102,15 @@ class ChannelGram:
     def add_rows(self, rows: np.ndarray) -> None:
         """Fold rows [P, C] in (already sampled)."""
         if self.buffer and self.shards == 1:
-            self._pending.append(np.array(rows, dtype=self.products))
-            self._pending_rows += rows.shape[0]
             self.batches += 1
+            if not self._pending and rows.shape[0] >= self.buffer:  # a whole product's rows: used at once
+                self._accumulate(np.ascontiguousarray(rows, dtype=self.products), 0)
+                return
+            # Kept for later products: a copy, unless the gathered rows are an array of their
+            # own (readers never write them), not a view pinning the tensor they come from.
+            keep = np.ascontiguousarray if rows.base is None else np.array
+            self._pending.append(keep(rows, dtype=self.products))
+            self._pending_rows += rows.shape[0]
             if self._pending_rows >= self.buffer:
                 self.flush()
             return
