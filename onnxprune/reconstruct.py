@@ -255,10 +255,13 @@ class RefitTarget:
             if not len(yf):
                 continue
             s["n"] += len(yf)
-            s["yy"] += float(np.einsum("ij,ij->", yf, yf, dtype=np.float64))
-            s["y"] += yf.sum(axis=0, dtype=np.float64)
-            s["y2"] += np.einsum("ij,ij->j", yf, yf, dtype=np.float64)
+            yd = yf.astype(np.float64)  # cast once for the three sums (numpy cast it for each)
+            y2 = np.einsum("ij,ij->j", yd, yd)
+            s["yy"] += float(y2.sum())
+            s["y"] += yd.sum(axis=0)
+            s["y2"] += y2
             s["p"] += pf.sum(axis=0, dtype=np.float64)
+            yd = None
             s["pp"] += pf.T @ pf
             s["yp"] += yf.T @ pf
 
