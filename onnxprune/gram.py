@@ -49,6 +49,15 @@ def solve_spd_fast(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return scipy.linalg.cho_solve(factor, b.astype(np.float32), check_finite=False).astype(np.float64)
 
 
+def pins_more(array: np.ndarray) -> bool:
+    """Whether ``array`` keeps more memory alive than its own bytes: a view of a larger
+    array, or of memory numpy does not own (an onnxruntime output)."""
+    base = array.base
+    if base is None:
+        return False
+    return not isinstance(base, np.ndarray) or base.base is not None or base.nbytes > array.nbytes
+
+
 def _rows(x: np.ndarray, axis: int) -> np.ndarray:
     """The tensor as rows of channels: [positions, C]."""
     c = x.shape[axis]
@@ -108,7 +117,7 @@ class ChannelGram:
                 return
             # Kept for later products: a copy, unless the gathered rows are an array of their
             # own (readers never write them), not a view pinning the tensor they come from.
-            keep = np.ascontiguousarray if rows.base is None else np.array
+            keep = np.array if pins_more(rows) else np.ascontiguousarray
             self._pending.append(keep(rows, dtype=self.products))
             self._pending_rows += rows.shape[0]
             if self._pending_rows >= self.buffer:

@@ -36,6 +36,7 @@ from . import _ort
 from ._graph import inline_external
 from .data import samples_in
 from .errors import InputError
+from .gram import pins_more
 
 Sample = dict[str, np.ndarray]
 
@@ -78,15 +79,6 @@ class Batches(list):
         return (self[k] for k in range(len(self)))
 
 
-def _pins_more(array: np.ndarray) -> bool:
-    """Whether ``array`` keeps more memory alive than its own bytes: a view of a larger
-    array, or of memory numpy does not own (an onnxruntime output)."""
-    base = array.base
-    if base is None:
-        return False
-    return not isinstance(base, np.ndarray) or base.base is not None or base.nbytes > array.nbytes
-
-
 class TensorCache:
     """Per-batch arrays by tensor name, in memory up to ``budget`` bytes, then spilled to
     ``.npy`` files in a private folder (created on first spill, removed at ``close``)."""
@@ -117,7 +109,7 @@ class TensorCache:
             item = self._spill(array)
             self.spilled += array.nbytes
         else:
-            if _pins_more(array) and not arena:
+            if pins_more(array) and not arena:
                 # A view pins memory the budget does not see: the rest of the array it views,
                 # or the arena of the session that made it, which stays whole while one output
                 # of it is alive.  An output in the shared arena pins its own bytes only, and
