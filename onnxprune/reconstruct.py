@@ -244,7 +244,7 @@ class RefitTarget:
         """Fold the buffered rows into the per-fold sums."""
         if not self._pending:
             return
-        ys, ps, fold_of = (np.concatenate(parts) for parts in zip(*self._pending))
+        ys, ps, fold_of = (np.concatenate(parts) if len(parts) > 1 else parts[0] for parts in zip(*self._pending))
         self._pending, self._pending_rows = [], 0
         order = np.argsort(fold_of, kind="stable")
         ends = np.cumsum(np.bincount(fold_of, minlength=len(self.sums)))
