@@ -18,7 +18,10 @@ temp file) outlives the ``with`` block.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import queue
+import sys
 import threading
 from collections.abc import Iterable, Iterator
 from typing import Generic, TypeVar
@@ -101,3 +104,30 @@ class Ahead(Generic[T]):
                 raise got.exc
             yield got
             got = None
+
+
+@contextlib.contextmanager
+def imported_ahead(*names: str) -> Iterator[None]:
+    """Import the modules ``names`` in a thread while the block runs: a later stage needs
+    them (scipy's, for the solves) and would wait for the import on the main thread, while
+    the block leaves a core idle at times.  The thread is joined when the block ends, so it
+    never outlives it; a module that fails to import is left to its first real import."""
+    missing = [n for n in names if n not in sys.modules]
+    if not missing:
+        yield
+        return
+
+    def work() -> None:
+        for name in missing:
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - raised again, in context, where it is used
+                pass
+
+    thread = threading.Thread(target=work, name="onnxprune-import", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        with deferred():  # as in Ahead.close
+            thread.join()

@@ -21,6 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from . import _ort, _temps, checks
+from ._ahead import imported_ahead
 from ._graph import copy_model, node_label
 from .canonical import RESTRUCTURED
 from . import allocate as _allocate
@@ -238,15 +239,16 @@ class Calibrate(Stage):
             # eighths kept a large calibration set's prune above 1.2 times a small one's peak
             # once the small one's record had halved: RESULTS "Cost".)
             state.store.rows = RowsRecord(c.memory_budget // 4)
-        state.stats, state.held = calibrate(
-            state.model, {v.tensor: (v.value, v.axis) for v in views}, state.calib_batches,
-            batch_size=bs, providers=state.providers, memory_budget=c.memory_budget,
-            progress=c.progress, total=c.max_samples, hold_out=0 if c.eval_data is not None else c.eval_samples,
-            fixed_batch=any(sp.dims and sp.dims[0] is not None for sp in specs), requests=self._requests(state, views),
-            statistics=statistics_for(c.method),
-            keep=_allocate.PROBE_SAMPLES if c.target is not None and not c.global_ else 0,  # the allocation's probes
-            record=None if pool is not None else state.store, pool=pool, padding=state.padding,
-        )
+        with imported_ahead("scipy.linalg", "scipy.special"):  # the solves' and the bias fit's, later
+            state.stats, state.held = calibrate(
+                state.model, {v.tensor: (v.value, v.axis) for v in views}, state.calib_batches,
+                batch_size=bs, providers=state.providers, memory_budget=c.memory_budget,
+                progress=c.progress, total=c.max_samples, hold_out=0 if c.eval_data is not None else c.eval_samples,
+                fixed_batch=any(sp.dims and sp.dims[0] is not None for sp in specs), requests=self._requests(state, views),
+                statistics=statistics_for(c.method),
+                keep=_allocate.PROBE_SAMPLES if c.target is not None and not c.global_ else 0,  # the allocation's probes
+                record=None if pool is not None else state.store, pool=pool, padding=state.padding,
+            )
         if state.calib_index is not None:  # the driver's own samples: verification's and the probes'
             state.held = [read(state.calib_index, b, last) for b in state.held]
             state.stats.kept = [read(state.calib_index, b, last) for b in state.stats.kept]

@@ -125,3 +125,42 @@ def test_an_error_of_the_caller_stops_the_worker_before_it_propagates():
                     raise RuntimeError("fold failed")
     assert not state["running"]
     assert not any(t.name == "test-ahead" for t in threading.enumerate())
+
+
+def test_scipy_is_imported_during_calibration_in_a_thread_that_ends_with_it(tmp_path):
+    """scipy's solvers (the probes' and the refit's) are imported while calibration runs, in
+    a thread of their own, not on the main thread when the first solve needs them; the
+    thread does not outlive the stage.  A fresh interpreter, so nothing imported scipy yet."""
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    script = textwrap.dedent(f"""
+        import sys, threading
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        seen = []
+        class Watch:
+            def find_spec(self, name, path=None, target=None):
+                if name == "scipy.linalg":
+                    seen.append(threading.current_thread().name)
+                return None
+        sys.meta_path.insert(0, Watch())
+        import numpy as np
+        import onnxprune, onnxprune.stages as S
+        from builders import save, small_cnn
+        assert "scipy.linalg" not in sys.modules
+        alive_after = []
+        run = S.Calibrate.run
+        def after(self, state):
+            run(self, state)
+            alive_after.extend(t.name for t in threading.enumerate() if t.name == "onnxprune-import")
+        S.Calibrate.run = after
+        path = save(small_cnn(), {str(tmp_path / 'm.onnx')!r})
+        data = [{{"x": np.random.default_rng(i).standard_normal((4, 3, 8, 8)).astype(np.float32)}} for i in range(4)]
+        onnxprune.prune(path, {str(tmp_path / 'o.onnx')!r}, method="wanda", calib=data, ratio=0.25)
+        print(seen, alive_after)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['onnxprune-import'] []"
