@@ -47,7 +47,8 @@ from .gram import solve_spd_fast
 from .consumers import ConsumerView, consumer_views
 from .groups import Analysis, Group
 from . import _ort
-from .segments import SegmentPass, const_cone, node_reads, session_from_view, view_bytes, with_cone
+from ._signals import deferred
+from .segments import SegmentPass, const_cone, node_reads, view_bytes, view_message, with_cone
 from .temporary import temporary_changes
 from .select import choose, fit_band, round_for
 from .padding import Padding, sorted_batches
@@ -204,6 +205,19 @@ class _Tails:
         """The tail, with m, c (and the mixing sites' weights) fed per run at each site
         (graph restored): an onnxruntime session, or for the pool's workers a serialised
         model."""
+        got = self._tail_message(sites, nodes, frontier)
+        return got if self.pool is not None else _ort.session(got[0], self.providers, initializers=got[1])
+
+    def building(self) -> _Builder:
+        """``with tails.building() as build``: ``build(sites)`` serialises the group's
+        tail now and has onnxruntime create its session in a thread (one at a time), so
+        it is built while the group before runs its rungs; hand the result to
+        :meth:`damages_fn`.  Leaving waits for a build under way."""
+        return _Builder(self)
+
+    def _tail_message(self, sites: list[_Site], nodes: list[ir.Node], frontier: list[ir.Value]):
+        """:meth:`tail` before onnxruntime: the pool's serialised model, or
+        ``segments.view_message``'s pair; sets ``self.outputs``."""
         f32 = ir.TensorType(ir.DataType.FLOAT)
         added: dict[int, list[ir.Node]] = {}
         params: list[ir.Value] = []
@@ -228,20 +242,23 @@ class _Tails:
             self.outputs = [o for o in self.graph.outputs if id(o) in produced]
             if self.pool is not None:
                 return view_bytes(self.model, frontier + params, self.outputs, ordered)
-            return session_from_view(self.model, frontier + params, self.outputs, ordered, self.providers)
+            return view_message(self.model, frontier + params, self.outputs, ordered)
 
-    def damages_fn(self, sites: list[_Site], analysis: Analysis, compensate: str):
+    def damages_fn(self, sites: list[_Site], analysis: Analysis, compensate: str, built: Any = None):
         """``removals -> damages`` for a group whose consumers are ``sites``: per removal,
         ‖y − y₀‖² / ‖y₀‖² over every output and probe sample (the square of verify's
-        relative L2 error), with the removal emulated at the sites."""
+        relative L2 error), with the removal emulated at the sites.  ``built``: the
+        group's tail from :meth:`building`'s ``build`` (else it is built when called)."""
         nodes, frontier = self.plan(sites)
         names = [v.name for v in frontier]
 
         def damages(removals: list[np.ndarray]) -> list[float]:
             params = [self._params(sites, analysis, compensate, r) for r in removals]
             self.runs += len(removals) * len(self.samples)
-            tail = self.tail(sites, nodes, frontier)
-            outs = [o.name for o in self.outputs]
+            if built is None:
+                tail, outs = self.tail(sites, nodes, frontier), [o.name for o in self.outputs]
+            else:
+                tail, outs = built[0](), built[1]
             if self.pool is not None:
                 return [d / self.scale for d in self.pool.probe(names, tail, outs, params)]
             cached = self.passes.get(names)
@@ -274,6 +291,36 @@ class _Tails:
             if s.mixes:
                 params[f"{s.name}_w"] = _mixed_weight(s, drop, pred)
         return params
+
+
+class _Builder:
+    """See :meth:`_Tails.building`."""
+
+    def __init__(self, tails: _Tails) -> None:
+        self.tails = tails
+        self.pool = None
+
+    def __enter__(self) -> Callable[[list[_Site]], Any]:
+        if self.tails.pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="onnxprune-tail")
+        return self.build
+
+    def build(self, sites: list[_Site]) -> tuple[Callable[[], Any], list[str]]:
+        """(a call that returns the tail, waiting for its session; its output names)."""
+        tails = self.tails
+        got = tails._tail_message(sites, *tails.plan(sites))
+        outs = [o.name for o in tails.outputs]
+        if self.pool is None:
+            return (lambda: got), outs
+        return self.pool.submit(_ort.session, got[0], tails.providers, got[1]).result, outs
+
+    def __exit__(self, *exc) -> bool:
+        if self.pool is not None:
+            with deferred():  # a stop signal waits for the build under way, then unwinds
+                self.pool.shutdown(wait=True, cancel_futures=True)
+        return False
 
 
 class ProbeFeeds:
@@ -413,16 +460,24 @@ class _Probes:
         return {gid: idx for gid, idx in out.items() if idx}
 
     def run(self, wanted: dict[int, list[int]], progress: Callable[[int, int], None] | None = None) -> None:
-        """Run the rungs ``wanted`` (group id -> ladder indices)."""
-        for g in [g for g in self.order if g.id in wanted]:
-            damages = self.tails.damages_fn(self.sites_of[g.id], self.analysis, self.compensate)
-            idx = wanted[g.id]
-            self.measured[g.id].update(zip(idx, damages([self.ladders[g.id][i] for i in idx])))
-            self.runs += len(idx)
-            for s in self.sites_of[g.id]:
-                s.forget()
-            if progress is not None:
-                progress(self.runs, self.planned())
+        """Run the rungs ``wanted`` (group id -> ladder indices), each group's tail built
+        while the group before runs."""
+        todo = [g for g in self.order if g.id in wanted]
+        with self.tails.building() as build:
+            ahead = build(self.sites_of[todo[0].id]) if todo else None
+            for k, g in enumerate(todo):
+                built, ahead = ahead, build(self.sites_of[todo[k + 1].id]) if k + 1 < len(todo) else None
+                self._run_group(g, wanted[g.id], built, progress)
+                built = None
+
+    def _run_group(self, g: Group, idx: list[int], built: Any, progress: Callable[[int, int], None] | None) -> None:
+        damages = self.tails.damages_fn(self.sites_of[g.id], self.analysis, self.compensate, built)
+        self.measured[g.id].update(zip(idx, damages([self.ladders[g.id][i] for i in idx])))
+        self.runs += len(idx)
+        for s in self.sites_of[g.id]:
+            s.forget()
+        if progress is not None:
+            progress(self.runs, self.planned())
 
     def planned(self) -> int:
         """Rungs the allocation may run in all (the bar's length)."""

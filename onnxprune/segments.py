@@ -282,9 +282,19 @@ def session_from_view(model: ir.Model, inputs: Sequence[ir.Value], outputs: Sequ
     onnxruntime as arrays, not inside the serialised message: they are neither copied into
     protobuf nor parsed back (most of the cost of building a segment or a probe tail), and
     no message nears protobuf's 2 GiB."""
+    data, shared = view_message(model, inputs, outputs, nodes)
+    return _ort.session(data, providers, initializers=shared)
+
+
+def view_message(model: ir.Model, inputs: Sequence[ir.Value], outputs: Sequence[ir.Value],
+                 nodes: Sequence[ir.Node]) -> tuple[bytes, dict[str, np.ndarray]]:
+    """What :func:`session_from_view` gives onnxruntime: the serialised sub-model without
+    its large constants, and those constants' arrays by name (``_ort.session``'s
+    ``initializers``).  Built from the graph as it is now: the session may be created
+    later, elsewhere (another thread), while the graph changes."""
     shared: dict[str, np.ndarray] = {}
     data = _view_proto(model, inputs, outputs, nodes, shared).SerializeToString()
-    return _ort.session(data, providers, initializers=shared)
+    return data, shared
 
 
 class SegmentPass:

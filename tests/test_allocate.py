@@ -434,3 +434,40 @@ def test_a_ladder_whose_emulation_starts_predicting_runs_its_planned_rungs_at_on
             assert probes.first()[fc2] == (planned[:2] if switching else planned[:1])
         finally:
             probes.close()
+
+
+def test_each_tail_session_is_built_in_a_thread_while_the_group_before_runs(tmp_path, monkeypatch):
+    """The probes build a group's tail session in a thread of their own while the group
+    before runs its rungs: the damages are those of tails built in place, and no building
+    thread is left once the rounds are done."""
+    import threading
+
+    from onnxprune import _ort
+    from onnxprune.allocate import _probed
+
+    built_in = []
+    real = _ort.session
+
+    def record(model, providers=None, initializers=None):
+        if isinstance(model, bytes):
+            built_in.append(threading.current_thread().name)
+        return real(model, providers, initializers)
+
+    monkeypatch.setattr(_ort, "session", record)
+    probes, analysis, sites_of, stats = _probes(tmp_path)
+    wanted = {gid: _probed(len(ladder)) for gid, ladder in probes.ladders.items() if ladder}
+    try:
+        probes.run(wanted)
+        assert not [t for t in threading.enumerate() if t.name.startswith("onnxprune-tail")]
+        measured = {gid: dict(m) for gid, m in probes.measured.items()}
+    finally:
+        probes.close()
+    tails_built = [n for n in built_in if n.startswith("onnxprune-tail")]
+    assert len(tails_built) == len(wanted) >= 2
+    tails = _Tails(analysis, stats.kept, CPU, 2**30, [s for s in sites_of.values() if s])
+    try:
+        for gid, idx in wanted.items():
+            in_place = tails.damages_fn(sites_of[gid], analysis, "lstsq")([probes.ladders[gid][i] for i in idx])
+            assert in_place == [measured[gid][i] for i in idx]
+    finally:
+        tails.close()
