@@ -62,6 +62,7 @@ LADDER = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)  # removed shares probed 
 # quarter less of the probes' runs (RESULTS "The allocation's probes, A against B").
 PROBE_SAMPLES = 24
 PROBE_CHUNK = 8  # samples per probe run: the same batches whatever the number of workers sharing them
+TAIL_SHARE = 8  # tails built ahead while two of them hold at most 1/TAIL_SHARE of the budget
 # Planned rungs (_probed) each ladder runs in the probes' first round; the others run only
 # where the allocation reaches them (_Probes).  Running all three chose the very same
 # channels on EfficientNet-Lite0 and MiniLM for 1.7 times the rungs (RESULTS "Cost").
@@ -156,6 +157,7 @@ class _Tails:
         if padding is not None and not fixed:  # sorted by length and cut, as the calibrated batches
             self.samples = list(sorted_batches(self.samples, padding, len(self.samples)))
         self.providers = providers
+        self.budget = budget
         self.order = {id(n): i for i, n in enumerate(self.graph)}
         self.cone = const_cone(self.graph)
         self.runs = 0
@@ -299,6 +301,7 @@ class _Builder:
     def __init__(self, tails: _Tails) -> None:
         self.tails = tails
         self.pool = None
+        self.running = 0  # bytes of the tail built before the next one
 
     def __enter__(self) -> Callable[[list[_Site]], Any]:
         if self.tails.pool is None:
@@ -308,12 +311,19 @@ class _Builder:
         return self.build
 
     def build(self, sites: list[_Site]) -> tuple[Callable[[], Any], list[str]]:
-        """(a call that returns the tail, waiting for its session; its output names)."""
+        """(a call that returns the tail, waiting for its session; its output names).  A
+        tail is built ahead only while it and the one running hold at most an eighth of
+        the budget in weights (twice: onnxruntime's prepacked copy): a transformer's early
+        tails hold most of the model; those are built when their group runs."""
         tails = self.tails
         got = tails._tail_message(sites, *tails.plan(sites))
         outs = [o.name for o in tails.outputs]
         if self.pool is None:
             return (lambda: got), outs
+        size, running = 2 * sum(a.nbytes for a in got[1].values()), self.running
+        self.running = size
+        if size + running > tails.budget // TAIL_SHARE:
+            return (lambda: _ort.session(got[0], tails.providers, initializers=got[1])), outs
         return self.pool.submit(_ort.session, got[0], tails.providers, got[1]).result, outs
 
     def __exit__(self, *exc) -> bool:

@@ -233,11 +233,15 @@ class Calibrate(Stage):
             elif index is not None and not pool.use_folder(index):  # the workers cannot read it: the driver does
                 state.calib_batches = (read(index, b, last) for b in state.calib_batches)
         elif c.compensate != "none":
-            state.store = BatchStore(c.memory_budget // 4)
+            # The kept batches: three sixteenths of the budget in memory, the rest spilled.
+            # (A quarter kept a large calibration set's prune above 1.2 times a small one's
+            # peak once the refit's segment cache held onnxruntime's outputs in its arena
+            # instead of copies: RESULTS "Cost".)
+            state.store = BatchStore(3 * c.memory_budget // 16)
             # The refit's original side, recorded as calibration runs the original: a quarter
-            # of the budget in memory, as the kept batches, and the rest spilled.  (Three
-            # eighths kept a large calibration set's prune above 1.2 times a small one's peak
-            # once the small one's record had halved: RESULTS "Cost".)
+            # of the budget in memory, and the rest spilled.  (Three eighths kept a large
+            # calibration set's prune above 1.2 times a small one's peak once the small one's
+            # record had halved: RESULTS "Cost".)
             state.store.rows = RowsRecord(c.memory_budget // 4)
         with imported_ahead("scipy.linalg", "scipy.special"):  # the solves' and the bias fit's, later
             state.stats, state.held = calibrate(
