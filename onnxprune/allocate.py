@@ -212,8 +212,9 @@ class _Tails:
 
     def building(self) -> _Builder:
         """``with tails.building() as build``: ``build(sites)`` serialises the group's
-        tail now and has onnxruntime create its session in a thread (one at a time), so
-        it is built while the group before runs its rungs; hand the result to
+        tail now (the graph changes while it does) and has onnxruntime create its session
+        in a thread, one at a time, so it is built while the group before runs its rungs
+        (see :meth:`_Builder.build` for when it waits instead); hand the result to
         :meth:`damages_fn`.  Leaving waits for a build under way."""
         return _Builder(self)
 
@@ -300,14 +301,14 @@ class _Builder:
 
     def __init__(self, tails: _Tails) -> None:
         self.tails = tails
-        self.pool = None
+        self.threads = None  # the session builder (none where the Ray pool's workers build)
         self.running = 0  # bytes of the tail built before the next one
 
     def __enter__(self) -> Callable[[list[_Site]], Any]:
         if self.tails.pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
-            self.pool = ThreadPoolExecutor(1, thread_name_prefix="onnxprune-tail")
+            self.threads = ThreadPoolExecutor(1, thread_name_prefix="onnxprune-tail")
         return self.build
 
     def build(self, sites: list[_Site]) -> tuple[Callable[[], Any], list[str]]:
@@ -318,18 +319,18 @@ class _Builder:
         tails = self.tails
         got = tails._tail_message(sites, *tails.plan(sites))
         outs = [o.name for o in tails.outputs]
-        if self.pool is None:
+        if self.threads is None:
             return (lambda: got), outs
         size, running = 2 * sum(a.nbytes for a in got[1].values()), self.running
         self.running = size
         if size + running > tails.budget // TAIL_SHARE:
             return (lambda: _ort.session(got[0], tails.providers, initializers=got[1])), outs
-        return self.pool.submit(_ort.session, got[0], tails.providers, got[1]).result, outs
+        return self.threads.submit(_ort.session, got[0], tails.providers, got[1]).result, outs
 
     def __exit__(self, *exc) -> bool:
-        if self.pool is not None:
+        if self.threads is not None:
             with deferred():  # a stop signal waits for the build under way, then unwinds
-                self.pool.shutdown(wait=True, cancel_futures=True)
+                self.threads.shutdown(wait=True, cancel_futures=True)
         return False
 
 

@@ -232,7 +232,7 @@ def test_interpolation_extrapolates_beyond_the_last_probed_rung_no_steeper_than_
     np.testing.assert_allclose(_interpolated([1, 2, 3, 4], [0.0] * 4, {0: 1.0, 1: 3.0}), [1.0, 3.0, 4.5, 6.0])
 
 
-def _probes(tmp_path, compensate: str = "lstsq", samples: int = 96):
+def _probes(tmp_path, compensate: str = "lstsq", samples: int = 96, budget: int = 2**30):
     """The MLP calibrated on ``samples``, scored by l1, and its groups' probes (a kept-MACs
     share of the removed channels' count)."""
     from onnxprune.allocate import _Probes, _sites_by_group
@@ -244,7 +244,7 @@ def _probes(tmp_path, compensate: str = "lstsq", samples: int = 96):
     sites_of = _sites_by_group(analysis, groups, _sites(analysis, views, stats, compensate))
     measure = lambda sel: 1.0 - sum(len(v) for v in sel.values()) / 100  # noqa: E731
     probes = _Probes(analysis, groups, sites_of, scores, stats.kept, measure, compensate=compensate, providers=CPU,
-                     min_keep=1, round_to=1, memory_budget=2**30)
+                     min_keep=1, round_to=1, memory_budget=budget)
     return probes, analysis, sites_of, stats
 
 
@@ -436,14 +436,18 @@ def test_a_ladder_whose_emulation_starts_predicting_runs_its_planned_rungs_at_on
             probes.close()
 
 
-def test_each_tail_session_is_built_in_a_thread_while_the_group_before_runs(tmp_path, monkeypatch):
+@pytest.mark.parametrize("ahead", [True, False])
+def test_each_tail_session_is_built_in_a_thread_while_the_group_before_runs(tmp_path, monkeypatch, ahead):
     """The probes build a group's tail session in a thread of their own while the group
-    before runs its rungs: the damages are those of tails built in place, and no building
+    before runs its rungs, where it and the tail running fit an eighth of the budget, and
+    in place otherwise: the damages are those of tails built in place, and no building
     thread is left once the rounds are done."""
     import threading
 
-    from onnxprune import _ort
+    from onnxprune import _ort, segments
     from onnxprune.allocate import _probed
+
+    monkeypatch.setattr(segments, "SHARED_MIN_BYTES", 0)  # the toy's weights count as the budget sees them
 
     built_in = []
     real = _ort.session
@@ -454,7 +458,7 @@ def test_each_tail_session_is_built_in_a_thread_while_the_group_before_runs(tmp_
         return real(model, providers, initializers)
 
     monkeypatch.setattr(_ort, "session", record)
-    probes, analysis, sites_of, stats = _probes(tmp_path)
+    probes, analysis, sites_of, stats = _probes(tmp_path, budget=2**30 if ahead else 64)
     wanted = {gid: _probed(len(ladder)) for gid, ladder in probes.ladders.items() if ladder}
     try:
         probes.run(wanted)
@@ -463,7 +467,7 @@ def test_each_tail_session_is_built_in_a_thread_while_the_group_before_runs(tmp_
     finally:
         probes.close()
     tails_built = [n for n in built_in if n.startswith("onnxprune-tail")]
-    assert len(tails_built) == len(wanted) >= 2
+    assert len(tails_built) == (len(wanted) if ahead else 0) and len(wanted) >= 2
     tails = _Tails(analysis, stats.kept, CPU, 2**30, [s for s in sites_of.values() if s])
     try:
         for gid, idx in wanted.items():
