@@ -434,6 +434,15 @@ def _with_axes(like: Sample, items: dict) -> Sample:
     return Batch(items, axes) if axes else items
 
 
+def pins_more(array: np.ndarray) -> bool:
+    """Whether ``array`` keeps more memory alive than its own bytes: a view of a larger
+    array, or of memory numpy does not own (an onnxruntime output)."""
+    base = array.base
+    if base is None:
+        return False
+    return not isinstance(base, np.ndarray) or base.base is not None or base.nbytes > array.nbytes
+
+
 def samples_in(batch: Sample) -> int:
     """Samples in ``batch``: the leading dim of its first input that has one (a scalar input
     is shared by the whole batch; a batch of scalars only is one sample).  A batch still

@@ -16,6 +16,7 @@ from typing import ClassVar
 import numpy as np
 
 from ._graph import attr_int, attr_ints
+from .data import pins_more
 
 
 def solve_spd(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -47,15 +48,6 @@ def solve_spd_fast(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     except np.linalg.LinAlgError:
         return solve_spd(a, b)
     return scipy.linalg.cho_solve(factor, b.astype(np.float32), check_finite=False).astype(np.float64)
-
-
-def pins_more(array: np.ndarray) -> bool:
-    """Whether ``array`` keeps more memory alive than its own bytes: a view of a larger
-    array, or of memory numpy does not own (an onnxruntime output)."""
-    base = array.base
-    if base is None:
-        return False
-    return not isinstance(base, np.ndarray) or base.base is not None or base.nbytes > array.nbytes
 
 
 def _rows(x: np.ndarray, axis: int) -> np.ndarray:

@@ -34,9 +34,8 @@ import onnx_ir as ir
 
 from . import _ort
 from ._graph import inline_external
-from .data import samples_in
+from .data import pins_more, samples_in
 from .errors import InputError
-from .gram import pins_more
 
 Sample = dict[str, np.ndarray]
 
